@@ -1,0 +1,47 @@
+"""Packaging for rlhf_jax.
+
+Lower bounds are the versions the test suite was run with; there are no upper bounds because no known
+break exists yet (add one here, with a comment naming the break, when one appears).
+"""
+
+import setuptools
+
+_RUNTIME = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "tensorstore>=0.1.86",
+    "sentencepiece>=0.2.0",
+    "grain>=0.2.18",
+    "ml-collections>=1.1.0",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "pyarrow>=16.0",  # Parquet preference files.
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
+    "matplotlib>=3.8",  # training-curve and study plots (PNG, Agg backend).
+]
+
+_TEST = [
+    "pytest>=8.0",
+    "chex>=0.1.90",
+    "hypothesis>=6.100",
+]
+
+_BENCH = [
+    "torch==2.13.0",
+    "transformers>=4.57",
+]
+
+setuptools.setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="Preference optimization of language models in JAX/Flax: DPO-family losses, RSO, INPO.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*", "launch", "experiments", "bench"]),
+    install_requires=_RUNTIME,
+    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST + ["ruff>=0.6"]},
+    license="Apache-2.0",
+)
