@@ -16,4 +16,6 @@ jax.config.update("jax_enable_x64", False)
 def pytest_configure(config):
     n = len(jax.devices())
     if n != 8:
-        raise RuntimeError(f"tests expect 8 simulated CPU devices, found {n}: was jax imported before conftest?")
+        raise RuntimeError(
+            f"tests expect 8 simulated CPU devices, found {n}: was jax imported before conftest?"
+        )
