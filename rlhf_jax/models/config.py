@@ -1,0 +1,168 @@
+"""Model configuration: one frozen dataclass, named presets, and the exact parameter count.
+
+The presets span CPU tests (``tiny``), the synthetic-task default (``small``) and the real scales used in
+the papers we reproduce (``400m`` .. ``7b``, and ``t5_large_equiv``, a decoder-only stand-in for the
+~770M T5-large policy of RSO, Liu et al. 2023). Every field can be overridden: ``preset("small",
+vocab_size=tokenizer.vocab_size())``.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+_REMAT = ("none", "full", "save_dots")
+_ACTIVATIONS = ("silu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama/Gemma-family decoder-only transformer.
+
+    Attributes:
+      vocab_size: V, the tokenizer's vocabulary size.
+      num_layers: L.
+      d_model: D, the residual-stream width.
+      num_heads: H, query heads.
+      num_kv_heads: G, key/value heads (grouped-query attention; G == H is multi-head, 1 multi-query).
+      head_dim: K; H * K need not equal D (Gemma-2B has 8 x 256 on D = 2048).
+      mlp_dim: F, the hidden width of the gated MLP.
+      max_len: longest sequence (prompt + response) the model is used with; the default KV-cache size.
+      rope_theta: rotary-embedding base.
+      norm_eps: RMSNorm epsilon.
+      tie_embeddings: the LM head reuses the input embedding (Gemma); otherwise a separate [D, V] kernel.
+      param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
+      dtype: compute dtype of activations and matmuls; logits and log-probs are always float32.
+      remat: rematerialisation of each layer in the backward pass: "none", "full" (recompute the whole
+        layer) or "save_dots" (keep matmul outputs without batch dimensions, recompute the rest).
+      scan_layers: run the layers under one `scan` (compile time independent of depth; parameters
+        stacked with a leading L axis). False unrolls them (parameters `layers_0`, `layers_1`, ...);
+        `transformer.stack_layers`/`unstack_layers` convert between the two layouts.
+      attention_bias: biases on the q/k/v projections (Qwen2).
+      embed_scale: multiply input embeddings by sqrt(D) (Gemma).
+      mlp_activation: "silu" (SwiGLU, Llama) or "gelu" (GeGLU with tanh-approximate GELU, Gemma).
+      attention_impl: passed to `jax.nn.dot_product_attention` as `implementation` (None, "xla" or
+        "cudnn").
+    """
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_len: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention_bias: bool = False
+    embed_scale: bool = False
+    mlp_activation: str = "silu"
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.mlp_dim <= 0 or self.max_len <= 0:
+            raise ValueError(
+                f"ModelConfig mlp_dim={self.mlp_dim} and max_len={self.max_len} must be positive"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embeddings)")
+        if self.remat not in _REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r} must be one of {_REMAT}")
+        if self.mlp_activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r} must be one of {_ACTIVATIONS}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if jnp.dtype(getattr(self, name)) not in (jnp.dtype("float32"), jnp.dtype("bfloat16")):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be float32 or bfloat16")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests. H=8, G=4 (grouped-query) with H*K != D, and every tensor-sharded dimension (V, F, H, G)
+    # divisible by 4, so the (1, 2, 4) data/fsdp/tensor test mesh shards it.
+    "tiny": ModelConfig(
+        vocab_size=256, num_layers=2, d_model=64, num_heads=8, num_kv_heads=4, head_dim=16, mlp_dim=176,
+        max_len=128,
+    ),
+    # The synthetic-task default; the same width/depth/heads/MLP as the benchmark's `small`.
+    "small": ModelConfig(
+        vocab_size=4096, num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=704,
+        max_len=512,
+    ),
+    "400m": ModelConfig(
+        vocab_size=32_000, num_layers=24, d_model=1024, num_heads=16, num_kv_heads=16, head_dim=64,
+        mlp_dim=3072, max_len=2048, norm_eps=1e-5,
+    ),
+    # TinyLlama-1.1B shape.
+    "1b": ModelConfig(
+        vocab_size=32_000, num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4, head_dim=64,
+        mlp_dim=5632, max_len=2048, norm_eps=1e-5,
+    ),
+    # Gemma-2B shape: multi-query attention, head_dim 256, GeGLU, tied and sqrt(D)-scaled embeddings.
+    "2b": ModelConfig(
+        vocab_size=256_000, num_layers=18, d_model=2048, num_heads=8, num_kv_heads=1, head_dim=256,
+        mlp_dim=16_384, max_len=8192, tie_embeddings=True, embed_scale=True, mlp_activation="gelu",
+    ),
+    # Llama-2-7B shape.
+    "7b": ModelConfig(
+        vocab_size=32_000, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=32, head_dim=128,
+        mlp_dim=11_008, max_len=4096, norm_eps=1e-5,
+    ),
+    # Decoder-only with T5-large's parameter budget (~770M) and T5's 32128-token vocabulary.
+    "t5_large_equiv": ModelConfig(
+        vocab_size=32_128, num_layers=24, d_model=1536, num_heads=24, num_kv_heads=24, head_dim=64,
+        mlp_dim=4096, max_len=1024, norm_eps=1e-6,
+    ),
+}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """Returns the named preset with `overrides` applied, e.g. ``preset("small", vocab_size=3000)``.
+
+    Args:
+      name: one of `PRESETS`.
+      **overrides: ModelConfig fields to replace.
+
+    Returns:
+      A validated ModelConfig.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def param_count(config: ModelConfig, *, reward_head: bool = False) -> int:
+    """Exact number of parameters, from the shapes alone (never allocates).
+
+    Args:
+      config: the model.
+      reward_head: count a `RewardModel` (trunk + Dense(D -> 1) with bias, no LM head) instead of a
+        `Transformer` (trunk + LM head unless the embeddings are tied).
+
+    Returns:
+      The parameter count.
+    """
+    c = config
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    attention = c.d_model * (q_out + 2 * kv_out) + q_out * c.d_model
+    if c.attention_bias:
+        attention += q_out + 2 * kv_out
+    mlp = 3 * c.d_model * c.mlp_dim
+    layer = attention + mlp + 2 * c.d_model  # two RMSNorm scales
+    trunk = c.vocab_size * c.d_model + c.num_layers * layer + c.d_model  # embedding, layers, final norm
+    if reward_head:
+        return trunk + c.d_model + 1
+    return trunk + (0 if c.tie_embeddings else c.d_model * c.vocab_size)

@@ -1,0 +1,346 @@
+"""Decoder-only transformer (policy, reference, sampler) and reward model on one shared trunk.
+
+Parameter layout (scan_layers=True: a leading L axis on everything under `layers`)::
+
+    decoder/embedding                      [V, D]
+    decoder/layers/attn/{q,k,v}_kernel     [L, D, H|G|G, K]   (+ {q,k,v}_bias [L, H|G|G, K], Qwen2)
+    decoder/layers/attn/o_kernel           [L, H, K, D]
+    decoder/layers/mlp/{gate,up}_kernel    [L, D, F]
+    decoder/layers/mlp/down_kernel         [L, F, D]
+    decoder/layers/{attn,mlp}_norm/scale   [L, D]
+    decoder/final_norm/scale               [D]
+    lm_head                                [D, V]   Transformer with untied embeddings
+    reward_head/{kernel, bias}             [D, 1], [1]   RewardModel
+
+A reward model is initialised from an LM by copying `params["decoder"]`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding
+from rlhf_jax.models.cache import KVCache
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import Block, RMSNorm, fan_in, rope_tables
+
+_REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token within its segment: 0, 1, ... restarting wherever the segment id changes."""
+    B, T = segment_ids_BT.shape
+    idx_T = jnp.arange(T, dtype=jnp.int32)
+    is_start_BT = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    start_BT = jax.lax.cummax(jnp.where(is_start_BT, idx_T, 0), axis=1)
+    return idx_T - start_BT
+
+
+def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
+    """Index of the last non-padding (segment id != 0) token of each row; works for left or right padding."""
+    T = segment_ids_BT.shape[1]
+    return T - 1 - jnp.argmax(segment_ids_BT[:, ::-1] != 0, axis=1)
+
+
+class Decoder(nn.Module):
+    """Embedding, the stack of layers, and the final norm; returns normalised hidden states."""
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: tuple = sharding.LOGICAL_RULES
+
+    def setup(self):
+        c = self.config
+        # Untied: unit-variance inputs. Tied: the table is also the output projection of unit-RMS hidden
+        # states, so it is scaled to give unit-variance logits (Gemma then rescales inputs by sqrt(D)).
+        std = c.d_model**-0.5 if c.tie_embeddings else 1.0
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(std), ("vocab", "embed")),
+            (c.vocab_size, c.d_model),
+            jnp.dtype(c.param_dtype),
+        )
+        block = Block
+        if c.remat != "none":
+            # Under scan the loop already stops XLA's CSE from undoing remat, so prevent_cse is not needed.
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            block = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            self.layers = block(c, self.mesh, self.rules)
+        else:
+            self.layers = [block(c, self.mesh, self.rules) for _ in range(c.num_layers)]
+        self.final_norm = RMSNorm(c)
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype (times sqrt(D) with `embed_scale`)."""
+        # Gather the table's `embed` shards first (as FSDP does for every weight at use), so the lookup
+        # result can be split over the batch without a full rematerialisation by the partitioner.
+        table_VD = sharding.constrain(self.embedding, self.mesh, ("vocab", None), self.rules)
+        x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.dtype)
+        if self.config.embed_scale:
+            x_BTD = x_BTD * jnp.asarray(self.config.d_model**0.5, x_BTD.dtype)
+        return sharding.constrain(x_BTD, self.mesh, ("batch", "length", "act_embed"), self.rules)
+
+    def attend(self, h_BTD: jax.Array) -> jax.Array:
+        """Float32 logits against the embedding table (tied LM head)."""
+        emb_VD = self.embedding.astype(self.config.dtype)
+        return jnp.einsum("BTD,VD->BTV", h_BTD, emb_VD, preferred_element_type=jnp.float32)
+
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None):
+        """Runs the layers and the final norm.
+
+        Args:
+          x_BTD: input embeddings.
+          positions_BT: rotary positions.
+          mask_B1TS: attention mask (and-ed with causal when `kv` is None), or None.
+          start_B: cache slot of each row's first token (with `kv`).
+          kv: (k_LBSGK, v_LBSGK) cache buffers, or None for a plain forward.
+
+        Returns:
+          (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
+        """
+        rope_BTk = rope_tables(positions_BT, self.config.head_dim, self.config.rope_theta)
+        if self.config.scan_layers:
+            x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BTD, layer_kv = layer(x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv)
+                if kv is not None:
+                    new_k.append(layer_kv[0])
+                    new_v.append(layer_kv[1])
+            kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+        return self.final_norm(x_BTD), kv
+
+
+def _positions_and_mask(x_BTD, positions_BT, segment_ids_BT):
+    """Default positions (per segment) and the same-segment mask; None mask when there are no segments."""
+    B, T = x_BTD.shape[:2]
+    if segment_ids_BT is None:
+        mask_B1TS = None
+        default_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    else:
+        mask_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+        default_BT = positions_from_segments(segment_ids_BT)
+    return (default_BT if positions_BT is None else positions_BT), mask_B1TS
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: tokens -> float32 next-token logits.
+
+    For preference training, chosen and rejected sequences go through as one concatenated batch of 2B
+    rows (`jnp.concatenate([chosen_BT, rejected_BT])`), one forward pass for both.
+
+    Attributes:
+      config: the architecture.
+      mesh: if given, activations are constrained to the logical sharding at every block boundary.
+      rules: the logical-axis rules table.
+    """
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: tuple = sharding.LOGICAL_RULES
+
+    def setup(self):
+        c = self.config
+        self.decoder = Decoder(c, self.mesh, self.rules)
+        if not c.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(fan_in(0, 1), ("embed", "vocab")),
+                (c.d_model, c.vocab_size),
+                jnp.dtype(c.param_dtype),
+            )
+
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_hidden=False):
+        """Full forward.
+
+        Args:
+          tokens_BT: int token ids.
+          positions_BT: rotary positions; default 0, 1, ... per row, restarting at each segment.
+          segment_ids_BT: packed-sequence ids, 0 = padding; tokens attend only within their segment.
+            None: every token is real and the row is one sequence.
+          return_hidden: also return the final-normed hidden states.
+
+        Returns:
+          float32 logits_BTV, or (logits_BTV, hidden_BTD) with `return_hidden`.
+        """
+        x_BTD = self.decoder.embed(tokens_BT)
+        return self.from_embeddings(
+            x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, return_hidden=return_hidden
+        )
+
+    def from_embeddings(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, return_hidden=False):
+        """The forward from input embeddings [B, T, D] (same arguments and result as `__call__`)."""
+        positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        logits_BTV = self.logits(hidden_BTD)
+        return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
+
+    def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+        """LM head: float32 logits from final-normed hidden states (bf16 inputs, f32 accumulation)."""
+        if self.config.tie_embeddings:
+            logits_BTV = self.decoder.attend(hidden_BTD)
+        else:
+            w_DV = self.lm_head.astype(self.config.dtype)
+            logits_BTV = jnp.einsum("BTD,DV->BTV", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
+        return sharding.constrain(logits_BTV, self.mesh, ("batch", "length", "act_vocab"), self.rules)
+
+    def extend(self, tokens_BT, lengths_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Appends right-padded tokens to the cache; returns logits at each row's last new token.
+
+        See `rlhf_jax.models.cache` (`prefill`, `decode_step`) for the layout.
+        """
+        T, S = tokens_BT.shape[1], cache.k_LBSGK.shape[2]
+        start_B = cache.lengths_B
+        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+        mask_B1TS = jnp.arange(S, dtype=jnp.int32)[None, None, None, :] <= positions_BT[:, None, :, None]
+        kv = (cache.k_LBSGK, cache.v_LBSGK)
+        hidden_BTD, (k_LBSGK, v_LBSGK) = self.decoder(
+            self.decoder.embed(tokens_BT), positions_BT, mask_B1TS, start_B, kv
+        )
+        last_BD = jnp.take_along_axis(hidden_BTD, (lengths_B - 1)[:, None, None], axis=1)
+        logits_BV = self.logits(last_BD)[:, 0]
+        return logits_BV, KVCache(k_LBSGK, v_LBSGK, start_B + lengths_B)
+
+
+class RewardModel(nn.Module):
+    """Scalar reward: a linear head on the hidden state of each row's last non-padding token.
+
+    The same module is RSO's pairwise preference ("ranking") model when its input holds prompt +
+    response A + response B (formatted by the caller): the reward is then the logit of P(A > B), trained
+    with a sigmoid cross-entropy on which response was preferred.
+
+    Attributes:
+      config: the architecture of the trunk (identical to the policy's, so the trunk can be copied from
+        an LM's `params["decoder"]`).
+      mesh: as for `Transformer`.
+      rules: the logical-axis rules table.
+    """
+
+    config: ModelConfig
+    mesh: Mesh | None = None
+    rules: tuple = sharding.LOGICAL_RULES
+
+    def setup(self):
+        self.decoder = Decoder(self.config, self.mesh, self.rules)
+        self.reward_head = nn.Dense(
+            1,
+            dtype=jnp.float32,
+            param_dtype=jnp.dtype(self.config.param_dtype),
+            kernel_init=nn.with_logical_partitioning(fan_in(0, 1), ("embed", None)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+        )
+
+    def __call__(self, tokens_BT, segment_ids_BT=None, *, positions_BT=None):
+        """Rewards of a batch of sequences.
+
+        Args:
+          tokens_BT: int token ids, left- or right-padded.
+          segment_ids_BT: 1 for real tokens, 0 for padding (one sequence per row); None = no padding.
+          positions_BT: rotary positions; default 0, 1, ... from the first real token.
+
+        Returns:
+          float32 rewards_B.
+        """
+        x_BTD = self.decoder.embed(tokens_BT)
+        positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        if segment_ids_BT is None:
+            last_BD = hidden_BTD[:, -1]
+        else:
+            last_B = last_token_index(segment_ids_BT)
+            last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
+        return self.reward_head(last_BD)[:, 0]
+
+
+def _boxed_params(model: nn.Module):
+    """Abstract parameters, still boxed with their logical axes (shapes do not depend on the mesh)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.clone(mesh=None).init(jax.random.key(0), tokens)["params"])
+
+
+def param_logical_axes(model: nn.Module):
+    """Pytree of logical-axis tuples, one per parameter (same structure as the params)."""
+    return jax.tree.map(
+        lambda b: b.names, _boxed_params(model), is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def param_shapes(model: nn.Module):
+    """Pytree of `jax.ShapeDtypeStruct`, one per parameter; nothing is allocated."""
+    return nn.meta.unbox(_boxed_params(model))
+
+
+def param_shardings(model: nn.Module, mesh: Mesh | None = None):
+    """NamedSharding of every parameter under `model.rules`; raises ValueError on indivisible dimensions.
+
+    Args:
+      model: a `Transformer` or `RewardModel`.
+      mesh: default `model.mesh`.
+
+    Returns:
+      A pytree of NamedSharding with the structure of the params.
+    """
+    mesh = model.mesh if mesh is None else mesh
+    if mesh is None:
+        raise ValueError("param_shardings needs a mesh (pass one, or build the model with mesh=...)")
+
+    def one(path, box):
+        what = f"param {jax.tree_util.keystr(path)}"
+        return sharding.logical_sharding(mesh, box.names, model.rules, shape=box.value.shape, what=what)
+
+    return jax.tree_util.tree_map_with_path(
+        one, _boxed_params(model), is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: nn.Module):
+    """The jitted initialiser of `model`, compiled once per model (and mesh) however many keys are used."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = lambda rng: nn.meta.unbox(model.clone(mesh=None).init(rng, tokens)["params"])
+    return jax.jit(init, out_shardings=None if model.mesh is None else param_shardings(model))
+
+
+def init_params(model: nn.Module, rng: jax.Array):
+    """Initialises parameters, born sharded on `model.mesh` (never whole on one device) if it has one.
+
+    Args:
+      model: a `Transformer` or `RewardModel`.
+      rng: a PRNG key. The values do not depend on the mesh (partitionable threefry).
+
+    Returns:
+      The params pytree (unboxed arrays), to be used as `model.apply({"params": params}, ...)`.
+    """
+    return _jitted_init(model)(rng)
+
+
+def unstack_layers(params, num_layers: int):
+    """Scanned layout (`decoder/layers` with a leading L axis) -> unrolled (`decoder/layers_0`, ...)."""
+    decoder = dict(params["decoder"])
+    stacked = decoder.pop("layers")
+    for i in range(num_layers):
+        decoder[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "decoder": decoder}
+
+
+def stack_layers(params, num_layers: int):
+    """Unrolled layout (`decoder/layers_0`, ...) -> scanned (`decoder/layers` with a leading L axis)."""
+    decoder = dict(params["decoder"])
+    layers = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
+    decoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "decoder": decoder}
