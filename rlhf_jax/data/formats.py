@@ -1,0 +1,309 @@
+"""Record formats: detection from a record's keys, and parsing into `PreferenceExample`/`SFTExample`.
+
+Formats (the name is what `detect_format` returns and what `format=` accepts):
+
+  preference               {"prompt", "chosen", "rejected"}: strings or chat-message lists
+  sft                      {"prompt", "completion"}: strings or chat-message lists
+  hh                       Anthropic HH {"chosen", "rejected"}: two full dialogues sharing a prefix
+  openai_comparisons       OpenAI summarize-from-feedback comparisons (raw release and the HF
+                           "comparisons" config): info{post,title,subreddit}, summaries[2]{text}, choice
+  tldr_sft                 OpenAI TL;DR SFT {"subreddit", "title", "post", "summary"}
+  tldr_carper_sft          CarperAI/openai_summarize_tldr {"prompt", "label"}
+  tldr_carper_comparisons  CarperAI/openai_summarize_comparisons {"prompt", "chosen", "rejected"},
+                           responses prefixed "TL;DR: "
+  tldr_trl_preference      trl-lib/tldr-preference {"prompt", "chosen", "rejected"}, prompt fields
+                           separated by blank lines and ending "\\n\\nTL;DR:"
+
+Canonical text. Every TL;DR source renders the one prompt
+`SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:` (fields stripped, an `r/` prefix on
+the subreddit dropped), and every summary is cleaned the same way: anything from `<|endoftext|>` on is
+removed (CarperAI rows carry sampling junk after it), a leading "TL;DR:" is removed, surrounding
+whitespace is stripped, and one leading space is added. HH prompts end with "\\n\\nAssistant:" and its
+responses keep their leading space. Generic string records keep their text, with one joining rule: spaces
+at the end of the prompt move to the start of the response, and a response that follows a prompt not
+ending in a newline starts with exactly one space. The prompt and the response are tokenised separately
+(see `pipeline.py`), so this keeps the boundary clean.
+
+Chat-message lists (`[{"role": ..., "content": ...}]`) render as HH-style text: each message becomes
+"\\n\\nHuman: {content}", "\\n\\nAssistant: {content}" or "\\n\\nSystem: {content}" (roles user/human,
+assistant/gpt/model, system). A message-list prompt gets a final "\\n\\nAssistant:" cue, and a
+message-list response must start with an assistant message, whose cue is dropped (the prompt has it).
+
+HH split. Chosen and rejected share the dialogue up to the final Assistant turn. The prompt is the
+longest common prefix of the two strings that ends with "\\n\\nAssistant:"; splitting at the *last*
+"\\n\\nAssistant:" of each string would be wrong, since a few responses contain that text themselves.
+A pair whose common prefix holds no "\\n\\nAssistant:" is skipped as `split_failed`. HH records whose
+`chosen`/`rejected` are message lists (TRL's conversational form) are rendered first, then split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from rlhf_jax.data import records as rec
+
+PREFERENCE_FORMATS = (
+    "preference",
+    "hh",
+    "openai_comparisons",
+    "tldr_carper_comparisons",
+    "tldr_trl_preference",
+)
+SFT_FORMATS = ("sft", "tldr_sft", "tldr_carper_sft")
+FORMATS = PREFERENCE_FORMATS + SFT_FORMATS
+
+_ASSISTANT = "\n\nAssistant:"
+_ROLES = {
+    "user": "Human",
+    "human": "Human",
+    "assistant": "Assistant",
+    "gpt": "Assistant",
+    "model": "Assistant",
+    "system": "System",
+}
+_TLDR_PROMPT_RE = re.compile(
+    r"^\s*SUBREDDIT:[ \t]*(?:/?r/)?(?P<subreddit>[^\n]*?)[ \t]*\n\s*"
+    r"TITLE:[ \t]*(?P<title>[^\n]*?)[ \t]*\n\s*"
+    r"POST:(?P<post>.*?)(?:\n\s*TL;DR:)?\s*$",
+    re.DOTALL,
+)
+
+
+class BadRecordError(Exception):
+    """Raised by a parser for a record to skip: carries the reason (a `records` constant) and field."""
+
+    def __init__(self, reason: str, field: str | None, message: str):
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
+
+
+def kind_of(format_name: str) -> str:
+    """Returns "preference" or "sft" for a format name."""
+    if format_name in PREFERENCE_FORMATS:
+        return "preference"
+    if format_name in SFT_FORMATS:
+        return "sft"
+    raise ValueError(f"unknown format {format_name!r}; known: {', '.join(FORMATS)}")
+
+
+def detect_format(record: Any) -> str | None:
+    """Returns the format name of one record from its keys (and TL;DR markers), or None."""
+    if not isinstance(record, Mapping):
+        return None
+    keys = set(record)
+    if {"info", "summaries"} <= keys:
+        return "openai_comparisons"
+    if {"post", "summary"} <= keys:
+        return "tldr_sft"
+    if {"prompt", "label"} <= keys:
+        return "tldr_carper_sft"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        prompt, chosen = record["prompt"], record["chosen"]
+        if isinstance(prompt, str) and prompt.lstrip().startswith("SUBREDDIT:"):
+            if isinstance(chosen, str) and chosen.lstrip().startswith("TL;DR:"):
+                return "tldr_carper_comparisons"
+            if "\n\nTITLE:" in prompt:
+                return "tldr_trl_preference"
+        return "preference"  # Includes prompts already in the canonical TL;DR form.
+    if {"prompt", "completion"} <= keys:
+        return "sft"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
+    return None
+
+
+def tldr_prompt(subreddit: str, title: str, post: str) -> str:
+    """Renders the canonical TL;DR prompt."""
+    subreddit = re.sub(r"^/?r/", "", subreddit.strip())
+    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title.strip()}\nPOST: {post.strip()}\nTL;DR:"
+
+
+def clean_summary(text: str) -> str:
+    """Cleans a TL;DR summary: cut at `<|endoftext|>`, drop a "TL;DR:" prefix, strip, one leading space."""
+    text = text.split("<|endoftext|>", 1)[0].strip()
+    if text.startswith("TL;DR:"):
+        text = text[len("TL;DR:") :].strip()
+    return " " + text if text else ""
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Splits two HH dialogues into (prompt, chosen response, rejected response); see module docstring.
+
+    Raises:
+      BadRecordError: the common prefix holds no "\\n\\nAssistant:".
+    """
+    common = _common_prefix_length(chosen, rejected)
+    cut = chosen.rfind(_ASSISTANT, 0, common)
+    if cut < 0:
+        raise BadRecordError(rec.SPLIT_FAILED, "chosen", "no common prefix ending at an Assistant turn")
+    end = cut + len(_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection over slice comparisons (fast on long HH turns)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def render_messages(messages: list, field: str) -> str:
+    """Renders a chat-message list as HH-style text (see module docstring)."""
+    parts = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise BadRecordError(rec.WRONG_TYPE, f"{field}[{i}]", "a message must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES or not isinstance(content, str):
+            raise BadRecordError(rec.WRONG_TYPE, f"{field}[{i}]", f"bad role {role!r} or non-string content")
+        parts.append(f"\n\n{_ROLES[role]}: {content.strip()}")
+    return "".join(parts)
+
+
+def parse_preference(record: Mapping, format_name: str) -> rec.PreferenceExample:
+    """Parses one record of a preference format.
+
+    Raises:
+      BadRecordError: the record is to be skipped (reason and field attached).
+    """
+    if format_name == "openai_comparisons":
+        return _parse_openai(record)
+    if format_name == "hh":
+        chosen, rejected = _dialogue(record, "chosen"), _dialogue(record, "rejected")
+        if chosen == rejected:
+            raise BadRecordError(rec.IDENTICAL, "rejected", "chosen and rejected are identical")
+        prompt, chosen, rejected = split_hh(chosen, rejected)
+    elif format_name in ("tldr_carper_comparisons", "tldr_trl_preference"):
+        prompt = _tldr_from_prompt(_get_str(record, "prompt"))
+        chosen = clean_summary(_get_str(record, "chosen"))
+        rejected = clean_summary(_get_str(record, "rejected"))
+    elif format_name == "preference":
+        raw_prompt = _prompt_text(record)
+        prompt, chosen = _join(raw_prompt, _response_text(record, "chosen"))
+        _, rejected = _join(raw_prompt, _response_text(record, "rejected"))
+    else:
+        raise ValueError(f"{format_name!r} is not a preference format; use one of {PREFERENCE_FORMATS}")
+    return _check_pair(prompt, chosen, rejected, weight=1.0, meta={})
+
+
+def parse_sft(record: Mapping, format_name: str) -> rec.SFTExample:
+    """Parses one record of an SFT format.
+
+    Raises:
+      BadRecordError: the record is to be skipped (reason and field attached).
+    """
+    if format_name == "tldr_sft":
+        prompt = tldr_prompt(
+            _get_str(record, "subreddit"), _get_str(record, "title"), _get_str(record, "post")
+        )
+        completion = clean_summary(_get_str(record, "summary"))
+    elif format_name == "tldr_carper_sft":
+        prompt = _tldr_from_prompt(_get_str(record, "prompt"))
+        completion = clean_summary(_get_str(record, "label"))
+    elif format_name == "sft":
+        prompt, completion = _join(_prompt_text(record), _response_text(record, "completion"))
+    else:
+        raise ValueError(f"{format_name!r} is not an SFT format; use one of {SFT_FORMATS}")
+    if not prompt.strip():
+        raise BadRecordError(rec.EMPTY_PROMPT, "prompt", "empty prompt")
+    if not completion.strip():
+        raise BadRecordError(rec.EMPTY_RESPONSE, "completion", "empty completion")
+    return rec.SFTExample(prompt=prompt, completion=completion)
+
+
+def _parse_openai(record: Mapping) -> rec.PreferenceExample:
+    info = _get(record, "info", Mapping)
+    post = _get_str(info, "post", "info.post")  # First: CNN/DM records have an article instead.
+    prompt = tldr_prompt(
+        _get_str(info, "subreddit", "info.subreddit"), _get_str(info, "title", "info.title"), post
+    )
+    summaries = _get(record, "summaries", list)
+    if len(summaries) != 2:
+        raise BadRecordError(rec.WRONG_TYPE, "summaries", f"expected 2 summaries, got {len(summaries)}")
+    texts = []
+    for i, summary in enumerate(summaries):
+        if not isinstance(summary, Mapping):
+            raise BadRecordError(rec.WRONG_TYPE, f"summaries[{i}]", "a summary must be an object")
+        texts.append(clean_summary(_get_str(summary, "text", f"summaries[{i}].text")))
+    choice = record.get("choice")
+    if choice is None:
+        raise BadRecordError(rec.MISSING_FIELD, "choice", "missing")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise BadRecordError(rec.WRONG_TYPE, "choice", f"expected 0 or 1, got {choice!r}")
+    extra = record.get("extra")
+    confidence = extra.get("confidence") if isinstance(extra, Mapping) else None
+    meta = {} if confidence is None else {"confidence": confidence}
+    return _check_pair(prompt, texts[choice], texts[1 - choice], weight=1.0, meta=meta)
+
+
+def _check_pair(prompt: str, chosen: str, rejected: str, weight: float, meta: dict) -> rec.PreferenceExample:
+    if not prompt.strip():
+        raise BadRecordError(rec.EMPTY_PROMPT, "prompt", "empty prompt")
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise BadRecordError(rec.EMPTY_RESPONSE, field, "empty response")
+    if chosen == rejected:
+        raise BadRecordError(rec.IDENTICAL, "rejected", "chosen and rejected are identical")
+    return rec.PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, weight=weight, meta=meta)
+
+
+def _tldr_from_prompt(prompt: str) -> str:
+    match = _TLDR_PROMPT_RE.match(prompt)
+    if match is None:
+        raise BadRecordError(rec.UNPARSED_PROMPT, "prompt", "no SUBREDDIT/TITLE/POST fields")
+    return tldr_prompt(match["subreddit"], match["title"], match["post"])
+
+
+def _dialogue(record: Mapping, field: str) -> str:
+    value = record.get(field)
+    return render_messages(value, field) if isinstance(value, list) else _get_str(record, field)
+
+
+def _prompt_text(record: Mapping) -> str:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        return render_messages(prompt, "prompt") + _ASSISTANT
+    return _get_str(record, "prompt")
+
+
+def _response_text(record: Mapping, field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, list):
+        return _get_str(record, field)
+    if not value:
+        raise BadRecordError(rec.EMPTY_RESPONSE, field, "empty message list")
+    if _ROLES.get(value[0].get("role") if isinstance(value[0], Mapping) else None) != "Assistant":
+        raise BadRecordError(rec.WRONG_TYPE, f"{field}[0]", "a response must start with an assistant message")
+    return render_messages(value, field)[len(_ASSISTANT) :]
+
+
+def _join(prompt: str, response: str) -> tuple[str, str]:
+    """Applies the joining rule of the module docstring to a generic (prompt, response)."""
+    stripped = prompt.rstrip(" \t")
+    if not response.strip():
+        return stripped, ""
+    if not stripped or stripped.endswith("\n"):
+        return stripped, response.lstrip(" \t")
+    return stripped, " " + response.lstrip(" \t")
+
+
+def _get(record: Mapping, key: str, kind: type, field: str | None = None) -> Any:
+    value = record.get(key)
+    if value is None:
+        raise BadRecordError(rec.MISSING_FIELD, field or key, "missing")
+    if not isinstance(value, kind):
+        raise BadRecordError(
+            rec.WRONG_TYPE, field or key, f"expected {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _get_str(record: Mapping, key: str, field: str | None = None) -> str:
+    return _get(record, key, str, field)

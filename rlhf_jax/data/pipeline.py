@@ -1,0 +1,397 @@
+"""Tokenisation to fixed shapes, and deterministic, sharded, resumable grain batch pipelines.
+
+Sequence layout (one row of T tokens; P = prompt tokens including BOS, R = response tokens including EOS):
+
+  tokens       BOS p_1 .. p_{P-1} r_1 .. r_{R-1} EOS PAD .. PAD      the model's input, all T positions
+  targets      tokens shifted left by one, PAD last: targets[t] = tokens[t + 1]
+  loss_mask    1.0 where targets[t] is a response token or the EOS, i.e. for P-1 <= t < P-1+R; else 0.0
+  segment_ids  1 on the P+R real tokens, 0 on padding
+
+so the logits at position t predict `targets[t]`, and `sum_t loss_mask[t] * log p(targets[t] | tokens[:t+1])`
+is log pi(response + EOS | prompt). The prompt and the response are encoded separately and their ids
+concatenated, so the boundary never merges pieces across it.
+
+Truncation policy: the prompt keeps its *last* `max_prompt_len - 1` tokens after BOS (cut from the left,
+keeping the "TL;DR:" or "Assistant:" cue next to the response); the response plus EOS is then cut from
+the right to the `max_len - P` tokens left (a cut response loses its EOS). Each cut is counted per
+example in `LoadStats.truncated` (keys "prompt", "chosen", "rejected", "completion", and
+"identical_after_truncation" for pairs whose two responses then coincide; those pairs are kept).
+
+Batch dicts (numpy; B = this process's rows, T = `max_len` or the bucket length; dtypes in brackets):
+
+  preference  chosen_{tokens,targets,segment_ids} [B,T] int32, chosen_loss_mask [B,T] float32, the same
+              four for rejected_, prompt_lengths (P) / chosen_lengths / rejected_lengths (R) [B] int32
+  sft         tokens, targets, segment_ids [B,T] int32, loss_mask [B,T] float32, prompt_lengths,
+              lengths [B] int32
+  prompts     prompt_tokens [B,T] int32 (BOS + prompt, right-padded with PAD), prompt_lengths [B] int32
+  all         weights [B] float32 (the example weight; 0 on padding rows), example_ids [B] int32 (index
+              into the tokenised examples; -1 on padding rows)
+
+Pipelines. `batches` builds a grain `MapDataset` of example indices: shuffled per epoch with the seed
+(each epoch a different permutation), repeated, grouped into *global* batches, and each process keeps its
+contiguous slice `[process_index * B, (process_index + 1) * B)` of every global batch, so processes read
+disjoint examples whose union is the single-process batch. The padded length of a batch (with
+`bucket_lengths`, the smallest bucket that fits its longest row) is computed from the global batch, so
+every process pads to the same shape. The iterator's `get_state()`/`set_state()` (a small dict, and
+`grain.checkpoint.CheckpointSave`/`CheckpointRestore` with Orbax) resume at exactly the next batch.
+`make_global_batch` assembles the per-process arrays into global `jax.Array`s. SFT examples can also be
+packed several to a row (`packing.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import grain
+import jax
+import numpy as np
+
+from rlhf_jax.data import records as rec
+from rlhf_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """Fixed shapes: `max_len` tokens per row, at most `max_prompt_len` of them (with BOS) prompt."""
+
+    max_len: int
+    max_prompt_len: int
+
+    def __post_init__(self):
+        if not 2 <= self.max_prompt_len < self.max_len:
+            raise ValueError(
+                f"need 2 <= max_prompt_len < max_len, got max_prompt_len={self.max_prompt_len}, "
+                f"max_len={self.max_len}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPreference:
+    """Tokenised pairs: prompt ids (BOS + prompt), response ids (+ EOS), all truncated; see module doc."""
+
+    prompt_ids: list[np.ndarray]
+    chosen_ids: list[np.ndarray]
+    rejected_ids: list[np.ndarray]
+    weights: np.ndarray
+    pad_id: int
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def row_lengths(self, i: int) -> int:
+        """Returns the longest of the pair's two sequences."""
+        return len(self.prompt_ids[i]) + max(len(self.chosen_ids[i]), len(self.rejected_ids[i]))
+
+    def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Returns the batch of examples `ids_B` (-1: padding row) padded to `length` tokens."""
+        chosen = _sequences(self.prompt_ids, self.chosen_ids, ids_B, length, self.pad_id)
+        rejected = _sequences(self.prompt_ids, self.rejected_ids, ids_B, length, self.pad_id)
+        out = {f"chosen_{k}": v for k, v in chosen.items() if k != "prompt_lengths"}
+        out.update({f"rejected_{k}": v for k, v in rejected.items() if k != "prompt_lengths"})
+        out["prompt_lengths"] = chosen["prompt_lengths"]
+        out.update(_ids_and_weights(ids_B, self.weights))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSFT:
+    """Tokenised SFT examples: prompt ids (BOS + prompt) and completion ids (+ EOS), truncated."""
+
+    prompt_ids: list[np.ndarray]
+    completion_ids: list[np.ndarray]
+    weights: np.ndarray
+    pad_id: int
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def row_lengths(self, i: int) -> int:
+        """Returns the sequence length of example `i`."""
+        return len(self.prompt_ids[i]) + len(self.completion_ids[i])
+
+    def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Returns the batch of examples `ids_B` (-1: padding row) padded to `length` tokens."""
+        out = _sequences(self.prompt_ids, self.completion_ids, ids_B, length, self.pad_id)
+        out.update(_ids_and_weights(ids_B, self.weights))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPrompts:
+    """Tokenised prompts for sampling and evaluation: BOS + prompt, left-truncated."""
+
+    prompt_ids: list[np.ndarray]
+    weights: np.ndarray
+    pad_id: int
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def row_lengths(self, i: int) -> int:
+        """Returns the prompt length of example `i`."""
+        return len(self.prompt_ids[i])
+
+    def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Returns `prompt_tokens` [B, length] right-padded, `prompt_lengths`, ids and weights."""
+        tokens_BT = np.full((len(ids_B), length), self.pad_id, np.int32)
+        lengths_B = np.zeros(len(ids_B), np.int32)
+        for b, i in enumerate(ids_B):
+            if i >= 0:
+                ids = self.prompt_ids[i]
+                tokens_BT[b, : len(ids)] = ids
+                lengths_B[b] = len(ids)
+        return {
+            "prompt_tokens": tokens_BT,
+            "prompt_lengths": lengths_B,
+            **_ids_and_weights(ids_B, self.weights),
+        }
+
+
+def tokenize_preference(
+    examples: Sequence[rec.PreferenceExample],
+    tokenizer: Tokenizer,
+    layout: SequenceLayout,
+    stats: rec.LoadStats | None = None,
+) -> TokenizedPreference:
+    """Tokenises pairs with the truncation policy of the module docstring.
+
+    Args:
+      examples: the pairs.
+      tokenizer: the tokenizer.
+      layout: the sequence shapes.
+      stats: if given, truncation counts are added to `stats.truncated`.
+
+    Returns:
+      The tokenised pairs, ready for `batches`.
+    """
+    stats = stats if stats is not None else rec.LoadStats()
+    prompts = _prompt_ids(tokenizer, [ex.prompt for ex in examples], layout.max_prompt_len, stats)
+    budgets = [layout.max_len - len(p) for p in prompts]
+    chosen = _response_ids(tokenizer, [ex.chosen for ex in examples], budgets, "chosen", stats)
+    rejected = _response_ids(tokenizer, [ex.rejected for ex in examples], budgets, "rejected", stats)
+    _count(
+        stats,
+        "identical_after_truncation",
+        sum(np.array_equal(c, r) for c, r in zip(chosen, rejected, strict=True)),
+    )
+    weights_N = np.array([ex.weight for ex in examples], np.float32)
+    return TokenizedPreference(prompts, chosen, rejected, weights_N, tokenizer.pad_id, layout.max_len)
+
+
+def tokenize_sft(
+    examples: Sequence[rec.SFTExample],
+    tokenizer: Tokenizer,
+    layout: SequenceLayout,
+    stats: rec.LoadStats | None = None,
+) -> TokenizedSFT:
+    """Tokenises SFT examples with the truncation policy of the module docstring.
+
+    Args:
+      examples: the SFT examples.
+      tokenizer: the tokenizer.
+      layout: the sequence shapes.
+      stats: if given, truncation counts are added to `stats.truncated`.
+
+    Returns:
+      The tokenised examples, ready for `batches` (or `packing.pack_sft`).
+    """
+    stats = stats if stats is not None else rec.LoadStats()
+    prompts = _prompt_ids(tokenizer, [ex.prompt for ex in examples], layout.max_prompt_len, stats)
+    budgets = [layout.max_len - len(p) for p in prompts]
+    completions = _response_ids(tokenizer, [ex.completion for ex in examples], budgets, "completion", stats)
+    weights_N = np.ones(len(examples), np.float32)
+    return TokenizedSFT(prompts, completions, weights_N, tokenizer.pad_id, layout.max_len)
+
+
+def tokenize_prompts(
+    prompts: Sequence[str], tokenizer: Tokenizer, max_prompt_len: int, stats: rec.LoadStats | None = None
+) -> TokenizedPrompts:
+    """Tokenises prompts for sampling and evaluation.
+
+    Args:
+      prompts: the prompt texts.
+      tokenizer: the tokenizer.
+      max_prompt_len: the row width; prompts keep their last `max_prompt_len - 1` tokens after BOS.
+      stats: if given, truncated prompts are counted in `stats.truncated["prompt"]`.
+
+    Returns:
+      The tokenised prompts; `batches` gives `prompt_tokens` [B, max_prompt_len] right-padded.
+    """
+    stats = stats if stats is not None else rec.LoadStats()
+    ids = _prompt_ids(tokenizer, list(prompts), max_prompt_len, stats)
+    return TokenizedPrompts(ids, np.ones(len(ids), np.float32), tokenizer.pad_id, max_prompt_len)
+
+
+class Batchable(Protocol):
+    """What `batches` needs of tokenised data (the three classes above and `packing.PackedSFT`)."""
+
+    max_len: int
+
+    def __len__(self) -> int: ...
+
+    def row_lengths(self, i: int) -> int: ...
+
+    def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]: ...
+
+
+def batches(
+    data: Batchable,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    bucket_lengths: Sequence[int] = (),
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Returns this process's batches as a grain dataset; `iter()` it for a checkpointable iterator.
+
+    Args:
+      data: tokenised examples.
+      global_batch_size: rows per global batch, across all processes.
+      seed: the shuffle seed (the same on every process).
+      shuffle: shuffle each epoch (a different permutation per epoch); False keeps file order.
+      num_epochs: passes over the data, or None to repeat forever.
+      drop_remainder: drop a last partial global batch; if False it is filled with padding rows
+        (`weights` 0, `example_ids` -1), e.g. for one evaluation pass.
+      process_index: this process (default `jax.process_index()`).
+      process_count: the number of processes (default `jax.process_count()`).
+      bucket_lengths: if given, pad each batch to the smallest of these lengths that fits its longest
+        row (fewer shapes than one per batch; each is one compilation), else to `data.max_len`.
+      read_options: grain read options; default no background threads (batches are cheap to build).
+
+    Returns:
+      A grain `IterDataset` of batch dicts (module docstring) with `global_batch_size // process_count`
+      rows each.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by {process_count} processes"
+        )
+    if len(data) == 0:
+        raise ValueError("no examples to batch")
+    buckets = sorted(bucket_lengths)
+    if buckets and buckets[-1] < data.max_len:
+        buckets.append(data.max_len)
+    local = global_batch_size // process_count
+    start = process_index * local
+    lengths_N = np.array([data.row_lengths(i) for i in range(len(data))], np.int32)
+
+    def to_batch(global_ids: np.ndarray) -> dict[str, np.ndarray]:
+        ids_B = np.full(global_batch_size, -1, np.int64)
+        ids_B[: len(global_ids)] = global_ids
+        length = data.max_len
+        if buckets:
+            longest = int(lengths_N[ids_B[ids_B >= 0]].max())
+            length = next(b for b in buckets if b >= longest)
+        return data.batch(ids_B[start : start + local], length)
+
+    ds = grain.MapDataset.range(len(data))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).batch(global_batch_size, drop_remainder=drop_remainder).map(to_batch)
+    return ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Returns the number of full global batches in one pass over `num_examples`."""
+    return num_examples // global_batch_size
+
+
+def make_global_batch(
+    local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded along the batch axis.
+
+    Process p's rows are rows `[p * B, (p + 1) * B)` of the global batch (see `batches`), which is the
+    layout `jax.make_array_from_process_local_data` expects when the mesh's batch axis orders devices by
+    process, as `jax.make_mesh` does.
+
+    Args:
+      local_batch: this process's batch dict.
+      sharding: the batch sharding, e.g. `NamedSharding(mesh, PartitionSpec("data"))`.
+
+    Returns:
+      The same keys, as global `jax.Array`s.
+    """
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def _prompt_ids(
+    tokenizer: Tokenizer, texts: list[str], max_len: int, stats: rec.LoadStats
+) -> list[np.ndarray]:
+    unique = list(dict.fromkeys(texts))  # Pairs often share a prompt: encode each distinct one once.
+    cache: dict[str, tuple[np.ndarray, bool]] = {}
+    for text, ids in zip(unique, tokenizer.encode_batch(unique), strict=True):
+        cut = len(ids) > max_len - 1
+        kept = ids[len(ids) - (max_len - 1) :] if cut else ids
+        cache[text] = (np.array([tokenizer.bos_id, *kept], np.int32), cut)
+    _count(stats, "prompt", sum(cache[t][1] for t in texts))
+    return [cache[t][0] for t in texts]
+
+
+def _response_ids(
+    tokenizer: Tokenizer, texts: list[str], budgets: list[int], name: str, stats: rec.LoadStats
+) -> list[np.ndarray]:
+    out = []
+    for ids, budget in zip(tokenizer.encode_batch(texts), budgets, strict=True):
+        ids = [*ids, tokenizer.eos_id]
+        if len(ids) > budget:
+            ids = ids[:budget]
+            _count(stats, name, 1)
+        out.append(np.array(ids, np.int32))
+    return out
+
+
+def _count(stats: rec.LoadStats, key: str, n: int) -> None:
+    """Adds `n` truncations under `key`, leaving absent keys absent when `n` is 0."""
+    if n:
+        stats.truncated[key] += int(n)
+
+
+def _sequences(
+    prompt_ids: list[np.ndarray], response_ids: list[np.ndarray], ids_B: np.ndarray, length: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Builds tokens/targets/loss_mask/segment_ids and lengths for prompt + response rows."""
+    B = len(ids_B)
+    tokens_BT = np.full((B, length), pad_id, np.int32)
+    targets_BT = np.full((B, length), pad_id, np.int32)
+    loss_mask_BT = np.zeros((B, length), np.float32)
+    segment_ids_BT = np.zeros((B, length), np.int32)
+    prompt_lengths_B = np.zeros(B, np.int32)
+    lengths_B = np.zeros(B, np.int32)
+    for b, i in enumerate(ids_B):
+        if i < 0:
+            continue
+        prompt, response = prompt_ids[i], response_ids[i]
+        P, R = len(prompt), len(response)
+        tokens_BT[b, :P] = prompt
+        tokens_BT[b, P : P + R] = response
+        targets_BT[b, : P + R - 1] = tokens_BT[b, 1 : P + R]
+        loss_mask_BT[b, P - 1 : P - 1 + R] = 1.0
+        segment_ids_BT[b, : P + R] = 1
+        prompt_lengths_B[b], lengths_B[b] = P, R
+    return {
+        "tokens": tokens_BT,
+        "targets": targets_BT,
+        "loss_mask": loss_mask_BT,
+        "segment_ids": segment_ids_BT,
+        "prompt_lengths": prompt_lengths_B,
+        "lengths": lengths_B,
+    }
+
+
+def _ids_and_weights(ids_B: np.ndarray, weights_N: np.ndarray) -> dict[str, np.ndarray]:
+    valid_B = ids_B >= 0
+    weights_B = np.where(valid_B, weights_N[np.where(valid_B, ids_B, 0)], 0.0).astype(np.float32)
+    return {"weights": weights_B, "example_ids": ids_B.astype(np.int32)}

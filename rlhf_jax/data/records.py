@@ -1,0 +1,123 @@
+"""Record types of the data layer: examples, load statistics and the error raised on bad data.
+
+Every loader returns examples as frozen dataclasses and a `LoadStats` that accounts for every record it
+read: for each file, `records == kept + sum(skipped.values())`. Tokenisation adds truncation counts to
+the same object, so one `LoadStats.summary()` line says what happened to the data.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+# Reasons a record is skipped (the keys of `FileStats.skipped`).
+MALFORMED = "malformed_line"  # not JSON, or not a JSON object
+MISSING_FIELD = "missing_field"  # a required field is absent or null
+WRONG_TYPE = "wrong_type"  # a field has the wrong type or an invalid value (e.g. `choice` not 0/1)
+EMPTY_PROMPT = "empty_prompt"
+EMPTY_RESPONSE = "empty_response"  # a response is empty after cleaning (HH has a few)
+IDENTICAL = "identical_responses"  # chosen == rejected after cleaning (HH has a few)
+SPLIT_FAILED = "split_failed"  # an HH pair shares no prefix ending at an Assistant turn
+UNPARSED_PROMPT = "unparsed_prompt"  # a TL;DR prompt without SUBREDDIT/TITLE/POST fields
+SKIP_REASONS = (
+    MALFORMED,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    EMPTY_PROMPT,
+    EMPTY_RESPONSE,
+    IDENTICAL,
+    SPLIT_FAILED,
+    UNPARSED_PROMPT,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair: `prompt + chosen` is preferred to `prompt + rejected`.
+
+    Responses begin with the separator that joins them to the prompt (a space after "TL;DR:" or
+    "Assistant:"), so `prompt + chosen` is the full text. `meta` carries optional per-source extras
+    (e.g. OpenAI's `confidence`, or gold rewards for the synthetic task); it is not compared or hashed.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float = 1.0
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTExample:
+    """One supervised example: the model learns `completion` given `prompt` (same joining convention)."""
+
+    prompt: str
+    completion: str
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+
+class DataError(ValueError):
+    """Bad input data, naming the file, the 1-based line (or row) and the field."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field = path, line, field
+        where = path if line is None else f"{path}:{line}"
+        what = "" if field is None else f"field {field!r}: "
+        super().__init__(f"{where}: {what}{message}")
+
+
+@dataclasses.dataclass
+class FileStats:
+    """What happened to one file's records."""
+
+    path: str
+    format: str
+    kind: str  # "preference" or "sft"
+    records: int = 0
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def summary(self) -> str:
+        """One line: format, records, kept and skips by reason."""
+        skips = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.path} [{self.format}]: {self.records} records, {self.kept} kept, skipped: {skips}"
+
+
+@dataclasses.dataclass
+class LoadStats:
+    """Per-file statistics of one load, plus truncation counts added at tokenisation.
+
+    `truncated` counts examples (not tokens) whose prompt was cut from the left (`"prompt"`) or whose
+    response was cut from the right (`"chosen"`, `"rejected"`, `"completion"`), and preference pairs whose
+    responses became identical token sequences after truncation (`"identical_after_truncation"`).
+    """
+
+    files: list[FileStats] = dataclasses.field(default_factory=list)
+    truncated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+    @property
+    def kept(self) -> int:
+        return sum(f.kept for f in self.files)
+
+    @property
+    def skipped(self) -> collections.Counter:
+        total = collections.Counter()
+        for f in self.files:
+            total.update(f.skipped)
+        return total
+
+    def summary(self) -> str:
+        """One line for the log: totals, skips by reason, truncations."""
+        skips = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        trunc = ", ".join(f"{k}={v}" for k, v in sorted(self.truncated.items())) or "none"
+        formats = ",".join(sorted({f.format for f in self.files}))
+        return (
+            f"{len(self.files)} file(s) [{formats}]: {self.records} records, {self.kept} kept; "
+            f"skipped: {skips}; truncated: {trunc}"
+        )
