@@ -1,17 +1,32 @@
-"""Launch an experiment: `python -m launch.train --experiment=NAME[:VARIANT] [--workdir=DIR]`.
+"""Launch an experiment.
 
-Looks up `experiments/NAME.py`, calls its `get_config(VARIANT)`, and runs it. An unknown experiment
-stops with a message listing the experiments that exist.
+    python -m launch.train --experiment=NAME[:VARIANT] [--workdir=DIR] [--config.a.b=value ...]
+
+Looks up `experiments/NAME.py`, calls its `get_config(VARIANT)`, applies `--config.*` overrides
+(an unknown key or a value of the wrong type stops with a message listing what exists), validates the
+result into frozen dataclasses, writes the resolved config to `WORKDIR/config.json`, and runs the
+experiment's pipeline. Rerunning in the same workdir resumes it.
+
+Multi-process: on a TPU pod slice (or any launcher that sets JAX's cluster environment)
+`jax.distributed.initialize()` runs automatically; for several processes on one machine (CPU tests)
+pass `--coordinator=127.0.0.1:PORT --num_processes=N --process_id=I`. Only process 0 logs and writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
+import logging
+import os
 import pkgutil
 import sys
+import time
 
 import experiments
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
 def available_experiments() -> list[str]:
@@ -32,28 +47,118 @@ def parse_experiment(spec: str) -> tuple[str, str | None]:
     return name, (variant or None)
 
 
+def _init_distributed(args) -> None:
+    import jax
+
+    if args.coordinator:
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
+    elif any(os.environ.get(k) for k in _CLUSTER_ENV) and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ","):
+        jax.distributed.initialize()
+
+
+def build_stages(config):
+    """Validates `config` into the frozen stage configs its pipeline runs (raises ValueError)."""
+    from rlhf_jax.pipelines.config import stage_config
+
+    stages = {"main": stage_config(config, "train")}
+    if "sft" in config and config.pipeline in ("reward", "preference"):
+        stages["sft"] = stage_config(config, "sft")
+    return stages
+
+
+def run_pipeline(config, workdir: str) -> dict:
+    """Runs `config.pipeline` in `workdir` (prerequisite SFT stage in WORKDIR/sft when needed)."""
+    from rlhf_jax.pipelines import preference, reward, sft
+
+    stages = build_stages(config)
+    main = stages["main"]
+    if config.pipeline == "sft":
+        return sft.run(main, workdir)
+    if config.pipeline in ("reward", "preference"):
+        if not main.init_from:
+            sft_dir = os.path.join(workdir, "sft")
+            sft.run(stages["sft"], sft_dir)
+            main = dataclasses.replace(main, init_from=sft_dir)
+        if config.pipeline == "reward":
+            return reward.run(main, workdir, kind=config.get("reward_kind", "pointwise"))
+        return preference.run(main, workdir)
+    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--experiment", required=True, help="NAME[:VARIANT], e.g. dpo_tldr:smoke")
-    parser.add_argument("--workdir", default=None, help="output directory (default: ./workdirs/NAME)")
+    parser.add_argument(
+        "--workdir", default=None, help="output directory (default: ./workdirs/NAME[_VARIANT])"
+    )
+    parser.add_argument(
+        "--coordinator", default=None, help="host:port for a multi-process run on one machine"
+    )
+    parser.add_argument("--num_processes", type=int, default=1)
+    parser.add_argument("--process_id", type=int, default=0)
     args, overrides = parser.parse_known_args(argv)
 
     name, variant = parse_experiment(args.experiment)
     known = available_experiments()
     if name not in known:
-        listing = ", ".join(known) if known else "(none yet: the experiment files arrive with later issues)"
-        print(
-            f"error: unknown experiment {name!r}. Experiments that exist in experiments/: {listing}",
-            file=sys.stderr,
-        )
+        listing = ", ".join(known) if known else "(none)"
+        print(f"error: unknown experiment {name!r}. Experiments in experiments/: {listing}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"experiments.{name}")
-    config = module.get_config(variant)
-    runner = getattr(module, "run", None)
-    if runner is None:
-        print(f"error: experiment {name!r} defines no run() entry point", file=sys.stderr)
+    from launch.overrides import ConfigError, apply_overrides
+
+    config = importlib.import_module(f"experiments.{name}").get_config(variant)
+    try:
+        config = apply_overrides(config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    return int(runner(config, workdir=args.workdir, overrides=overrides) or 0)
+
+    _init_distributed(args)  # before anything touches a JAX backend (validation below does)
+    import jax
+
+    try:
+        build_stages(config)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from rlhf_jax.data.records import DataError
+    from rlhf_jax.train.checkpoint import CheckpointError
+    from rlhf_jax.train.loop import NonFiniteError
+
+    try:
+        build_stages(config)["main"].mesh.resolve(jax.device_count())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(
+        level=logging.INFO if jax.process_index() == 0 else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    workdir = args.workdir or os.path.join("workdirs", name + (f"_{variant}" if variant else ""))
+    workdir = os.path.abspath(workdir)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"experiment": args.experiment, **config.to_dict()}, f, indent=2, sort_keys=True)
+        print(f"[launch] {args.experiment} -> {workdir}", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run_pipeline(config, workdir)
+    except (DataError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(f"[launch] done in {time.perf_counter() - start:.1f}s; results in {workdir}/results.json")
+        print(json.dumps(results, indent=2, sort_keys=True, default=str))
+    return 0
 
 
 if __name__ == "__main__":

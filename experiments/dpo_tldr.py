@@ -1,0 +1,15 @@
+"""DPO on TL;DR pairs (synthetic task unless data paths are given).
+
+    python -m launch.train --experiment=dpo_tldr
+    python -m launch.train --experiment=dpo_tldr:smoke
+
+Runs an SFT stage first (WORKDIR/sft, settings under `config.sft`) unless `--config.init_from=DIR`
+names a finished SFT workdir; the policy and the frozen reference both start from it. Hyperparameters: β
+= 0.1 as in Rafailov et al. 2023 (DPO), Sec. 6.
+"""
+
+from experiments import _base
+
+
+def get_config(arg=None):
+    return _base.preference(loss=dict(name="dpo", beta=0.1), task="tldr", smoke=arg == "smoke")

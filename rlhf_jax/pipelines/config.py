@@ -1,0 +1,227 @@
+"""Frozen run configuration, built once from an experiment's ConfigDict at the edge (the launcher).
+
+The pipelines read only these dataclasses. `from_configdict` validates everything it can before any
+model is built: unknown loss or hyperparameter, impossible sizes, an unknown model preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rlhf_jax import losses, models, sharding
+from rlhf_jax.train.loop import LoopConfig
+from rlhf_jax.train.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is shaped.
+
+    Attributes:
+      task: "tldr" (synthetic task when no path is given) or "hh" (paths required).
+      tokenizer: a sentencepiece .model; empty: train one on the training text (cached in the workdir).
+      sft_path, preference_path, eval_path: a file, glob or comma-separated list; empty: synthetic.
+      format: force a format for every file ("" = detect from the records' keys).
+      strict: raise on the first bad record instead of skipping and counting it.
+      max_len, max_prompt_len: tokens per row, and of them at most this many prompt tokens (with BOS).
+      vocab_size: vocabulary size when a tokenizer is trained.
+      synthetic_seed, num_sft, num_pref, num_eval: synthetic task generation.
+      flip_rate: fraction of preference labels flipped (robustness studies; applied to any data).
+      eval_fraction: share of the preference data held out for evaluation when no eval_path is given.
+    """
+
+    task: str = "tldr"
+    tokenizer: str = ""
+    sft_path: str = ""
+    preference_path: str = ""
+    eval_path: str = ""
+    format: str = ""
+    strict: bool = False
+    max_len: int = 128
+    max_prompt_len: int = 100
+    vocab_size: int = 1536
+    synthetic_seed: int = 0
+    num_sft: int = 4096
+    num_pref: int = 4096
+    num_eval: int = 128
+    flip_rate: float = 0.0
+    eval_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.task not in ("tldr", "hh"):
+            raise ValueError(f"data.task must be 'tldr' or 'hh', got {self.task!r}")
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(
+                f"need 0 < data.max_prompt_len ({self.max_prompt_len}) < data.max_len ({self.max_len})"
+            )
+        if self.task == "hh" and not (self.sft_path or self.preference_path):
+            raise ValueError(
+                "this is an Anthropic HH experiment and needs your data: give "
+                "--config.data.preference_path=PATH (e.g. hh-rlhf/helpful-base/train.jsonl.gz; a file, "
+                "glob or comma-separated list), optionally --config.data.eval_path=PATH (the test split)"
+            )
+        if not 0.0 <= self.flip_rate < 1.0:
+            raise ValueError(f"data.flip_rate must be in [0, 1), got {self.flip_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training stage's loop and batch settings (the optimizer is `OptimConfig`).
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: global batch, in pairs (pairwise stages) or examples (SFT).
+      grad_accum_steps: micro-batches per step (batch_size must divide by it).
+      log_every: metrics every this many steps.
+      eval_batch_size: global batch for evaluation passes.
+      nonfinite: "stop" or "skip" (see `rlhf_jax.train.loop`).
+      reference: "online" (reference forward in every step) or "precomputed" (once per dataset).
+    """
+
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_batch_size: int = 64
+    nonfinite: str = "stop"
+    reference: str = "online"
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError(
+                f"train.steps={self.steps}, train.batch_size={self.batch_size} and "
+                f"train.grad_accum_steps={self.grad_accum_steps} must be >= 0, >= 1, >= 1"
+            )
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} does not divide into "
+                f"train.grad_accum_steps={self.grad_accum_steps} micro-batches"
+            )
+        if self.reference not in ("online", "precomputed"):
+            raise ValueError(f"train.reference must be 'online' or 'precomputed', got {self.reference!r}")
+
+    def loop(self, progress: bool = True) -> LoopConfig:
+        return LoopConfig(
+            steps=self.steps, log_every=self.log_every, nonfinite=self.nonfinite, progress=progress
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Attributes: every_steps (0: only at the end), keep (last K), async_save."""
+
+    every_steps: int = 100
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """A loss from `rlhf_jax.losses` by name, with its hyperparameters (validated on creation)."""
+
+    name: str = "dpo"
+    hparams: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        losses.make(self.name, **dict(self.hparams))
+
+    def make(self):
+        return losses.make(self.name, **dict(self.hparams))
+
+    def metric_beta(self) -> float:
+        """The β of the implicit-reward metrics: the loss's beta, else gamma or eta, else 0.1."""
+        h = {**losses.hyperparameters(self.name), **dict(self.hparams)}
+        for key in ("beta", "gamma", "eta"):
+            if isinstance(h.get(key), (int, float)) and h[key] > 0:
+                return float(h[key])
+        return 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Everything one training stage needs.
+
+    Attributes:
+      seed: the run's seed (init, data order, dropout-free sampling keys).
+      model: the architecture (vocab_size is replaced by the tokenizer's).
+      optim: the optimizer.
+      train: loop and batch settings.
+      loss: the pairwise loss (preference stages).
+      mesh: the device mesh.
+      checkpoint: checkpoint cadence.
+      data: data sources and shapes.
+      init_from: a previous stage's workdir whose final params (and tokenizer) start this stage.
+      progress: show progress bars.
+    """
+
+    seed: int
+    model: models.ModelConfig
+    optim: OptimConfig
+    train: TrainConfig
+    loss: LossConfig
+    mesh: sharding.MeshConfig
+    checkpoint: CheckpointConfig
+    data: DataConfig
+    init_from: str = ""
+    progress: bool = True
+
+
+def _fields(cls, section, name: str) -> dict:
+    """Keyword arguments for dataclass `cls` from a ConfigDict section, rejecting unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = dict(section)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"config.{name} has unknown keys {unknown}; known: {sorted(known)}")
+    return given
+
+
+def model_config(section) -> models.ModelConfig:
+    """ModelConfig from `config.model` (a preset name plus field overrides)."""
+    given = dict(section)
+    preset = given.pop("preset")
+    given.pop("init_from_hf", None)
+    known = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {unknown}; known: preset, {sorted(known)}")
+    return models.preset(preset, **given)
+
+
+def stage_config(config, train_section: str = "train") -> StageConfig:
+    """Builds a StageConfig from an experiment ConfigDict.
+
+    Args:
+      config: the experiment's ConfigDict (after overrides).
+      train_section: which section holds this stage's train/optimizer settings (e.g. "sft" for the
+        SFT stage of a preference experiment); it has the keys of TrainConfig and OptimConfig.
+    """
+    section = dict(config[train_section])
+    optim_keys = {f.name for f in dataclasses.fields(OptimConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    optim_keys = (optim_keys - {"name"}) | {"optimizer"}  # `train.optimizer` is OptimConfig.name
+    unknown = sorted(set(section) - optim_keys - train_keys)
+    if unknown:
+        raise ValueError(
+            f"config.{train_section} has unknown keys {unknown}; known: {sorted(optim_keys | train_keys)}"
+        )
+    optim = OptimConfig(
+        **{k: v for k, v in section.items() if k in optim_keys and k != "optimizer"},
+        name=section.get("optimizer", "adamw"),
+    )
+    train = TrainConfig(**{k: v for k, v in section.items() if k in train_keys})
+    loss_section = dict(config.get("loss", {"name": "dpo"}))
+    loss = LossConfig(name=loss_section.pop("name"), hparams=tuple(sorted(loss_section.items())))
+    return StageConfig(
+        seed=int(config.seed),
+        model=model_config(config.model),
+        optim=optim,
+        train=train,
+        loss=loss,
+        mesh=sharding.MeshConfig(**_fields(sharding.MeshConfig, config.mesh, "mesh")),
+        checkpoint=CheckpointConfig(**_fields(CheckpointConfig, config.checkpoint, "checkpoint")),
+        data=DataConfig(**_fields(DataConfig, config.data, "data")),
+        init_from=str(config.get("init_from", "")),
+        progress=bool(config.get("progress", True)),
+    )

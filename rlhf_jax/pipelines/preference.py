@@ -1,0 +1,156 @@
+"""Offline preference-training stage: any pairwise loss from `rlhf_jax.losses` against a frozen reference.
+
+    results = preference.run(stage_config, workdir)
+
+The policy and the reference both start from `init_from` (an SFT stage). Reference log-probs are either
+computed in every step without gradient (`train.reference="online"`) or once over the dataset, stored
+in `WORKDIR/reference_logps.npz` and looked up by example id (`"precomputed"`); both give the same loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from rlhf_jax import losses, models, sharding
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import records as rec
+from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.train import loop, metrics, steps
+from rlhf_jax.train.checkpoint import Checkpointer
+
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def loss_inputs(name: str) -> tuple[str, ...]:
+    """The array inputs the step passes to loss `name` (required ones plus optional lengths)."""
+    return losses.required_inputs(name) + tuple(
+        k for k in losses.optional_inputs(name) if k in ("chosen_lengths", "rejected_lengths")
+    )
+
+
+def compute_pair_logps(model, params, data, *, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of every pair's chosen and rejected response under `params`: two [N] arrays."""
+    fn = jax.jit(lambda p, b: steps.pair_logps(model, p, b), out_shardings=sharding.replicated(mesh))
+    n = len(data)
+    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    it = iter(pipeline.batches(data, global_batch_size=batch_size, shuffle=False, num_epochs=1,
+                               drop_remainder=False, process_index=0, process_count=1))  # fmt: skip
+    rows = sharding.process_rows(mesh, batch_size)
+    for full in it:
+        local = {k: v[rows] for k, v in full.items()}
+        c, r = jax.device_get(fn(params, sharding.shard_batch(local, mesh)))
+        c, r = np.asarray(c), np.asarray(r)
+        ids = full["example_ids"]
+        keep = ids >= 0
+        chosen[ids[keep]], rejected[ids[keep]] = c[keep], r[keep]
+    return chosen, rejected
+
+
+def with_reference(chosen_N: np.ndarray, rejected_N: np.ndarray):
+    """A batch transform adding precomputed reference log-probs by example id (0 on padding rows)."""
+
+    def transform(batch: dict) -> dict:
+        ids = batch["example_ids"]
+        safe = np.maximum(ids, 0)
+        return {
+            **batch,
+            "reference_chosen_logps": np.where(ids >= 0, chosen_N[safe], 0.0).astype(np.float32),
+            "reference_rejected_logps": np.where(ids >= 0, rejected_N[safe], 0.0).astype(np.float32),
+        }
+
+    return transform
+
+
+def run(cfg: StageConfig, workdir: str, *, name: str = "preference") -> dict:
+    """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics."""
+    if not cfg.init_from:
+        raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
+    os.makedirs(workdir, exist_ok=True)
+    if common.stage_done(workdir):
+        return common.read_results(workdir)
+
+    # Mesh.
+    mesh = sharding.make_mesh(cfg.mesh)
+
+    # Data.
+    task = common.load_task(cfg.data, cfg.seed)
+    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from)
+    stats = rec.LoadStats()
+    lay = common.layout(cfg.data)
+    train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
+    eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
+    data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
+
+    # Model, reference and optimizer.
+    model_cfg = common.model_config(cfg, tokenizer)
+    model = models.Transformer(model_cfg, mesh=mesh)
+    reference = common.init_lm_params(model, cfg, jax.random.key(cfg.seed))
+    policy = jax.tree.map(lambda x: x.copy(), reference)
+    objective = functools.partial(
+        steps.preference_objective, model=model, loss_fn=cfg.loss.make(),
+        loss_inputs=loss_inputs(cfg.loss.name), metric_beta=cfg.loss.metric_beta(),
+    )  # fmt: skip
+    param_sh = models.param_shardings(model, mesh)
+    precomputed = cfg.train.reference == "precomputed"
+    trainer, state = common.build_trainer(
+        cfg=cfg, mesh=mesh, model=model, params=policy, objective=objective,
+        weight_fn=steps.pair_weight, frozen_shardings=None if precomputed else param_sh,
+    )  # fmt: skip
+    common.log_startup(f"{name} ({cfg.loss.name})", mesh, model_cfg, cfg.train.batch_size, task.stats)
+    transform, frozen = None, reference
+    if precomputed:
+        path = os.path.join(workdir, "reference_logps.npz")
+        if os.path.exists(path):
+            saved = np.load(path)
+            ref_c, ref_r = saved["chosen"], saved["rejected"]
+        else:
+            ref_c, ref_r = compute_pair_logps(
+                model, reference, train_data, mesh=mesh, batch_size=cfg.train.eval_batch_size
+            )
+            if common.is_main():
+                np.savez(path + ".tmp.npz", chosen=ref_c, rejected=ref_r)
+                os.replace(path + ".tmp.npz", path)
+        transform, frozen = with_reference(ref_c, ref_r), None
+
+    # Restore.
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+    )  # fmt: skip
+    if ckpt.latest_step() is not None:
+        _, state = ckpt.restore(None, state, data_iter)
+
+    # Loop.
+    writer = metrics.MetricsWriter(workdir, resume_step=int(jax.device_get(state.step)))
+    state = loop.run(
+        state=state, step_fn=trainer.step_fn, frozen=frozen,
+        batches=common.device_batches(data_iter, mesh, transform), config=cfg.train.loop(cfg.progress),
+        checkpointer=ckpt, writer=writer, data_iterator=data_iter,
+        tokens_in=common.real_tokens, description=name,
+    )  # fmt: skip
+    writer.close()
+    ckpt.close()
+
+    # Evaluate: the loss and implicit-reward metrics on held-out pairs, reference computed online.
+    eval_fn = jax.jit(
+        lambda b: steps.eval_sums(state.params, b, reference, objective=objective),
+        out_shardings=sharding.replicated(mesh),
+    )
+    ev = common.evaluate(eval_fn, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size)
+    results = {
+        "stage": name,
+        "loss_name": cfg.loss.name,
+        "steps": cfg.train.steps,
+        "eval_pairs": len(task.eval_preference),
+        **{f"eval_{k}": v for k, v in ev.items()},
+        "truncated": dict(stats.truncated),
+    }
+    common.write_json(os.path.join(workdir, "results.json"), results)
+    metrics.plot_curves(workdir, ("loss", "reward_accuracy", "reward_margin", "kl_to_reference"))
+    common.save_params(workdir, state.params, model_cfg, "lm")
+    return results

@@ -1,0 +1,251 @@
+"""Pure train and eval steps for SFT, reward models and offline preference training.
+
+An *objective* maps (params, batch, frozen) to (loss_sum, sums): the batch's weighted loss *sum* and a
+dict of weighted metric sums whose "weight" entry is their denominator (tokens for SFT, pairs for the
+pairwise objectives). `train_step` divides by the whole batch's weight, computed before the batch is
+split into micro-batches, so k accumulated micro-batches give exactly the gradient of the full batch.
+
+`train_step(state, batch, frozen, ...)` is the one update function; the loop binds its keyword
+arguments with `functools.partial` and jits it once with shardings and `donate_argnums=0`. `frozen`
+holds what the step reads but never updates (the reference policy's params, or None).
+
+Batch keys are those of `rlhf_jax.data.pipeline` (tokens / targets / loss_mask / segment_ids, with
+chosen_ / rejected_ prefixes for pairs, weights [B] with 0 on padding rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax.train import state as state_lib
+
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT, segment_ids_BT):
+    """Summed log-probs of the masked targets under the LM `model` with `params`: [B] float32."""
+    logits_BTV = model.apply({"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT)
+    return losses.sequence_logps(logits=logits_BTV, targets=targets_BT, mask=loss_mask_BT)
+
+
+def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(chosen_B, rejected_B) summed log-probs from one forward over the concatenated 2B rows."""
+    cat = lambda key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+    logps_2B = sequence_logps(
+        model, params, cat("tokens"), cat("targets"), cat("loss_mask"), cat("segment_ids")
+    )
+    return jnp.split(logps_2B, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objectives.
+
+
+def sft_objective(params, batch, frozen, *, model: nn.Module):
+    """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens)."""
+    del frozen
+    logits_BTV = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+    mask_BT = batch["loss_mask"] * batch["weights"][:, None]
+    nll = -jnp.sum(jnp.where(mask_BT > 0, logps_BT * mask_BT, 0.0))
+    return nll, {"loss": nll, "weight": jnp.sum(mask_BT)}
+
+
+def sft_weight(batch) -> jax.Array:
+    """Denominator of the SFT loss: weighted completion tokens."""
+    return jnp.sum(batch["loss_mask"] * batch["weights"][:, None])
+
+
+def pair_weight(batch) -> jax.Array:
+    """Denominator of the pairwise losses: weighted pairs (padding rows weigh 0)."""
+    return jnp.sum(batch["weights"])
+
+
+def reward_objective(params, batch, frozen, *, model: nn.Module, margin: float = 0.0):
+    """Bradley-Terry loss on the reward head: -logσ(r(x, y_w) - r(x, y_l) - m)."""
+    del frozen
+    cat = lambda key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
+    rewards_2B = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
+    chosen_B, rejected_B = jnp.split(rewards_2B, 2)
+    w_B = batch["weights"]
+    loss_B = losses.bradley_terry(chosen_rewards=chosen_B, rejected_rewards=rejected_B, margin=margin)
+    total = jnp.sum(w_B * loss_B)
+    return total, {
+        "loss": total,
+        "accuracy": jnp.sum(w_B * (chosen_B > rejected_B)),
+        "reward_margin": jnp.sum(w_B * (chosen_B - rejected_B)),
+        "chosen_reward": jnp.sum(w_B * chosen_B),
+        "rejected_reward": jnp.sum(w_B * rejected_B),
+        "weight": jnp.sum(w_B),
+    }
+
+
+def ranking_objective(params, batch, frozen, *, model: nn.Module):
+    """Pairwise preference ("ranking") model: sigmoid cross-entropy of logit P(A ≻ B) vs the label.
+
+    The batch holds one sequence per pair, prompt + A + B (`rlhf_jax.train.ranking`), with `labels`
+    [B] = 1 where A is the preferred response.
+    """
+    del frozen
+    logits_B = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+    labels_B = batch["labels"].astype(jnp.float32)
+    w_B = batch["weights"]
+    loss_B = optax.sigmoid_binary_cross_entropy(logits_B, labels_B)
+    total = jnp.sum(w_B * loss_B)
+    return total, {
+        "loss": total,
+        "accuracy": jnp.sum(w_B * ((logits_B > 0) == (labels_B > 0.5))),
+        "weight": jnp.sum(w_B),
+    }
+
+
+def preference_objective(
+    params,
+    batch,
+    frozen,
+    *,
+    model: nn.Module,
+    loss_fn: Callable,
+    loss_inputs: tuple[str, ...],
+    metric_beta: float,
+):
+    """Any pairwise loss from `rlhf_jax.losses` against a frozen reference.
+
+    Reference log-probs come from the batch (`reference_chosen_logps`, ..., precomputed once per
+    dataset) when present, else from a forward of `frozen` (the reference params) without gradient.
+    Other inputs (lengths, INPO's `previous_*_logps`) come from the batch.
+
+    Args:
+      loss_fn: a loss with its hyperparameters bound (`losses.make`).
+      loss_inputs: the array inputs it takes (required and optional ones present in the batch).
+      metric_beta: the β used for the implicit-reward metrics.
+    """
+    policy_chosen_B, policy_rejected_B = pair_logps(model, params, batch)
+    if "reference_chosen_logps" in batch:
+        ref_chosen_B, ref_rejected_B = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    elif frozen is not None:
+        ref_chosen_B, ref_rejected_B = pair_logps(model, jax.lax.stop_gradient(frozen), batch)
+    else:
+        ref_chosen_B = ref_rejected_B = None
+    available = {
+        "policy_chosen_logps": policy_chosen_B,
+        "policy_rejected_logps": policy_rejected_B,
+        "reference_chosen_logps": ref_chosen_B,
+        "reference_rejected_logps": ref_rejected_B,
+        "chosen_lengths": batch["chosen_lengths"],
+        "rejected_lengths": batch["rejected_lengths"],
+        "previous_chosen_logps": batch.get("previous_chosen_logps"),
+        "previous_rejected_logps": batch.get("previous_rejected_logps"),
+    }
+    loss_B = loss_fn(**{k: available[k] for k in loss_inputs})
+    w_B = batch["weights"]
+    total = jnp.sum(w_B * loss_B)
+    sums = {
+        "loss": total,
+        "weight": jnp.sum(w_B),
+        "policy_chosen_logps": jnp.sum(w_B * policy_chosen_B),
+        "policy_rejected_logps": jnp.sum(w_B * policy_rejected_B),
+    }
+    if ref_chosen_B is not None:
+        r_w = policy_chosen_B - ref_chosen_B
+        r_l = policy_rejected_B - ref_rejected_B
+        sums.update(
+            chosen_reward=jnp.sum(w_B * metric_beta * r_w),
+            rejected_reward=jnp.sum(w_B * metric_beta * r_l),
+            reward_margin=jnp.sum(w_B * metric_beta * (r_w - r_l)),
+            reward_accuracy=jnp.sum(w_B * (r_w > r_l)),
+            # Offline estimate: the mean log-ratio log π/π_ref over the dataset's responses. A true KL
+            # needs samples from π (the evaluation's `kl_to_sft` uses them).
+            kl_to_reference=jnp.sum(w_B * 0.5 * (r_w + r_l)),
+        )
+    return total, sums
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def _micro_batches(batch, k: int):
+    """Rows b of a [B, ...] batch go to micro-batch b % k: [B/k, k, ...], sliced on axis 1 (no transpose)."""
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grads(objective: Objective, params, batch, frozen, *, weight_fn, accum_steps: int = 1):
+    """Mean loss, metric sums and gradients of the full batch, over `accum_steps` micro-batches."""
+    total_weight = jnp.maximum(weight_fn(batch), 1e-9)
+
+    def scaled(p, micro):
+        loss_sum, sums = objective(p, micro, frozen)
+        return loss_sum / total_weight, sums
+
+    grad_fn = jax.value_and_grad(scaled, has_aux=True)
+    if accum_steps == 1:
+        (loss, sums), grads = grad_fn(params, batch)
+        return loss, sums, grads
+    micro = _micro_batches(batch, accum_steps)
+    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False), micro)
+    shapes = jax.eval_shape(grad_fn, params, take(0))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(i, carry):
+        (loss, sums), grads = grad_fn(params, take(i))
+        return jax.tree.map(jnp.add, carry, ((loss, sums), grads))
+
+    (loss, sums), grads = jax.lax.fori_loop(0, accum_steps, body, zeros)
+    return loss, sums, grads
+
+
+def finalize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Metric sums -> means over their "weight" (which is dropped)."""
+    weight = jnp.maximum(sums["weight"], 1e-9)
+    return {k: v / weight for k, v in sums.items() if k != "weight"}
+
+
+def train_step(
+    state: state_lib.TrainState,
+    batch,
+    frozen,
+    *,
+    objective: Objective,
+    weight_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule | None = None,
+    accum_steps: int = 1,
+):
+    """One optimizer step: gradients of the batch's mean loss, clipped and applied if finite.
+
+    Returns:
+      (new_state, metrics): metrics hold the objective's means plus `grad_norm`, `learning_rate`,
+      `finite` (1.0 if this step was applied) and `nonfinite_steps` (running count).
+    """
+    loss, sums, grads = loss_and_grads(
+        objective, state.params, batch, frozen, weight_fn=weight_fn, accum_steps=accum_steps
+    )
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state_lib.apply_gradients(state, grads, tx, ok=ok)
+    metrics = finalize(sums)
+    metrics["grad_norm"] = grad_norm
+    metrics["finite"] = ok.astype(jnp.float32)
+    metrics["nonfinite_steps"] = new_state.nonfinite_count
+    if schedule is not None:
+        metrics["learning_rate"] = schedule(state.step)
+    return new_state, metrics
+
+
+def eval_sums(params, batch, frozen, *, objective: Objective) -> dict[str, jax.Array]:
+    """The objective's metric sums on a batch, without gradients (accumulate, then `finalize`)."""
+    _, sums = objective(params, batch, frozen)
+    return sums

@@ -1,0 +1,225 @@
+"""The launcher through its real command line: overrides, errors, smoke runs, resume, meshes, processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import overrides, train
+from rlhf_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.train", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, **kw,
+    )  # fmt: skip
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_metrics(workdir)]
+
+
+class TestOverrides:
+    def _config(self):
+        from experiments import dpo_tldr
+
+        return dpo_tldr.get_config()
+
+    def test_values_are_typed(self):
+        c = overrides.apply_overrides(
+            self._config(),
+            ["--config.train.steps=7", "--config.loss.beta=0.5", "--config.checkpoint.async_save=false",
+             "--config.data.sft_path=a.jsonl,b.jsonl"],
+        )  # fmt: skip
+        assert c.train.steps == 7 and c.loss.beta == 0.5 and c.checkpoint.async_save is False
+        assert c.data.sft_path == "a.jsonl,b.jsonl"
+
+    def test_unknown_key_lists_close_and_all_keys(self):
+        with pytest.raises(overrides.ConfigError, match=r"unknown config key 'train.stepz'.*train.steps"):
+            overrides.apply_overrides(self._config(), ["--config.train.stepz=3"])
+
+    def test_wrong_type(self):
+        with pytest.raises(overrides.ConfigError, match="train.steps=abc: expected an int"):
+            overrides.apply_overrides(self._config(), ["--config.train.steps=abc"])
+        with pytest.raises(overrides.ConfigError, match="expected a bool"):
+            overrides.apply_overrides(self._config(), ["--config.progress=maybe"])
+
+    def test_switching_loss_resets_its_hyperparameters(self):
+        c = overrides.apply_overrides(self._config(), ["--config.loss.gamma=0.2", "--config.loss.name=hinge"])
+        assert dict(c.loss) == {"name": "hinge", "gamma": 0.2}
+        with pytest.raises(overrides.ConfigError, match="no hyperparameter 'flip_rate'.*loss.beta"):
+            overrides.apply_overrides(self._config(), ["--config.loss.flip_rate=0.2"])
+        with pytest.raises(overrides.ConfigError, match="unknown loss 'dpoo'"):
+            overrides.apply_overrides(self._config(), ["--config.loss.name=dpoo"])
+
+    def test_every_experiment_validates(self):
+        for name in train.available_experiments():
+            module = __import__(f"experiments.{name}", fromlist=["get_config"])
+            assert name in module.__doc__ and "python -m launch.train" in module.__doc__
+            for variant in (None, "smoke"):
+                config = module.get_config(variant)
+                if config.data.task == "hh":
+                    config.data.preference_path = "hh.jsonl"
+                train.build_stages(config)
+
+
+def test_unknown_experiment_lists_the_known_ones(capsys):
+    assert train.main(["--experiment=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'nope'" in err and "dpo_tldr" in err and "sft_tldr" in err
+
+
+def test_bad_values_stop_before_any_work(tmp_path, capsys):
+    assert train.main(["--experiment=rdpo_tldr", f"--workdir={tmp_path}", "--config.loss.flip_rate=0.6"]) == 2
+    assert "flip_rate must lie in [0.0, 0.5)" in capsys.readouterr().err
+    assert train.main(["--experiment=dpo_tldr", f"--workdir={tmp_path}", "--config.mesh.data=3"]) == 2
+    assert "needs 3 devices" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_hh_without_data_says_which_path_to_give(tmp_path, capsys):
+    assert train.main(["--experiment=dpo_hh:smoke", f"--workdir={tmp_path}", "--config.progress=false"]) == 2
+    assert "--config.data.preference_path" in capsys.readouterr().err
+
+
+def test_sft_smoke_writes_the_documented_workdir(tmp_path):
+    wd = str(tmp_path / "run")
+    assert train.main(["--experiment=sft_tldr:smoke", f"--workdir={wd}", "--config.progress=false"]) == 0
+    for name in ("config.json", "metrics.jsonl", "results.json", "curves.png", "tokenizer.model", "params"):
+        assert os.path.exists(os.path.join(wd, name)), name
+    assert os.listdir(os.path.join(wd, "tensorboard"))
+    config = json.load(open(os.path.join(wd, "config.json")))
+    assert config["experiment"] == "sft_tldr:smoke" and config["train"]["steps"] == 6
+    records = read_metrics(wd)
+    assert [r["step"] for r in records] == [2, 3, 4, 6] and all("tokens_per_s" in r for r in records)
+    results = json.load(open(os.path.join(wd, "results.json")))
+    assert results["eval_nll_per_token"] > 0
+    # A finished stage is not run again.
+    mtime = os.path.getmtime(os.path.join(wd, "metrics.jsonl"))
+    assert train.main(["--experiment=sft_tldr:smoke", f"--workdir={wd}", "--config.progress=false"]) == 0
+    assert os.path.getmtime(os.path.join(wd, "metrics.jsonl")) == mtime
+
+
+@pytest.mark.slow
+def test_dpo_smoke_runs_from_the_command_line(tmp_path):
+    start = time.time()
+    out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={tmp_path}", "--config.progress=false"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert time.time() - start < 120
+    assert "mesh (data=8, fsdp=1, tensor=1)" in out.stdout and "parameters" in out.stdout
+    rec = read_metrics(str(tmp_path))
+    for key in (
+        "loss",
+        "reward_accuracy",
+        "reward_margin",
+        "chosen_reward",
+        "rejected_reward",
+        "kl_to_reference",
+    ):
+        assert key in rec[-1], key
+    results = json.load(open(tmp_path / "results.json"))
+    assert 0.0 <= results["eval_reward_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_kill_and_resume_repeats_the_uninterrupted_losses(tmp_path):
+    args = ["--experiment=sft_tldr:smoke", "--config.train.steps=30", "--config.checkpoint.every_steps=4",
+            "--config.train.log_every=1", "--config.progress=false"]  # fmt: skip
+    full = str(tmp_path / "full")
+    assert _cli([*args, f"--workdir={full}"]).returncode == 0
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *args, f"--workdir={killed}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = (
+            [s for s, _ in _losses(killed)] if os.path.exists(os.path.join(killed, "metrics.jsonl")) else []
+        )
+        if steps and steps[-1] >= 14:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "params")), "killed too late: the run had finished"
+    resumed = _cli([*args, f"--workdir={killed}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Bitwise on CPU: the restored params, optimizer state, RNG and data position are exact.
+    assert _losses(killed) == _losses(full)
+    assert os.path.exists(os.path.join(killed, "metrics.superseded.jsonl")) or len(_losses(killed)) == 30
+
+
+@pytest.mark.slow
+def test_sharded_runs_write_the_same_losses(tmp_path):
+    runs = {
+        "data8": ["--config.mesh.data=8"],
+        "mixed": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    }
+    for name, mesh in runs.items():
+        out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={tmp_path / name}", "--config.progress=false",
+                    *mesh])  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    for sub in ("sft", ""):
+        a = _losses(str(tmp_path / "data8" / sub))
+        b = _losses(str(tmp_path / "mixed" / sub))
+        assert [s for s, _ in a] == [s for s, _ in b]
+        for (_, x), (_, y) in zip(a, b, strict=True):
+            assert y == pytest.approx(x, rel=2e-5, abs=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process(tmp_path):
+    args = ["--experiment=dpo_tldr:smoke", "--config.progress=false", "--config.mesh.data=8"]
+    one = _cli([*args, f"--workdir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                *args,
+                f"--workdir={tmp_path / 'two'}",
+                f"--coordinator=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outs[0][0]
+    for sub in ("sft", ""):
+        a, b = _losses(str(tmp_path / "one" / sub)), _losses(str(tmp_path / "two" / sub))
+        assert [s for s, _ in a] == [s for s, _ in b]
+        for (_, x), (_, y) in zip(a, b, strict=True):
+            assert y == pytest.approx(x, rel=2e-5, abs=1e-6)

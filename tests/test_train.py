@@ -1,0 +1,274 @@
+"""Tests for rlhf_jax.train: steps, accumulation, reference paths, non-finite handling, checkpoints."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import losses, models, sharding
+from rlhf_jax.train import checkpoint, loop, metrics, optim, steps
+from rlhf_jax.train import state as state_lib
+
+CFG = models.preset("tiny", vocab_size=64, max_len=32)
+
+
+def _pair_batch(rng, b=8, t=16):
+    """A preference batch in the pipeline's layout (prompt 4 tokens, responses of varied length)."""
+    batch = {}
+    for side in ("chosen", "rejected"):
+        tokens = rng.integers(4, 64, (b, t)).astype(np.int32)
+        lengths = rng.integers(3, t - 5, b)
+        seg = (np.arange(t)[None, :] < (4 + lengths)[:, None]).astype(np.int32)
+        tokens = np.where(seg > 0, tokens, 0)
+        targets = np.concatenate([tokens[:, 1:], np.zeros((b, 1), np.int32)], 1)
+        mask = ((np.arange(t)[None, :] >= 3) & (np.arange(t)[None, :] < 3 + lengths[:, None])).astype(
+            np.float32
+        )
+        batch.update({f"{side}_tokens": tokens, f"{side}_targets": targets, f"{side}_loss_mask": mask,
+                      f"{side}_segment_ids": seg, f"{side}_lengths": lengths.astype(np.int32)})  # fmt: skip
+    batch["weights"] = np.ones(b, np.float32)
+    return batch
+
+
+def _sft_batch(rng, b=8, t=16):
+    pair = _pair_batch(rng, b, t)
+    return {k[len("chosen_") :]: v for k, v in pair.items() if k.startswith("chosen_")} | {
+        "weights": pair["weights"]
+    }
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = models.Transformer(CFG)
+    return model, models.init_params(model, jax.random.key(0))
+
+
+def _step(objective, weight_fn, tx, accum):
+    return jax.jit(
+        functools.partial(
+            steps.train_step, objective=objective, weight_fn=weight_fn, tx=tx, accum_steps=accum
+        )
+    )
+
+
+def test_gradient_accumulation_equals_one_large_batch(model_and_params):
+    model, params = model_and_params
+    tx = optax.sgd(0.5)
+    batch = _sft_batch(np.random.default_rng(0))
+    batch["weights"][5] = 0.0  # a padding row must not count, in either path
+    obj = functools.partial(steps.sft_objective, model=model)
+    outs = []
+    for accum in (1, 2, 4):
+        state = state_lib.create(params, tx, jax.random.key(1))
+        new_state, m = _step(obj, steps.sft_weight, tx, accum)(state, batch, None)
+        outs.append((new_state.params, m))
+    for p, m in outs[1:]:
+        np.testing.assert_allclose(m["loss"], outs[0][1]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m["grad_norm"], outs[0][1]["grad_norm"], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(outs[0][0]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_is_token_mean_nll(model_and_params):
+    model, params = model_and_params
+    batch = _sft_batch(np.random.default_rng(1))
+    loss_sum, sums = steps.sft_objective(params, batch, None, model=model)
+    logits = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits)
+    tok = np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
+    want = -(tok * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    np.testing.assert_allclose(float(loss_sum / sums["weight"]), want, rtol=1e-5)
+
+
+def test_precomputed_reference_gives_the_same_loss(model_and_params):
+    model, params = model_and_params
+    reference = jax.tree.map(lambda x: x * 0.9, params)  # a different frozen model
+    batch = _pair_batch(np.random.default_rng(2))
+    obj = functools.partial(
+        steps.preference_objective, model=model, loss_fn=losses.make("ipo", beta=0.5),
+        loss_inputs=losses.required_inputs("ipo"), metric_beta=0.5,
+    )  # fmt: skip
+    online, m_online = obj(params, batch, reference)
+    ref_c, ref_r = steps.pair_logps(model, reference, batch)
+    pre = dict(batch, reference_chosen_logps=np.asarray(ref_c), reference_rejected_logps=np.asarray(ref_r))
+    precomputed, m_pre = obj(params, pre, None)
+    np.testing.assert_allclose(precomputed, online, rtol=1e-6)
+    for k in m_online:
+        np.testing.assert_allclose(m_pre[k], m_online[k], rtol=1e-6, atol=1e-6)
+    # And the loss equals the library loss on the sequence log-probs.
+    pc, pr = steps.pair_logps(model, params, batch)
+    want = losses.ipo(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=ref_c,
+                      reference_rejected_logps=ref_r, beta=0.5).sum()  # fmt: skip
+    np.testing.assert_allclose(online, want, rtol=1e-6)
+
+
+def test_dpo_starts_at_log2_when_policy_is_reference(model_and_params):
+    model, params = model_and_params
+    batch = _pair_batch(np.random.default_rng(3))
+    obj = functools.partial(
+        steps.preference_objective, model=model, loss_fn=losses.make("dpo"),
+        loss_inputs=losses.required_inputs("dpo"), metric_beta=0.1,
+    )  # fmt: skip
+    loss_sum, sums = obj(params, batch, params)
+    np.testing.assert_allclose(loss_sum / sums["weight"], np.log(2.0), rtol=1e-6)
+    assert float(sums["kl_to_reference"]) == 0.0
+
+
+def test_nonfinite_step_is_not_applied(model_and_params):
+    model, params = model_and_params
+    tx = optax.adam(1e-2)
+    batch = _sft_batch(np.random.default_rng(4))
+    bad = dict(batch, weights=batch["weights"] * np.float32("nan"))
+    obj = functools.partial(steps.sft_objective, model=model)
+    step = _step(obj, steps.sft_weight, tx, 1)
+    state = state_lib.create(params, tx, jax.random.key(0))
+    state, m = step(state, batch, None)
+    good_params = state.params
+    state, m = step(state, bad, None)
+    assert float(m["finite"]) == 0.0 and int(state.nonfinite_count) == 1
+    assert int(state.first_nonfinite_step) == 2 and int(state.step) == 2
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(good_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, m = step(state, batch, None)
+    assert float(m["finite"]) == 1.0 and int(state.first_nonfinite_step) == 2
+
+
+def _loop_setup(tmp_path, model_and_params, nonfinite, bad_at):
+    model, params = model_and_params
+    tx = optax.adam(1e-3)
+    obj = functools.partial(steps.sft_objective, model=model)
+    step = _step(obj, steps.sft_weight, tx, 1)
+    rng = np.random.default_rng(5)
+
+    def batches():
+        i = 0
+        while True:
+            i += 1
+            b = _sft_batch(rng)
+            if i == bad_at:
+                b["weights"] = b["weights"] * np.float32("inf")
+            yield b
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=2, keep=3)
+    writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    config = loop.LoopConfig(steps=8, log_every=1, nonfinite=nonfinite, progress=False)
+    state = state_lib.create(params, tx, jax.random.key(0))
+    return dict(state=state, step_fn=step, frozen=None, batches=batches(), config=config,
+                checkpointer=ckpt, writer=writer)  # fmt: skip
+
+
+def test_loop_stops_on_nonfinite_after_last_good_checkpoint(tmp_path, model_and_params):
+    kw = _loop_setup(tmp_path, model_and_params, "stop", bad_at=5)
+    with pytest.raises(loop.NonFiniteError, match="at step 5.*last good checkpoint: step 4"):
+        loop.run(**kw)
+    assert kw["checkpointer"].all_steps() == [2, 4]
+    records = metrics.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_loop_skips_nonfinite_when_configured(tmp_path, model_and_params):
+    kw = _loop_setup(tmp_path, model_and_params, "skip", bad_at=5)
+    state = loop.run(**kw)
+    assert int(state.step) == 8 and int(state.nonfinite_count) == 1
+    records = metrics.read_metrics(str(tmp_path))
+    assert [r["finite"] for r in records] == [1, 1, 1, 1, 0, 1, 1, 1]
+    assert records[-1]["nonfinite_steps"] == 1
+
+
+def test_metrics_writer_supersedes_records_after_resume(tmp_path):
+    w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    for s in range(1, 6):
+        w.write(s, {"loss": float(s)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line cut by kill -9
+    metrics.MetricsWriter(str(tmp_path), resume_step=3, tensorboard=False).write(4, {"loss": 40.0})
+    assert [(r["step"], r["loss"]) for r in metrics.read_metrics(str(tmp_path))] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)
+    ]  # fmt: skip
+    superseded = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert len(superseded) == 3 and json.loads(superseded[0])["step"] == 4
+
+
+class TestOptim:
+    def test_schedule_warmup_and_decay(self):
+        cfg = optim.OptimConfig(learning_rate=1.0, warmup_steps=4, schedule="linear", final_lr_fraction=0.0)
+        sched = optim.make_schedule(cfg, total_steps=14)
+        np.testing.assert_allclose([sched(i) for i in (0, 2, 4, 9, 14)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+        cos = optim.make_schedule(optim.OptimConfig(learning_rate=2.0, final_lr_fraction=0.1), 10)
+        np.testing.assert_allclose([cos(0), cos(10)], [2.0, 0.2], rtol=1e-6)
+
+    @pytest.mark.parametrize("name", ["adamw", "adafactor"])
+    def test_optimizers_reduce_a_quadratic(self, name):
+        tx = optim.make_optimizer(optim.OptimConfig(name=name, learning_rate=0.1, grad_clip_norm=1.0), 50)
+        params = {"w": jnp.full((4, 3), 3.0)}
+        opt_state = tx.init(params)
+        for _ in range(50):
+            grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        assert float(jnp.sum(params["w"] ** 2)) < 0.5 * 36
+
+    def test_bad_config_names_the_field(self):
+        with pytest.raises(ValueError, match="optimizer name"):
+            optim.OptimConfig(name="sgd")
+        with pytest.raises(ValueError, match="schedule"):
+            optim.OptimConfig(schedule="step")
+
+
+class TestCheckpoint:
+    def _state(self, mesh, spec, value=0.0):
+        sh = jax.sharding.NamedSharding(mesh, spec)
+        w = jax.device_put(jnp.arange(32.0).reshape(8, 4) + value, sh)
+        return {"w": w, "step": jnp.int32(value)}
+
+    def test_restores_onto_a_different_mesh(self, tmp_path):
+        P = jax.sharding.PartitionSpec
+        mesh_a = sharding.make_mesh(sharding.MeshConfig(data=8, fsdp=1, tensor=1))
+        mesh_b = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+        ck.save(1, self._state(mesh_a, P("data")), force=True)
+        ck.wait()
+        target = self._state(mesh_b, P(("fsdp", "tensor"), "data"), value=100.0)
+        step, restored = ck.restore(None, target)
+        assert step == 1
+        assert restored["w"].sharding == target["w"].sharding
+        np.testing.assert_array_equal(restored["w"], np.arange(32.0).reshape(8, 4))
+        ck.close()
+
+    def test_interrupted_write_is_never_restored(self, tmp_path):
+        P = jax.sharding.PartitionSpec
+        mesh = sharding.make_mesh(sharding.MeshConfig())
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+        ck.save(1, self._state(mesh, P("data"), 1.0), force=True)
+        ck.close()
+        # What a kill -9 during the write of step 2 leaves: Orbax's temporary directory, half written.
+        partial = tmp_path / "2.orbax-checkpoint-tmp-1234"
+        (partial / "state").mkdir(parents=True)
+        (partial / "state" / "garbage").write_bytes(b"\0" * 10)
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+        assert ck.latest_step() == 1
+        step, restored = ck.restore(None, self._state(mesh, P("data")))
+        assert step == 1 and int(restored["step"]) == 1
+        ck.close()
+
+    def test_corrupt_latest_falls_back_to_previous(self, tmp_path, caplog):
+        P = jax.sharding.PartitionSpec
+        mesh = sharding.make_mesh(sharding.MeshConfig())
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=3)
+        ck.save(1, self._state(mesh, P("data"), 1.0), force=True)
+        ck.save(2, self._state(mesh, P("data"), 2.0), force=True)
+        ck.close()
+        for root, _, files in os.walk(tmp_path / "2" / "state"):
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"corrupt")
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=3)
+        step, restored = ck.restore(None, self._state(mesh, P("data")))
+        assert step == 1 and int(restored["step"]) == 1
+        assert any(str(tmp_path / "2") in r.message for r in caplog.records)
+        ck.close()
