@@ -223,3 +223,41 @@ def test_two_process_run_matches_one_process(tmp_path):
         assert [s for s, _ in a] == [s for s, _ in b]
         for (_, x), (_, y) in zip(a, b, strict=True):
             assert y == pytest.approx(x, rel=2e-5, abs=1e-6)
+
+
+def _write_hh(path, n=60):
+    import gzip
+
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: How do I cook dish number {i}?\n\nAssistant: Which dish?\n\nHuman: Soup {i}."
+        rows.append(
+            {
+                "chosen": prompt
+                + f"\n\nAssistant: Boil water, add vegetables {i}, simmer for {i % 7 + 5} minutes.",
+                "rejected": prompt + "\n\nAssistant: I don't know.",
+            }
+        )
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment,extra",
+    [("rm_tldr:smoke", ["--config.reward_kind=pairwise", "--config.data.max_len=192"]),
+     ("dpo_hh:smoke", []), ("ipo_tldr:smoke", ["--config.train.reference=precomputed"])],
+)  # fmt: skip
+def test_more_experiments_smoke(tmp_path, experiment, extra):
+    if experiment.endswith("_hh:smoke"):
+        _write_hh(tmp_path / "hh.jsonl.gz")
+        extra = [*extra, f"--config.data.preference_path={tmp_path / 'hh.jsonl.gz'}"]
+    out = _cli(
+        [f"--experiment={experiment}", f"--workdir={tmp_path / 'run'}", "--config.progress=false", *extra]
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert results and all(v is None or v == v for v in results.values() if isinstance(v, float))
+    if "reference=precomputed" in " ".join(extra):
+        assert os.path.exists(tmp_path / "run" / "reference_logps.npz")

@@ -272,3 +272,20 @@ class TestCheckpoint:
         assert step == 1 and int(restored["step"]) == 1
         assert any(str(tmp_path / "2") in r.message for r in caplog.records)
         ck.close()
+
+
+def test_mixed_precision_step_runs_in_bfloat16():
+    cfg = models.preset("tiny", vocab_size=64, max_len=32, dtype="bfloat16")
+    model = models.Transformer(cfg)
+    params = models.init_params(model, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # float32 master weights
+    tx = optim.make_optimizer(optim.OptimConfig(name="adafactor", learning_rate=1e-3), 10)
+    batch = _pair_batch(np.random.default_rng(6))
+    obj = functools.partial(
+        steps.preference_objective, model=model, loss_fn=losses.make("dpo"),
+        loss_inputs=losses.required_inputs("dpo"), metric_beta=0.1,
+    )  # fmt: skip
+    state = state_lib.create(params, tx, jax.random.key(0))
+    state, m = _step(obj, steps.pair_weight, tx, 2)(state, batch, params)
+    assert float(m["finite"]) == 1.0 and abs(float(m["loss"]) - np.log(2)) < 1e-2
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
