@@ -85,6 +85,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         if key.startswith("loss.") and key not in known and "loss" in config:
             known[key] = _loss_default(config.loss.name, key[len("loss.") :])
             config.loss[key[len("loss.") :]] = known[key]
+        if key.startswith("model.") and key not in known and "model" in config:
+            field = key[len("model.") :]
+            default = _model_default(config.model.get("preset", "small"), field)
+            if default is not _MISSING:
+                known[key] = default
+                config.model[field] = default
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=5, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -134,3 +140,18 @@ def _loss_default(name: str, key: str):
         valid = ", ".join(f"loss.{k}" for k in hparams) or "(none)"
         raise ConfigError(f"loss {name!r} has no hyperparameter {key!r}; its hyperparameters: {valid}")
     return hparams[key]
+
+
+_MISSING = object()
+
+
+def _model_default(preset: str, field: str):
+    """The preset's value of ModelConfig field `field` (any architecture field is overridable)."""
+    import dataclasses
+
+    from rlhf_jax import models
+
+    cfg = models.PRESETS.get(preset)
+    if cfg is None or field not in {f.name for f in dataclasses.fields(cfg)}:
+        return _MISSING
+    return getattr(cfg, field)

@@ -9,7 +9,9 @@ experiment's pipeline. Rerunning in the same workdir resumes it.
 
 Multi-process: on a TPU pod slice (or any launcher that sets JAX's cluster environment)
 `jax.distributed.initialize()` runs automatically; for several processes on one machine (CPU tests)
-pass `--coordinator=127.0.0.1:PORT --num_processes=N --process_id=I`. Only process 0 logs and writes.
+pass `--coordinator=127.0.0.1:PORT --num_processes=N --process_id=I`; `--distributed=on` forces
+`jax.distributed.initialize()` (Cloud TPU VMs do not always set an environment variable we can
+detect). Only process 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize(
             args.coordinator, num_processes=args.num_processes, process_id=args.process_id
         )
-    elif any(os.environ.get(k) for k in _CLUSTER_ENV) and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ","):
-        jax.distributed.initialize()
+    elif args.distributed == "on" or (
+        args.distributed == "auto" and any(os.environ.get(k) for k in _CLUSTER_ENV)
+    ):
+        jax.distributed.initialize()  # discovers the cluster (Cloud TPU metadata, SLURM, env variables)
 
 
 def build_stages(config):
@@ -101,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--process_id", type=int, default=0)
+    parser.add_argument(
+        "--distributed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="call jax.distributed.initialize(): 'on' always (e.g. every worker of a Cloud TPU pod), "
+        "'auto' when a cluster environment variable is set, 'off' never",
+    )
     args, overrides = parser.parse_known_args(argv)
 
     name, variant = parse_experiment(args.experiment)
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         build_stages(config)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

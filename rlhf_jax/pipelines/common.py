@@ -154,14 +154,21 @@ def corpus(task: TaskData) -> list[str]:
     return texts + [t for ex in task.preference for t in (ex.prompt, ex.chosen, ex.rejected)]
 
 
-def tokenizer_for(data: DataConfig, task: TaskData, workdir: str, init_from: str) -> Tokenizer:
-    """The tokenizer: data.tokenizer, else init_from's, else trained on the task's text; copied to workdir."""
+def tokenizer_for(
+    data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""
+) -> Tokenizer:
+    """The tokenizer: data.tokenizer, else init_from's, else the HF checkpoint's, else trained on the
+    task's text; a copy is kept in the workdir."""
     dest = os.path.join(workdir, "tokenizer.model")
     source = data.tokenizer or (
         os.path.join(init_from, "tokenizer.model")
         if init_from and os.path.exists(os.path.join(init_from, "tokenizer.model"))
         else ""
     )
+    if not source and init_from_hf:
+        from rlhf_jax import interop
+
+        source = interop.tokenizer_path(init_from_hf)
     if source:
         if not os.path.exists(source):
             raise FileNotFoundError(f"data.tokenizer: no such file {source!r}")
@@ -185,7 +192,23 @@ def layout(data: DataConfig) -> pipeline.SequenceLayout:
 
 
 def model_config(cfg: StageConfig, tokenizer: Tokenizer) -> models.ModelConfig:
-    """The stage's architecture with the tokenizer's vocabulary and room for the data's length."""
+    """The stage's architecture with the tokenizer's vocabulary and room for the data's length.
+
+    A pretrained checkpoint (`init_from_hf`) keeps its vocabulary (its embedding may have more rows than
+    the tokenizer has ids) and its trained context length.
+    """
+    if cfg.init_from_hf:
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint "
+                f"{cfg.init_from_hf} embeds only {cfg.model.vocab_size}"
+            )
+        if cfg.data.max_len > cfg.model.max_len:
+            raise ValueError(
+                f"data.max_len={cfg.data.max_len} exceeds the checkpoint's trained context "
+                f"({cfg.model.max_len} tokens, max_position_embeddings)"
+            )
+        return dataclasses.replace(cfg.model, max_len=cfg.data.max_len)
     return dataclasses.replace(
         cfg.model, vocab_size=tokenizer.vocab_size, max_len=max(cfg.model.max_len, cfg.data.max_len)
     )
@@ -255,7 +278,11 @@ def check_same_architecture(init_from: str, model: models.ModelConfig) -> None:
 
 
 def init_lm_params(model, cfg: StageConfig, rng):
-    """LM params: from `init_from`'s final params if set, else a fresh sharded init."""
+    """LM params: from `init_from`'s final params, else a HuggingFace checkpoint, else a fresh init."""
+    if not cfg.init_from and cfg.init_from_hf:
+        from rlhf_jax import interop
+
+        return interop.import_params(cfg.init_from_hf, model)
     params = models.init_params(model, rng)
     if cfg.init_from:
         check_same_architecture(cfg.init_from, model.config)

@@ -164,6 +164,7 @@ class StageConfig:
     checkpoint: CheckpointConfig
     data: DataConfig
     init_from: str = ""
+    init_from_hf: str = ""
     progress: bool = True
 
 
@@ -177,15 +178,29 @@ def _fields(cls, section, name: str) -> dict:
     return given
 
 
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")
+
+
 def model_config(section) -> models.ModelConfig:
-    """ModelConfig from `config.model` (a preset name plus field overrides)."""
+    """ModelConfig from `config.model`: a preset name plus field overrides, or, with `init_from_hf`, the
+    HuggingFace checkpoint's config.json plus the runtime fields (dtype, param_dtype, remat, ...)."""
     given = dict(section)
     preset = given.pop("preset")
-    given.pop("init_from_hf", None)
+    hf_dir = given.pop("init_from_hf", "") or ""
     known = {f.name for f in dataclasses.fields(models.ModelConfig)}
     unknown = sorted(set(given) - known)
     if unknown:
         raise ValueError(f"config.model has unknown keys {unknown}; known: preset, {sorted(known)}")
+    if hf_dir:
+        from rlhf_jax import interop
+
+        runtime = {k: given.pop(k) for k in _RUNTIME_FIELDS if k in given}
+        if given:
+            raise ValueError(
+                f"config.model.{sorted(given)} cannot be set with init_from_hf "
+                "(the checkpoint's config.json fixes the architecture)"
+            )
+        return interop.load_config(hf_dir, **runtime)
     return models.preset(preset, **given)
 
 
@@ -223,5 +238,6 @@ def stage_config(config, train_section: str = "train") -> StageConfig:
         checkpoint=CheckpointConfig(**_fields(CheckpointConfig, config.checkpoint, "checkpoint")),
         data=DataConfig(**_fields(DataConfig, config.data, "data")),
         init_from=str(config.get("init_from", "")),
+        init_from_hf=str(config.model.get("init_from_hf", "") or ""),
         progress=bool(config.get("progress", True)),
     )

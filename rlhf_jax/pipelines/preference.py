@@ -79,7 +79,7 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "preference") -> dict:
 
     # Data.
     task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from)
+    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     lay = common.layout(cfg.data)
     train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)

@@ -58,6 +58,11 @@ def _with_labels(labels_N: np.ndarray):
 def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
     """Reward-model params; the trunk is copied from `init_from`'s LM params when given."""
     params = models.init_params(model, rng)
+    if not cfg.init_from and cfg.init_from_hf:
+        from rlhf_jax import interop
+
+        lm = interop.import_params(cfg.init_from_hf, models.Transformer(model.config, mesh=model.mesh))
+        return {**params, "decoder": lm["decoder"]}
     if cfg.init_from:
         saved = common.load_model_json(cfg.init_from)
         if saved.get("kind") == "reward":
@@ -82,7 +87,7 @@ def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = 
 
     # Data.
     task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from)
+    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     lay = common.layout(cfg.data)
     if kind == "pointwise":

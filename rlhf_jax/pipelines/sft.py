@@ -33,7 +33,7 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
 
     # Data.
     task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from)
+    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     train_data = pipeline.tokenize_sft(task.sft, tokenizer, common.layout(cfg.data), stats)
     eval_data = pipeline.tokenize_sft(task.eval_prompts, tokenizer, common.layout(cfg.data))

@@ -1,0 +1,13 @@
+"""Checkpoints from and for other frameworks: HuggingFace Llama / Qwen2 / Gemma (see `interop.hf`).
+
+    from rlhf_jax import interop
+    config = interop.load_config(hf_dir, dtype="bfloat16")
+    params = interop.import_params(hf_dir, models.Transformer(config, mesh=mesh))
+    interop.export_params(params, config, out_dir, source=hf_dir)
+
+Command line, to export a finished stage: `python -m rlhf_jax.interop --help`.
+"""
+
+from rlhf_jax.interop.hf import export_params, family, import_params, load_config, tokenizer_path
+
+__all__ = ["export_params", "family", "import_params", "load_config", "tokenizer_path"]

@@ -1,0 +1,85 @@
+"""Command line: check a HuggingFace checkpoint, or export a finished stage's policy to HuggingFace format.
+
+    python -m rlhf_jax.interop inspect /ckpt/TinyLlama-1.1B
+    python -m rlhf_jax.interop export --workdir workdirs/dpo_hh --out /tmp/dpo_hh_hf \
+        [--source /ckpt/TinyLlama-1.1B] [--family llama] [--dtype bfloat16]
+
+`export` reads WORKDIR/model.json and WORKDIR/params (written when a stage finishes). With `--source`
+(the checkpoint the run started from) its config metadata, tokenizer files and generation config are
+carried over; without it the stage's own `tokenizer.model` is copied and its BOS/EOS/PAD ids are written
+into config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import jax
+
+
+def _inspect(args) -> int:
+    from rlhf_jax import interop
+
+    config = interop.load_config(args.path)
+    print(f"family: {interop.family(args.path)}")
+    print(json.dumps(dataclasses.asdict(config), indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    import orbax.checkpoint as ocp
+
+    from rlhf_jax import interop, models
+
+    with open(os.path.join(args.workdir, "model.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    kind = saved.pop("kind", "lm")
+    if kind != "lm":
+        raise ValueError(f"{args.workdir} holds a {kind!r} model; only language models (kind 'lm') export")
+    config = models.ModelConfig(**saved)
+    abstract = models.param_shapes(models.Transformer(config))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.abspath(os.path.join(args.workdir, "params")), abstract)
+    extra = {}
+    spm = os.path.join(args.workdir, "tokenizer.model")
+    if not args.source and os.path.exists(spm):
+        from rlhf_jax.data.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(spm)
+        extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    interop.export_params(
+        params, config, args.out, family=args.family, dtype=args.dtype, source=args.source, extra_config=extra
+    )
+    if extra and jax.process_index() == 0:
+        shutil.copyfile(spm, os.path.join(args.out, "tokenizer.model"))
+    print(f"exported {args.workdir} -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_jax.interop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="validate a HuggingFace checkpoint's config.json")
+    p.add_argument("path")
+    p = sub.add_parser("export", help="write a finished stage's LM as a HuggingFace checkpoint")
+    p.add_argument("--workdir", required=True, help="a finished stage's workdir (model.json, params/)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--source", default=None, help="the HF checkpoint the run started from")
+    p.add_argument("--family", default=None, choices=["llama", "qwen2", "gemma"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    try:
+        return _inspect(args) if args.command == "inspect" else _export(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
