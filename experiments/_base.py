@@ -47,6 +47,16 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
     c.loss = ml_collections.ConfigDict(dict(name="dpo", beta=0.1))
     c.train = train_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
     c.sft = train_section(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=30)
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            num_prompts=128,
+            samples_per_prompt=2,
+            temperature=0.7,
+            top_k=40,
+            max_new_tokens=48,
+            bootstrap=1000,
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, async_save=True))
     c.data = ml_collections.ConfigDict(
@@ -81,13 +91,16 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
 def shrink(c: ml_collections.ConfigDict) -> None:
     """The `:smoke` sizes: the tiny model, a few steps, small synthetic splits."""
     c.model.preset = "tiny"
-    for section in (c.train, c.sft):
+    for section in [c[k] for k in ("train", "sft", "rm") if k in c]:
         section.steps = 6
         section.batch_size = 8
         section.log_every = 2
         section.warmup_steps = 1
         section.eval_batch_size = 16
     c.checkpoint.every_steps = 3
+    c.eval.num_prompts = 8
+    c.eval.max_new_tokens = 16
+    c.eval.bootstrap = 200
     c.data.num_sft = 64
     c.data.num_pref = 96
     c.data.num_eval = 8

@@ -69,19 +69,43 @@ def build_stages(config):
     from rlhf_jax.pipelines.config import stage_config
 
     stages = {"main": stage_config(config, "train")}
-    if "sft" in config and config.pipeline in ("reward", "preference"):
+    if "sft" in config and config.pipeline in ("reward", "preference", "rso"):
         stages["sft"] = stage_config(config, "sft")
+    if config.pipeline == "rso":
+        stages["rm"] = stage_config(config, "rm")
+        stages["rso"] = rso_config(config)
+    if "eval" in config:
+        stages["eval"] = eval_config(config)
     return stages
+
+
+def eval_config(config):
+    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.evaluation import EvalConfig
+
+    return EvalConfig(**_fields(EvalConfig, config.eval, "eval"))
+
+
+def rso_config(config):
+    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.rso import RSOConfig
+
+    return RSOConfig(**_fields(RSOConfig, config.rso, "rso"))
 
 
 def run_pipeline(config, workdir: str) -> dict:
     """Runs `config.pipeline` in `workdir` (prerequisite SFT stage in WORKDIR/sft when needed)."""
-    from rlhf_jax.pipelines import preference, reward, sft
+    from rlhf_jax.pipelines import preference, reward, rso, sft
 
     stages = build_stages(config)
     main = stages["main"]
     if config.pipeline == "sft":
         return sft.run(main, workdir)
+    if config.pipeline == "rso":
+        return rso.run(
+            sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, rso=stages["rso"],
+            eval_config=stages["eval"], workdir=workdir,
+        )  # fmt: skip
     if config.pipeline in ("reward", "preference"):
         if not main.init_from:
             sft_dir = os.path.join(workdir, "sft")
@@ -89,8 +113,8 @@ def run_pipeline(config, workdir: str) -> dict:
             main = dataclasses.replace(main, init_from=sft_dir)
         if config.pipeline == "reward":
             return reward.run(main, workdir, kind=config.get("reward_kind", "pointwise"))
-        return preference.run(main, workdir)
-    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference")
+        return preference.run(main, workdir, eval_config=stages.get("eval"))
+    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,14 +108,23 @@ def test_sft_smoke_writes_the_documented_workdir(tmp_path):
     assert os.path.getmtime(os.path.join(wd, "metrics.jsonl")) == mtime
 
 
-@pytest.mark.slow
-def test_dpo_smoke_runs_from_the_command_line(tmp_path):
+@pytest.fixture(scope="module")
+def dpo_smoke(tmp_path_factory):
+    """One `dpo_tldr:smoke` run on the 8-device (8, 1, 1) mesh, shared by the tests that compare with it."""
+    workdir = tmp_path_factory.mktemp("dpo_smoke")
     start = time.time()
-    out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={tmp_path}", "--config.progress=false"])
+    out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={workdir}", "--config.progress=false",
+                "--config.mesh.data=8"])  # fmt: skip
+    return workdir, out, time.time() - start
+
+
+@pytest.mark.slow
+def test_dpo_smoke_runs_from_the_command_line(dpo_smoke):
+    workdir, out, seconds = dpo_smoke
     assert out.returncode == 0, out.stderr[-3000:]
-    assert time.time() - start < 120
+    assert seconds < 120
     assert "mesh (data=8, fsdp=1, tensor=1)" in out.stdout and "parameters" in out.stdout
-    rec = read_metrics(str(tmp_path))
+    rec = read_metrics(str(workdir))
     for key in (
         "loss",
         "reward_accuracy",
@@ -125,8 +134,12 @@ def test_dpo_smoke_runs_from_the_command_line(tmp_path):
         "kl_to_reference",
     ):
         assert key in rec[-1], key
-    results = json.load(open(tmp_path / "results.json"))
+    results = json.load(open(workdir / "results.json"))
     assert 0.0 <= results["eval_reward_accuracy"] <= 1.0
+    for key in ("win_rate_vs_sft_gold", "win_rate_vs_sft_gold_ci95", "win_rate_vs_sft_proxy",
+                "win_rate_vs_reference_gold", "mean_response_length", "kl_to_sft"):  # fmt: skip
+        assert key in results, key
+    assert results["win_rate_vs_sft_proxy"] is None  # no reward model in a DPO run
 
 
 @pytest.mark.slow
@@ -159,18 +172,14 @@ def test_kill_and_resume_repeats_the_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_runs_write_the_same_losses(tmp_path):
-    runs = {
-        "data8": ["--config.mesh.data=8"],
-        "mixed": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
-    }
-    for name, mesh in runs.items():
-        out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={tmp_path / name}", "--config.progress=false",
-                    *mesh])  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
+def test_sharded_runs_write_the_same_losses(tmp_path, dpo_smoke):
+    mixed = tmp_path / "mixed"
+    out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={mixed}", "--config.progress=false",
+                "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
     for sub in ("sft", ""):
-        a = _losses(str(tmp_path / "data8" / sub))
-        b = _losses(str(tmp_path / "mixed" / sub))
+        a = _losses(str(dpo_smoke[0] / sub))
+        b = _losses(str(mixed / sub))
         assert [s for s, _ in a] == [s for s, _ in b]
         for (_, x), (_, y) in zip(a, b, strict=True):
             assert y == pytest.approx(x, rel=2e-5, abs=1e-6)
@@ -183,10 +192,8 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_process_run_matches_one_process(tmp_path):
+def test_two_process_run_matches_one_process(tmp_path, dpo_smoke):
     args = ["--experiment=dpo_tldr:smoke", "--config.progress=false", "--config.mesh.data=8"]
-    one = _cli([*args, f"--workdir={tmp_path / 'one'}"])
-    assert one.returncode == 0, one.stderr[-3000:]
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     procs = [
@@ -219,7 +226,7 @@ def test_two_process_run_matches_one_process(tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert "2 process(es)" in outs[0][0]
     for sub in ("sft", ""):
-        a, b = _losses(str(tmp_path / "one" / sub)), _losses(str(tmp_path / "two" / sub))
+        a, b = _losses(str(dpo_smoke[0] / sub)), _losses(str(tmp_path / "two" / sub))
         assert [s for s, _ in a] == [s for s, _ in b]
         for (_, x), (_, y) in zip(a, b, strict=True):
             assert y == pytest.approx(x, rel=2e-5, abs=1e-6)
@@ -247,7 +254,10 @@ def _write_hh(path, n=60):
 @pytest.mark.parametrize(
     "experiment,extra",
     [("rm_tldr:smoke", ["--config.reward_kind=pairwise", "--config.data.max_len=192"]),
-     ("dpo_hh:smoke", []), ("ipo_tldr:smoke", ["--config.train.reference=precomputed"])],
+     ("dpo_hh:smoke", []), ("ipo_tldr:smoke", ["--config.train.reference=precomputed"]),
+     ("rso_tldr:smoke", []),
+     ("rso_tldr:smoke", ["--config.rso.reward_kind=pairwise", "--config.rso.ranking=tournament",
+                         "--config.rso.pairs=sft_sample_rank", "--config.data.max_len=192"])],
 )  # fmt: skip
 def test_more_experiments_smoke(tmp_path, experiment, extra):
     if experiment.endswith("_hh:smoke"):
@@ -261,3 +271,16 @@ def test_more_experiments_smoke(tmp_path, experiment, extra):
     assert results and all(v is None or v == v for v in results.values() if isinstance(v, float))
     if "reference=precomputed" in " ".join(extra):
         assert os.path.exists(tmp_path / "run" / "reference_logps.npz")
+    if experiment.startswith("rso"):
+        assert "win rate vs SFT (gold reward)" in out.stdout  # the printed table
+        for key in ("win_rate_vs_sft_gold", "win_rate_vs_sft_gold_ci95", "win_rate_vs_sft_proxy",
+                    "win_rate_vs_sft_proxy_ci95", "win_rate_vs_reference_gold", "mean_response_length",
+                    "kl_to_sft", "wall_time_s"):  # fmt: skip
+            assert results[key] is not None, key
+        stats = json.load(open(tmp_path / "run" / "pairs" / "stats.json"))
+        assert stats["pairs"] > 0 and os.path.exists(tmp_path / "run" / "samples" / "candidates.npz")
+        # A rerun finds every stage done and only reports.
+        again = _cli(
+            [f"--experiment={experiment}", f"--workdir={tmp_path / 'run'}", "--config.progress=false", *extra]
+        )
+        assert again.returncode == 0 and json.load(open(tmp_path / "run" / "results.json")) == results

@@ -23,27 +23,27 @@ from rlhf_jax.models.config import ModelConfig
 class KVCache(NamedTuple):
     """Keys and values of every layer, and how many slots of each row are filled.
 
+    The buffers mirror the params' layout: one stacked array for a `scan_layers` model, a tuple of
+    per-layer arrays for an unrolled one (each layer then updates its own buffer in place, the fast
+    layout for a decode loop; `unstack_layers` converts the params).
+
     Attributes:
-      k_LBSGK: keys [layers, batch, cache slots, kv heads, head dim].
-      v_LBSGK: values, same shape.
+      k: keys, [layers, batch, kv heads, cache slots, head dim] (k_LBGSK), or a tuple of L [B, G, S, K].
+      v: values, same layout.
       lengths_B: int32, filled slots per row; the next token of row b is written at slot lengths_B[b] and
         has position lengths_B[b].
     """
 
-    k_LBSGK: jax.Array  # noqa: N815 (shape-suffixed names, see rlhf_jax/__init__.py)
-    v_LBSGK: jax.Array  # noqa: N815
-    lengths_B: jax.Array  # noqa: N815
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    lengths_B: jax.Array  # noqa: N815 (shape-suffixed names, see rlhf_jax/__init__.py)
 
 
-CACHE_LOGICAL_AXES = KVCache(
-    k_LBSGK=("layers", "batch", "length", "kv_heads", "head_dim"),
-    v_LBSGK=("layers", "batch", "length", "kv_heads", "head_dim"),
-    lengths_B=("batch",),
-)
+_LAYER_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
-    """An empty cache.
+    """An empty cache, stacked for a `scan_layers` model, per layer otherwise.
 
     Args:
       config: the model.
@@ -54,14 +54,32 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
     Returns:
       A KVCache of zeros with lengths 0.
     """
-    shape = (config.num_layers, batch_size, max_len or config.max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len or config.max_len, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32))
+    if config.scan_layers:
+        buffers = lambda: jnp.zeros((config.num_layers, *shape), dtype)
+    else:
+        buffers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(buffers(), buffers(), jnp.zeros((batch_size,), jnp.int32))
 
 
-def cache_shardings(mesh, rules=sharding.LOGICAL_RULES) -> KVCache:
-    """NamedShardings for a KVCache (batch over data x fsdp, kv heads over tensor)."""
-    return KVCache(*(sharding.logical_sharding(mesh, axes, rules) for axes in CACHE_LOGICAL_AXES))
+def cache_shardings(mesh, rules=sharding.LOGICAL_RULES, config: ModelConfig | None = None) -> KVCache:
+    """NamedShardings for a KVCache (batch over data x fsdp, kv heads over tensor).
+
+    Args:
+      mesh: the mesh.
+      rules: the logical-axis rules.
+      config: the model; its cache is per layer if it is unrolled. None: a stacked cache.
+
+    Returns:
+      A KVCache of NamedSharding.
+    """
+    lengths = sharding.logical_sharding(mesh, ("batch",), rules)
+    if config is None or config.scan_layers:
+        stacked = sharding.logical_sharding(mesh, ("layers", *_LAYER_AXES), rules)
+        return KVCache(stacked, stacked, lengths)
+    layer = (sharding.logical_sharding(mesh, _LAYER_AXES, rules),) * config.num_layers
+    return KVCache(layer, layer, lengths)
 
 
 def prefill(

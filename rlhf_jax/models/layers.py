@@ -60,18 +60,37 @@ def rope(x_BTNK: jax.Array, sin_BTk: jax.Array, cos_BTk: jax.Array) -> jax.Array
     return out.astype(x_BTNK.dtype)
 
 
-def _write(cache_BSGK: jax.Array, new_BTGK: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Writes each row's T new entries into its cache at slot start_B[b]."""
-    write_row = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
-    return jax.vmap(write_row)(cache_BSGK, new_BTGK, start_B)
+def _write(cache_BGSK: jax.Array, new_BTGK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each row's T new entries into its [G, S, K] cache at slot start_B[b]."""
+    new_BGTK = jnp.swapaxes(new_BTGK, 1, 2).astype(cache_BGSK.dtype)
+    write_row = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1)
+    return jax.vmap(write_row)(cache_BGSK, new_BGTK, start_B)
+
+
+def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask_B1TS: jax.Array):
+    """Grouped-query attention of T queries over a cache laid out [B, G, S, K] (float32 softmax).
+
+    The same maths as `jax.nn.dot_product_attention`, on the cache's own layout: each (row, kv head) is
+    one contiguous [S, K] matrix, so the score and value matmuls read the cache without transposing it
+    (on CPU, that transpose cost more than the rest of a decode step).
+    """
+    B, T, H, K = q_BTHK.shape
+    G = k_BGSK.shape[1]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: query heads per kv head
+    scores_BGRTS = jnp.einsum("BTGRK,BGSK->BGRTS", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32)
+    scores_BGRTS = jnp.where(mask_B1TS[:, :, None], scores_BGRTS * K**-0.5, jnp.finfo(jnp.float32).min)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BGSK.dtype)
+    out_BTGRK = jnp.einsum("BGRTS,BGSK->BTGRK", probs_BGRTS, v_BGSK)
+    return out_BTGRK.reshape(B, T, H, K)
 
 
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
     Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment). With a
-    cache (`kv` = this layer's key/value buffers) the new keys/values are written at `start_B` and the
-    queries attend over the whole buffer under `mask_B1TS` (slot <= query position).
+    cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
+    `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
+    through `_cached_attention` (`attention_impl` applies to the uncached forward only).
     """
 
     config: ModelConfig
@@ -104,15 +123,9 @@ class Attention(nn.Module):
                 q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, is_causal=True, implementation=c.attention_impl
             )
         else:
-            k_BSGK, v_BSGK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
-            kv = (k_BSGK, v_BSGK)
-            out_BTHK = jax.nn.dot_product_attention(
-                q_BTHK,
-                k_BSGK.astype(dtype),
-                v_BSGK.astype(dtype),
-                mask=mask_B1TS,
-                implementation=c.attention_impl,
-            )
+            k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
+            kv = (k_BGSK, v_BGSK)
+            out_BTHK = _cached_attention(q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS)
         return jnp.einsum("BTHK,HKD->BTD", out_BTHK, w_o), kv
 
 

@@ -106,7 +106,7 @@ class Decoder(nn.Module):
           positions_BT: rotary positions.
           mask_B1TS: attention mask (and-ed with causal when `kv` is None), or None.
           start_B: cache slot of each row's first token (with `kv`).
-          kv: (k_LBSGK, v_LBSGK) cache buffers, or None for a plain forward.
+          kv: (k, v) cache buffers (`KVCache` layout), or None for a plain forward.
 
         Returns:
           (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
@@ -115,14 +115,15 @@ class Decoder(nn.Module):
         if self.config.scan_layers:
             x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv)
         else:
-            new_k, new_v = [], []
+            # The cache of an unrolled model is one buffer per layer, so each layer updates its own in
+            # place (a stacked buffer would be sliced and re-stacked, copying it at every step).
+            new_kv = []
             for i, layer in enumerate(self.layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 x_BTD, layer_kv = layer(x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv)
-                if kv is not None:
-                    new_k.append(layer_kv[0])
-                    new_v.append(layer_kv[1])
-            kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+                new_kv.append(layer_kv)
+            if kv is not None:
+                kv = (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
         return self.final_norm(x_BTD), kv
 
 
@@ -199,22 +200,36 @@ class Transformer(nn.Module):
             logits_BTV = jnp.einsum("BTD,DV->BTV", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BTV, self.mesh, ("batch", "length", "act_vocab"), self.rules)
 
+    def hidden_and_head(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
+        """The forward without the LM head: (final-normed hidden_BTD, LM-head kernel w_DV).
+
+        `hidden_BTD @ w_DV` are the logits of `__call__`; a caller that only needs log-probs of some
+        positions (`rlhf_jax.losses._logps.sequence_logps_from_hidden`) applies the head itself, to those
+        rows only, and never materialises [B, T, V] logits. Both are in the compute dtype.
+        """
+        x_BTD = self.decoder.embed(tokens_BT)
+        positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        if self.config.tie_embeddings:
+            w_DV = self.decoder.embedding.astype(self.config.dtype).T
+        else:
+            w_DV = self.lm_head.astype(self.config.dtype)
+        return hidden_BTD, w_DV
+
     def extend(self, tokens_BT, lengths_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends right-padded tokens to the cache; returns logits at each row's last new token.
 
         See `rlhf_jax.models.cache` (`prefill`, `decode_step`) for the layout.
         """
-        T, S = tokens_BT.shape[1], cache.k_LBSGK.shape[2]
+        T, S = tokens_BT.shape[1], jax.tree.leaves(cache.k)[0].shape[-2]
         start_B = cache.lengths_B
         positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
         mask_B1TS = jnp.arange(S, dtype=jnp.int32)[None, None, None, :] <= positions_BT[:, None, :, None]
-        kv = (cache.k_LBSGK, cache.v_LBSGK)
-        hidden_BTD, (k_LBSGK, v_LBSGK) = self.decoder(
-            self.decoder.embed(tokens_BT), positions_BT, mask_B1TS, start_B, kv
-        )
+        kv = (cache.k, cache.v)
+        hidden_BTD, (k, v) = self.decoder(self.decoder.embed(tokens_BT), positions_BT, mask_B1TS, start_B, kv)
         last_BD = jnp.take_along_axis(hidden_BTD, (lengths_B - 1)[:, None, None], axis=1)
         logits_BV = self.logits(last_BD)[:, 0]
-        return logits_BV, KVCache(k_LBSGK, v_LBSGK, start_B + lengths_B)
+        return logits_BV, KVCache(k, v, start_B + lengths_B)
 
 
 class RewardModel(nn.Module):

@@ -394,3 +394,17 @@ def log_startup(name: str, mesh, model_cfg: models.ModelConfig, batch_size: int,
     )
     if stats:
         log.info("[%s] data: %s", name, stats)
+
+
+def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
+    """The reward or ranking model finished in `workdir`, as an evaluation `Proxy`."""
+    from rlhf_jax.pipelines import evaluation
+
+    saved = load_model_json(workdir)
+    kind = saved.pop("kind")
+    if kind not in ("reward", "ranking"):
+        raise ValueError(f"{workdir!r} holds a {kind!r} model, not a reward or ranking model")
+    model_cfg = models.ModelConfig(**saved)
+    model = models.RewardModel(model_cfg, mesh=mesh)
+    params = load_params(workdir, models.init_params(model, jax.random.key(0)))
+    return evaluation.Proxy("pointwise" if kind == "reward" else "pairwise", model, params, layout)

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 
 from rlhf_jax import losses, models, sharding
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines import common, evaluation
 from rlhf_jax.pipelines.config import StageConfig
 from rlhf_jax.train import loop, metrics, steps
 from rlhf_jax.train.checkpoint import Checkpointer
@@ -66,8 +66,26 @@ def with_reference(chosen_N: np.ndarray, rejected_N: np.ndarray):
     return transform
 
 
-def run(cfg: StageConfig, workdir: str, *, name: str = "preference") -> dict:
-    """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics."""
+def run(
+    cfg: StageConfig,
+    workdir: str,
+    *,
+    name: str = "preference",
+    train_data: pipeline.TokenizedPreference | None = None,
+    eval_config: evaluation.EvalConfig | None = None,
+    proxy_dir: str = "",
+) -> dict:
+    """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics.
+
+    Args:
+      cfg: the stage's config; `cfg.init_from` is the SFT stage (policy and reference start there).
+      workdir: the stage's directory.
+      name: label for logs.
+      train_data: tokenised training pairs (e.g. RSO's sampled pairs); default the task's pairs.
+      eval_config: if given, also sample from the policy and the SFT policy on held-out prompts and
+        report win rates (`rlhf_jax.pipelines.evaluation`).
+      proxy_dir: a reward- or ranking-model stage's workdir, the proxy judge of that evaluation.
+    """
     if not cfg.init_from:
         raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
     os.makedirs(workdir, exist_ok=True)
@@ -82,7 +100,8 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "preference") -> dict:
     tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     lay = common.layout(cfg.data)
-    train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
+    if train_data is None:
+        train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
     eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
@@ -146,10 +165,21 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "preference") -> dict:
         "stage": name,
         "loss_name": cfg.loss.name,
         "steps": cfg.train.steps,
+        "train_pairs": len(train_data),
         "eval_pairs": len(task.eval_preference),
         **{f"eval_{k}": v for k, v in ev.items()},
         "truncated": dict(stats.truncated),
     }
+    if eval_config is not None:
+        proxy = common.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+        results.update(
+            evaluation.evaluate_against_sft(
+                model=model, policy_params=state.params, sft_params=reference, tokenizer=tokenizer,
+                prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy,
+                gold=synthetic_tldr.gold_reward if task.synthetic else None,
+                max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+            )
+        )  # fmt: skip
     common.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "reward_accuracy", "reward_margin", "kl_to_reference"))
     common.save_params(workdir, state.params, model_cfg, "lm")

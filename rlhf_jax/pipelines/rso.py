@@ -1,0 +1,287 @@
+"""RSO end to end: SFT → reward (or ranking) model → sample N per prompt → statistical rejection
+sampling of M → pairs → preference training against the SFT policy → evaluation.
+
+Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization". Stages, each in its
+own subdirectory of the workdir and skipped when its output exists (a rerun resumes where it stopped):
+
+  sft/       supervised fine-tuning (`pipelines.sft`)
+  rm/        pointwise reward model, or RSO's pairwise ranking model (`pipelines.reward`), from sft/
+  samples/   candidates.npz: N samples per training prompt from the SFT policy and their proxy rewards
+  pairs/     pairs.npz (+ pairs.jsonl to read): M accepted per prompt (or M plain SFT samples for the
+             `sft_sample_rank` baseline) ranked into pairs by the proxy reward
+  policy/    preference training with the configured loss (`pipelines.preference`), then evaluation
+
+and `results.json` / the printed table at the top. `pairs="direct"` skips samples/ and pairs/ and trains
+on the human preference pairs (the paper's "direct" baseline).
+
+With a pairwise ranking model, a candidate's reward is RSO's r(x, y) = logit P(y ≻ y_b) against a
+baseline SFT sample y_b of the same prompt (one extra sample per prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from rlhf_jax import models, rejection, sampling, sharding
+from rlhf_jax.data import pipeline
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.pipelines import common, evaluation, preference, reward, sft
+from rlhf_jax.pipelines.config import StageConfig
+
+log = logging.getLogger("rlhf_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class RSOConfig:
+    """RSO's sampling and pairing settings (paper defaults at paper scale: N=64, M=8, β=0.5, T=0.7, k=40).
+
+    Attributes:
+      pairs: "rso" (rejection sampling), "sft_sample_rank" (M plain SFT samples, no rejection) or
+        "direct" (the human preference pairs).
+      ranking: "first_round" (M/2 pairs of shuffled neighbours) or "tournament" (M-1 pairs).
+      reward_kind: "pointwise" reward model or "pairwise" ranking model.
+      num_prompts: training prompts sampled (distinct prompts of the preference split; 0 = all).
+      num_candidates: N samples per prompt from the SFT policy.
+      num_accepted: M accepted per prompt.
+      beta: the rejection sampler's β (the target is π_sft · exp(r/β)).
+      temperature, top_k, max_new_tokens: the SFT sampling policy.
+    """
+
+    pairs: str = "rso"
+    ranking: str = "first_round"
+    reward_kind: str = "pointwise"
+    num_prompts: int = 0
+    num_candidates: int = 64
+    num_accepted: int = 8
+    beta: float = 0.5
+    temperature: float = 0.7
+    top_k: int = 40
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        if self.pairs not in ("rso", "sft_sample_rank", "direct"):
+            raise ValueError(f"rso.pairs must be rso, sft_sample_rank or direct, got {self.pairs!r}")
+        if self.ranking not in ("first_round", "tournament"):
+            raise ValueError(f"rso.ranking must be first_round or tournament, got {self.ranking!r}")
+        if self.reward_kind not in ("pointwise", "pairwise"):
+            raise ValueError(f"rso.reward_kind must be pointwise or pairwise, got {self.reward_kind!r}")
+        if not 2 <= self.num_accepted <= self.num_candidates:
+            raise ValueError(
+                f"need 2 <= rso.num_accepted ({self.num_accepted}) "
+                f"<= rso.num_candidates ({self.num_candidates})"
+            )
+        if self.beta <= 0:
+            raise ValueError(f"rso.beta must be > 0, got {self.beta}")
+
+
+def _sampling_config(rso: RSOConfig) -> sampling.SamplingConfig:
+    return sampling.SamplingConfig(
+        max_new_tokens=rso.max_new_tokens, temperature=rso.temperature, top_k=rso.top_k
+    )
+
+
+def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str, out_path: str) -> dict:
+    """Samples N (+1 baseline for a ranking model) completions per training prompt and scores them.
+
+    Writes `out_path` (npz): prompt_tokens [P, Tp], prompt_lengths [P], tokens [P, N, T], lengths [P, N],
+    logps [P, N] (SFT log-probs), rewards [P, N]; returns them.
+    """
+    mesh = sharding.make_mesh(cfg.mesh)
+    task = common.load_task(cfg.data, cfg.seed)
+    tokenizer = common.tokenizer_for(cfg.data, task, os.path.dirname(out_path), sft_dir, cfg.init_from_hf)
+    prompts = list(dict.fromkeys(p.prompt for p in task.preference))
+    order = np.random.default_rng([cfg.seed, 5]).permutation(len(prompts))
+    if rso.num_prompts:
+        order = order[: rso.num_prompts]
+    prompts = [prompts[i] for i in order]
+    tokenized = pipeline.tokenize_prompts(prompts, tokenizer, cfg.data.max_prompt_len)
+    pb = tokenized.batch(np.arange(len(prompts)), cfg.data.max_prompt_len)
+
+    saved = common.load_model_json(sft_dir)
+    saved.pop("kind")
+    lm = models.Transformer(models.ModelConfig(**saved), mesh=mesh)
+    sft_params = common.load_params(sft_dir, models.init_params(lm, jax.random.key(0)))
+    extra = 1 if rso.reward_kind == "pairwise" else 0
+    n = rso.num_candidates + extra
+    chunk = max(1, 2048 // n)  # prompts per sampler call: bounded memory, one compiled shape
+    tokens, lengths, logps = [], [], []
+    for start in range(0, len(prompts), chunk):
+        ids = np.arange(start, min(start + chunk, len(prompts)))
+        rows = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])  # pad the last chunk
+        out = sampling.sample(
+            lm, sft_params, pb["prompt_tokens"][rows], pb["prompt_lengths"][rows],
+            config=_sampling_config(rso), num_samples=n, rng=jax.random.key(cfg.seed + 17),
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=rows,
+        )  # fmt: skip
+        k = len(ids)
+        tokens.append(out.tokens_PNT[:k])
+        lengths.append(out.lengths_PN[:k])
+        logps.append(out.logps_PN[:k])
+    tokens_PNT, lengths_PN, logps_PN = map(np.concatenate, (tokens, lengths, logps))
+    P = len(prompts)
+
+    proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    if proxy.kind == "pointwise":
+        rows = sampling.completions_to_batch(
+            pb["prompt_tokens"], pb["prompt_lengths"], tokens_PNT, lengths_PN, pad_id=tokenizer.pad_id
+        )
+        rewards_PN = sampling.score_pointwise(
+            proxy.model, proxy.params, rows, batch_size=cfg.train.eval_batch_size
+        ).reshape(P, n)
+    else:
+        texts = evaluation.decode_completions(tokenizer, tokens_PNT, lengths_PN)
+        N = rso.num_candidates
+        flat_prompts = [prompts[p] for p in range(P) for _ in range(N)]
+        cands = [texts[p][i] for p in range(P) for i in range(N)]
+        baselines = [texts[p][N] for p in range(P) for _ in range(N)]
+        rewards_PN = np.asarray(
+            sampling.score_pairwise(
+                proxy.model,
+                proxy.params,
+                tokenizer,
+                flat_prompts,
+                cands,
+                baselines,
+                layout=proxy.layout,
+                batch_size=cfg.train.eval_batch_size,
+            )  # fmt: skip
+        ).reshape(P, N)
+        tokens_PNT, lengths_PN, logps_PN = tokens_PNT[:, :N], lengths_PN[:, :N], logps_PN[:, :N]
+    result = dict(
+        prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens_PNT,
+        lengths=lengths_PN, logps=logps_PN, rewards=rewards_PN.astype(np.float32),
+    )  # fmt: skip
+    if common.is_main():
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        np.savez(out_path + ".tmp.npz", **result)
+        os.replace(out_path + ".tmp.npz", out_path)
+    return result
+
+
+def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: int):
+    """Accepted (or plain) samples → ranked pairs as a `TokenizedPreference` of the sampled token ids.
+
+    Returns:
+      (pairs, stats): the tokenised pairs and a dict of counts.
+    """
+    rewards_PN = cand["rewards"]
+    P, N = rewards_PN.shape
+    rank = rejection.first_round_rank if rso.ranking == "first_round" else rejection.tournament_rank
+    if rso.pairs == "rso":
+        accepted_PM = rejection.rejection_sample(
+            rewards=rewards_PN, num_accept=rso.num_accepted, beta=rso.beta, seed=seed
+        )
+    else:  # sft_sample_rank: M of the SFT samples as they came, no rejection
+        accepted_PM = np.stack(
+            [np.random.default_rng([seed, p]).permutation(N)[: rso.num_accepted] for p in range(P)]
+        )
+    pairs_PB = rank(rewards=rewards_PN, samples=accepted_PM, seed=seed + 1)
+    prompt_ids, chosen_ids, rejected_ids = [], [], []
+    for p, b in zip(*np.nonzero(pairs_PB.valid_PB), strict=True):  # pairs with a reward tie are dropped
+        c, r = pairs_PB.chosen_PB[p, b], pairs_PB.rejected_PB[p, b]
+        prompt_ids.append(cand["prompt_tokens"][p, : cand["prompt_lengths"][p]])
+        chosen_ids.append(cand["tokens"][p, c, : cand["lengths"][p, c]])
+        rejected_ids.append(cand["tokens"][p, r, : cand["lengths"][p, r]])
+    pairs = pipeline.TokenizedPreference(
+        prompt_ids, chosen_ids, rejected_ids, np.ones(len(prompt_ids), np.float32), pad_id, max_len
+    )
+    valid = pairs_PB.valid_PB
+    chosen_r = np.take_along_axis(rewards_PN, pairs_PB.chosen_PB, 1)[valid]
+    rejected_r = np.take_along_axis(rewards_PN, pairs_PB.rejected_PB, 1)[valid]
+    stats = {
+        "prompts": P,
+        "candidates_per_prompt": N,
+        "accepted_per_prompt": rso.num_accepted,
+        "pairs": len(prompt_ids),
+        "mean_candidate_reward": float(rewards_PN.mean()),
+        "mean_accepted_reward": float(np.take_along_axis(rewards_PN, accepted_PM, 1).mean()),
+        "tied_pairs_dropped": int((~valid).sum()),
+        "mean_chosen_reward": float(chosen_r.mean()) if len(chosen_r) else None,
+        "mean_rejected_reward": float(rejected_r.mean()) if len(rejected_r) else None,
+    }
+    return pairs, stats
+
+
+def _write_pairs(path: str, pairs: pipeline.TokenizedPreference, tokenizer, stats: dict) -> None:
+    if not common.is_main():
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = lambda ids: tokenizer.decode(
+        [int(t) for t in ids if t not in (tokenizer.eos_id, tokenizer.bos_id)]
+    )
+    with open(path + ".jsonl.tmp", "w", encoding="utf-8") as f:
+        for i in range(len(pairs)):
+            row = {
+                "prompt": text(pairs.prompt_ids[i]),
+                "chosen": text(pairs.chosen_ids[i]),
+                "rejected": text(pairs.rejected_ids[i]),
+            }
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".jsonl.tmp", path + ".jsonl")
+    common.write_json(os.path.join(os.path.dirname(path), "stats.json"), stats)
+
+
+def run(
+    *,
+    sft_cfg: StageConfig,
+    rm_cfg: StageConfig,
+    policy_cfg: StageConfig,
+    rso: RSOConfig,
+    eval_config: evaluation.EvalConfig,
+    workdir: str,
+) -> dict:
+    """Runs (or resumes) the whole RSO pipeline in `workdir`; returns and writes `results.json`."""
+    start = time.perf_counter()
+    sft_dir, rm_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
+    title = f"RSO on {policy_cfg.data.task}: {rso.pairs}/{rso.ranking}/{policy_cfg.loss.name}"
+    if common.stage_done(os.path.join(workdir, "policy")) and os.path.exists(
+        os.path.join(workdir, "results.json")
+    ):
+        results = common.read_results(workdir)  # finished earlier: report, do not redo or re-time
+        if common.is_main():
+            print("\n" + evaluation.format_table(results, title))
+        return results
+    sft.run(sft_cfg, sft_dir, name="sft")
+    reward.run(dataclasses.replace(rm_cfg, init_from=sft_dir), rm_dir, kind=rso.reward_kind, name="rm")
+
+    train_data = None
+    pair_stats: dict = {"pairs": "direct (human preference pairs)"}
+    if rso.pairs != "direct":
+        cand_path = os.path.join(workdir, "samples", "candidates.npz")
+        if os.path.exists(cand_path):
+            cand = dict(np.load(cand_path))
+        else:
+            t0 = time.perf_counter()
+            cand = sample_candidates(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir, out_path=cand_path)
+            log.info("sampled %s candidates in %.1fs", cand["tokens"].shape[:2], time.perf_counter() - t0)
+        tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+        train_data, pair_stats = build_pairs(
+            cand, rso, seed=policy_cfg.seed, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len
+        )
+        _write_pairs(os.path.join(workdir, "pairs", "pairs"), train_data, tokenizer, pair_stats)
+
+    results = preference.run(
+        dataclasses.replace(policy_cfg, init_from=sft_dir), os.path.join(workdir, "policy"), name="policy",
+        train_data=train_data, eval_config=eval_config, proxy_dir=rm_dir,
+    )  # fmt: skip
+    results = {
+        **{k: results.get(k) for k in evaluation.RESULT_KEYS},
+        **results,
+        "method": f"{rso.pairs}/{rso.ranking}/{policy_cfg.loss.name}",
+        "rso": dataclasses.asdict(rso),
+        "pair_stats": pair_stats,
+        "sft": common.read_results(sft_dir),
+        "reward_model": common.read_results(rm_dir),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    common.write_json(os.path.join(workdir, "results.json"), results)
+    if common.is_main():
+        print("\n" + evaluation.format_table(results, title))
+    return results

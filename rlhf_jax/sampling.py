@@ -1,0 +1,547 @@
+"""Batch sampling from the KV-cached policy, samples as training rows, and reward scoring.
+
+    policy = sampling.SamplingConfig(max_new_tokens=64, temperature=0.7, top_k=40)   # RSO's setting
+    out = sampling.sample(model, params, prompt_tokens_PT, prompt_lengths_P, config=policy,
+                          num_samples=8, rng=jax.random.key(0), eos_id=tok.eos_id, pad_id=tok.pad_id)
+    out.tokens_PNT        # [P, N, T] completions, T = max_new_tokens, PAD after EOS
+    batch = sampling.completions_to_batch(prompt_tokens_PT, prompt_lengths_P, out.tokens_PNT,
+                                          out.lengths_PN, pad_id=tok.pad_id)   # P*N rows, (p, n) order
+
+Decoding is one jitted function: each prompt is prefilled once, its cache repeated N times, and a
+`lax.while_loop` of `models.decode_step` runs over an explicit `SamplerState` until every row has
+emitted EOS or `max_new_tokens` tokens are out. Rows are (prompt, sample) pairs in p-major order.
+
+Randomness: sample n of the prompt with id p uses the key fold_in(fold_in(rng, p), n), and its step t
+fold_in(that, t), so what a prompt gets depends on neither its batch, its row nor the mesh.
+
+Log-probs: `logps_PN` is log π(y | x) under the model's own distribution (untempered, untruncated),
+summed over the completion tokens including EOS: the trainer's `steps.sequence_logps` of the rows that
+`completions_to_batch` builds, up to float32 reduction order (tests/test_sampling.py states the
+tolerance). `sampling_logps_PN` is the log-prob under the distribution actually sampled from (after
+temperature, top-k and top-p; 0 for greedy decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from rlhf_jax import models, sharding
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import records as rec
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """A sampling policy: greedy, or temperature with optional top-k and top-p (nucleus) truncation.
+
+    Attributes:
+      max_new_tokens: the most tokens generated per sample (EOS included).
+      temperature: logits are divided by it before sampling (> 0).
+      top_k: sample among the k most likely tokens only; 0 = no limit.
+      top_p: sample from the smallest set of most likely tokens whose (tempered) mass reaches top_p;
+        1.0 = no limit. Applied after top-k.
+      greedy: take the most likely token (temperature, top_k and top_p are ignored).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be > 0 (greedy=True)")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k} must be >= 0 (0 = no limit)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1]")
+
+    def next_token(self, logits_BV: jax.Array, keys_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Draws one token per row.
+
+        Args:
+          logits_BV: float32 next-token logits.
+          keys_B: one PRNG key per row; row b's draw depends only on keys_B[b] and logits_BV[b].
+
+        Returns:
+          (tokens_B, logps_B, sampling_logps_B): int32 tokens, their log-probs under softmax(logits)
+          (the model's distribution) and under the distribution sampled from.
+        """
+        logits_BV = logits_BV.astype(jnp.float32)
+        if self.greedy:
+            tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+            sampling_logps_B = jnp.zeros(tokens_B.shape, jnp.float32)
+        else:
+            scaled_BV = logits_BV / self.temperature
+            V = scaled_BV.shape[-1]
+            k = min(self.top_k or V, V)
+            if k < V or self.top_p < 1:
+                # C: candidate tokens, sorted by probability (the top k, or all V for top-p alone).
+                cand_BC, index_BC = jax.lax.top_k(scaled_BV, k)
+            else:
+                cand_BC, index_BC = scaled_BV, None
+            if self.top_p < 1:
+                probs_BC = jax.nn.softmax(cand_BC, axis=-1)
+                mass_before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
+                cand_BC = jnp.where(mass_before_BC < self.top_p, cand_BC, -jnp.inf)
+            choice_B = jax.vmap(jax.random.categorical)(keys_B, cand_BC).astype(jnp.int32)
+            sampling_logps_B = _take(jax.nn.log_softmax(cand_BC, axis=-1), choice_B)
+            tokens_B = choice_B if index_BC is None else _take(index_BC, choice_B)
+        return tokens_B, log_prob(logits_BV, tokens_B), sampling_logps_B
+
+
+def log_prob(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+    """log softmax(logits)[token], as the trainer computes it: logit - (max + log Σ exp(logit - max))."""
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    lse_B = max_B1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
+    return _take(logits_BV, tokens_B) - lse_B
+
+
+def _take(x_BV: jax.Array, index_B: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x_BV, index_B[:, None], axis=-1)[:, 0]
+
+
+class SamplerState(NamedTuple):
+    """Everything the decode loop carries; rows are (prompt, sample) pairs.
+
+    Attributes:
+      step: int32 scalar, tokens chosen so far (the next one is written at column `step`).
+      tokens_BT: int32 [B, max_new_tokens] chosen tokens, PAD after EOS and beyond `step`.
+      done_B: row has emitted EOS.
+      lengths_B: int32 tokens chosen per row, EOS included.
+      logps_B: float32 summed log-probs under the model's distribution.
+      sampling_logps_B: float32 summed log-probs under the sampling distribution.
+      keys_B: per-row PRNG keys (step t draws with fold_in(key, t)).
+      cache: the KV cache, holding prompt and chosen tokens up to `step - 1`.
+    """
+
+    step: jax.Array
+    tokens_BT: jax.Array  # noqa: N815 (shape-suffixed names, see rlhf_jax/__init__.py)
+    done_B: jax.Array  # noqa: N815
+    lengths_B: jax.Array  # noqa: N815
+    logps_B: jax.Array  # noqa: N815
+    sampling_logps_B: jax.Array  # noqa: N815
+    keys_B: jax.Array  # noqa: N815
+    cache: models.KVCache
+
+
+def init_state(keys_B: jax.Array, cache: models.KVCache, max_new_tokens: int, pad_id: int) -> SamplerState:
+    """A state with nothing chosen yet, over a prefilled cache."""
+    B = keys_B.shape[0]
+    zeros_B = jnp.zeros((B,), jnp.float32)
+    return SamplerState(
+        step=jnp.zeros((), jnp.int32),
+        tokens_BT=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+        done_B=jnp.zeros((B,), bool),
+        lengths_B=jnp.zeros((B,), jnp.int32),
+        logps_B=zeros_B,
+        sampling_logps_B=zeros_B,
+        keys_B=keys_B,
+        cache=cache,
+    )
+
+
+def choose(
+    state: SamplerState,
+    logits_BV: jax.Array,
+    *,
+    config: SamplingConfig,
+    eos_id: int | jax.Array | None,
+    pad_id: int,
+) -> SamplerState:
+    """Draws the token at column `state.step` from `logits_BV`; rows already done get PAD.
+
+    Args:
+      state: the current state.
+      logits_BV: next-token logits of every row.
+      config: the sampling policy.
+      eos_id: the token that ends a sample, or None to always generate `max_new_tokens`.
+      pad_id: the filler after EOS.
+
+    Returns:
+      The state one step on (the cache is untouched).
+    """
+    keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
+    tokens_B, logps_B, sampling_logps_B = config.next_token(logits_BV, keys_B)
+    live_B = ~state.done_B
+    tokens_B = jnp.where(live_B, tokens_B, pad_id)
+    done_B = state.done_B if eos_id is None else state.done_B | (tokens_B == eos_id)
+    return state._replace(
+        step=state.step + 1,
+        tokens_BT=jax.lax.dynamic_update_slice(state.tokens_BT, tokens_B[:, None], (0, state.step)),
+        done_B=done_B,
+        lengths_B=state.lengths_B + live_B,
+        logps_B=state.logps_B + jnp.where(live_B, logps_B, 0.0),
+        sampling_logps_B=state.sampling_logps_B + jnp.where(live_B, sampling_logps_B, 0.0),
+    )
+
+
+def decode(
+    model: nn.Module,
+    params,
+    state: SamplerState,
+    *,
+    config: SamplingConfig,
+    eos_id: int | jax.Array | None,
+    pad_id: int,
+) -> SamplerState:
+    """Feeds the last chosen token and draws the next until every row is done or the buffer is full.
+
+    Args:
+      model: a `Transformer`.
+      params: its parameters.
+      state: a state with at least one token chosen (`choose` on the prefill logits).
+      config: the sampling policy.
+      eos_id: the token that ends a sample, or None (no early stop).
+      pad_id: the filler after EOS.
+
+    Returns:
+      The final state.
+    """
+
+    def not_finished(s: SamplerState) -> jax.Array:
+        return (s.step < config.max_new_tokens) & ~jnp.all(s.done_B)
+
+    def one_step(s: SamplerState) -> SamplerState:
+        last_B = jax.lax.dynamic_index_in_dim(s.tokens_BT, s.step - 1, axis=1, keepdims=False)
+        logits_BV, cache = models.decode_step(model, params, last_B, s.cache)
+        return choose(s._replace(cache=cache), logits_BV, config=config, eos_id=eos_id, pad_id=pad_id)
+
+    return jax.lax.while_loop(not_finished, one_step, state)
+
+
+class SampleOutput(NamedTuple):
+    """Samples of P prompts, N each, as host numpy arrays.
+
+    Attributes:
+      tokens_PNT: int32 [P, N, max_new_tokens] completion tokens (EOS included), PAD after EOS.
+      lengths_PN: int32 completion lengths, EOS included.
+      logps_PN: float32 log π(completion | prompt) under the model's untempered distribution.
+      sampling_logps_PN: float32 log-prob under the sampling distribution (tempered, truncated).
+      finished_PN: bool, the sample ended with EOS (else it was cut at max_new_tokens).
+    """
+
+    tokens_PNT: np.ndarray  # noqa: N815
+    lengths_PN: np.ndarray  # noqa: N815
+    logps_PN: np.ndarray  # noqa: N815
+    sampling_logps_PN: np.ndarray  # noqa: N815
+    finished_PN: np.ndarray  # noqa: N815
+
+
+def _generate(
+    params,
+    prompt_tokens_PT,
+    prompt_lengths_P,
+    prompt_ids_P,
+    rng,
+    eos_id,
+    *,
+    model,
+    config,
+    num_samples,
+    pad_id,
+):
+    """The jitted body of `sample`: prefill once per prompt, repeat N times, decode (EOS -1: none)."""
+    P, T = prompt_tokens_PT.shape
+    N = num_samples
+    model, params = _unrolled(model, params)
+    cache = models.init_cache(model.config, P, T + config.max_new_tokens)
+    logits_PV, cache = models.prefill(model, params, prompt_tokens_PT, prompt_lengths_P, cache)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache)  # every sample of a prompt
+    if model.mesh is not None:
+        shardings = models.cache_shardings(model.mesh, model.rules, model.config)
+        cache = jax.lax.with_sharding_constraint(cache, shardings)
+    prompt_keys_P = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, prompt_ids_P)
+    keys_PN = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))(
+        prompt_keys_P, jnp.arange(N, dtype=jnp.int32)
+    )
+    state = init_state(keys_PN.reshape(P * N), cache, config.max_new_tokens, pad_id)
+    kwargs = dict(config=config, eos_id=eos_id, pad_id=pad_id)
+    state = choose(state, jnp.repeat(logits_PV, N, axis=0), **kwargs)
+    state = decode(model, params, state, **kwargs)
+    return state.tokens_BT, state.lengths_B, state.logps_B, state.sampling_logps_B, state.done_B
+
+
+def _unrolled(model: nn.Module, params) -> tuple[nn.Module, object]:
+    """The model with unrolled layers and its params: its cache is one buffer per layer, which each decode
+    step updates in place (a stacked cache goes through the layer scan and is copied at every step)."""
+    if not model.config.scan_layers:
+        return model, params
+    config = dataclasses.replace(model.config, scan_layers=False)
+    return model.clone(config=config), models.unstack_layers(params, config.num_layers)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_generate(model, config, num_samples, pad_id):
+    fn = functools.partial(_generate, model=model, config=config, num_samples=num_samples, pad_id=pad_id)
+    return jax.jit(fn)
+
+
+def sample(
+    model: nn.Module,
+    params,
+    prompt_tokens_PT,
+    prompt_lengths_P,
+    *,
+    config: SamplingConfig,
+    num_samples: int,
+    rng: jax.Array,
+    eos_id: int | None,
+    pad_id: int,
+    prompt_ids=None,
+) -> SampleOutput:
+    """Samples `num_samples` completions of each prompt (jitted; sharded over `model.mesh` if it has one).
+
+    One compilation per (model, config, num_samples, pad_id) and prompt shape; in a multi-process run
+    every process passes the same prompts and gets all the samples.
+
+    Args:
+      model: a `Transformer`; with a mesh, rows are split over its batch axes (prompts are padded with
+        dummy rows to a multiple of the batch shards, and those rows dropped).
+      params: its parameters (sharded as `models.param_shardings(model)` when there is a mesh).
+      prompt_tokens_PT: int prompts (BOS + prompt) right-padded, e.g. `pipeline` prompt batches.
+      prompt_lengths_P: their true lengths, each >= 1.
+      config: the sampling policy.
+      num_samples: N, samples per prompt.
+      rng: a PRNG key.
+      eos_id: the token that ends a sample; None generates exactly `max_new_tokens` tokens.
+      pad_id: the filler after EOS.
+      prompt_ids: int [P] ids that seed each prompt's samples (default 0 .. P-1); give stable ids
+        (e.g. `example_ids`) for results that do not depend on how prompts are batched.
+
+    Returns:
+      A SampleOutput of host arrays [P, N, ...].
+    """
+    prompt_tokens_PT = np.asarray(prompt_tokens_PT, np.int32)
+    prompt_lengths_P = np.asarray(prompt_lengths_P, np.int32)
+    P, T = prompt_tokens_PT.shape
+    prompt_ids_P = np.arange(P) if prompt_ids is None else np.asarray(prompt_ids)
+    if prompt_lengths_P.shape != (P,) or prompt_ids_P.shape != (P,):
+        raise ValueError(
+            f"prompt_tokens {prompt_tokens_PT.shape} needs prompt_lengths and prompt_ids of shape ({P},), "
+            f"got {prompt_lengths_P.shape} and {prompt_ids_P.shape}"
+        )
+    if P < 1:
+        raise ValueError("sample needs at least one prompt")
+    if prompt_lengths_P.min() < 1 or prompt_lengths_P.max() > T:
+        raise ValueError(
+            f"prompt lengths must be in [1, {T}], got {prompt_lengths_P.min()}..{prompt_lengths_P.max()}"
+        )
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    inputs = [prompt_tokens_PT, prompt_lengths_P, prompt_ids_P.astype(np.int32)]
+    inputs = _pad_rows(inputs, P, model.mesh, model.rules)
+    # EOS is an argument, not a constant, so one compilation serves every EOS id (-1: never stop early).
+    scalars = [rng, np.int32(-1 if eos_id is None else eos_id)]
+    if model.mesh is not None:
+        inputs = jax.device_put(inputs, sharding.batch_sharding(model.mesh, model.rules))
+        scalars = jax.device_put(scalars, sharding.replicated(model.mesh))
+    generate = _jitted_generate(model, config, num_samples, pad_id)
+    outs = [_to_host(x)[: P * num_samples] for x in generate(params, *inputs, *scalars)]
+    tokens, lengths, logps, sampling_logps, done = (x.reshape(P, num_samples, *x.shape[1:]) for x in outs)
+    return SampleOutput(tokens, lengths, logps, sampling_logps, done)
+
+
+def _batch_shards(mesh: Mesh | None, rules) -> int:
+    """How many ways the batch axis is split on `mesh` (1 without one)."""
+    if mesh is None:
+        return 1
+    axes = sharding.batch_sharding(mesh, rules).spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _pad_rows(arrays: list[np.ndarray], rows: int, mesh: Mesh | None, rules) -> list[np.ndarray]:
+    """Pads each array's leading axis to `rows` rounded up to the batch shards, repeating its first row."""
+    shards = _batch_shards(mesh, rules)
+    padded = -(-rows // shards) * shards
+    return [np.concatenate([x, np.repeat(x[:1], padded - len(x), axis=0)]) for x in arrays]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from every process when it spans several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples as training rows, and their rewards.
+
+
+def completions_to_batch(
+    prompt_tokens_PT,
+    prompt_lengths_P,
+    completion_tokens,
+    completion_lengths,
+    *,
+    pad_id: int,
+    max_len: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Rows of prompt + completion in the pipeline's SFT layout (`rlhf_jax.data.pipeline`).
+
+    Args:
+      prompt_tokens_PT: prompts (BOS + prompt) right-padded.
+      prompt_lengths_P: their lengths.
+      completion_tokens: [P, N, Tc] (or [P, Tc]) completions, e.g. `SampleOutput.tokens_PNT`; the EOS,
+        when there is one, is the last of the `completion_lengths` tokens.
+      completion_lengths: [P, N] (or [P]) completion lengths, EOS included.
+      pad_id: the padding id.
+      max_len: the row width; default the prompt width plus the completion width.
+
+    Returns:
+      numpy `tokens`, `targets`, `segment_ids` [P*N, max_len] int32, `loss_mask` [P*N, max_len]
+      float32, `prompt_lengths` and `lengths` [P*N] int32; rows in (p, n) order. Raises ValueError if a
+      row does not fit in `max_len`.
+    """
+    prompts_PT = np.asarray(prompt_tokens_PT, np.int32)
+    completions = np.asarray(completion_tokens, np.int32)
+    P, Tp = prompts_PT.shape
+    N = completions.shape[1] if completions.ndim == 3 else 1
+    completions_BT = completions.reshape(P * N, completions.shape[-1])
+    lengths_B = np.asarray(completion_lengths, np.int32).reshape(P * N)
+    prompt_lengths_B = np.repeat(np.asarray(prompt_lengths_P, np.int32), N)
+    prompts_BT = np.repeat(prompts_PT, N, axis=0)
+    max_len = Tp + completions_BT.shape[1] if max_len is None else max_len
+    total_B = prompt_lengths_B + lengths_B
+    if (total_B > max_len).any():
+        b = int(np.argmax(total_B > max_len))
+        raise ValueError(
+            f"row {b}: prompt {prompt_lengths_B[b]} + completion {lengths_B[b]} > max_len {max_len}"
+        )
+    j_T = np.arange(max_len)[None, :]
+    in_prompt_BT = j_T < prompt_lengths_B[:, None]
+    in_completion_BT = ~in_prompt_BT & (j_T < total_B[:, None])
+    from_prompt_BT = np.take_along_axis(prompts_BT, np.minimum(j_T, Tp - 1).repeat(P * N, 0), axis=1)
+    c_index_BT = np.clip(j_T - prompt_lengths_B[:, None], 0, completions_BT.shape[1] - 1)
+    from_completion_BT = np.take_along_axis(completions_BT, c_index_BT, axis=1)
+    tokens_BT = np.where(in_prompt_BT, from_prompt_BT, np.where(in_completion_BT, from_completion_BT, pad_id))
+    targets_BT = np.full_like(tokens_BT, pad_id)
+    targets_BT[:, :-1] = np.where(j_T[:, 1:] < total_B[:, None], tokens_BT[:, 1:], pad_id)
+    loss_BT = (j_T >= prompt_lengths_B[:, None] - 1) & (j_T < total_B[:, None] - 1)
+    return {
+        "tokens": tokens_BT.astype(np.int32),
+        "targets": targets_BT.astype(np.int32),
+        "loss_mask": loss_BT.astype(np.float32),
+        "segment_ids": (in_prompt_BT | in_completion_BT).astype(np.int32),
+        "prompt_lengths": prompt_lengths_B,
+        "lengths": lengths_B,
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_reward(model: nn.Module):
+    return jax.jit(
+        lambda params, tokens_BT, segment_ids_BT: model.apply({"params": params}, tokens_BT, segment_ids_BT)
+    )
+
+
+def score_pointwise(reward_model: nn.Module, params, batch: dict, *, batch_size: int = 64) -> np.ndarray:
+    """Rewards r(x, y) of pipeline-layout rows (`completions_to_batch`), `batch_size` rows at a time.
+
+    Args:
+      reward_model: a `RewardModel` (it reads each row's last non-padding token); sharded over its mesh.
+      params: its parameters.
+      batch: a dict with `tokens` and `segment_ids` [B, T].
+      batch_size: rows per forward (rounded up to a multiple of the mesh's batch shards).
+
+    Returns:
+      float32 rewards [B] on the host.
+    """
+    tokens_BT = np.asarray(batch["tokens"], np.int32)
+    segment_ids_BT = np.asarray(batch["segment_ids"], np.int32)
+    B = tokens_BT.shape[0]
+    apply = _jitted_reward(reward_model)
+    rewards = []
+    for start in range(0, B, batch_size):
+        chunk = [tokens_BT[start : start + batch_size], segment_ids_BT[start : start + batch_size]]
+        # Every chunk is padded to the same row count, so one compilation serves them all.
+        chunk = _pad_rows(chunk, batch_size, reward_model.mesh, reward_model.rules)
+        if reward_model.mesh is not None:
+            chunk = jax.device_put(chunk, sharding.batch_sharding(reward_model.mesh, reward_model.rules))
+        rewards.append(_to_host(apply(params, *chunk))[: min(batch_size, B - start)])
+    return np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
+
+
+def ranking_batch(
+    tokenizer,
+    prompts: Sequence[str],
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    layout: pipeline.SequenceLayout,
+) -> dict[str, np.ndarray]:
+    """Inputs of RSO's pairwise ranking model: prompt + `format_pair(a, b)`, tokenised as in its training.
+
+    Built with the same `tokenize_sft` call as the ranking-model stage (`rlhf_jax.pipelines.reward`), so
+    the layout, truncation and final EOS (the token whose hidden state the head reads) match.
+
+    Args:
+      tokenizer: the tokenizer (`rlhf_jax.data.tokenizer.Tokenizer`).
+      prompts: prompt texts.
+      responses_a: response A of each row (the one whose preference is scored).
+      responses_b: response B of each row.
+      layout: the sequence shapes of the ranking model's training data.
+
+    Returns:
+      The pipeline's SFT batch dict, one row per prompt, `layout.max_len` wide.
+    """
+    # The template is owned by the ranking-model stage; imported here so that loading this library
+    # module does not load the training stack.
+    from rlhf_jax.pipelines.reward import format_pair
+
+    if not len(prompts) == len(responses_a) == len(responses_b):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} A and {len(responses_b)} B responses")
+    examples = [
+        rec.SFTExample(p, format_pair(a, b))
+        for p, a, b in zip(prompts, responses_a, responses_b, strict=True)
+    ]
+    data = pipeline.tokenize_sft(examples, tokenizer, layout)
+    return data.batch(np.arange(len(examples)), layout.max_len)
+
+
+def score_pairwise(
+    ranking_model: nn.Module,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    baselines: Sequence[str],
+    *,
+    layout: pipeline.SequenceLayout,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """RSO's reward from a pairwise ranking model: r(x, y) = logit P(y ≻ y_b | x).
+
+    Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization", Sec. 3: the
+    pairwise reward-ranking model compares each candidate y (as response A) with a baseline SFT sample
+    y_b (as B) of the same prompt; its output is the logit that A is preferred.
+
+    Args:
+      ranking_model: a `RewardModel` trained as the ranking model (`steps.ranking_objective`).
+      params: its parameters.
+      tokenizer: the tokenizer.
+      prompts: prompt texts, one per candidate.
+      responses: the candidates y.
+      baselines: the baseline y_b of each candidate's prompt.
+      layout: the ranking model's sequence shapes.
+      batch_size: rows per forward.
+
+    Returns:
+      float32 rewards [len(prompts)].
+    """
+    batch = ranking_batch(tokenizer, prompts, responses, baselines, layout)
+    return score_pointwise(ranking_model, params, batch, batch_size=batch_size)
