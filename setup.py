@@ -29,6 +29,10 @@ _TEST = [
     # HuggingFace interop tests compare logits with PyTorch (never imported by the library).
     "torch==2.13.0",
     "transformers>=4.57",
+    # The Colab notebook runs headless in the slow tier.
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
 ]
 
 _BENCH = [

@@ -69,11 +69,14 @@ def build_stages(config):
     from rlhf_jax.pipelines.config import stage_config
 
     stages = {"main": stage_config(config, "train")}
-    if "sft" in config and config.pipeline in ("reward", "preference", "rso"):
+    if "sft" in config and config.pipeline in ("reward", "preference", "rso", "inpo"):
         stages["sft"] = stage_config(config, "sft")
-    if config.pipeline == "rso":
+    if config.pipeline in ("rso", "inpo"):
         stages["rm"] = stage_config(config, "rm")
+    if config.pipeline == "rso":
         stages["rso"] = rso_config(config)
+    if config.pipeline == "inpo":
+        stages["inpo"] = inpo_config(config)
     if "eval" in config:
         stages["eval"] = eval_config(config)
     return stages
@@ -86,6 +89,13 @@ def eval_config(config):
     return EvalConfig(**_fields(EvalConfig, config.eval, "eval"))
 
 
+def inpo_config(config):
+    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.inpo import INPOConfig
+
+    return INPOConfig(**_fields(INPOConfig, config.inpo, "inpo"))
+
+
 def rso_config(config):
     from rlhf_jax.pipelines.config import _fields
     from rlhf_jax.pipelines.rso import RSOConfig
@@ -95,12 +105,17 @@ def rso_config(config):
 
 def run_pipeline(config, workdir: str) -> dict:
     """Runs `config.pipeline` in `workdir` (prerequisite SFT stage in WORKDIR/sft when needed)."""
-    from rlhf_jax.pipelines import preference, reward, rso, sft
+    from rlhf_jax.pipelines import inpo, preference, reward, rso, sft
 
     stages = build_stages(config)
     main = stages["main"]
     if config.pipeline == "sft":
         return sft.run(main, workdir)
+    if config.pipeline == "inpo":
+        return inpo.run(
+            sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, inpo=stages["inpo"],
+            eval_config=stages["eval"], workdir=workdir,
+        )  # fmt: skip
     if config.pipeline == "rso":
         return rso.run(
             sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, rso=stages["rso"],
@@ -114,7 +129,7 @@ def run_pipeline(config, workdir: str) -> dict:
         if config.pipeline == "reward":
             return reward.run(main, workdir, kind=config.get("reward_kind", "pointwise"))
         return preference.run(main, workdir, eval_config=stages.get("eval"))
-    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso")
+    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso, inpo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,12 @@ REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
 def loss_inputs(name: str) -> tuple[str, ...]:
-    """The array inputs the step passes to loss `name` (required ones plus optional lengths)."""
-    return losses.required_inputs(name) + tuple(
-        k for k in losses.optional_inputs(name) if k in ("chosen_lengths", "rejected_lengths")
-    )
+    """The array inputs the step passes to loss `name`: its required ones.
+
+    Optional inputs are not passed: `ipo` then regresses the summed log-ratio margin as in the paper
+    (Azar et al. 2023), not TRL's per-token variant (call `losses.ipo` with lengths for that).
+    """
+    return losses.required_inputs(name)
 
 
 def compute_pair_logps(model, params, data, *, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,19 +53,41 @@ def compute_pair_logps(model, params, data, *, mesh, batch_size: int) -> tuple[n
     return chosen, rejected
 
 
-def with_reference(chosen_N: np.ndarray, rejected_N: np.ndarray):
-    """A batch transform adding precomputed reference log-probs by example id (0 on padding rows)."""
+def with_logps(prefix: str, chosen_N: np.ndarray, rejected_N: np.ndarray):
+    """A batch transform adding precomputed `{prefix}_chosen_logps` / `{prefix}_rejected_logps` looked up
+    by example id (0 on padding rows)."""
 
     def transform(batch: dict) -> dict:
         ids = batch["example_ids"]
         safe = np.maximum(ids, 0)
         return {
             **batch,
-            "reference_chosen_logps": np.where(ids >= 0, chosen_N[safe], 0.0).astype(np.float32),
-            "reference_rejected_logps": np.where(ids >= 0, rejected_N[safe], 0.0).astype(np.float32),
+            f"{prefix}_chosen_logps": np.where(ids >= 0, chosen_N[safe], 0.0).astype(np.float32),
+            f"{prefix}_rejected_logps": np.where(ids >= 0, rejected_N[safe], 0.0).astype(np.float32),
         }
 
     return transform
+
+
+def precomputed_logps(path: str, model, params, data, *, mesh, batch_size: int):
+    """`compute_pair_logps`, cached in `path` (npz, written atomically) so a resumed run reuses it."""
+    if os.path.exists(path):
+        saved = np.load(path)
+        return saved["chosen"], saved["rejected"]
+    chosen, rejected = compute_pair_logps(model, params, data, mesh=mesh, batch_size=batch_size)
+    if common.is_main():
+        np.savez(path + ".tmp.npz", chosen=chosen, rejected=rejected)
+        os.replace(path + ".tmp.npz", path)
+    return chosen, rejected
+
+
+def _compose(transforms):
+    def transform(batch):
+        for t in transforms:
+            batch = t(batch)
+        return batch
+
+    return transform if transforms else None
 
 
 def run(
@@ -74,6 +98,8 @@ def run(
     train_data: pipeline.TokenizedPreference | None = None,
     eval_config: evaluation.EvalConfig | None = None,
     proxy_dir: str = "",
+    reference_from: str = "",
+    previous_from: str = "",
 ) -> dict:
     """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics.
 
@@ -85,6 +111,10 @@ def run(
       eval_config: if given, also sample from the policy and the SFT policy on held-out prompts and
         report win rates (`rlhf_jax.pipelines.evaluation`).
       proxy_dir: a reward- or ranking-model stage's workdir, the proxy judge of that evaluation.
+      reference_from: the workdir whose final params are the frozen reference (default `cfg.init_from`;
+        iterative methods start the policy from the previous iterate but keep the SFT reference).
+      previous_from: the workdir of INPO's previous iterate π_t; its log-probs of the training pairs
+        are precomputed once (`previous_logps.npz`) and fed to the loss as `previous_*_logps`.
     """
     if not cfg.init_from:
         raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
@@ -108,8 +138,11 @@ def run(
     # Model, reference and optimizer.
     model_cfg = common.model_config(cfg, tokenizer)
     model = models.Transformer(model_cfg, mesh=mesh)
-    reference = common.init_lm_params(model, cfg, jax.random.key(cfg.seed))
-    policy = jax.tree.map(lambda x: x.copy(), reference)
+    policy = common.init_lm_params(model, cfg, jax.random.key(cfg.seed))
+    if reference_from and os.path.abspath(reference_from) != os.path.abspath(cfg.init_from):
+        reference = common.load_params(reference_from, policy)
+    else:
+        reference = jax.tree.map(lambda x: x.copy(), policy)
     objective = functools.partial(
         steps.preference_objective, model=model, loss_fn=cfg.loss.make(),
         loss_inputs=loss_inputs(cfg.loss.name), metric_beta=cfg.loss.metric_beta(),
@@ -121,20 +154,25 @@ def run(
         weight_fn=steps.pair_weight, frozen_shardings=None if precomputed else param_sh,
     )  # fmt: skip
     common.log_startup(f"{name} ({cfg.loss.name})", mesh, model_cfg, cfg.train.batch_size, task.stats)
-    transform, frozen = None, reference
+    transforms, frozen = [], reference
+    kw = dict(mesh=mesh, batch_size=cfg.train.eval_batch_size)
     if precomputed:
         path = os.path.join(workdir, "reference_logps.npz")
-        if os.path.exists(path):
-            saved = np.load(path)
-            ref_c, ref_r = saved["chosen"], saved["rejected"]
-        else:
-            ref_c, ref_r = compute_pair_logps(
-                model, reference, train_data, mesh=mesh, batch_size=cfg.train.eval_batch_size
-            )
-            if common.is_main():
-                np.savez(path + ".tmp.npz", chosen=ref_c, rejected=ref_r)
-                os.replace(path + ".tmp.npz", path)
-        transform, frozen = with_reference(ref_c, ref_r), None
+        transforms.append(
+            with_logps("reference", *precomputed_logps(path, model, reference, train_data, **kw))
+        )
+        frozen = None
+    eval_transform = None
+    if previous_from:
+        previous = common.load_params(previous_from, policy)
+        path = os.path.join(workdir, "previous_logps.npz")
+        transforms.append(with_logps("previous", *precomputed_logps(path, model, previous, train_data, **kw)))
+        path = os.path.join(workdir, "eval_previous_logps.npz")
+        eval_transform = with_logps("previous", *precomputed_logps(path, model, previous, eval_data, **kw))
+        del previous
+    elif any(k.startswith("previous_") for k in loss_inputs(cfg.loss.name)):
+        raise ValueError(f"loss {cfg.loss.name!r} needs the previous iterate's log-probs: give previous_from")
+    transform = _compose(transforms)
 
     # Restore.
     ckpt = Checkpointer(
@@ -160,7 +198,9 @@ def run(
         lambda b: steps.eval_sums(state.params, b, reference, objective=objective),
         out_shardings=sharding.replicated(mesh),
     )
-    ev = common.evaluate(eval_fn, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size)
+    ev = common.evaluate(
+        eval_fn, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size, transform=eval_transform
+    )
     results = {
         "stage": name,
         "loss_name": cfg.loss.name,

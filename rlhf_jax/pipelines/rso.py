@@ -15,7 +15,8 @@ and `results.json` / the printed table at the top. `pairs="direct"` skips sample
 on the human preference pairs (the paper's "direct" baseline).
 
 With a pairwise ranking model, a candidate's reward is RSO's r(x, y) = logit P(y ≻ y_b) against a
-baseline SFT sample y_b of the same prompt (one extra sample per prompt).
+baseline SFT sample y_b of the same prompt (one extra sample per prompt), averaged over both A/B orders
+of the ranking model's input to cancel its position bias.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ import logging
 import os
 import time
 
-import jax
 import numpy as np
 
-from rlhf_jax import models, rejection, sampling, sharding
+from rlhf_jax import rejection, sampling, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import common, evaluation, preference, reward, sft
+from rlhf_jax.pipelines import candidates, common, evaluation, preference, reward, sft
 from rlhf_jax.pipelines.config import StageConfig
 
 log = logging.getLogger("rlhf_jax")
@@ -96,63 +96,32 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
     mesh = sharding.make_mesh(cfg.mesh)
     task = common.load_task(cfg.data, cfg.seed)
     tokenizer = common.tokenizer_for(cfg.data, task, os.path.dirname(out_path), sft_dir, cfg.init_from_hf)
-    prompts = list(dict.fromkeys(p.prompt for p in task.preference))
-    order = np.random.default_rng([cfg.seed, 5]).permutation(len(prompts))
-    if rso.num_prompts:
-        order = order[: rso.num_prompts]
-    prompts = [prompts[i] for i in order]
-    tokenized = pipeline.tokenize_prompts(prompts, tokenizer, cfg.data.max_prompt_len)
-    pb = tokenized.batch(np.arange(len(prompts)), cfg.data.max_prompt_len)
-
-    saved = common.load_model_json(sft_dir)
-    saved.pop("kind")
-    lm = models.Transformer(models.ModelConfig(**saved), mesh=mesh)
-    sft_params = common.load_params(sft_dir, models.init_params(lm, jax.random.key(0)))
-    extra = 1 if rso.reward_kind == "pairwise" else 0
-    n = rso.num_candidates + extra
-    chunk = max(1, 2048 // n)  # prompts per sampler call: bounded memory, one compiled shape
-    tokens, lengths, logps = [], [], []
-    for start in range(0, len(prompts), chunk):
-        ids = np.arange(start, min(start + chunk, len(prompts)))
-        rows = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])  # pad the last chunk
-        out = sampling.sample(
-            lm, sft_params, pb["prompt_tokens"][rows], pb["prompt_lengths"][rows],
-            config=_sampling_config(rso), num_samples=n, rng=jax.random.key(cfg.seed + 17),
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=rows,
-        )  # fmt: skip
-        k = len(ids)
-        tokens.append(out.tokens_PNT[:k])
-        lengths.append(out.lengths_PN[:k])
-        logps.append(out.logps_PN[:k])
-    tokens_PNT, lengths_PN, logps_PN = map(np.concatenate, (tokens, lengths, logps))
+    prompts, pb = candidates.training_prompts(cfg, task, tokenizer, rso.num_prompts)
+    lm, sft_params = candidates.load_lm(sft_dir, mesh)
+    N = rso.num_candidates
+    n = N + (1 if rso.reward_kind == "pairwise" else 0)  # + the baseline sample y_b
+    tokens_PNT, lengths_PN, logps_PN = candidates.draw(
+        lm,
+        sft_params,
+        pb,
+        num_samples=n,
+        config=_sampling_config(rso),
+        seed=cfg.seed + 17,
+        tokenizer=tokenizer,
+    )
     P = len(prompts)
-
     proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    bs = cfg.train.eval_batch_size
     if proxy.kind == "pointwise":
-        rows = sampling.completions_to_batch(
-            pb["prompt_tokens"], pb["prompt_lengths"], tokens_PNT, lengths_PN, pad_id=tokenizer.pad_id
-        )
-        rewards_PN = sampling.score_pointwise(
-            proxy.model, proxy.params, rows, batch_size=cfg.train.eval_batch_size
-        ).reshape(P, n)
-    else:
+        rewards_PN = candidates.pointwise_rewards(proxy, pb, tokens_PNT, lengths_PN, pad_id=tokenizer.pad_id,
+                                                  batch_size=bs)  # fmt: skip
+    else:  # RSO's r(x, y) = logit P(y ≻ y_b) against the baseline sample y_b
         texts = evaluation.decode_completions(tokenizer, tokens_PNT, lengths_PN)
-        N = rso.num_candidates
         flat_prompts = [prompts[p] for p in range(P) for _ in range(N)]
         cands = [texts[p][i] for p in range(P) for i in range(N)]
         baselines = [texts[p][N] for p in range(P) for _ in range(N)]
-        rewards_PN = np.asarray(
-            sampling.score_pairwise(
-                proxy.model,
-                proxy.params,
-                tokenizer,
-                flat_prompts,
-                cands,
-                baselines,
-                layout=proxy.layout,
-                batch_size=cfg.train.eval_batch_size,
-            )  # fmt: skip
-        ).reshape(P, N)
+        rewards_PN = candidates.pairwise_logits(proxy, tokenizer, flat_prompts, cands, baselines,
+                                                batch_size=bs).reshape(P, N)  # fmt: skip
         tokens_PNT, lengths_PN, logps_PN = tokens_PNT[:, :N], lengths_PN[:, :N], logps_PN[:, :N]
     result = dict(
         prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens_PNT,

@@ -1,0 +1,246 @@
+"""Iterative Nash Policy Optimization (INPO), online: sample from π_t, label with an oracle, train π_{t+1}.
+
+Zhang et al. 2024, "Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via
+No-Regret Learning", Algorithm 1. π_1 = π_ref = the SFT policy; for t = 1..T:
+
+  1. sample K responses per training prompt from π_t;
+  2. label pairs with the preference oracle:
+     * a reward model: the best of the K (chosen) against the worst (rejected), one pair per prompt;
+     * a pairwise preference (ranking) model: a single-elimination tournament over the K gives the
+       winner, a tournament of losers the loser, and the pair is kept only if the final check
+       P(winner ≻ loser) > 1/2 holds (both A/B orders averaged);
+  3. train π_{t+1}, starting from π_t, with `losses.inpo(η, τ)` against π_ref, feeding the log-probs of
+     the frozen previous iterate π_t (precomputed once per iteration, `previous_logps.npz`);
+  4. evaluate π_{t+1} against the SFT policy (win rates by gold and proxy reward).
+
+Each iteration lives in WORKDIR/iter_{t}/ (samples.npz, pairs.jsonl, policy/) and is skipped when done,
+so a rerun resumes at the iteration it stopped in. The same loop runs iterative DPO (`loss.name=dpo`,
+with `reference="previous"`: each iteration's reference is π_t) for the `inpo_iters` study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from rlhf_jax import sampling, sharding
+from rlhf_jax.data import pipeline
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.pipelines import candidates, common, evaluation, preference, reward, sft
+from rlhf_jax.pipelines.config import StageConfig
+
+log = logging.getLogger("rlhf_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class INPOConfig:
+    """Attributes:
+    iterations: T (paper: 3).
+    num_samples: K responses per prompt from π_t (paper: 8).
+    num_prompts: training prompts per iteration (0 = all distinct prompts of the preference split).
+    oracle: "pointwise" (reward model, best vs worst) or "pairwise" (ranking-model tournament).
+    reference: "sft" (INPO: π_ref fixed) or "previous" (iterative DPO: the reference is π_t).
+    temperature, top_k, max_new_tokens: the sampling policy for π_t's responses.
+    """
+
+    iterations: int = 3
+    num_samples: int = 8
+    num_prompts: int = 0
+    oracle: str = "pointwise"
+    reference: str = "sft"
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.num_samples < 2:
+            raise ValueError(
+                f"inpo.iterations={self.iterations} must be >= 1, num_samples={self.num_samples} >= 2"
+            )
+        if self.oracle not in ("pointwise", "pairwise"):
+            raise ValueError(f"inpo.oracle must be pointwise or pairwise, got {self.oracle!r}")
+        if self.reference not in ("sft", "previous"):
+            raise ValueError(f"inpo.reference must be sft or previous, got {self.reference!r}")
+
+
+def _tournament(logit_fn, K: int, P: int, *, best: bool) -> np.ndarray:
+    """Single elimination over K players per prompt; `logit_fn(a_idx [P, B], b_idx) -> logit P(a ≻ b)`.
+
+    Returns the champion [P] (the best, or with best=False the worst: the loser advances).
+    """
+    players = np.tile(np.arange(K), (P, 1))
+    while players.shape[1] > 1:
+        B = players.shape[1] // 2
+        a, b = players[:, 0 : 2 * B : 2], players[:, 1 : 2 * B : 2]
+        a_wins = logit_fn(a, b) >= 0
+        advance = np.where(a_wins == best, a, b)
+        players = np.concatenate([advance, players[:, 2 * B :]], axis=1)
+    return players[:, 0]
+
+
+def label_pairs(cand: dict, oracle: str, *, proxy, tokenizer, prompts, batch_size: int):
+    """(chosen_P, rejected_P, keep_P) candidate indices per prompt by the oracle (module docstring)."""
+    tokens, lengths = cand["tokens"], cand["lengths"]
+    P, K = lengths.shape
+    if oracle == "pointwise":
+        r = candidates.pointwise_rewards(
+            proxy, cand, tokens, lengths, pad_id=tokenizer.pad_id, batch_size=batch_size
+        )
+        chosen, rejected = r.argmax(axis=1), r.argmin(axis=1)
+        return chosen, rejected, r.max(axis=1) > r.min(axis=1)
+    texts = evaluation.decode_completions(tokenizer, tokens, lengths)
+
+    def logit_fn(a, b):
+        flat_p = [prompts[p] for p in range(P) for _ in range(a.shape[1])]
+        ta = [texts[p][i] for p in range(P) for i in a[p]]
+        tb = [texts[p][i] for p in range(P) for i in b[p]]
+        return candidates.pairwise_logits(proxy, tokenizer, flat_p, ta, tb, batch_size=batch_size).reshape(
+            a.shape
+        )
+
+    winner = _tournament(logit_fn, K, P, best=True)
+    loser = _tournament(logit_fn, K, P, best=False)
+    final = logit_fn(winner[:, None], loser[:, None])[:, 0]
+    return winner, loser, (final > 0) & (winner != loser)
+
+
+def _iteration(
+    t: int,
+    *,
+    policy_cfg: StageConfig,
+    inpo: INPOConfig,
+    sft_dir: str,
+    rm_dir: str,
+    prev_dir: str,
+    it_dir: str,
+    eval_config: evaluation.EvalConfig,
+) -> dict:
+    """One INPO iteration in `it_dir`: sample from π_t (`prev_dir`), label, train, evaluate."""
+    os.makedirs(it_dir, exist_ok=True)
+    cand_path = os.path.join(it_dir, "samples.npz")
+    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    cfg = policy_cfg
+    if os.path.exists(cand_path):
+        cand = dict(np.load(cand_path))
+    else:
+        mesh = sharding.make_mesh(cfg.mesh)
+        task = common.load_task(cfg.data, cfg.seed)
+        prompts, pb = candidates.training_prompts(cfg, task, tokenizer, inpo.num_prompts, salt=100 + t)
+        lm, params = candidates.load_lm(prev_dir, mesh)
+        config = sampling.SamplingConfig(
+            max_new_tokens=inpo.max_new_tokens, temperature=inpo.temperature, top_k=inpo.top_k
+        )
+        tokens, lengths, _ = candidates.draw(
+            lm,
+            params,
+            pb,
+            num_samples=inpo.num_samples,
+            config=config,
+            seed=cfg.seed * 1000 + t,
+            tokenizer=tokenizer,
+        )
+        cand = dict(
+            prompt_tokens=pb["prompt_tokens"],
+            prompt_lengths=pb["prompt_lengths"],
+            tokens=tokens,
+            lengths=lengths,
+        )
+        proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+        chosen, rejected, keep = label_pairs(
+            cand,
+            inpo.oracle,
+            proxy=proxy,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        cand.update(chosen=chosen, rejected=rejected, keep=keep)
+        if common.is_main():
+            np.savez(cand_path + ".tmp.npz", **cand)
+            os.replace(cand_path + ".tmp.npz", cand_path)
+    idx = np.nonzero(cand["keep"])[0]
+    tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
+    pairs = pipeline.TokenizedPreference(
+        [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in idx],
+        [tok(p, cand["chosen"][p]) for p in idx],
+        [tok(p, cand["rejected"][p]) for p in idx],
+        np.ones(len(idx), np.float32), tokenizer.pad_id, cfg.data.max_len,
+    )  # fmt: skip
+    if common.is_main():
+        text = lambda ids: tokenizer.decode(
+            [int(x) for x in ids if x not in (tokenizer.eos_id, tokenizer.bos_id)]
+        )
+        with open(os.path.join(it_dir, "pairs.jsonl"), "w", encoding="utf-8") as f:
+            for i in range(len(pairs)):
+                row = {"prompt": text(pairs.prompt_ids[i]), "chosen": text(pairs.chosen_ids[i]),
+                       "rejected": text(pairs.rejected_ids[i])}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(cfg.loss.name))
+    results = preference.run(
+        dataclasses.replace(cfg, init_from=prev_dir),
+        os.path.join(it_dir, "policy"),
+        name=f"iteration {t}",
+        train_data=pairs,
+        eval_config=eval_config,
+        proxy_dir=rm_dir,
+        reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
+        previous_from=prev_dir if uses_previous else "",
+    )
+    return {"iteration": t, "pairs": len(pairs), "prompts": int(len(cand["keep"])), **results}
+
+
+def run(
+    *,
+    sft_cfg: StageConfig,
+    rm_cfg: StageConfig,
+    policy_cfg: StageConfig,
+    inpo: INPOConfig,
+    eval_config: evaluation.EvalConfig,
+    workdir: str,
+) -> dict:
+    """Runs (or resumes) T online iterations in `workdir`; writes and returns `results.json`."""
+    start = time.perf_counter()
+    sft_dir, rm_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
+    sft.run(sft_cfg, sft_dir, name="sft")
+    reward.run(dataclasses.replace(rm_cfg, init_from=sft_dir), rm_dir, kind=inpo.oracle, name="oracle")
+    iterations = []
+    prev_dir = sft_dir
+    for t in range(1, inpo.iterations + 1):
+        it_dir = os.path.join(workdir, f"iter_{t}")
+        t0 = time.perf_counter()
+        result = _iteration(
+            t, policy_cfg=policy_cfg, inpo=inpo, sft_dir=sft_dir, rm_dir=rm_dir, prev_dir=prev_dir,
+            it_dir=it_dir, eval_config=eval_config,
+        )  # fmt: skip
+        log.info("iteration %d done in %.1fs", t, time.perf_counter() - t0)
+        iterations.append(
+            {k: result.get(k) for k in ("iteration", "pairs", *evaluation.RESULT_KEYS) if k != "wall_time_s"}
+        )
+        prev_dir = os.path.join(it_dir, "policy")
+    final = dict(result)
+    results = {
+        **{k: final.get(k) for k in evaluation.RESULT_KEYS},
+        **final,
+        "method": f"{policy_cfg.loss.name} x{inpo.iterations} "
+        f"({inpo.oracle} oracle, reference={inpo.reference})",
+        "inpo": dataclasses.asdict(inpo),
+        "iterations": iterations,
+        "sft": common.read_results(sft_dir),
+        "oracle": common.read_results(rm_dir),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    common.write_json(os.path.join(workdir, "results.json"), results)
+    if common.is_main():
+        print("\n" + evaluation.format_table(results, f"INPO on {policy_cfg.data.task}: {results['method']}"))
+        for it in iterations:
+            g = it.get("win_rate_vs_sft_gold")
+            p = it.get("win_rate_vs_sft_proxy")
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+            head = f"  iteration {it['iteration']}: pairs {it['pairs']}"
+            print(f"{head}, win rate vs SFT gold {fmt(g)}, proxy {fmt(p)}")
+    return results
