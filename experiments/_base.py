@@ -30,6 +30,7 @@ def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule=
             eval_batch_size=64,
             nonfinite="stop",
             reference="online",
+            eval_every=0,
         )
     )
 

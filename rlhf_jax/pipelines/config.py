@@ -77,6 +77,8 @@ class TrainConfig:
       eval_batch_size: global batch for evaluation passes.
       nonfinite: "stop" or "skip" (see `rlhf_jax.train.loop`).
       reference: "online" (reference forward in every step) or "precomputed" (once per dataset).
+      eval_every: preference stages with a sample-based evaluation also run it every this many steps
+        (0: only at the end) and append it to WORKDIR/eval_curve.jsonl.
     """
 
     steps: int = 100
@@ -86,6 +88,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     nonfinite: str = "stop"
     reference: str = "online"
+    eval_every: int = 0
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum_steps < 1:

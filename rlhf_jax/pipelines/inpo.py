@@ -236,6 +236,8 @@ def run(
     }
     common.write_json(os.path.join(workdir, "results.json"), results)
     if common.is_main():
+        with open(os.path.join(workdir, "iterations.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(it) + "\n" for it in iterations)
         print("\n" + evaluation.format_table(results, f"INPO on {policy_cfg.data.task}: {results['method']}"))
         for it in iterations:
             g = it.get("win_rate_vs_sft_gold")

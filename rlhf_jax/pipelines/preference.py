@@ -10,6 +10,7 @@ in `WORKDIR/reference_logps.npz` and looked up by example id (`"precomputed"`); 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -182,13 +183,36 @@ def run(
     if ckpt.latest_step() is not None:
         _, state = ckpt.restore(None, state, data_iter)
 
+    # Periodic sample-based evaluation (e.g. for over-optimisation curves).
+    gold = synthetic_tldr.gold_reward if task.synthetic else None
+    resume_step = int(jax.device_get(state.step))
+    callback = None
+    if eval_config is not None and cfg.train.eval_every > 0:
+        curve_path = os.path.join(workdir, "eval_curve.jsonl")
+        metrics.keep_records_up_to(curve_path, resume_step)
+        proxy_for_curve = common.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+
+        def callback(step, state):
+            if step % cfg.train.eval_every and step != cfg.train.steps:
+                return
+            ev = evaluation.evaluate_against_sft(
+                model=model, policy_params=state.params, sft_params=reference, tokenizer=tokenizer,
+                prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy_for_curve,
+                gold=gold, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+            )  # fmt: skip
+            keys = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy",
+                    "proxy_reward_policy", "kl_to_sft", "mean_response_length")  # fmt: skip
+            if common.is_main():
+                with open(curve_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, **{k: ev.get(k) for k in keys}}) + "\n")
+
     # Loop.
-    writer = metrics.MetricsWriter(workdir, resume_step=int(jax.device_get(state.step)))
+    writer = metrics.MetricsWriter(workdir, resume_step=resume_step)
     state = loop.run(
         state=state, step_fn=trainer.step_fn, frozen=frozen,
         batches=common.device_batches(data_iter, mesh, transform), config=cfg.train.loop(cfg.progress),
         checkpointer=ckpt, writer=writer, data_iterator=data_iter,
-        tokens_in=common.real_tokens, description=name,
+        tokens_in=common.real_tokens, description=name, callback=callback,
     )  # fmt: skip
     writer.close()
     ckpt.close()
@@ -216,7 +240,7 @@ def run(
             evaluation.evaluate_against_sft(
                 model=model, policy_params=state.params, sft_params=reference, tokenizer=tokenizer,
                 prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy,
-                gold=synthetic_tldr.gold_reward if task.synthetic else None,
+                gold=gold,
                 max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
             )
         )  # fmt: skip

@@ -58,6 +58,7 @@ def run(
     data_iterator=None,
     tokens_in: Callable[[dict], int] | None = None,
     description: str = "train",
+    callback: Callable[[int, object], None] | None = None,
 ):
     """Runs `step_fn` from `state.step` to `config.steps`; returns the final state.
 
@@ -72,6 +73,7 @@ def run(
       data_iterator: the grain iterator behind `batches`, checkpointed with the state.
       tokens_in: counts the real tokens of a (host) batch, for tokens/s.
       description: the progress bar's label.
+      callback: called as callback(step, state) after each step (e.g. a periodic evaluation).
     """
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
@@ -112,6 +114,8 @@ def run(
             tokens, t0 = 0, time.perf_counter()
         if saving:
             checkpointer.save(step, state, data_iterator, force=True)
+        if callback is not None:
+            callback(step, state)
         bar.update(1)
     bar.close()
     if checkpointer is not None:

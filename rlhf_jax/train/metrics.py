@@ -119,3 +119,21 @@ def plot_curves(workdir: str, keys: tuple[str, ...] = ("loss",), filename: str =
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def keep_records_up_to(path: str, step: int) -> None:
+    """Drops records with `step` > `step` from a JSONL file (a resumed run recomputes them)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,28 @@
+"""Study: INPO iterations 1..T against iterative DPO with the same sampling and oracle.
+
+    python -m launch.study --study=inpo_iters --seeds=3
+    python -m launch.study --study=inpo_iters:smoke --seeds=1
+
+Zhang et al. 2024 claim INPO improves over the iterations and beats iterative DPO (each iteration's
+reference = the previous iterate) under the same oracle. Both start from the same SFT policy and oracle
+(trained once per seed); the plot shows the gold-reward win rate per iteration (iterations.jsonl).
+"""
+
+from launch.study import Method, Study
+
+
+def get_study(arg=None):
+    experiment = "inpo_tldr:smoke" if arg == "smoke" else "inpo_tldr"
+    return Study(
+        name="inpo_iters",
+        methods=(
+            Method("inpo", experiment, ()),
+            Method(
+                "iterative_dpo", experiment, ("--config.loss.name=dpo", "--config.inpo.reference=previous")
+            ),
+        ),
+        metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
+        share=("sft", "rm"),
+        curve=("iterations.jsonl", "iteration", ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy")),
+        note="INPO vs iterative DPO over online iterations, same oracle and sampling.",
+    )

@@ -1,0 +1,40 @@
+"""Study: DPO, cDPO and rDPO on preference labels flipped at rate ε ∈ {0, 0.1, 0.2, 0.4}.
+
+    python -m launch.study --study=rdpo_noise --seeds=3
+    python -m launch.study --study=rdpo_noise:smoke --seeds=1
+
+Chowdhury et al. 2024 ("Provably Robust DPO") claim rDPO, told the true ε, keeps its policy quality as
+ε grows while DPO degrades, with cDPO in between. cDPO uses label smoothing ε and rDPO flip rate ε
+(each told the truth); evaluation pairs are never flipped. Metrics: gold-reward win rate against the
+SFT policy, and implicit-reward accuracy on clean held-out pairs (ordered by the gold reward).
+"""
+
+from launch.study import Method, Study
+
+RATES = (0.0, 0.1, 0.2, 0.4)
+
+
+def _methods(experiment, rates):
+    for eps in rates:
+        flip = f"--config.data.flip_rate={eps}"
+        yield Method(f"dpo_eps{eps}", experiment, (flip, "--config.loss.name=dpo"))
+        yield Method(
+            f"cdpo_eps{eps}",
+            experiment,
+            (flip, "--config.loss.name=cdpo", f"--config.loss.label_smoothing={eps}"),
+        )
+        yield Method(
+            f"rdpo_eps{eps}", experiment, (flip, "--config.loss.name=rdpo", f"--config.loss.flip_rate={eps}")
+        )
+
+
+def get_study(arg=None):
+    smoke = arg == "smoke"
+    experiment = "dpo_tldr:smoke" if smoke else "dpo_tldr"
+    return Study(
+        name="rdpo_noise",
+        methods=tuple(_methods(experiment, (0.0, 0.4) if smoke else RATES)),
+        metrics=("win_rate_vs_sft_gold", "eval_reward_accuracy", "kl_to_sft"),
+        share=("sft",),
+        note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs.",
+    )

@@ -1,0 +1,38 @@
+"""Study: DPO vs RPO (DPO + η·β·NLL of the chosen response) as training goes long.
+
+    python -m launch.study --study=rpo_overopt --seeds=3
+    python -m launch.study --study=rpo_overopt:smoke --seeds=1
+
+Liu et al. 2024 ("Provably Mitigating Overoptimization in RLHF") claim the SFT term keeps the policy
+from over-optimising the learned reward: the proxy reward keeps rising while the gold reward falls for
+DPO, less so for RPO. Both train on the human pairs for a long budget, evaluated every `eval_every`
+steps by the proxy reward model and the gold reward (curves in plot.png, from each run's
+policy/eval_curve.jsonl).
+"""
+
+from launch.study import Method, Study
+
+_LONG = ("--config.rso.pairs=direct", "--config.train.steps=600", "--config.train.eval_every=100",
+         "--config.train.learning_rate=3e-4", "--config.eval.num_prompts=64")  # fmt: skip
+_SMOKE = ("--config.rso.pairs=direct", "--config.train.steps=6", "--config.train.eval_every=3")
+
+
+def get_study(arg=None):
+    smoke = arg == "smoke"
+    experiment = "rso_tldr:smoke" if smoke else "rso_tldr"
+    common = _SMOKE if smoke else _LONG
+    return Study(
+        name="rpo_overopt",
+        methods=(
+            Method("dpo", experiment, (*common, "--config.loss.name=dpo", "--config.loss.beta=0.1")),
+            Method(
+                "rpo",
+                experiment,
+                (*common, "--config.loss.name=rpo", "--config.loss.beta=0.1", "--config.loss.eta=1.0"),
+            ),  # fmt: skip
+        ),
+        metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
+        share=("sft", "rm"),
+        curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
+        note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table).",
+    )
