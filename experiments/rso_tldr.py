@@ -14,7 +14,7 @@ T5-large policy, N = 64 candidates per prompt at temperature 0.7 and top-k 40, M
 Those are the values to use at paper scale (`--config.rso.num_candidates=64 --config.rso.num_accepted=8
 --config.model.preset=t5_large_equiv --config.rso.reward_kind=pairwise`). The embedded default scales
 them to 2 CPU cores: the `small` architecture at width 128 (~0.9M parameters with the task's 1,536-piece
-vocabulary), N = 16 candidates and M = 4 accepted per prompt for 384 training prompts, and short
+vocabulary), N = 16 candidates and M = 4 accepted per prompt for 512 training prompts (1,024 pairs), and short
 training budgets; β, γ, temperature, top-k and the pairing rule are the paper's. Every stage's output
 lands in its own subdirectory of the workdir; a rerun skips finished stages.
 """
@@ -29,12 +29,13 @@ def get_config(arg=None):
     c = _base.base(pipeline="rso", smoke=False)
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.loss = ml_collections.ConfigDict(dict(name="sigmoid_norm", gamma=0.05))
-    c.sft = _base.train_section(steps=500, batch_size=32, learning_rate=2e-3, warmup_steps=25)
-    c.rm = _base.train_section(steps=200, batch_size=32, learning_rate=1e-3, warmup_steps=10)
-    c.train = _base.train_section(steps=120, batch_size=32, learning_rate=2e-4, warmup_steps=10)
+    c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
+    c.rm = _base.train_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    c.train = _base.train_section(steps=64, batch_size=32, learning_rate=2e-4, warmup_steps=5)
+    c.train.reference = "precomputed"
     c.rso = ml_collections.ConfigDict(
         dict(
-            pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=384,
+            pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=512,
             num_candidates=16, num_accepted=4, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=40,
         )
     )  # fmt: skip

@@ -408,3 +408,44 @@ def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
     model = models.RewardModel(model_cfg, mesh=mesh)
     params = load_params(workdir, models.init_params(model, jax.random.key(0)))
     return evaluation.Proxy("pointwise" if kind == "reward" else "pairwise", model, params, layout)
+
+
+def restore(cfg: StageConfig, workdir: str, state, data_iter):
+    """The stage's Checkpointer, and the state (and data position) of its newest checkpoint if any."""
+    from rlhf_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+    )  # fmt: skip
+    if ckpt.latest_step() is not None:
+        _, state = ckpt.restore(None, state, data_iter)
+    return ckpt, state
+
+
+def train(cfg: StageConfig, workdir: str, ckpt, state, *, trainer: Trainer, data_iter, frozen=None,
+          transform=None, name: str, callback=None):  # fmt: skip
+    """Runs the stage's loop from `state` to `cfg.train.steps` with metrics and checkpoints; closes both."""
+    from rlhf_jax.train import loop, metrics
+
+    writer = metrics.MetricsWriter(workdir, resume_step=int(jax.device_get(state.step)))
+    state = loop.run(
+        state=state, step_fn=trainer.step_fn, frozen=frozen,
+        batches=device_batches(data_iter, trainer.mesh, transform), config=cfg.train.loop(cfg.progress),
+        checkpointer=ckpt, writer=writer, data_iterator=data_iter, tokens_in=real_tokens,
+        description=name, callback=callback,
+    )  # fmt: skip
+    writer.close()
+    ckpt.close()
+    return state
+
+
+def evaluate_objective(objective, params, frozen, data, *, mesh, batch_size: int, transform=None) -> dict:
+    """The objective's metric means over one pass of held-out `data` (no gradients)."""
+    from rlhf_jax.train import steps
+
+    eval_fn = jax.jit(
+        lambda b: steps.eval_sums(params, b, frozen, objective=objective),
+        out_shardings=sharding.replicated(mesh),
+    )
+    return evaluate(eval_fn, data, mesh=mesh, batch_size=batch_size, transform=transform)

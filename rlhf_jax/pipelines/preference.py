@@ -21,8 +21,7 @@ from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import common, evaluation
 from rlhf_jax.pipelines.config import StageConfig
-from rlhf_jax.train import loop, metrics, steps
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train import metrics, steps
 
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 
@@ -176,12 +175,7 @@ def run(
     transform = _compose(transforms)
 
     # Restore.
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-    )  # fmt: skip
-    if ckpt.latest_step() is not None:
-        _, state = ckpt.restore(None, state, data_iter)
+    ckpt, state = common.restore(cfg, workdir, state, data_iter)
 
     # Periodic sample-based evaluation (e.g. for over-optimisation curves).
     gold = synthetic_tldr.gold_reward if task.synthetic else None
@@ -207,24 +201,16 @@ def run(
                     f.write(json.dumps({"step": step, **{k: ev.get(k) for k in keys}}) + "\n")
 
     # Loop.
-    writer = metrics.MetricsWriter(workdir, resume_step=resume_step)
-    state = loop.run(
-        state=state, step_fn=trainer.step_fn, frozen=frozen,
-        batches=common.device_batches(data_iter, mesh, transform), config=cfg.train.loop(cfg.progress),
-        checkpointer=ckpt, writer=writer, data_iterator=data_iter,
-        tokens_in=common.real_tokens, description=name, callback=callback,
+    state = common.train(
+        cfg, workdir, ckpt, state, trainer=trainer, data_iter=data_iter, frozen=frozen, transform=transform,
+        name=name, callback=callback,
     )  # fmt: skip
-    writer.close()
-    ckpt.close()
 
     # Evaluate: the loss and implicit-reward metrics on held-out pairs, reference computed online.
-    eval_fn = jax.jit(
-        lambda b: steps.eval_sums(state.params, b, reference, objective=objective),
-        out_shardings=sharding.replicated(mesh),
-    )
-    ev = common.evaluate(
-        eval_fn, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size, transform=eval_transform
-    )
+    ev = common.evaluate_objective(
+        objective, state.params, reference, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
+        transform=eval_transform,
+    )  # fmt: skip
     results = {
         "stage": name,
         "loss_name": cfg.loss.name,

@@ -22,8 +22,7 @@ from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import common
 from rlhf_jax.pipelines.config import StageConfig
-from rlhf_jax.train import loop, metrics, steps
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train import metrics, steps
 
 PAIR_TEMPLATE = "\n\nResponse A:{a}\n\nResponse B:{b}\n\nWhich response is better?"
 
@@ -115,32 +114,18 @@ def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = 
     common.log_startup(f"{name} ({kind})", mesh, model_cfg, cfg.train.batch_size, task.stats)
 
     # Restore.
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
-        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
-    )  # fmt: skip
-    if ckpt.latest_step() is not None:
-        _, state = ckpt.restore(None, state, data_iter)
+    ckpt, state = common.restore(cfg, workdir, state, data_iter)
 
     # Loop.
-    writer = metrics.MetricsWriter(workdir, resume_step=int(jax.device_get(state.step)))
-    state = loop.run(
-        state=state, step_fn=trainer.step_fn, frozen=None,
-        batches=common.device_batches(data_iter, mesh, train_tf), config=cfg.train.loop(cfg.progress),
-        checkpointer=ckpt, writer=writer, data_iterator=data_iter,
-        tokens_in=common.real_tokens, description=name,
-    )  # fmt: skip
-    writer.close()
-    ckpt.close()
+    state = common.train(
+        cfg, workdir, ckpt, state, trainer=trainer, data_iter=data_iter, transform=train_tf, name=name
+    )
 
     # Evaluate.
-    eval_fn = jax.jit(
-        lambda b: steps.eval_sums(state.params, b, None, objective=objective),
-        out_shardings=sharding.replicated(mesh),
-    )
-    ev = common.evaluate(
-        eval_fn, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size, transform=eval_tf
-    )
+    ev = common.evaluate_objective(
+        objective, state.params, None, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
+        transform=eval_tf,
+    )  # fmt: skip
     results = {
         "stage": name,
         "kind": kind,
