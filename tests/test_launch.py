@@ -254,7 +254,8 @@ def _write_hh(path, n=60):
 @pytest.mark.parametrize(
     "experiment,extra",
     [("rm_tldr:smoke", ["--config.reward_kind=pairwise", "--config.data.max_len=192"]),
-     ("dpo_hh:smoke", []), ("ipo_tldr:smoke", ["--config.train.reference=precomputed"]),
+     ("dpo_hh:smoke", []), ("rso_hh:smoke", []), ("inpo_hh:smoke", []),
+     ("ipo_tldr:smoke", ["--config.train.reference=precomputed"]),
      ("rso_tldr:smoke", []),
      ("rso_tldr:smoke", ["--config.rso.reward_kind=pairwise", "--config.rso.ranking=tournament",
                          "--config.rso.pairs=sft_sample_rank", "--config.data.max_len=192"])],
@@ -271,7 +272,9 @@ def test_more_experiments_smoke(tmp_path, experiment, extra):
     assert results and all(v is None or v == v for v in results.values() if isinstance(v, float))
     if "reference=precomputed" in " ".join(extra):
         assert os.path.exists(tmp_path / "run" / "reference_logps.npz")
-    if experiment.startswith("rso"):
+    if experiment.endswith("_hh:smoke") and experiment != "dpo_hh:smoke":
+        assert results["win_rate_vs_sft_gold"] is None and results["win_rate_vs_sft_proxy"] is not None
+    if experiment.startswith("rso_tldr"):
         assert "win rate vs SFT (gold reward)" in out.stdout  # the printed table
         for key in ("win_rate_vs_sft_gold", "win_rate_vs_sft_gold_ci95", "win_rate_vs_sft_proxy",
                     "win_rate_vs_sft_proxy_ci95", "win_rate_vs_reference_gold", "mean_response_length",
