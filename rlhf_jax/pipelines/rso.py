@@ -217,8 +217,12 @@ def run(
         if common.is_main():
             print("\n" + evaluation.format_table(results, title))
         return results
+    seconds = {}
+    t0 = time.perf_counter()
     sft.run(sft_cfg, sft_dir, name="sft")
+    seconds["sft"], t0 = time.perf_counter() - t0, time.perf_counter()
     reward.run(dataclasses.replace(rm_cfg, init_from=sft_dir), rm_dir, kind=rso.reward_kind, name="rm")
+    seconds["rm"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     train_data = None
     pair_stats: dict = {"pairs": "direct (human preference pairs)"}
@@ -227,10 +231,10 @@ def run(
         if os.path.exists(cand_path):
             cand = dict(np.load(cand_path))
         else:
-            t0 = time.perf_counter()
             cand = sample_candidates(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir, out_path=cand_path)
             log.info("sampled %s candidates in %.1fs", cand["tokens"].shape[:2], time.perf_counter() - t0)
         tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+        seconds["samples"], t0 = time.perf_counter() - t0, time.perf_counter()
         train_data, pair_stats = build_pairs(
             cand, rso, seed=policy_cfg.seed, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len
         )
@@ -240,6 +244,7 @@ def run(
         dataclasses.replace(policy_cfg, init_from=sft_dir), os.path.join(workdir, "policy"), name="policy",
         train_data=train_data, eval_config=eval_config, proxy_dir=rm_dir,
     )  # fmt: skip
+    seconds["policy_and_evaluation"] = time.perf_counter() - t0
     results = {
         **{k: results.get(k) for k in evaluation.RESULT_KEYS},
         **results,
@@ -249,6 +254,7 @@ def run(
         "sft": common.read_results(sft_dir),
         "reward_model": common.read_results(rm_dir),
         "wall_time_s": time.perf_counter() - start,
+        "stage_seconds": seconds,  # of this invocation (a finished stage that is skipped counts ~0)
     }
     common.write_json(os.path.join(workdir, "results.json"), results)
     if common.is_main():
