@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict(dict(name="sigmoid_norm", gamma=0.05))
     c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.rm = _base.train_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
-    c.train = _base.train_section(steps=64, batch_size=32, learning_rate=2e-4, warmup_steps=5)
+    c.train = _base.train_section(steps=64, batch_size=32, learning_rate=5e-5, warmup_steps=5)
     c.train.reference = "precomputed"
     c.rso = ml_collections.ConfigDict(
         dict(
