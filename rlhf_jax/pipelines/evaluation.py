@@ -112,16 +112,19 @@ def policy_logps(model, params, batch: dict, *, batch_size: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def decode_text(tokenizer, ids) -> str:
+    """Text of token ids without BOS/EOS; ids past the tokenizer's vocabulary (a pretrained checkpoint's
+    embedding can have more rows than its tokenizer has pieces) are dropped."""
+    drop = (tokenizer.eos_id, tokenizer.bos_id)
+    return tokenizer.decode([int(t) for t in ids if t not in drop and 0 <= t < tokenizer.vocab_size])
+
+
 def decode_completions(tokenizer, tokens_PNT: np.ndarray, lengths_PN: np.ndarray) -> list[list[str]]:
     """Texts of sampled completions (EOS dropped), [P][N]."""
-    out = []
-    for p in range(tokens_PNT.shape[0]):
-        row = []
-        for n in range(tokens_PNT.shape[1]):
-            ids = [int(t) for t in tokens_PNT[p, n, : lengths_PN[p, n]] if t != tokenizer.eos_id]
-            row.append(tokenizer.decode(ids))
-        out.append(row)
-    return out
+    return [
+        [decode_text(tokenizer, tokens_PNT[p, n, : lengths_PN[p, n]]) for n in range(tokens_PNT.shape[1])]
+        for p in range(tokens_PNT.shape[0])
+    ]
 
 
 def evaluate_against_sft(

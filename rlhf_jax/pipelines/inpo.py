@@ -172,9 +172,7 @@ def _iteration(
         np.ones(len(idx), np.float32), tokenizer.pad_id, cfg.data.max_len,
     )  # fmt: skip
     if common.is_main():
-        text = lambda ids: tokenizer.decode(
-            [int(x) for x in ids if x not in (tokenizer.eos_id, tokenizer.bos_id)]
-        )
+        text = lambda ids: evaluation.decode_text(tokenizer, ids)
         with open(os.path.join(it_dir, "pairs.jsonl"), "w", encoding="utf-8") as f:
             for i in range(len(pairs)):
                 row = {"prompt": text(pairs.prompt_ids[i]), "chosen": text(pairs.chosen_ids[i]),

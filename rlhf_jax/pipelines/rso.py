@@ -182,9 +182,7 @@ def _write_pairs(path: str, pairs: pipeline.TokenizedPreference, tokenizer, stat
     if not common.is_main():
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    text = lambda ids: tokenizer.decode(
-        [int(t) for t in ids if t not in (tokenizer.eos_id, tokenizer.bos_id)]
-    )
+    text = lambda ids: evaluation.decode_text(tokenizer, ids)
     with open(path + ".jsonl.tmp", "w", encoding="utf-8") as f:
         for i in range(len(pairs)):
             row = {
