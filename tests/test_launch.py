@@ -217,7 +217,7 @@ def test_two_process_run_matches_one_process(tmp_path, dpo_smoke):
         for i in range(2)
     ]
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        outs = [p.communicate(timeout=900) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
