@@ -562,3 +562,53 @@ class TestRegistry:
         assert losses.optional_inputs("ipo") == ("chosen_lengths", "rejected_lengths")
         assert losses.uses_reference("dpo") and not losses.uses_reference("hinge")
         assert losses.hyperparameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0}
+
+
+class TestSequenceLogpsFromHidden:
+    """The fused LM head + log-softmax over loss-masked rows equals the logits path, values and grads."""
+
+    @staticmethod
+    def _data(seed=0):
+        rng = np.random.default_rng(seed)
+        b, t, d, v = 3, 7, 5, 13
+        hidden = jnp.asarray(rng.normal(0, 1, (b, t, d)), jnp.float32)
+        kernel = jnp.asarray(rng.normal(0, 1, (d, v)), jnp.float32)
+        targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+        # Row 1 fully masked; 9 masked-in rows in all, so chunks of 4 leave a partial last chunk.
+        mask = jnp.asarray([[0, 1, 1, 1, 1, 0, 0], [0] * 7, [1, 1, 0, 1, 1, 1, 0]], jnp.float32)
+        return hidden, kernel, targets, mask
+
+    @pytest.mark.parametrize("chunk_rows", [4, 64])
+    def test_values_and_gradients_match_the_logits_path(self, monkeypatch, chunk_rows):
+        from rlhf_jax.losses import _logps
+
+        monkeypatch.setitem(_logps._HEAD_CHUNK_ELEMENTS, jax.default_backend(), chunk_rows * 13)
+        assert _logps._head_chunk_rows(13) == max(8, chunk_rows // 8 * 8)
+        hidden, kernel, targets, mask = self._data()
+        cot = jnp.asarray([0.3, -1.0, 2.0])
+
+        def via_logits(h, w):
+            logits = jnp.einsum("BTD,DV->BTV", h, w)
+            return jnp.sum(cot * losses.sequence_logps(logits=logits, targets=targets, mask=mask))
+
+        def fused(h, w):
+            got = _logps.sequence_logps_from_hidden(hidden=h, kernel=w, targets=targets, mask=mask)
+            return jnp.sum(cot * got)
+
+        np.testing.assert_allclose(jax.jit(fused)(hidden, kernel), via_logits(hidden, kernel), rtol=1e-5)
+        got = jax.jit(jax.grad(fused, argnums=(0, 1)))(hidden, kernel)
+        want = jax.grad(via_logits, argnums=(0, 1))(hidden, kernel)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+    def test_masked_rows_are_never_computed(self):
+        from rlhf_jax.losses import _logps
+
+        hidden, kernel, targets, mask = self._data()
+        hidden = hidden.at[1].set(jnp.nan).at[0, 0].set(jnp.inf)  # only at masked positions
+        f = lambda h: jnp.sum(
+            _logps.sequence_logps_from_hidden(hidden=h, kernel=kernel, targets=targets, mask=mask)
+        )
+        assert np.isfinite(float(f(hidden)))
+        g = np.asarray(jax.grad(f)(hidden))
+        assert np.all(np.isfinite(g)) and np.all(g[np.asarray(mask) == 0] == 0.0)

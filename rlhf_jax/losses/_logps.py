@@ -125,3 +125,124 @@ def sequence_logps(*, logits, targets, mask) -> Array:
     """
     logps_BT = token_logps(logits=logits, targets=targets)
     return jnp.sum(jnp.where(mask.astype(bool), logps_BT, 0.0), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probs straight from hidden states: the LM head fused in, only the masked rows computed.
+
+# Float32 elements of one chunk's [rows, V] logits block. On CPU it should stay near the L2 cache; on
+# accelerators larger chunks keep the matmuls big.
+_HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 21}
+_HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
+
+def _head_chunk_rows(vocab: int) -> int:
+    budget = _HEAD_CHUNK_ELEMENTS.get(jax.default_backend(), _HEAD_CHUNK_ELEMENTS_DEFAULT)
+    return max(8, budget // max(vocab, 1) // 8 * 8)
+
+
+def _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk):
+    """Row indices, validity and float32 logits of the i-th chunk of the compacted (masked-in) rows."""
+    pos_C = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    valid_C = pos_C < num_valid
+    idx_C = jax.lax.dynamic_slice_in_dim(order_R, i * chunk, chunk)
+    h_CD = jnp.take(h_RD, idx_C, axis=0)
+    logits_CV = jnp.dot(h_CD, w_DV, preferred_element_type=jnp.float32)
+    t_C = jnp.take(t_R, idx_C, axis=0)
+    return idx_C, valid_C, h_CD, t_C, logits_CV
+
+
+def _head_lse_and_target(logits_CV, t_C):
+    max_C1 = jnp.max(logits_CV, axis=-1, keepdims=True)
+    lse_C = max_C1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C1), axis=-1))
+    return lse_C, jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+
+
+def _num_chunks(num_valid, chunk):
+    return (num_valid + chunk - 1) // chunk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _head_logps(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
+    return _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk)[0]
+
+
+def _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
+    num_rows = h_RD.shape[0]
+    # Padded so the last chunk's slice of `order_R` never runs off the end.
+    order_R = jnp.pad(order_R, (0, chunk))
+
+    def body(i, carry):
+        logps_R, lse_R = carry
+        idx_C, valid_C, _, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
+        lse_C, target_C = _head_lse_and_target(logits_CV, t_C)
+        # Rows past `num_valid` (the last chunk's tail) point at masked rows, which stay 0.
+        logps_R = logps_R.at[idx_C].add(jnp.where(valid_C, target_C - lse_C, 0.0))
+        return logps_R, jax.lax.dynamic_update_slice_in_dim(lse_R, lse_C, i * chunk, 0)
+
+    zeros = jnp.zeros((num_rows + chunk,), jnp.float32)
+    logps_R, lse_R = jax.lax.fori_loop(0, _num_chunks(num_valid, chunk), body, (zeros[:num_rows], zeros))
+    return logps_R, (h_RD, w_DV, t_R, order_R, num_valid, lse_R)
+
+
+def _head_logps_bwd(chunk: int, residuals, g_R):
+    h_RD, w_DV, t_R, order_R, num_valid, lse_R = residuals
+    vocab = w_DV.shape[1]
+    g_R = g_R.astype(jnp.float32)
+
+    def body(i, carry):
+        dh_RD, dw_DV = carry
+        idx_C, valid_C, h_CD, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
+        lse_C = jax.lax.dynamic_slice_in_dim(lse_R, i * chunk, chunk)
+        g_C = jnp.where(valid_C, jnp.take(g_R, idx_C), 0.0)
+        # d logp / d logits = onehot(target) - softmax. The cotangent g scales rows, so it is applied
+        # to the [C, D] operands rather than to the [C, V] block.
+        onehot_CV = jnp.arange(vocab, dtype=t_C.dtype)[None, :] == t_C[:, None]
+        s_CV = jnp.where(
+            valid_C[:, None], onehot_CV.astype(jnp.float32) - jnp.exp(logits_CV - lse_C[:, None]), 0.0
+        ).astype(h_CD.dtype)
+        dh_CD = g_C[:, None] * jnp.dot(s_CV, w_DV.T, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.dot(
+            (h_CD * g_C[:, None].astype(h_CD.dtype)).T, s_CV, preferred_element_type=jnp.float32
+        )
+        return dh_RD.at[idx_C].add(jnp.where(valid_C[:, None], dh_CD, 0.0)), dw_DV
+
+    zeros = (jnp.zeros(h_RD.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
+    dh_RD, dw_DV = jax.lax.fori_loop(0, _num_chunks(num_valid, chunk), body, zeros)
+    return dh_RD.astype(h_RD.dtype), dw_DV.astype(w_DV.dtype), None, None, None
+
+
+_head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
+
+
+def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
+    """`sequence_logps` of the logits `hidden @ kernel`, without materialising the logits.
+
+    The LM head is fused into the log-softmax: the rows where `mask` is nonzero are gathered into
+    chunks, and each chunk's [rows, V] logits live only inside one loop iteration (the backward pass
+    recomputes them instead of storing them). Rows where `mask` is 0 (prompt and padding positions)
+    cost nothing at all, neither in the LM head nor in the log-softmax.
+
+    Args:
+      hidden: [B, T, D] final-normed hidden states (float32 or bfloat16).
+      kernel: [D, V] LM-head kernel, in the dtype of `hidden`.
+      targets: [B, T] int token ids.
+      mask: [B, T], 1 (or True) on completion tokens, 0 elsewhere.
+
+    Returns:
+      [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)`.
+    """
+    b, t, d = hidden.shape
+    mask_R = mask.reshape(b * t) != 0
+    # Masked-in rows first, in order; chunks past the last masked-in row are never run.
+    order_R = jnp.argsort(~mask_R, stable=True).astype(jnp.int32)
+    num_valid = jnp.sum(mask_R, dtype=jnp.int32)
+    logps_R = _head_logps(
+        hidden.reshape(b * t, d),
+        kernel,
+        targets.astype(jnp.int32).reshape(b * t),
+        order_R,
+        num_valid,
+        _head_chunk_rows(kernel.shape[1]),
+    )
+    return jnp.sum(logps_R.reshape(b, t), axis=-1)

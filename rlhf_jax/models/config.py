@@ -37,11 +37,17 @@ class ModelConfig:
       scan_layers: run the layers under one `scan` (compile time independent of depth; parameters
         stacked with a leading L axis). False unrolls them (parameters `layers_0`, `layers_1`, ...);
         `transformer.stack_layers`/`unstack_layers` convert between the two layouts.
+      scan_unroll: layers per iteration of that scan (`scan_layers=True` only). 1 keeps compile time flat
+        in depth; `num_layers` unrolls the whole stack while keeping the stacked parameter layout, which
+        lets XLA drop the scan's per-layer stacking of activations: on CPU ~10% faster steps for the
+        4-8 layer benchmark models, at a compile time that grows with depth. Keep 1 with `remat`:
+        unrolled, XLA:CPU schedules the recomputation early and most of the memory saving is lost.
       attention_bias: biases on the q/k/v projections (Qwen2).
       embed_scale: multiply input embeddings by sqrt(D) (Gemma).
       mlp_activation: "silu" (SwiGLU, Llama) or "gelu" (GeGLU with tanh-approximate GELU, Gemma).
       attention_impl: passed to `jax.nn.dot_product_attention` as `implementation` (None, "xla" or
-        "cudnn").
+        "cudnn"). None on the CPU backend uses `layers.causal_attention` instead (blockwise causal, the
+        same maths, ~2x faster there); "xla" forces JAX's.
     """
 
     vocab_size: int
@@ -59,6 +65,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
+    scan_unroll: int = 1
     attention_bias: bool = False
     embed_scale: bool = False
     mlp_activation: str = "silu"
@@ -79,6 +86,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embeddings)")
+        if not 1 <= self.scan_unroll <= self.num_layers:
+            raise ValueError(
+                f"ModelConfig.scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]"
+            )
         if self.remat not in _REMAT:
             raise ValueError(f"ModelConfig.remat={self.remat!r} must be one of {_REMAT}")
         if self.mlp_activation not in _ACTIVATIONS:

@@ -4,6 +4,8 @@ Every parameter is declared with its logical axes (`nn.with_logical_partitioning
 maps them to the mesh. Weights are stored in `param_dtype` and cast to the compute dtype at use.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -84,10 +86,119 @@ def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, m
     return out_BTGRK.reshape(B, T, H, K)
 
 
+# Query rows per block of `causal_attention`; 64 was fastest on a 2-core CPU at T = 256 and 512.
+_ATTENTION_BLOCK = 64
+
+
+def _attention_block(T: int) -> int:
+    """Largest divisor of T that is at most _ATTENTION_BLOCK (one block if there is none >= 16)."""
+    for c in range(min(T, _ATTENTION_BLOCK), 15, -1):
+        if T % c == 0:
+            return c
+    return T
+
+
+def _block_scores(q_BCGRK, k_BSGK, mask_B1CS, start: int):
+    """Scaled float32 scores [B, G, R, C, S] of the query block at `start` against keys 0..S-1, masked
+    causally and by `mask_B1CS` (or None)."""
+    C, K, S = q_BCGRK.shape[1], q_BCGRK.shape[-1], k_BSGK.shape[1]
+    scores = jnp.einsum("BCGRK,BSGK->BGRCS", q_BCGRK, k_BSGK, preferred_element_type=jnp.float32)
+    allowed_CS = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
+    allowed = allowed_CS if mask_B1CS is None else allowed_CS & mask_B1CS[:, :, None]
+    return jnp.where(allowed, scores * K**-0.5, jnp.finfo(jnp.float32).min)
+
+
+def _group(x_BTHK, G: int):
+    B, T, H, K = x_BTHK.shape
+    return x_BTHK.reshape(B, T, G, H // G, K)  # R: query heads per kv head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
+    """Causal grouped-query attention in query blocks, with a recomputing (FlashAttention-2) backward.
+
+    The same maths as `jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS, is_causal=True)`. Query
+    block i (of `block` rows) attends to keys 0 .. (i+1)·block - 1 only, so the masked upper triangle
+    is never computed (T/block blocks do (1 + block/T)/2 of the full square's work); the forward keeps
+    only the output and the log-sum-exp, and the backward recomputes each block's probabilities instead
+    of storing [B, H, T, T] of them. On a 2-core CPU its forward and backward take ~1/2 of the time of
+    `dot_product_attention`'s XLA implementation at T = 512, ~2/3 at T = 256.
+
+    Args:
+      q_BTHK: queries (H = G·R heads).
+      k_BSGK, v_BSGK: keys and values, S = T.
+      mask_B1TS: bool mask and-ed with the causal one (same segment), or None.
+      block: query rows per block; divides T.
+
+    Returns:
+      [B, T, H, K] attention output, in the dtype of `v`.
+    """
+    return _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block)[0]
+
+
+def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block):
+    B, T, H, K = q_BTHK.shape
+    q_BTGRK = _group(q_BTHK, k_BSGK.shape[2])
+    outs, lses = [], []
+    for start in range(0, T, block):
+        end = start + block
+        mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
+        scores_BGRCS = _block_scores(q_BTGRK[:, start:end], k_BSGK[:, :end], mask, start)
+        max_BGRC1 = jnp.max(scores_BGRCS, axis=-1, keepdims=True)
+        exp_BGRCS = jnp.exp(scores_BGRCS - max_BGRC1)
+        sum_BGRC1 = jnp.sum(exp_BGRCS, axis=-1, keepdims=True)
+        probs_BGRCS = (exp_BGRCS / sum_BGRC1).astype(v_BSGK.dtype)
+        outs.append(jnp.einsum("BGRCS,BSGK->BCGRK", probs_BGRCS, v_BSGK[:, :end]))
+        lses.append((max_BGRC1 + jnp.log(sum_BGRC1))[..., 0])
+    out_BTHK = jnp.concatenate(outs, axis=1).reshape(B, T, H, K)
+    lse_BGRT = jnp.concatenate(lses, axis=-1)
+    return out_BTHK, (q_BTHK, k_BSGK, v_BSGK, mask_B1TS, out_BTHK, lse_BGRT)
+
+
+def _causal_attention_bwd(block, residuals, d_out_BTHK):
+    q_BTHK, k_BSGK, v_BSGK, mask_B1TS, out_BTHK, lse_BGRT = residuals
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK, do_BTGRK = _group(q_BTHK, G), _group(d_out_BTHK, G)
+    f32 = jnp.float32
+    # delta = rowsum(dO ∘ O), the softmax backward's correction term.
+    delta_BGRT = jnp.einsum("BTGRK,BTGRK->BGRT", do_BTGRK.astype(f32), _group(out_BTHK, G).astype(f32))
+    dq_blocks = []
+    dk_BSGK = jnp.zeros(k_BSGK.shape, f32)
+    dv_BSGK = jnp.zeros(v_BSGK.shape, f32)
+    for start in range(0, T, block):
+        end = start + block
+        mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
+        scores_BGRCS = _block_scores(q_BTGRK[:, start:end], k_BSGK[:, :end], mask, start)
+        probs_BGRCS = jnp.exp(scores_BGRCS - lse_BGRT[..., start:end, None])
+        do_BCGRK = do_BTGRK[:, start:end]
+        dv_BSGK = dv_BSGK.at[:, :end].add(
+            jnp.einsum(
+                "BGRCS,BCGRK->BSGK", probs_BGRCS.astype(do_BCGRK.dtype), do_BCGRK, preferred_element_type=f32
+            )
+        )
+        dp_BGRCS = jnp.einsum("BCGRK,BSGK->BGRCS", do_BCGRK, v_BSGK[:, :end], preferred_element_type=f32)
+        ds_BGRCS = (probs_BGRCS * (dp_BGRCS - delta_BGRT[..., start:end, None]) * K**-0.5).astype(
+            q_BTHK.dtype
+        )
+        dq_blocks.append(
+            jnp.einsum("BGRCS,BSGK->BCGRK", ds_BGRCS, k_BSGK[:, :end], preferred_element_type=f32)
+        )
+        dk_BSGK = dk_BSGK.at[:, :end].add(
+            jnp.einsum("BGRCS,BCGRK->BSGK", ds_BGRCS, q_BTGRK[:, start:end], preferred_element_type=f32)
+        )
+    dq_BTHK = jnp.concatenate(dq_blocks, axis=1).reshape(B, T, H, K)
+    return dq_BTHK.astype(q_BTHK.dtype), dk_BSGK.astype(k_BSGK.dtype), dv_BSGK.astype(v_BSGK.dtype), None
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
-    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment). With a
+    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); on the
+    CPU backend with `attention_impl=None` that is `causal_attention`, faster there than JAX's. With a
     cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
     `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
     through `_cached_attention` (`attention_impl` applies to the uncached forward only).
@@ -118,7 +229,10 @@ class Attention(nn.Module):
             v_BTGK += param("v_bias", ("kv_heads", "head_dim"), (G, K), zeros)
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
-        if kv is None:
+        if kv is None and c.attention_impl is None and jax.default_backend() == "cpu":
+            block = _attention_block(q_BTHK.shape[1])
+            out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block)
+        elif kv is None:
             out_BTHK = jax.nn.dot_product_attention(
                 q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, is_causal=True, implementation=c.attention_impl
             )
@@ -145,10 +259,14 @@ class MLP(nn.Module):
         w_gate = param("gate_kernel", ("embed", "mlp"), (c.d_model, c.mlp_dim), fan_in(0, 1))
         w_up = param("up_kernel", ("embed", "mlp"), (c.d_model, c.mlp_dim), fan_in(0, 1))
         w_down = param("down_kernel", ("mlp", "embed"), (c.mlp_dim, c.d_model), fan_in(0, 1))
-        gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate)
-        up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_up)
         act = jax.nn.silu if c.mlp_activation == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-        return jnp.einsum("BTF,FD->BTD", act(gate_BTF) * up_BTF, w_down)
+        # The rows (B·T, R) are flattened so every matmul, and its weight gradient, is a plain 2-D one.
+        # With [B, T, *] operands XLA:CPU writes the activation gradient transposed ([F, B·T]) for the
+        # weight-gradient matmul, a strided copy that cost ~10% of a CPU train step; 2-D, it does not.
+        B, T, D = x_BTD.shape
+        x_RD = x_BTD.reshape(B * T, D)
+        h_RF = act(jnp.dot(x_RD, w_gate)) * jnp.dot(x_RD, w_up)
+        return jnp.dot(h_RF, w_down).reshape(B, T, D)
 
 
 class Block(nn.Module):

@@ -67,8 +67,10 @@ class Decoder(nn.Module):
         )
         block = Block
         if c.remat != "none":
-            # Under scan the loop already stops XLA's CSE from undoing remat, so prevent_cse is not needed.
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+            # Under a rolled scan the loop already stops XLA's CSE from undoing remat, so prevent_cse is
+            # not needed there; unrolled layers (scan_unroll > 1 included) need it.
+            rolled = c.scan_layers and c.scan_unroll == 1
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not rolled)
         if c.scan_layers:
             block = nn.scan(
                 block,
@@ -76,6 +78,7 @@ class Decoder(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
+                unroll=c.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             self.layers = block(c, self.mesh, self.rules)

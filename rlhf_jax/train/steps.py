@@ -23,15 +23,24 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
+from rlhf_jax.losses import _logps
 from rlhf_jax.train import state as state_lib
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT, segment_ids_BT):
-    """Summed log-probs of the masked targets under the LM `model` with `params`: [B] float32."""
-    logits_BTV = model.apply({"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT)
-    return losses.sequence_logps(logits=logits_BTV, targets=targets_BT, mask=loss_mask_BT)
+    """Summed log-probs of the masked targets under the LM `model` with `params`: [B] float32.
+
+    The LM head is applied inside the log-softmax to the loss-masked rows only (prompt and padding
+    positions never reach it), and the [B, T, V] logits are never materialised.
+    """
+    hidden_BTD, w_DV = model.apply(
+        {"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT, method="hidden_and_head"
+    )
+    return _logps.sequence_logps_from_hidden(
+        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT
+    )
 
 
 def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:

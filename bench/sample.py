@@ -1,0 +1,145 @@
+"""Sampling throughput: generated tokens/s of `rlhf_jax.sampling.sample` against HF `generate`.
+
+    python -m bench.sample --preset=small [--compare=torch] [--json=PATH]
+
+The workload (RSO's sampling setting): `--prompts` (64) prompts of `--prompt_len` (128) random tokens,
+`--new_tokens` (64) new tokens each, temperature 0.7, top-k 40, one sample per prompt, and no early
+stop (no EOS id), so every run generates exactly prompts x new_tokens tokens. Each run includes the
+prefill and the transfer of the samples to the host. The reported time is the median of `--runs` timed
+runs after one warm-up (which compiles).
+
+`--compare=torch` times HF transformers' `LlamaForCausalLM.generate` on the same architecture (random
+init, untied embeddings, float32, `do_sample=True, temperature=0.7, top_k=40, max_new_tokens=64,
+min_new_tokens=64, use_cache=True`, torch threads = the cores this process may use). It needs the
+`bench` extra (`pip install -e .[bench]`); torch is imported only then.
+
+The last line is `tokens_per_s=<ours> mfu=na ratio_vs_torch=<ours / HF or na>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from bench import common
+
+
+def _prompts(args, vocab: int) -> np.ndarray:
+    # Token ids from 4 up: clear of the usual pad/unk/bos/eos ids.
+    return np.random.default_rng(0).integers(4, vocab, (args.prompts, args.prompt_len), dtype=np.int32)
+
+
+def time_ours(args, config) -> dict[str, object]:
+    """Median seconds per `sample` call of our sampler, single device."""
+    import jax
+
+    from rlhf_jax import models, sampling
+
+    model = models.Transformer(config)
+    params = models.init_params(model, jax.random.key(0))
+    prompts_PT = _prompts(args, config.vocab_size)
+    lengths_P = np.full((args.prompts,), args.prompt_len, np.int32)
+    policy = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.7, top_k=40)
+    calls = [0]
+
+    def one():
+        calls[0] += 1
+        out = sampling.sample(
+            model, params, prompts_PT, lengths_P, config=policy, num_samples=1,
+            rng=jax.random.key(calls[0]), eos_id=None, pad_id=0,
+        )  # fmt: skip
+        assert out.tokens_PNT.shape == (args.prompts, 1, args.new_tokens)
+
+    times = common.time_calls(one, warmup=1, iters=args.runs)
+    return {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
+
+
+def time_torch(args, config) -> dict[str, object]:
+    """Median seconds per HF `generate` call on the same architecture."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(common.cores())
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.mlp_dim,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        max_position_embeddings=max(config.max_len, args.prompt_len + args.new_tokens),
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    input_ids = torch.from_numpy(_prompts(args, config.vocab_size).astype(np.int64))
+    attention_mask = torch.ones_like(input_ids)
+
+    def one():
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=0.7,
+                top_k=40, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+                pad_token_id=0,
+            )  # fmt: skip
+        assert out.shape == (args.prompts, args.prompt_len + args.new_tokens)
+
+    times = common.time_calls(one, warmup=1, iters=args.runs)
+    return {
+        "framework": "torch",
+        "seconds": common.median(times),
+        "all_seconds": times,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(common.PRESETS))
+    parser.add_argument("--compare", default="", choices=["", "torch"])
+    parser.add_argument("--json", default="")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    config = common.get_preset(args.preset).model
+    generated = args.prompts * args.new_tokens
+    results = [time_ours(args, config)]
+    if args.compare == "torch":
+        results.append(time_torch(args, config))
+    for r in results:
+        r["tokens_per_s"] = generated / r["seconds"]
+        r["ms_per_new_token_step"] = 1e3 * r["seconds"] / args.new_tokens
+    ours = results[0]["tokens_per_s"]
+    ratio = ours / results[1]["tokens_per_s"] if len(results) > 1 else None
+
+    print(
+        f"sampling: preset={args.preset} prompts={args.prompts} prompt_len={args.prompt_len} "
+        f"new_tokens={args.new_tokens} temperature=0.7 top_k=40 runs={args.runs}"
+    )
+    common.print_table(results, ["framework", "seconds", "ms_per_new_token_step", "tokens_per_s"])
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "sample",
+            "preset": args.preset,
+            "workload": {
+                "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "temperature": 0.7, "top_k": 40, "runs": args.runs,
+            },
+            "machine": common.machine(),
+            "results": results,
+            "tokens_per_s": ours,
+            "ratio_vs_torch": ratio,
+        },
+    )  # fmt: skip
+    print(common.summary_line(ours, None, ratio))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

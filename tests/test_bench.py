@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmarks (`bench/`) on the tiny preset, so their code paths cannot rot.
+
+They check what the benchmarks compute (FLOP formula, batch layout, presets, records, the summary line)
+and that every path runs; they time nothing that matters. The PyTorch and TRL paths are skipped
+unless the `bench` extra (and TRL) is installed.
+"""
+
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from bench import common, compile, memory, peak, train_step
+from rlhf_jax import models
+
+TINY = common.get_preset("tiny")
+
+
+def test_presets_are_the_issues():
+    small, medium = common.get_preset("small"), common.get_preset("medium")
+    assert (small.model.d_model, small.model.num_layers, small.model.num_heads, small.model.mlp_dim) == (
+        256, 4, 4, 704,
+    )  # fmt: skip
+    assert (small.prompt_len, small.response_len, small.pairs, small.model.vocab_size) == (128, 128, 8, 8192)
+    assert (medium.model.d_model, medium.model.num_layers, medium.model.num_heads, medium.model.mlp_dim) == (
+        512, 8, 8, 1408,
+    )  # fmt: skip
+    assert (medium.prompt_len, medium.response_len, medium.pairs) == (256, 256, 4)
+    assert not small.model.tie_embeddings and small.tokens_per_step == 2 * 8 * 256
+    assert common.get_preset("small", layers=32, dtype="bfloat16").model.num_layers == 32
+
+
+def test_flops_formula_by_hand():
+    c = TINY.model  # L=2, D=64, H=4 x K=16, F=176, V=256
+    layer = 4 * 64 * 64 + 3 * 64 * 176 + 2 * 64
+    n = 2 * layer + 64 + 64 * 256  # layers, final norm, LM head; not the input embedding
+    assert common.matmul_params(c) == n == models.param_count(c) - 256 * 64
+    b, t = 2, 16
+    policy = 6 * n * (2 * b * t) + 3 * 4 * 2 * 64 * t * t * (2 * b)
+    reference = 2 * n * (2 * b * t) + 4 * 2 * 64 * t * t * (2 * b)
+    assert common.flops_per_step(TINY) == policy + reference
+    assert common.flops_per_step(TINY, reference_forward=False) == policy
+
+
+def test_batch_layout():
+    batch = common.make_batch(TINY)
+    b, t = TINY.pairs, TINY.seq_len
+    for side in ("chosen", "rejected"):
+        assert batch[f"{side}_tokens"].shape == (b, t)
+        np.testing.assert_array_equal(batch[f"{side}_targets"][:, :-1], batch[f"{side}_tokens"][:, 1:])
+        mask = batch[f"{side}_loss_mask"]
+        assert mask.dtype == np.float32 and np.all(mask.sum(1) == TINY.response_len)
+        assert np.all(mask[:, TINY.prompt_len - 1] == 1) and np.all(mask[:, : TINY.prompt_len - 1] == 0)
+        assert np.all(batch[f"{side}_segment_ids"] == 1)
+    np.testing.assert_array_equal(
+        batch["chosen_tokens"][:, : TINY.prompt_len], batch["rejected_tokens"][:, : TINY.prompt_len]
+    )
+
+
+def test_peak_measures_a_matmul():
+    out = peak.measure("float32", sizes=(64,), iters=1)
+    assert out["peak_gflops"] > 0 and set(out["gflops_by_size"]) == {64}
+
+
+def test_train_step_record_and_summary_line(capsys):
+    record = train_step.main(["--preset=tiny", "--warmup=1", "--iters=1", "--peak-sizes=128", "--json="])
+    assert record["tokens_per_s"] > 0 and record["ratio_vs_torch"] is None
+    assert 0 < record["mfu"] < 1.5
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"tokens_per_s=[\d.]+ mfu=[\d.]+ ratio_vs_torch=na", last), last
+
+
+def test_torch_steps_have_loss_log2_at_start():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    for masked in (False, True):
+        step = train_step.TorchDPO(TINY, reference="online", masked_rows=masked)
+        assert step.step() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_torch_logps_variants_agree():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    step = train_step.TorchDPO(TINY, reference="online", masked_rows=False)
+    with torch.no_grad():
+        full = train_step._torch_sequence_logps(
+            step.policy, step.tokens, step.targets, step.mask, masked_rows=False
+        )
+        rows = train_step._torch_sequence_logps(
+            step.policy, step.tokens, step.targets, step.mask, masked_rows=True
+        )
+    np.testing.assert_allclose(full.numpy(), rows.numpy(), rtol=1e-5)
+
+
+def test_trl_times_steps():
+    pytest.importorskip("trl")
+    times = train_step.time_trl(TINY, reference="online", warmup=1, iters=1)
+    assert len(times) == 1 and times[0] > 0
+
+
+def test_compile_measures_lower_and_compile():
+    row = compile.measure("tiny", 1)
+    assert row["layers"] == 1 and row["lower_s"] > 0 and row["compile_s"] > 0
+
+
+def test_memory_remat_analysis():
+    row = memory.remat_memory("tiny", "full")
+    if row["peak_MiB"] is None:
+        pytest.skip("backend gives no memory analysis")
+    assert row["peak_MiB"] >= row["temp_MiB"] > 0
+
+
+def test_fsdp_state_is_split_over_devices():
+    assert jax.device_count() == 8
+    row = memory.fsdp_state_bytes("tiny", 8)
+    # Everything but the replicated norm scales (a few hundred bytes) is split 8 ways.
+    assert 1 / 8 <= row["params_fraction"] < 1 / 8 + 0.01
+    assert 1 / 8 <= row["opt_state_fraction"] < 1 / 8 + 0.01
