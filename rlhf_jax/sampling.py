@@ -348,8 +348,8 @@ def sample(
     # EOS is an argument, not a constant, so one compilation serves every EOS id (-1: never stop early).
     scalars = [rng, np.int32(-1 if eos_id is None else eos_id)]
     if model.mesh is not None:
-        inputs = jax.device_put(inputs, sharding.batch_sharding(model.mesh, model.rules))
-        scalars = jax.device_put(scalars, sharding.replicated(model.mesh))
+        inputs = sharding.put(inputs, sharding.batch_sharding(model.mesh, model.rules))
+        scalars = sharding.put(scalars, sharding.replicated(model.mesh))
     generate = _jitted_generate(model, config, num_samples, pad_id)
     outs = [_to_host(x)[: P * num_samples] for x in generate(params, *inputs, *scalars)]
     tokens, lengths, logps, sampling_logps, done = (x.reshape(P, num_samples, *x.shape[1:]) for x in outs)
@@ -472,7 +472,7 @@ def score_pointwise(reward_model: nn.Module, params, batch: dict, *, batch_size:
         # Every chunk is padded to the same row count, so one compilation serves them all.
         chunk = _pad_rows(chunk, batch_size, reward_model.mesh, reward_model.rules)
         if reward_model.mesh is not None:
-            chunk = jax.device_put(chunk, sharding.batch_sharding(reward_model.mesh, reward_model.rules))
+            chunk = sharding.put(chunk, sharding.batch_sharding(reward_model.mesh, reward_model.rules))
         rewards.append(_to_host(apply(params, *chunk))[: min(batch_size, B - start)])
     return np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
 

@@ -251,3 +251,20 @@ def shardings_like(tree, params, param_shardings, mesh: Mesh):
         )
 
     return jax.tree.map(for_subtree, tree, is_leaf=is_params_like)
+
+
+def put(tree, sharding: NamedSharding):
+    """Places host values that every process holds in full (prompts, PRNG keys) as global arrays.
+
+    Unlike `jax.device_put`, it works when `sharding` spans devices of other processes: each process
+    fills only its own shards (`jax.make_array_from_callback`). PRNG key arrays keep their type.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)

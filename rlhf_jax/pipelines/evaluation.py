@@ -107,7 +107,7 @@ def policy_logps(model, params, batch: dict, *, batch_size: int) -> np.ndarray:
                 for k, v in chunk.items()
             }
         if mesh is not None:
-            chunk = jax.device_put(chunk, sharding.batch_sharding(mesh, model.rules))
+            chunk = sharding.put(chunk, sharding.batch_sharding(mesh, model.rules))
         out.append(np.asarray(jax.device_get(fn(params, chunk)))[:rows])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
