@@ -38,6 +38,7 @@ _TEST = [
 _BENCH = [
     "torch==2.13.0",
     "transformers>=4.57",
+    "trl>=1.16",  # `bench.train_step --compare=trl` (TRL's DPOTrainer).
 ]
 
 setuptools.setup(

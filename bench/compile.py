@@ -21,13 +21,22 @@ from bench import common
 
 def measure(preset: str, layers: int, *, scan: bool = True) -> dict:
     """Lower and compile seconds of the train step of `preset` with `layers` layers, rolled or unrolled."""
+    import jax
+
     p = common.get_preset(preset, layers=layers, scan_unroll=1 if scan else layers)
     s = common.jax_dpo_step(p)
-    start = time.perf_counter()
-    lowered = s.step_fn.lower(s.state, s.batch, s.frozen)
-    lowered_at = time.perf_counter()
-    lowered.compile()
-    done = time.perf_counter()
+    # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR, launch.train's default) would turn the
+    # second measurement into a cache read: time a real compile.
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        start = time.perf_counter()
+        lowered = s.step_fn.lower(s.state, s.batch, s.frozen)
+        lowered_at = time.perf_counter()
+        lowered.compile()
+        done = time.perf_counter()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
     return {
         "layers": layers, "scan": scan, "lower_s": lowered_at - start, "compile_s": done - lowered_at,
         "total_s": done - start,

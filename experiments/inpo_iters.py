@@ -5,20 +5,25 @@
 
 Zhang et al. 2024 claim INPO improves over the iterations and beats iterative DPO (each iteration's
 reference = the previous iterate) under the same oracle. Both start from the same SFT policy and oracle
-(trained once per seed); the plot shows the gold-reward win rate per iteration (iterations.jsonl).
+(trained once per seed, or copied with `--reuse=studies/rso_table`); the plot shows the gold-reward
+win rate per iteration (iterations.jsonl). Each iteration is evaluated on 64 prompts × 2 samples.
 """
 
 from launch.study import Method, Study
 
 
 def get_study(arg=None):
-    experiment = "inpo_tldr:smoke" if arg == "smoke" else "inpo_tldr"
+    smoke = arg == "smoke"
+    experiment = "inpo_tldr:smoke" if smoke else "inpo_tldr"
+    common = () if smoke else ("--config.eval.num_prompts=64",)
     return Study(
         name="inpo_iters",
         methods=(
-            Method("inpo", experiment, ()),
+            Method("inpo", experiment, common),
             Method(
-                "iterative_dpo", experiment, ("--config.loss.name=dpo", "--config.inpo.reference=previous")
+                "iterative_dpo",
+                experiment,
+                (*common, "--config.loss.name=dpo", "--config.inpo.reference=previous"),
             ),
         ),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),

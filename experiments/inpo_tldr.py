@@ -9,8 +9,8 @@
 Paper (Zhang et al. 2024, "Iterative Nash Policy Optimization", Sec. 5): T = 3 iterations, K = 8
 samples per prompt, η = 0.005 and τ = η/3 (the `inpo` loss's defaults), a reward-model oracle (best vs
 worst of K) or a preference-model oracle (tournament). The embedded default keeps T, K, η and τ and
-scales the rest to 2 CPU cores: the same ~1.2M-parameter model as `rso_tldr`, 256 prompts per
-iteration and short training budgets. Results: WORKDIR/results.json (the final iterate under the
+scales the rest to 2 CPU cores: the same ~1.2M-parameter model, SFT stage and reward model as
+`rso_tldr`, 256 prompts per iteration and short training budgets. Results: WORKDIR/results.json (the final iterate under the
 common keys, and `iterations`, one entry per iteration).
 """
 
@@ -23,7 +23,7 @@ def get_config(arg=None):
     c = _base.base(pipeline="inpo", smoke=False)
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.loss = ml_collections.ConfigDict(dict(name="inpo", eta=0.005))
-    c.sft = _base.train_section(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=20)
+    c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.rm = _base.train_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
     c.train = _base.train_section(steps=40, batch_size=32, learning_rate=2e-4, warmup_steps=5)
     c.train.reference = "precomputed"

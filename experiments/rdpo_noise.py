@@ -7,24 +7,36 @@ Chowdhury et al. 2024 ("Provably Robust DPO") claim rDPO, told the true ε, keep
 ε grows while DPO degrades, with cDPO in between. cDPO uses label smoothing ε and rDPO flip rate ε
 (each told the truth); evaluation pairs are never flipped. Metrics: gold-reward win rate against the
 SFT policy, and implicit-reward accuracy on clean held-out pairs (ordered by the gold reward).
+
+The full study uses `dpo_tldr` at the miniature sizes of `rso_tldr` (`MINI`: the same ~1.2M-parameter
+model and SFT stage, so `--reuse=studies/rso_table` can copy the SFT policy of each seed), 64 steps of
+32 pairs (half an epoch of the ~3.9k training pairs, lr 1e-4) with a precomputed reference, and 64
+evaluation prompts × 2 samples.
 """
 
 from launch.study import Method, Study
 
 RATES = (0.0, 0.1, 0.2, 0.4)
+MINI = (
+    "--config.model.d_model=128", "--config.model.num_heads=4", "--config.model.num_kv_heads=4",
+    "--config.model.head_dim=32", "--config.model.mlp_dim=352",
+    "--config.sft.steps=250", "--config.sft.learning_rate=2e-3", "--config.sft.warmup_steps=20",
+    "--config.train.steps=64", "--config.train.warmup_steps=5", "--config.train.reference=precomputed",
+    "--config.eval.max_new_tokens=40", "--config.eval.num_prompts=64",
+)  # fmt: skip
 
 
-def _methods(experiment, rates):
+def _methods(experiment, rates, common):
     for eps in rates:
-        flip = f"--config.data.flip_rate={eps}"
-        yield Method(f"dpo_eps{eps}", experiment, (flip, "--config.loss.name=dpo"))
+        flip = (*common, f"--config.data.flip_rate={eps}")
+        yield Method(f"dpo_eps{eps}", experiment, (*flip, "--config.loss.name=dpo"))
         yield Method(
             f"cdpo_eps{eps}",
             experiment,
-            (flip, "--config.loss.name=cdpo", f"--config.loss.label_smoothing={eps}"),
+            (*flip, "--config.loss.name=cdpo", f"--config.loss.label_smoothing={eps}"),
         )
         yield Method(
-            f"rdpo_eps{eps}", experiment, (flip, "--config.loss.name=rdpo", f"--config.loss.flip_rate={eps}")
+            f"rdpo_eps{eps}", experiment, (*flip, "--config.loss.name=rdpo", f"--config.loss.flip_rate={eps}")
         )
 
 
@@ -33,7 +45,7 @@ def get_study(arg=None):
     experiment = "dpo_tldr:smoke" if smoke else "dpo_tldr"
     return Study(
         name="rdpo_noise",
-        methods=tuple(_methods(experiment, (0.0, 0.4) if smoke else RATES)),
+        methods=tuple(_methods(experiment, (0.0, 0.4) if smoke else RATES, () if smoke else MINI)),
         metrics=("win_rate_vs_sft_gold", "eval_reward_accuracy", "kl_to_sft"),
         share=("sft",),
         note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs.",

@@ -12,7 +12,7 @@ policy/eval_curve.jsonl).
 
 from launch.study import Method, Study
 
-_LONG = ("--config.rso.pairs=direct", "--config.train.steps=600", "--config.train.eval_every=100",
+_LONG = ("--config.rso.pairs=direct", "--config.train.steps=400", "--config.train.eval_every=100",
          "--config.train.learning_rate=3e-4", "--config.eval.num_prompts=64")  # fmt: skip
 _SMOKE = ("--config.rso.pairs=direct", "--config.train.steps=6", "--config.train.eval_every=3")
 

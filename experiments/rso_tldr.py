@@ -13,7 +13,7 @@ T5-large policy, N = 64 candidates per prompt at temperature 0.7 and top-k 40, M
 β = 0.5, first-round-rank pairs, sigmoid-norm loss with γ = 0.05, a T5-XXL pairwise ranking model.
 Those are the values to use at paper scale (`--config.rso.num_candidates=64 --config.rso.num_accepted=8
 --config.model.preset=t5_large_equiv --config.rso.reward_kind=pairwise`). The embedded default scales
-them to 2 CPU cores: the `small` architecture at width 128 (~0.9M parameters with the task's 1,536-piece
+them to 2 CPU cores: the `small` architecture at width 128 (~1.2M parameters with the task's 1,536-piece
 vocabulary), N = 16 candidates and M = 4 accepted per prompt for 512 training prompts (1,024 pairs), and short
 training budgets; β, γ, temperature, top-k and the pairing rule are the paper's. Every stage's output
 lands in its own subdirectory of the workdir; a rerun skips finished stages.

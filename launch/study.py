@@ -1,15 +1,20 @@
 """Run a study: several methods × seeds with matched budgets, then a table and a plot.
 
-    python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--config.a.b=value ...]
+    python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--reuse=DIR[,DIR]]
+        [--config.a.b=value ...]
 
 `experiments/NAME.py` defines `get_study(arg)` returning a `Study`: methods (an experiment plus
 overrides each), the metrics to tabulate, and which stages the methods of one seed share (trained
 once, copied into the others' workdirs, e.g. the SFT policy and the reward model). Extra `--config.*`
 overrides apply to every run. Each run lands in WORKDIR/seed_{s}/{method}/ and is skipped when finished,
-so an interrupted study resumes. Writes WORKDIR/table.md, table.json (per method and metric: per-seed
-values, mean, 95% interval) and plot.png. The 95% interval is the t-interval over seeds
-(mean ± t_{0.975, n-1} · sd / √n); with one seed it is the run's own bootstrap interval when the metric
-has one.
+so an interrupted study resumes. `--reuse=DIR` (another study's workdir) copies a shared SFT or reward
+model stage from DIR/seed_{s}/*/ instead of training it again, but only when the config sections that
+determine that stage (`REUSE_KEYS`: seed, model, data, sft, and rm for the reward model) are identical;
+the runs of one seed then start from the very same SFT policy across studies. Every run uses
+`launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
+WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, 95% interval) and plot.png.
+The 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n); with one seed it is
+the run's own bootstrap interval when the metric has one.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ import sys
 import time
 
 import numpy as np
+
+# The config sections that fully determine a shareable stage's output: a stage found in a `--reuse`
+# workdir is copied only when these sections of its run's config.json equal this run's.
+REUSE_KEYS = {
+    "sft": ("seed", "model", "data", "sft"),
+    "rm": ("seed", "model", "data", "sft", "rm"),
+}
 
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -160,8 +172,61 @@ def _curve(workdir, method, filename, x_key, y_key):
     return xs, [float(np.mean(points[x])) for x in xs]
 
 
-def run_study(study: Study, *, seeds: int, workdir: str, overrides: list[str], command: str) -> dict:
-    """Runs every (seed, method), sharing stages within a seed; writes the table and the plot."""
+def run_config(method: Method, seed: int, overrides: list[str]) -> dict:
+    """The resolved config (as a dict) that `launch.train` will run for `method` at `seed`."""
+    from launch import train
+    from launch.overrides import apply_overrides
+
+    name, variant = train.parse_experiment(method.experiment)
+    config = importlib.import_module(f"experiments.{name}").get_config(variant)
+    config = apply_overrides(config, [*method.overrides, *overrides, f"--config.seed={seed}"])
+    return config.to_dict()
+
+
+def _reward_kind(config: dict) -> str | None:
+    """Which reward model a run trains: rso.reward_kind or inpo.oracle ('pointwise' / 'pairwise')."""
+    for section, key in (("rso", "reward_kind"), ("inpo", "oracle")):
+        if isinstance(config.get(section), dict) and key in config[section]:
+            return config[section][key]
+    return None
+
+
+def find_reusable(sub: str, config: dict, seed: int, reuse: list[str]) -> str | None:
+    """A finished `sub` stage under reuse/seed_{seed}/*/ whose run config matches `config` on
+    REUSE_KEYS[sub], or None."""
+    keys = REUSE_KEYS.get(sub)
+    if keys is None:
+        return None
+    want = json.loads(json.dumps({k: config.get(k) for k in keys}, sort_keys=True))
+    for root in reuse:
+        seed_dir = os.path.join(root, f"seed_{seed}")
+        if not os.path.isdir(seed_dir):
+            continue
+        for run in sorted(os.listdir(seed_dir)):
+            stage = os.path.join(seed_dir, run, sub)
+            cfg_path = os.path.join(seed_dir, run, "config.json")
+            if not (os.path.isdir(os.path.join(stage, "params")) and os.path.exists(cfg_path)):
+                continue
+            with open(cfg_path, encoding="utf-8") as f:
+                theirs = json.load(f)
+            if sub == "rm" and _reward_kind(theirs) != _reward_kind(config):
+                continue
+            if {k: theirs.get(k) for k in keys} == want:
+                return stage
+    return None
+
+
+def run_study(
+    study: Study,
+    *,
+    seeds: int,
+    workdir: str,
+    overrides: list[str],
+    command: str,
+    reuse: list[str] | None = None,
+) -> dict:
+    """Runs every (seed, method), sharing stages within a seed (and, with `reuse`, across studies);
+    writes the table and the plot."""
     from launch import train
 
     start = time.perf_counter()
@@ -175,6 +240,10 @@ def run_study(study: Study, *, seeds: int, workdir: str, overrides: list[str], c
                 src = next(
                     (os.path.join(d, sub) for d in done_dirs if os.path.isdir(os.path.join(d, sub))), None
                 )
+                if src is None and reuse and not os.path.exists(dst):
+                    src = find_reusable(sub, run_config(method, seed, overrides), seed, reuse)
+                    if src is not None:
+                        print(f"[study {study.name}] seed {seed}: reusing {src}", flush=True)
                 if src is not None and not os.path.exists(dst):
                     shutil.copytree(src, dst)
             argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}", f"--config.seed={seed}",
@@ -204,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", required=True, help="NAME[:VARIANT], e.g. rso_table:smoke")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workdir", default=None, help="default ./studies/NAME[_VARIANT]")
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="comma-separated workdirs of other studies whose SFT / reward-model stages may be copied "
+        "when their config matches (see REUSE_KEYS)",
+    )
     args, overrides = parser.parse_known_args(argv)
     name, _, variant = args.study.partition(":")
     try:
@@ -226,10 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir or os.path.join("studies", name + (f"_{variant}" if variant else ""))
     )
     os.makedirs(workdir, exist_ok=True)
+    reuse = [os.path.abspath(d) for d in args.reuse.split(",") if d]
+    for d in reuse:
+        if not os.path.isdir(d):
+            print(f"error: --reuse={d}: no such directory", file=sys.stderr)
+            return 2
     command = " ".join(
-        ["python -m launch.study", f"--study={args.study}", f"--seeds={args.seeds}", *overrides]
+        ["python -m launch.study", f"--study={args.study}", f"--seeds={args.seeds}"]
+        + ([f"--reuse={args.reuse}"] if args.reuse else [])
+        + overrides
     )
-    run_study(study, seeds=args.seeds, workdir=workdir, overrides=overrides, command=command)
+    run_study(study, seeds=args.seeds, workdir=workdir, overrides=overrides, command=command, reuse=reuse)
     return 0
 
 

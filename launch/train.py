@@ -12,6 +12,11 @@ Multi-process: on a TPU pod slice (or any launcher that sets JAX's cluster envir
 pass `--coordinator=127.0.0.1:PORT --num_processes=N --process_id=I`; `--distributed=on` forces
 `jax.distributed.initialize()` (Cloud TPU VMs do not always set an environment variable we can
 detect). Only process 0 logs and writes.
+
+Compiled programs go to a persistent JAX compilation cache (`--compilation_cache=DIR`, default
+`$JAX_COMPILATION_CACHE_DIR` or `~/.cache/rlhf_jax/jax`; `--compilation_cache=off` disables it): the
+stages of one run and every rerun or resume compile many identical programs, and reading them back is
+several times faster than compiling (a `rso_tldr:smoke` rerun: 54 s → 19 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -47,6 +52,27 @@ def parse_experiment(spec: str) -> tuple[str, str | None]:
     """Splits `NAME[:VARIANT]` into its parts."""
     name, _, variant = spec.partition(":")
     return name, (variant or None)
+
+
+def default_compilation_cache() -> str:
+    """$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/rlhf_jax/jax (default ~/.cache/rlhf_jax/jax)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rlhf_jax", "jax")
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in `path` ('off' or '' leaves it off).
+
+    Only programs that took at least 0.5 s to compile are stored, so the cache holds the train, eval
+    and sampling steps rather than thousands of tiny helpers."""
+    if not path or path == "off":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _init_distributed(args) -> None:
@@ -151,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         help="call jax.distributed.initialize(): 'on' always (e.g. every worker of a Cloud TPU pod), "
         "'auto' when a cluster environment variable is set, 'off' never",
     )
+    parser.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="persistent JAX compilation cache directory, or 'off' (default: $JAX_COMPILATION_CACHE_DIR "
+        "or ~/.cache/rlhf_jax/jax)",
+    )
     args, overrides = parser.parse_known_args(argv)
 
     name, variant = parse_experiment(args.experiment)
@@ -170,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _init_distributed(args)  # before anything touches a JAX backend (validation below does)
     import jax
+
+    if args.compilation_cache is not None or not jax.config.jax_compilation_cache_dir:
+        # an explicit flag wins; otherwise keep a cache the caller (a test, a notebook) already set
+        enable_compilation_cache(
+            args.compilation_cache if args.compilation_cache is not None else default_compilation_cache()
+        )
 
     try:
         build_stages(config)

@@ -66,3 +66,46 @@ def test_smoke_study_runs_and_shares_stages(tmp_path):
     assert a.read_text() == b.read_text()
     curve = [json.loads(x) for x in (tmp_path / "seed_0" / "rpo" / "policy" / "eval_curve.jsonl").open()]
     assert [c["step"] for c in curve] == [3, 6] and all(c["gold_reward_policy"] is not None for c in curve)
+
+
+def _fake_run(root, seed, run, config, stages):
+    d = root / f"seed_{seed}" / run
+    d.mkdir(parents=True, exist_ok=True)
+    for sub in stages:
+        (d / sub / "params").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"experiment": "x", **config}))
+    return d
+
+
+def test_reuse_copies_only_stages_whose_config_matches(tmp_path):
+    rows = study.Method("a", "rso_tldr:smoke")
+    config = study.run_config(rows, 0, [])
+    assert config["seed"] == 0
+    other = tmp_path / "other"
+    _fake_run(other, 0, "m0", config, ("sft", "rm"))
+    assert study.find_reusable("sft", config, 0, [str(other)]) == str(other / "seed_0" / "m0" / "sft")
+    assert study.find_reusable("rm", config, 0, [str(other)]) == str(other / "seed_0" / "m0" / "rm")
+    # Only SFT and reward-model stages are reusable; another seed has nothing to give.
+    assert study.find_reusable("samples", config, 0, [str(other)]) is None
+    assert study.find_reusable("sft", study.run_config(rows, 1, []), 1, [str(other)]) is None
+    # A different SFT budget changes both stages; a different RM budget or kind only the reward model;
+    # a different policy budget neither.
+    sft_changed = study.run_config(rows, 0, ["--config.sft.steps=7"])
+    assert study.find_reusable("sft", sft_changed, 0, [str(other)]) is None
+    assert study.find_reusable("rm", sft_changed, 0, [str(other)]) is None
+    rm_changed = study.run_config(rows, 0, ["--config.rm.learning_rate=0.5"])
+    assert study.find_reusable("sft", rm_changed, 0, [str(other)]) is not None
+    assert study.find_reusable("rm", rm_changed, 0, [str(other)]) is None
+    pairwise = study.run_config(rows, 0, ["--config.rso.reward_kind=pairwise"])
+    assert study.find_reusable("rm", pairwise, 0, [str(other)]) is None
+    policy_changed = study.run_config(rows, 0, ["--config.train.steps=99", "--config.loss.name=hinge"])
+    assert study.find_reusable("rm", policy_changed, 0, [str(other)]) is not None
+    # An unfinished stage (no params/) is never reused.
+    _fake_run(tmp_path / "third", 0, "m0", config, ())
+    (tmp_path / "third" / "seed_0" / "m0" / "sft").mkdir()
+    assert study.find_reusable("sft", config, 0, [str(tmp_path / "third")]) is None
+
+
+def test_reuse_of_a_missing_directory_is_an_error(tmp_path, capsys):
+    assert study.main(["--study=rso_table:smoke", f"--workdir={tmp_path}", f"--reuse={tmp_path}/nope"]) == 2
+    assert "--reuse" in capsys.readouterr().err
