@@ -64,6 +64,7 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
         dict(
             task=task,
             tokenizer="",
+            path="",
             sft_path="",
             preference_path="",
             eval_path="",

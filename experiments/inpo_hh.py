@@ -1,7 +1,7 @@
 """INPO on Anthropic HH (needs your data): T online iterations from the SFT policy.
 
-    python -m launch.train --experiment=inpo_hh --config.data.preference_path=hh-rlhf/helpful-base/train.jsonl.gz --config.data.eval_path=hh-rlhf/helpful-base/test.jsonl.gz
-    python -m launch.train --experiment=inpo_hh:smoke --config.data.preference_path=hh.jsonl.gz
+    python -m launch.train --experiment=inpo_hh --config.data.path=hh-rlhf/helpful-base/train.jsonl.gz --config.data.eval_path=hh-rlhf/helpful-base/test.jsonl.gz
+    python -m launch.train --experiment=inpo_hh:smoke --config.data.path=hh.jsonl.gz
 
 Paper defaults (Zhang et al. 2024): T = 3, K = 8, η = 0.005, τ = η/3; the oracle is a reward model
 trained on the HH pairs (best vs worst of K). Without a gold reward the win rates are by the proxy only.

@@ -1,6 +1,6 @@
 """Robust DPO on Anthropic HH pairs with labels flipped at ε = 0.1 (needs your data paths).
 
-    python -m launch.train --experiment=rdpo_hh --config.data.preference_path=hh-rlhf/helpful-base/train.jsonl.gz
+    python -m launch.train --experiment=rdpo_hh --config.data.path=hh-rlhf/helpful-base/train.jsonl.gz
 
 Hyperparameters: β = 0.1, ε = 0.1 (Chowdhury et al. 2024).
 """

@@ -1,6 +1,6 @@
 """Reward model on Anthropic HH pairs (pointwise Bradley-Terry, or `--config.reward_kind=pairwise`).
 
-python -m launch.train --experiment=rm_hh --config.data.preference_path=hh-rlhf/helpful-base/train.jsonl.gz
+python -m launch.train --experiment=rm_hh --config.data.path=hh-rlhf/helpful-base/train.jsonl.gz
 """
 
 from experiments import _base

@@ -1,8 +1,8 @@
 """RSO on Anthropic HH (needs your data): SFT on the chosen responses → reward model on the pairs →
 sample N → rejection sampling of M → sigmoid-norm training → win rates vs SFT by the reward model.
 
-    python -m launch.train --experiment=rso_hh --config.data.preference_path=hh-rlhf/helpful-base/train.jsonl.gz --config.data.eval_path=hh-rlhf/helpful-base/test.jsonl.gz
-    python -m launch.train --experiment=rso_hh:smoke --config.data.preference_path=hh.jsonl.gz
+    python -m launch.train --experiment=rso_hh --config.data.path=hh-rlhf/helpful-base/train.jsonl.gz --config.data.eval_path=hh-rlhf/helpful-base/test.jsonl.gz
+    python -m launch.train --experiment=rso_hh:smoke --config.data.path=hh.jsonl.gz
 
 Paper settings (Liu et al. 2024, Sec. 5, also run on HH): N = 64, M = 8, β = 0.5, γ = 0.05, temperature
 0.7, top-k 40. HH has no gold reward, so only the proxy (reward-model) win rates are reported.

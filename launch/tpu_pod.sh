@@ -4,7 +4,7 @@
 #
 #   TPU_NAME=rlhf-v5e ZONE=us-west4-a ACCELERATOR_TYPE=v5litepod-16 BUCKET=gs://my-bucket \
 #   EXPERIMENT=dpo_hh MESH_FSDP=16 HF_CHECKPOINT=gs://my-bucket/ckpt/TinyLlama-1.1B \
-#   launch/tpu_pod.sh all -- --config.data.preference_path=/mnt/bucket/hh/train.jsonl.gz
+#   launch/tpu_pod.sh all -- --config.data.path=/mnt/bucket/hh/train.jsonl.gz
 #
 # Steps (first argument; default `all`):
 #   create  create the slice unless it exists (then reuse it)

@@ -87,7 +87,16 @@ def test_bad_values_stop_before_any_work(tmp_path, capsys):
 
 def test_hh_without_data_says_which_path_to_give(tmp_path, capsys):
     assert train.main(["--experiment=dpo_hh:smoke", f"--workdir={tmp_path}", "--config.progress=false"]) == 2
-    assert "--config.data.preference_path" in capsys.readouterr().err
+    assert "--config.data.path" in capsys.readouterr().err
+
+
+def test_data_path_is_shorthand_for_the_preference_path():
+    from rlhf_jax.pipelines.config import DataConfig
+
+    assert DataConfig(task="hh", path="a.jsonl").preference_path == "a.jsonl"
+    assert DataConfig(path="a.jsonl", preference_path="a.jsonl").preference_path == "a.jsonl"
+    with pytest.raises(ValueError, match="data.path"):
+        DataConfig(path="a.jsonl", preference_path="b.jsonl")
 
 
 def test_sft_smoke_writes_the_documented_workdir(tmp_path):
@@ -263,7 +272,7 @@ def _write_hh(path, n=60):
 def test_more_experiments_smoke(tmp_path, experiment, extra):
     if experiment.endswith("_hh:smoke"):
         _write_hh(tmp_path / "hh.jsonl.gz")
-        extra = [*extra, f"--config.data.preference_path={tmp_path / 'hh.jsonl.gz'}"]
+        extra = [*extra, f"--config.data.path={tmp_path / 'hh.jsonl.gz'}"]
     out = _cli(
         [f"--experiment={experiment}", f"--workdir={tmp_path / 'run'}", "--config.progress=false", *extra]
     )

@@ -86,7 +86,7 @@ def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, m
     return out_BTGRK.reshape(B, T, H, K)
 
 
-# Query rows per block of `causal_attention`; 64 was fastest on a 2-core CPU at T = 256 and 512.
+# Query rows per block of `causal_attention`; 64 was fastest on a 2-core CPU at T = 256 and 512 (128: -20%).
 _ATTENTION_BLOCK = 64
 
 
@@ -98,19 +98,33 @@ def _attention_block(T: int) -> int:
     return T
 
 
-def _block_scores(q_BCGRK, k_BSGK, mask_B1CS, start: int):
+def _block_scores(q_BGRCK, k_BGSK, mask_B1CS, start: int):
     """Scaled float32 scores [B, G, R, C, S] of the query block at `start` against keys 0..S-1, masked
     causally and by `mask_B1CS` (or None)."""
-    C, K, S = q_BCGRK.shape[1], q_BCGRK.shape[-1], k_BSGK.shape[1]
-    scores = jnp.einsum("BCGRK,BSGK->BGRCS", q_BCGRK, k_BSGK, preferred_element_type=jnp.float32)
+    C, K, S = q_BGRCK.shape[3], q_BGRCK.shape[-1], k_BGSK.shape[2]
+    scores = jnp.einsum("BGRCK,BGSK->BGRCS", q_BGRCK, k_BGSK, preferred_element_type=jnp.float32)
     allowed_CS = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
     allowed = allowed_CS if mask_B1CS is None else allowed_CS & mask_B1CS[:, :, None]
     return jnp.where(allowed, scores * K**-0.5, jnp.finfo(jnp.float32).min)
 
 
-def _group(x_BTHK, G: int):
+def _heads_major(x_BTHK, G: int):
+    """[B, T, H, K] → [B, G, R, T, K] (R = H / G query heads per kv head): every (row, head) one
+    contiguous [T, K] matrix, so each block's matmuls are plain batched ones."""
     B, T, H, K = x_BTHK.shape
-    return x_BTHK.reshape(B, T, G, H // G, K)  # R: query heads per kv head
+    return x_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x_BGRTK):
+    """[B, G, R, T, K] → [B, T, H, K]."""
+    B, G, R, T, K = x_BGRTK.shape
+    return x_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, G * R, K)
+
+
+def _add_prefix(acc_BGSK, part_BGEK):
+    """acc[:, :, :E] += part, as an in-place slice update (`.at[].add` would lower to a scatter)."""
+    E = part_BGEK.shape[2]
+    return jax.lax.dynamic_update_slice_in_dim(acc_BGSK, acc_BGSK[:, :, :E] + part_BGEK, 0, axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -121,8 +135,9 @@ def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
     block i (of `block` rows) attends to keys 0 .. (i+1)·block - 1 only, so the masked upper triangle
     is never computed (T/block blocks do (1 + block/T)/2 of the full square's work); the forward keeps
     only the output and the log-sum-exp, and the backward recomputes each block's probabilities instead
-    of storing [B, H, T, T] of them. On a 2-core CPU its forward and backward take ~1/2 of the time of
-    `dot_product_attention`'s XLA implementation at T = 512, ~2/3 at T = 256.
+    of storing [B, H, T, T] of them. Queries, keys and values are transposed once to a heads-major
+    layout ([B, G, R, T, K]), so every block's slices and matmuls are contiguous; with the tokens-major
+    layout XLA:CPU copied each block, and attention took over half of a T = 512 train step.
 
     Args:
       q_BTHK: queries (H = G·R heads).
@@ -136,59 +151,68 @@ def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
     return _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block)[0]
 
 
-def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block):
-    B, T, H, K = q_BTHK.shape
-    q_BTGRK = _group(q_BTHK, k_BSGK.shape[2])
+def _attention_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, block):
+    T = q_BGRTK.shape[3]
     outs, lses = [], []
     for start in range(0, T, block):
         end = start + block
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
-        scores_BGRCS = _block_scores(q_BTGRK[:, start:end], k_BSGK[:, :end], mask, start)
+        scores_BGRCS = _block_scores(q_BGRTK[:, :, :, start:end], k_BGSK[:, :, :end], mask, start)
         max_BGRC1 = jnp.max(scores_BGRCS, axis=-1, keepdims=True)
         exp_BGRCS = jnp.exp(scores_BGRCS - max_BGRC1)
         sum_BGRC1 = jnp.sum(exp_BGRCS, axis=-1, keepdims=True)
-        probs_BGRCS = (exp_BGRCS / sum_BGRC1).astype(v_BSGK.dtype)
-        outs.append(jnp.einsum("BGRCS,BSGK->BCGRK", probs_BGRCS, v_BSGK[:, :end]))
+        probs_BGRCS = (exp_BGRCS / sum_BGRC1).astype(v_BGSK.dtype)
+        outs.append(jnp.einsum("BGRCS,BGSK->BGRCK", probs_BGRCS, v_BGSK[:, :, :end]))
         lses.append((max_BGRC1 + jnp.log(sum_BGRC1))[..., 0])
-    out_BTHK = jnp.concatenate(outs, axis=1).reshape(B, T, H, K)
-    lse_BGRT = jnp.concatenate(lses, axis=-1)
-    return out_BTHK, (q_BTHK, k_BSGK, v_BSGK, mask_B1TS, out_BTHK, lse_BGRT)
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=-1)
+
+
+def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block):
+    G = k_BSGK.shape[2]
+    q_BGRTK = _heads_major(q_BTHK, G)
+    k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
+    out_BGRTK, lse_BGRT = _attention_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, block)
+    return _tokens_major(out_BGRTK), (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, out_BGRTK, lse_BGRT)
 
 
 def _causal_attention_bwd(block, residuals, d_out_BTHK):
-    q_BTHK, k_BSGK, v_BSGK, mask_B1TS, out_BTHK, lse_BGRT = residuals
-    B, T, H, K = q_BTHK.shape
-    G = k_BSGK.shape[2]
-    q_BTGRK, do_BTGRK = _group(q_BTHK, G), _group(d_out_BTHK, G)
+    q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, out_BGRTK, lse_BGRT = residuals
+    T, K = q_BGRTK.shape[3], q_BGRTK.shape[4]
     f32 = jnp.float32
+    do_BGRTK = _heads_major(d_out_BTHK, k_BGSK.shape[1])
     # delta = rowsum(dO ∘ O), the softmax backward's correction term.
-    delta_BGRT = jnp.einsum("BTGRK,BTGRK->BGRT", do_BTGRK.astype(f32), _group(out_BTHK, G).astype(f32))
+    delta_BGRT = jnp.einsum("BGRTK,BGRTK->BGRT", do_BGRTK.astype(f32), out_BGRTK.astype(f32))
     dq_blocks = []
-    dk_BSGK = jnp.zeros(k_BSGK.shape, f32)
-    dv_BSGK = jnp.zeros(v_BSGK.shape, f32)
+    dk_BGSK = jnp.zeros(k_BGSK.shape, f32)
+    dv_BGSK = jnp.zeros(v_BGSK.shape, f32)
     for start in range(0, T, block):
         end = start + block
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
-        scores_BGRCS = _block_scores(q_BTGRK[:, start:end], k_BSGK[:, :end], mask, start)
+        q_BGRCK, do_BGRCK = q_BGRTK[:, :, :, start:end], do_BGRTK[:, :, :, start:end]
+        k_BGEK, v_BGEK = k_BGSK[:, :, :end], v_BGSK[:, :, :end]
+        scores_BGRCS = _block_scores(q_BGRCK, k_BGEK, mask, start)
         probs_BGRCS = jnp.exp(scores_BGRCS - lse_BGRT[..., start:end, None])
-        do_BCGRK = do_BTGRK[:, start:end]
-        dv_BSGK = dv_BSGK.at[:, :end].add(
+        dv_BGSK = _add_prefix(
+            dv_BGSK,
             jnp.einsum(
-                "BGRCS,BCGRK->BSGK", probs_BGRCS.astype(do_BCGRK.dtype), do_BCGRK, preferred_element_type=f32
-            )
+                "BGRCS,BGRCK->BGSK", probs_BGRCS.astype(do_BGRCK.dtype), do_BGRCK, preferred_element_type=f32
+            ),
         )
-        dp_BGRCS = jnp.einsum("BCGRK,BSGK->BGRCS", do_BCGRK, v_BSGK[:, :end], preferred_element_type=f32)
+        dp_BGRCS = jnp.einsum("BGRCK,BGSK->BGRCS", do_BGRCK, v_BGEK, preferred_element_type=f32)
         ds_BGRCS = (probs_BGRCS * (dp_BGRCS - delta_BGRT[..., start:end, None]) * K**-0.5).astype(
-            q_BTHK.dtype
+            q_BGRTK.dtype
         )
-        dq_blocks.append(
-            jnp.einsum("BGRCS,BSGK->BCGRK", ds_BGRCS, k_BSGK[:, :end], preferred_element_type=f32)
+        dq_blocks.append(jnp.einsum("BGRCS,BGSK->BGRCK", ds_BGRCS, k_BGEK, preferred_element_type=f32))
+        dk_BGSK = _add_prefix(
+            dk_BGSK, jnp.einsum("BGRCS,BGRCK->BGSK", ds_BGRCS, q_BGRCK, preferred_element_type=f32)
         )
-        dk_BSGK = dk_BSGK.at[:, :end].add(
-            jnp.einsum("BGRCS,BCGRK->BSGK", ds_BGRCS, q_BTGRK[:, start:end], preferred_element_type=f32)
-        )
-    dq_BTHK = jnp.concatenate(dq_blocks, axis=1).reshape(B, T, H, K)
-    return dq_BTHK.astype(q_BTHK.dtype), dk_BSGK.astype(k_BSGK.dtype), dv_BSGK.astype(v_BSGK.dtype), None
+    dq_BTHK = _tokens_major(jnp.concatenate(dq_blocks, axis=3))
+    return (
+        dq_BTHK.astype(q_BGRTK.dtype),
+        jnp.swapaxes(dk_BGSK, 1, 2).astype(k_BGSK.dtype),
+        jnp.swapaxes(dv_BGSK, 1, 2).astype(v_BGSK.dtype),
+        None,
+    )
 
 
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
@@ -219,9 +243,13 @@ class Attention(nn.Module):
         w_k = param("k_kernel", ("embed", "kv_heads", "head_dim"), (D, G, K), fan_in(0, (1, 2)))
         w_v = param("v_kernel", ("embed", "kv_heads", "head_dim"), (D, G, K), fan_in(0, (1, 2)))
         w_o = param("o_kernel", ("heads", "head_dim", "embed"), (H, K, D), fan_in((0, 1), 2))
-        q_BTHK = jnp.einsum("BTD,DHK->BTHK", x_BTD, w_q)
-        k_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, w_k)
-        v_BTGK = jnp.einsum("BTD,DGK->BTGK", x_BTD, w_v)
+        # Projections as 2-D matmuls over the flattened rows (B·T, D), as in `MLP`: with [B, T, *]
+        # operands XLA:CPU transposes activations for the weight gradients.
+        B, T, _ = x_BTD.shape
+        x_RD = x_BTD.reshape(B * T, D)
+        q_BTHK = jnp.dot(x_RD, w_q.reshape(D, H * K)).reshape(B, T, H, K)
+        k_BTGK = jnp.dot(x_RD, w_k.reshape(D, G * K)).reshape(B, T, G, K)
+        v_BTGK = jnp.dot(x_RD, w_v.reshape(D, G * K)).reshape(B, T, G, K)
         if c.attention_bias:
             zeros = nn.initializers.zeros
             q_BTHK += param("q_bias", ("heads", "head_dim"), (H, K), zeros)
@@ -240,7 +268,8 @@ class Attention(nn.Module):
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
             kv = (k_BGSK, v_BGSK)
             out_BTHK = _cached_attention(q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS)
-        return jnp.einsum("BTHK,HKD->BTD", out_BTHK, w_o), kv
+        out_RD = jnp.dot(out_BTHK.reshape(B * T, H * K), w_o.reshape(H * K, D))
+        return out_RD.reshape(B, T, D), kv
 
 
 class MLP(nn.Module):

@@ -88,8 +88,9 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
         if data.task == "hh":
             raise ValueError(
                 "this is an Anthropic HH experiment and needs your data: give "
-                "--config.data.preference_path=PATH (e.g. hh-rlhf/helpful-base/train.jsonl.gz; a file, "
-                "glob or comma-separated list), optionally --config.data.eval_path=PATH (the test split)"
+                "--config.data.path=PATH (the preference file: e.g. hh-rlhf/helpful-base/train.jsonl.gz; a "
+                "file, glob or comma-separated list; same as data.preference_path), optionally "
+                "--config.data.eval_path=PATH (the test split)"
             )
         splits = synthetic_tldr.generate_splits(
             seed=data.synthetic_seed,

@@ -21,6 +21,8 @@ class DataConfig:
     Attributes:
       task: "tldr" (synthetic task when no path is given) or "hh" (paths required).
       tokenizer: a sentencepiece .model; empty: train one on the training text (cached in the workdir).
+      path: the user's preference file(s): shorthand for `preference_path` (SFT examples then come from
+        the pairs' prompts and chosen responses unless `sft_path` is given).
       sft_path, preference_path, eval_path: a file, glob or comma-separated list; empty: synthetic.
       format: force a format for every file ("" = detect from the records' keys).
       strict: raise on the first bad record instead of skipping and counting it.
@@ -33,6 +35,7 @@ class DataConfig:
 
     task: str = "tldr"
     tokenizer: str = ""
+    path: str = ""
     sft_path: str = ""
     preference_path: str = ""
     eval_path: str = ""
@@ -49,6 +52,13 @@ class DataConfig:
     eval_fraction: float = 0.05
 
     def __post_init__(self):
+        if self.path:
+            if self.preference_path and self.preference_path != self.path:
+                raise ValueError(
+                    f"data.path ({self.path!r}) is shorthand for data.preference_path, which is set to "
+                    f"{self.preference_path!r}: give one of them"
+                )
+            object.__setattr__(self, "preference_path", self.path)
         if self.task not in ("tldr", "hh"):
             raise ValueError(f"data.task must be 'tldr' or 'hh', got {self.task!r}")
         if not 0 < self.max_prompt_len < self.max_len:
@@ -58,8 +68,9 @@ class DataConfig:
         if self.task == "hh" and not (self.sft_path or self.preference_path):
             raise ValueError(
                 "this is an Anthropic HH experiment and needs your data: give "
-                "--config.data.preference_path=PATH (e.g. hh-rlhf/helpful-base/train.jsonl.gz; a file, "
-                "glob or comma-separated list), optionally --config.data.eval_path=PATH (the test split)"
+                "--config.data.path=PATH (the preference file: e.g. hh-rlhf/helpful-base/train.jsonl.gz; a "
+                "file, glob or comma-separated list; same as data.preference_path), optionally "
+                "--config.data.eval_path=PATH (the test split)"
             )
         if not 0.0 <= self.flip_rate < 1.0:
             raise ValueError(f"data.flip_rate must be in [0, 1), got {self.flip_rate}")
