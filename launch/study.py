@@ -183,6 +183,14 @@ def run_config(method: Method, seed: int, overrides: list[str]) -> dict:
     return config.to_dict()
 
 
+def _set_values(x):
+    """`x` without entries whose value is "" or None (unset in this schema): a config written before a
+    key existed compares equal to one that leaves the new key unset."""
+    if isinstance(x, dict):
+        return {k: _set_values(v) for k, v in x.items() if v not in ("", None)}
+    return x
+
+
 def _reward_kind(config: dict) -> str | None:
     """Which reward model a run trains: rso.reward_kind or inpo.oracle ('pointwise' / 'pairwise')."""
     for section, key in (("rso", "reward_kind"), ("inpo", "oracle")):
@@ -197,7 +205,7 @@ def find_reusable(sub: str, config: dict, seed: int, reuse: list[str]) -> str | 
     keys = REUSE_KEYS.get(sub)
     if keys is None:
         return None
-    want = json.loads(json.dumps({k: config.get(k) for k in keys}, sort_keys=True))
+    want = _set_values(json.loads(json.dumps({k: config.get(k) for k in keys})))
     for root in reuse:
         seed_dir = os.path.join(root, f"seed_{seed}")
         if not os.path.isdir(seed_dir):
@@ -211,7 +219,7 @@ def find_reusable(sub: str, config: dict, seed: int, reuse: list[str]) -> str | 
                 theirs = json.load(f)
             if sub == "rm" and _reward_kind(theirs) != _reward_kind(config):
                 continue
-            if {k: theirs.get(k) for k in keys} == want:
+            if _set_values({k: theirs.get(k) for k in keys}) == want:
                 return stage
     return None
 

@@ -109,3 +109,15 @@ def test_reuse_copies_only_stages_whose_config_matches(tmp_path):
 def test_reuse_of_a_missing_directory_is_an_error(tmp_path, capsys):
     assert study.main(["--study=rso_table:smoke", f"--workdir={tmp_path}", f"--reuse={tmp_path}/nope"]) == 2
     assert "--reuse" in capsys.readouterr().err
+
+
+def test_reuse_ignores_keys_that_are_unset_on_both_sides(tmp_path):
+    """A run written before a config key existed (so its config.json lacks it) matches a run that leaves
+    the new key unset ("")."""
+    config = study.run_config(study.Method("a", "rso_tldr:smoke"), 0, [])
+    older = json.loads(json.dumps(config))
+    del older["data"]["path"]
+    _fake_run(tmp_path, 0, "m0", older, ("sft",))
+    assert study.find_reusable("sft", config, 0, [str(tmp_path)]) is not None
+    given = study.run_config(study.Method("a", "rso_tldr:smoke"), 0, ["--config.data.path=x.jsonl"])
+    assert study.find_reusable("sft", given, 0, [str(tmp_path)]) is None
