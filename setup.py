@@ -24,6 +24,7 @@ _RUNTIME = [
 
 _TEST = [
     "pytest>=8.0",
+    "pytest-xdist>=3.5",  # two workers (pytest.ini): the suite is mostly single-threaded compilation.
     "chex>=0.1.90",
     "hypothesis>=6.100",
     # HuggingFace interop tests compare logits with PyTorch (never imported by the library).

@@ -64,6 +64,7 @@ def _pairs(workdir, t, pad_id, max_len):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inpo")
 def test_inpo_results_hold_every_iteration(inpo_run):
     workdir, out = inpo_run
     results = json.loads((workdir / "results.json").read_text())
@@ -75,6 +76,7 @@ def test_inpo_results_hold_every_iteration(inpo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inpo")
 def test_iteration_one_equals_ipo_with_beta_eta_on_the_same_pairs(inpo_run, tmp_path):
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
@@ -95,6 +97,7 @@ def test_iteration_one_equals_ipo_with_beta_eta_on_the_same_pairs(inpo_run, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inpo")
 def test_previous_logps_are_those_of_the_previous_iterate(inpo_run):
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
