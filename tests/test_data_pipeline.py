@@ -257,3 +257,21 @@ def test_packed_sft_rows_hold_the_unpacked_examples(tok):
                 seen += 1
         assert batch["weights"].sum() == (batch["num_examples"] > 0).sum()
     assert seen == 30
+
+
+def test_sampled_pairs_are_cut_to_max_len_like_text_pairs():
+    """A prompt of up to max_prompt_len tokens plus max_new_tokens sampled ones can exceed max_len: the
+    responses are cut to the room the prompt leaves (counted), and an unfitted pair is a clear error."""
+    prompt = [np.arange(2, 9, dtype=np.int32), np.arange(2, 4, dtype=np.int32)]  # 7 and 2 tokens
+    chosen = [np.full(8, 5, np.int32), np.full(3, 6, np.int32)]
+    rejected = [np.full(2, 7, np.int32), np.full(4, 8, np.int32)]
+    with pytest.raises(
+        ValueError, match="pair 0: prompt \\(7 tokens\\) \\+ response \\(8\\) exceeds max_len=12"
+    ):
+        pipeline.TokenizedPreference(prompt, chosen, rejected, np.ones(2, np.float32), 0, 12)
+    pairs, cut = pipeline.TokenizedPreference.fitted(prompt, chosen, rejected, np.ones(2, np.float32), 0, 12)
+    assert cut == 1
+    assert [len(c) for c in pairs.chosen_ids] == [5, 3] and [len(r) for r in pairs.rejected_ids] == [2, 4]
+    batch = pairs.batch(np.array([0, 1]), 12)
+    assert batch["chosen_loss_mask"].sum(1).tolist() == [5.0, 3.0]
+    np.testing.assert_array_equal(batch["chosen_tokens"][0], [2, 3, 4, 5, 6, 7, 8, 5, 5, 5, 5, 5])

@@ -78,6 +78,28 @@ class TokenizedPreference:
     pad_id: int
     max_len: int
 
+    def __post_init__(self):
+        for i, (p, c, r) in enumerate(zip(self.prompt_ids, self.chosen_ids, self.rejected_ids, strict=True)):
+            if len(p) + max(len(c), len(r)) > self.max_len:
+                raise ValueError(
+                    f"pair {i}: prompt ({len(p)} tokens) + response ({max(len(c), len(r))}) exceeds "
+                    f"max_len={self.max_len}; build sampled pairs with TokenizedPreference.fitted"
+                )
+
+    @classmethod
+    def fitted(cls, prompt_ids, chosen_ids, rejected_ids, weights, pad_id: int, max_len: int):
+        """Pairs of token arrays (e.g. samples: a prompt of up to max_prompt_len tokens plus up to
+        max_new_tokens) with each response cut to max_len - len(prompt) tokens, the truncation rule of
+        text pairs. Returns (pairs, the number of pairs with a response cut)."""
+        cut = 0
+        chosen, rejected = [], []
+        for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True):
+            room = max_len - len(p)
+            cut += int(len(c) > room or len(r) > room)
+            chosen.append(c[:room])
+            rejected.append(r[:room])
+        return cls(list(prompt_ids), chosen, rejected, weights, pad_id, max_len), cut
+
     def __len__(self) -> int:
         return len(self.prompt_ids)
 

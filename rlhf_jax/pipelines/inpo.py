@@ -165,7 +165,7 @@ def _iteration(
             os.replace(cand_path + ".tmp.npz", cand_path)
     idx = np.nonzero(cand["keep"])[0]
     tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
-    pairs = pipeline.TokenizedPreference(
+    pairs, _ = pipeline.TokenizedPreference.fitted(
         [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in idx],
         [tok(p, cand["chosen"][p]) for p in idx],
         [tok(p, cand["rejected"][p]) for p in idx],

@@ -158,7 +158,7 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
         prompt_ids.append(cand["prompt_tokens"][p, : cand["prompt_lengths"][p]])
         chosen_ids.append(cand["tokens"][p, c, : cand["lengths"][p, c]])
         rejected_ids.append(cand["tokens"][p, r, : cand["lengths"][p, r]])
-    pairs = pipeline.TokenizedPreference(
+    pairs, cut = pipeline.TokenizedPreference.fitted(
         prompt_ids, chosen_ids, rejected_ids, np.ones(len(prompt_ids), np.float32), pad_id, max_len
     )
     valid = pairs_PB.valid_PB
@@ -169,6 +169,7 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
         "candidates_per_prompt": N,
         "accepted_per_prompt": rso.num_accepted,
         "pairs": len(prompt_ids),
+        "pairs_truncated": cut,
         "mean_candidate_reward": float(rewards_PN.mean()),
         "mean_accepted_reward": float(np.take_along_axis(rewards_PN, accepted_PM, 1).mean()),
         "tied_pairs_dropped": int((~valid).sum()),
