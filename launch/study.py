@@ -175,12 +175,13 @@ def _curve(workdir, method, filename, x_key, y_key):
 def run_config(method: Method, seed: int, overrides: list[str]) -> dict:
     """The resolved config (as a dict) that `launch.train` will run for `method` at `seed`."""
     from launch import train
-    from launch.overrides import apply_overrides
 
-    name, variant = train.parse_experiment(method.experiment)
-    config = importlib.import_module(f"experiments.{name}").get_config(variant)
-    config = apply_overrides(config, [*method.overrides, *overrides, f"--config.seed={seed}"])
-    return config.to_dict()
+    return train.resolve_config(method.experiment, _run_overrides(method, seed, overrides)).to_dict()
+
+
+def _run_overrides(method: Method, seed: int, overrides: list[str]) -> list[str]:
+    """The `--config.*` arguments of `method`'s run at `seed` (the study's own overrides last)."""
+    return [f"--config.seed={seed}", *method.overrides, *overrides]
 
 
 def _set_values(x):
@@ -254,8 +255,8 @@ def run_study(
                         print(f"[study {study.name}] seed {seed}: reusing {src}", flush=True)
                 if src is not None and not os.path.exists(dst):
                     shutil.copytree(src, dst)
-            argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}", f"--config.seed={seed}",
-                    *method.overrides, *overrides]  # fmt: skip
+            argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}",
+                    *_run_overrides(method, seed, overrides)]  # fmt: skip
             print(f"[study {study.name}] seed {seed}: {method.name}", flush=True)
             if train.main(argv) != 0:
                 raise SystemExit(f"study {study.name}: run {run_dir} failed")

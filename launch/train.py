@@ -75,6 +75,15 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def resolve_config(spec: str, overrides: list[str]):
+    """The ConfigDict `launch.train --experiment=spec` runs: `get_config(VARIANT)` of
+    `experiments/NAME.py` with the `--config.*` overrides applied (raises `overrides.ConfigError`)."""
+    from launch.overrides import apply_overrides
+
+    name, variant = parse_experiment(spec)
+    return apply_overrides(importlib.import_module(f"experiments.{name}").get_config(variant), overrides)
+
+
 def _init_distributed(args) -> None:
     import jax
 
@@ -191,11 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         listing = ", ".join(known) if known else "(none)"
         print(f"error: unknown experiment {name!r}. Experiments in experiments/: {listing}", file=sys.stderr)
         return 2
-    from launch.overrides import ConfigError, apply_overrides
+    from launch.overrides import ConfigError
 
-    config = importlib.import_module(f"experiments.{name}").get_config(variant)
     try:
-        config = apply_overrides(config, overrides)
+        config = resolve_config(args.experiment, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -165,7 +165,7 @@ def _iteration(
             os.replace(cand_path + ".tmp.npz", cand_path)
     idx = np.nonzero(cand["keep"])[0]
     tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
-    pairs, _ = pipeline.TokenizedPreference.fitted(
+    pairs, cut = pipeline.TokenizedPreference.fitted(
         [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in idx],
         [tok(p, cand["chosen"][p]) for p in idx],
         [tok(p, cand["rejected"][p]) for p in idx],
@@ -189,7 +189,8 @@ def _iteration(
         reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
         previous_from=prev_dir if uses_previous else "",
     )
-    return {"iteration": t, "pairs": len(pairs), "prompts": int(len(cand["keep"])), **results}
+    return {"iteration": t, "pairs": len(pairs), "pairs_truncated": cut, "prompts": int(len(cand["keep"])),
+            **results}  # fmt: skip
 
 
 def run(
