@@ -111,6 +111,23 @@ def test_next_token_support_and_logps():
     assert set(np.asarray(tokens_B)) == set(nucleus)
 
 
+@pytest.mark.parametrize("V,k", [(8192, 40), (8193, 40), (1000, 7), (300, 1), (64, 8), (128, 128)])
+def test_top_k_equals_lax_top_k(V, k):
+    """Same values and indices as `jax.lax.top_k` (ties to the lower index), chunked or direct path,
+    on plain, heavily tied and mostly -inf rows, with V not a multiple of the chunk."""
+    rng = np.random.default_rng(V + k)
+    x_BV = rng.normal(size=(3, 6, V)).astype(np.float32)
+    x_BV[1] = np.round(x_BV[1] * 2) / 2  # few distinct values: many ties at the k-th
+    x_BV[2, :, rng.random(V) < 0.8] = -np.inf  # mostly masked vocabulary
+    fn = jax.jit(lambda x: sampling.top_k(x, k))
+    for x in x_BV:
+        values, indices = fn(x)
+        expected_values, expected_indices = jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(indices, expected_indices)
+        np.testing.assert_array_equal(values, expected_values)
+        assert indices.dtype == expected_indices.dtype
+
+
 def test_next_token_frequencies_match_tempered_top_k():
     """20k draws from softmax(top-4 logits / 0.7): total variation < 0.02 (its sampling noise ~0.004)."""
     logits_V = jnp.array([2.0, 1.5, 1.0, 0.5, 0.3, 0.0, -1.0, -2.0])
