@@ -1,6 +1,6 @@
 """Sampling throughput: generated tokens/s of `rlhf_jax.sampling.sample` against HF `generate`.
 
-    python -m bench.sample --preset=small [--compare=torch] [--json=PATH]
+    python -m bench.sample --preset=small [--compare=torch] [--profile] [--json=PATH]
 
 The workload (RSO's sampling setting): `--prompts` (64) prompts of `--prompt_len` (128) random tokens,
 `--new_tokens` (64) new tokens each, temperature 0.7, top-k 40, one sample per prompt, and no early
@@ -12,6 +12,9 @@ runs after one warm-up (which compiles).
 init, untied embeddings, float32, `do_sample=True, temperature=0.7, top_k=40, max_new_tokens=64,
 min_new_tokens=64, use_cache=True`, torch threads = the cores this process may use). It needs the
 `bench` extra (`pip install -e .[bench]`); torch is imported only then.
+
+`--profile` adds the top XLA ops of one of our `sample` calls (`common.op_profile`): ops with
+`calls` = new_tokens - 1 are the decode loop's, run once per token; the others are the prefill.
 
 The last line is `tokens_per_s=<ours> mfu=na ratio_vs_torch=<ours / HF or na>`.
 """
@@ -53,7 +56,15 @@ def time_ours(args, config) -> dict[str, object]:
         assert out.tokens_PNT.shape == (args.prompts, 1, args.new_tokens)
 
     times = common.time_calls(one, warmup=1, iters=args.runs)
-    return {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
+    result = {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
+    if args.profile:
+        # The jitted body as `sample` calls it (prompt ids 0..P-1, EOS id -1: no early stop).
+        generate = sampling._jitted_generate(model, policy, 1, 0)
+        prompt_ids_P = np.arange(args.prompts, dtype=np.int32)
+        inputs = (params, prompts_PT, lengths_P, prompt_ids_P, jax.random.key(0), np.int32(-1))
+        hlo = generate.lower(*inputs).compile().as_text()
+        result["profile"] = common.op_profile(lambda: jax.block_until_ready(generate(*inputs)), hlo, steps=2)
+    return result
 
 
 def time_torch(args, config) -> dict[str, object]:
@@ -99,11 +110,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=sorted(common.PRESETS))
     parser.add_argument("--compare", default="", choices=["", "torch"])
-    parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--json", default=None, help="default bench_results/sample_<preset>.json; '' for none"
+    )
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also print the top ops of our sample call")
     args = parser.parse_args(argv)
 
     config = common.get_preset(args.preset).model
@@ -122,8 +136,11 @@ def main(argv=None) -> int:
         f"new_tokens={args.new_tokens} temperature=0.7 top_k=40 runs={args.runs}"
     )
     common.print_table(results, ["framework", "seconds", "ms_per_new_token_step", "tokens_per_s"])
+    if args.profile:
+        print("\nour sample call, top ops (ms per call, summed over threads):")
+        common.print_table(results[0]["profile"], ["op", "ms", "calls", "shape", "source"])
     common.write_json(
-        args.json,
+        f"bench_results/sample_{args.preset}.json" if args.json is None else args.json,
         {
             "benchmark": "sample",
             "preset": args.preset,

@@ -5,6 +5,7 @@ and that every path runs; they time nothing that matters. The PyTorch and TRL pa
 unless the `bench` extra (and TRL) is installed.
 """
 
+import json
 import math
 import re
 
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bench import common, compile, memory, peak, train_step
+from bench import common, compile, memory, peak, sample, train_step
 from rlhf_jax import models
 
 TINY = common.get_preset("tiny")
@@ -70,6 +71,32 @@ def test_train_step_record_and_summary_line(capsys):
     assert 0 < record["mfu"] < 1.5
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"tokens_per_s=[\d.]+ mfu=[\d.]+ ratio_vs_torch=na", last), last
+
+
+SAMPLE_ARGS = ["--preset=tiny", "--prompts=4", "--prompt_len=8", "--new_tokens=5", "--runs=1"]
+
+
+def test_sample_record_profile_and_summary_line(tmp_path, capsys):
+    """bench.sample on the tiny preset: record, summary line, and a profile whose loop ops run
+    new_tokens - 1 times (the first token comes from the prefill)."""
+    path = tmp_path / "sample.json"
+    assert sample.main([*SAMPLE_ARGS, "--profile", f"--json={path}"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"tokens_per_s=[\d.]+ mfu=na ratio_vs_torch=na", out.strip().splitlines()[-1])
+    record = json.loads(path.read_text())
+    assert record["tokens_per_s"] > 0 and record["ratio_vs_torch"] is None
+    assert record["workload"]["new_tokens"] == 5
+    profile = record["results"][0]["profile"]
+    assert profile and {"op", "ms", "calls", "shape", "source"} <= set(profile[0])
+    assert any(row["calls"] == 4 for row in profile), profile
+
+
+def test_sample_compares_with_hf_generate(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    assert sample.main([*SAMPLE_ARGS, "--compare=torch", "--json="]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"tokens_per_s=[\d.]+ mfu=na ratio_vs_torch=[\d.]+", last), last
 
 
 def test_torch_steps_have_loss_log2_at_start():
