@@ -11,7 +11,8 @@ No-Regret Learning", Algorithm 1. π_1 = π_ref = the SFT policy; for t = 1..T:
        P(winner ≻ loser) > 1/2 holds (both A/B orders averaged);
   3. train π_{t+1}, starting from π_t, with `losses.inpo(η, τ)` against π_ref, feeding the log-probs of
      the frozen previous iterate π_t (precomputed once per iteration, `previous_logps.npz`);
-  4. evaluate π_{t+1} against the SFT policy (win rates by gold and proxy reward).
+  4. evaluate π_{t+1} against the SFT policy (win rates by gold and proxy reward), also for iterative
+     DPO, whose training reference is π_t: the evaluation baseline is always π_sft.
 
 Each iteration lives in WORKDIR/iter_{t}/ (samples.npz, pairs.jsonl, policy/) and is skipped when done,
 so a rerun resumes at the iteration it stopped in. The same loop runs iterative DPO (`loss.name=dpo`,
@@ -35,6 +36,10 @@ from rlhf_jax.pipelines import candidates, common, evaluation, preference, rewar
 from rlhf_jax.pipelines.config import StageConfig
 
 log = logging.getLogger("rlhf_jax")
+
+# What the evaluation measured of the SFT baseline's samples: the same in every iteration and for every
+# method (iterative DPO included), since the baseline is always π_sft with the same prompts and keys.
+SFT_BASELINE_KEYS = ("gold_reward_sft", "mean_response_length_sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +193,7 @@ def _iteration(
         proxy_dir=rm_dir,
         reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
         previous_from=prev_dir if uses_previous else "",
+        sft_from=sft_dir,  # evaluated against π_sft whatever the reference (iterative DPO's is π_t)
     )
     return {"iteration": t, "pairs": len(pairs), "pairs_truncated": cut, "prompts": int(len(cand["keep"])),
             **results}  # fmt: skip
@@ -218,7 +224,11 @@ def run(
         )  # fmt: skip
         log.info("iteration %d done in %.1fs", t, time.perf_counter() - t0)
         iterations.append(
-            {k: result.get(k) for k in ("iteration", "pairs", *evaluation.RESULT_KEYS) if k != "wall_time_s"}
+            {
+                k: result.get(k)
+                for k in ("iteration", "pairs", *evaluation.RESULT_KEYS, *SFT_BASELINE_KEYS)
+                if k != "wall_time_s"
+            }  # fmt: skip
         )
         prev_dir = os.path.join(it_dir, "policy")
     final = dict(result)

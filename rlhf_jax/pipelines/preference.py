@@ -100,6 +100,7 @@ def run(
     proxy_dir: str = "",
     reference_from: str = "",
     previous_from: str = "",
+    sft_from: str = "",
 ) -> dict:
     """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics.
 
@@ -115,6 +116,9 @@ def run(
         iterative methods start the policy from the previous iterate but keep the SFT reference).
       previous_from: the workdir of INPO's previous iterate π_t; its log-probs of the training pairs
         are precomputed once (`previous_logps.npz`) and fed to the loss as `previous_*_logps`.
+      sft_from: the SFT stage the sample-based evaluation compares against (`*_vs_sft`, `kl_to_sft`);
+        default `cfg.init_from`. Always the SFT policy, whatever the training reference is: iterative
+        DPO trains against π_t but is still evaluated against π_sft.
     """
     if not cfg.init_from:
         raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
@@ -174,6 +178,14 @@ def run(
         raise ValueError(f"loss {cfg.loss.name!r} needs the previous iterate's log-probs: give previous_from")
     transform = _compose(transforms)
 
+    # The evaluation baseline: the SFT policy, not the training reference (which may be π_t).
+    same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)
+    sft_from = sft_from or cfg.init_from
+    sft_params = None
+    if eval_config is not None:
+        use_reference = same(sft_from, reference_from or cfg.init_from)
+        sft_params = reference if use_reference else common.load_params(sft_from, policy)
+
     # Restore.
     ckpt, state = common.restore(cfg, workdir, state, data_iter)
 
@@ -190,7 +202,7 @@ def run(
             if step % cfg.train.eval_every and step != cfg.train.steps:
                 return
             ev = evaluation.evaluate_against_sft(
-                model=model, policy_params=state.params, sft_params=reference, tokenizer=tokenizer,
+                model=model, policy_params=state.params, sft_params=sft_params, tokenizer=tokenizer,
                 prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy_for_curve,
                 gold=gold, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
             )  # fmt: skip
@@ -224,7 +236,7 @@ def run(
         proxy = common.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
         results.update(
             evaluation.evaluate_against_sft(
-                model=model, policy_params=state.params, sft_params=reference, tokenizer=tokenizer,
+                model=model, policy_params=state.params, sft_params=sft_params, tokenizer=tokenizer,
                 prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy,
                 gold=gold,
                 max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
