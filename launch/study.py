@@ -4,14 +4,13 @@
         [--config.a.b=value ...]
 
 `experiments/NAME.py` defines `get_study(arg)` returning a `Study`: methods (an experiment plus
-overrides each), the metrics to tabulate, and which stages the methods of one seed share (trained
-once, copied into the others' workdirs, e.g. the SFT policy and the reward model). Extra `--config.*`
-overrides apply to every run. Each run lands in WORKDIR/seed_{s}/{method}/ and is skipped when finished,
-so an interrupted study resumes. `--reuse=DIR` (another study's workdir) copies a shared SFT or reward
-model stage from DIR/seed_{s}/*/ instead of training it again, but only when the config sections that
-determine that stage (`REUSE_KEYS`: seed, model, data, sft, and rm for the reward model) are identical;
-the runs of one seed then start from the very same SFT policy across studies. Every run uses
-`launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
+overrides each) and the metrics to tabulate. Extra `--config.*` overrides apply to every run. Each run
+lands in WORKDIR/seed_{s}/{method}/ and is resumed or reused when rerun, so an interrupted study
+resumes. Stages are shared by fingerprint (`rlhf_jax.pipelines.fingerprints`): a stage whose
+configuration and inputs equal those of a stage another method of the same seed already finished (the
+SFT policy, the reward model, RSO's samples) is copied instead of recomputed, and `--reuse=DIR` (another
+study's or run's workdir) extends the search there; nothing is shared that a method's config changes.
+Every run uses `launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
 WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, 95% interval) and plot.png.
 The 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n); with one seed it is
 the run's own bootstrap interval when the metric has one.
@@ -25,18 +24,10 @@ import importlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
-
-# The config sections that fully determine a shareable stage's output: a stage found in a `--reuse`
-# workdir is copied only when these sections of its run's config.json equal this run's.
-REUSE_KEYS = {
-    "sft": ("seed", "model", "data", "sft"),
-    "rm": ("seed", "model", "data", "sft", "rm"),
-}
 
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -157,12 +148,28 @@ def plot(study: Study, table: dict, workdir: str) -> str:
     return path
 
 
+def run_file(run_dir: str, filename: str) -> str | None:
+    """A file of a run: `filename` relative to the run's workdir, or `STAGE/rest` inside the directory
+    of the stage the run used (its stages.json), e.g. "policy/eval_curve.jsonl"; None if absent."""
+    path = os.path.join(run_dir, filename)
+    if os.path.exists(path):
+        return path
+    index = os.path.join(run_dir, "stages.json")
+    stage, _, rest = filename.rpartition("/")
+    if stage and os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            entry = json.load(f)["stages"].get(stage)
+        if entry and os.path.exists(os.path.join(run_dir, entry["dir"], rest)):
+            return os.path.join(run_dir, entry["dir"], rest)
+    return None
+
+
 def _curve(workdir, method, filename, x_key, y_key):
     """Mean over seeds of y at each x from each run's JSONL curve."""
     points: dict[float, list[float]] = {}
     for seed_dir in sorted(d for d in os.listdir(workdir) if d.startswith("seed_")):
-        path = os.path.join(workdir, seed_dir, method, filename)
-        if not os.path.exists(path):
+        path = run_file(os.path.join(workdir, seed_dir, method), filename)
+        if path is None:
             continue
         for line in open(path, encoding="utf-8"):
             rec = json.loads(line)
@@ -172,57 +179,9 @@ def _curve(workdir, method, filename, x_key, y_key):
     return xs, [float(np.mean(points[x])) for x in xs]
 
 
-def run_config(method: Method, seed: int, overrides: list[str]) -> dict:
-    """The resolved config (as a dict) that `launch.train` will run for `method` at `seed`."""
-    from launch import train
-
-    return train.resolve_config(method.experiment, _run_overrides(method, seed, overrides)).to_dict()
-
-
 def _run_overrides(method: Method, seed: int, overrides: list[str]) -> list[str]:
     """The `--config.*` arguments of `method`'s run at `seed` (the study's own overrides last)."""
     return [f"--config.seed={seed}", *method.overrides, *overrides]
-
-
-def _set_values(x):
-    """`x` without entries whose value is "" or None (unset in this schema): a config written before a
-    key existed compares equal to one that leaves the new key unset."""
-    if isinstance(x, dict):
-        return {k: _set_values(v) for k, v in x.items() if v not in ("", None)}
-    return x
-
-
-def _reward_kind(config: dict) -> str | None:
-    """Which reward model a run trains: rso.reward_kind or inpo.oracle ('pointwise' / 'pairwise')."""
-    for section, key in (("rso", "reward_kind"), ("inpo", "oracle")):
-        if isinstance(config.get(section), dict) and key in config[section]:
-            return config[section][key]
-    return None
-
-
-def find_reusable(sub: str, config: dict, seed: int, reuse: list[str]) -> str | None:
-    """A finished `sub` stage under reuse/seed_{seed}/*/ whose run config matches `config` on
-    REUSE_KEYS[sub], or None."""
-    keys = REUSE_KEYS.get(sub)
-    if keys is None:
-        return None
-    want = _set_values(json.loads(json.dumps({k: config.get(k) for k in keys})))
-    for root in reuse:
-        seed_dir = os.path.join(root, f"seed_{seed}")
-        if not os.path.isdir(seed_dir):
-            continue
-        for run in sorted(os.listdir(seed_dir)):
-            stage = os.path.join(seed_dir, run, sub)
-            cfg_path = os.path.join(seed_dir, run, "config.json")
-            if not (os.path.isdir(os.path.join(stage, "params")) and os.path.exists(cfg_path)):
-                continue
-            with open(cfg_path, encoding="utf-8") as f:
-                theirs = json.load(f)
-            if sub == "rm" and _reward_kind(theirs) != _reward_kind(config):
-                continue
-            if _set_values({k: theirs.get(k) for k in keys}) == want:
-                return stage
-    return None
 
 
 def run_study(
@@ -234,35 +193,26 @@ def run_study(
     command: str,
     reuse: list[str] | None = None,
 ) -> dict:
-    """Runs every (seed, method), sharing stages within a seed (and, with `reuse`, across studies);
-    writes the table and the plot."""
+    """Runs every (seed, method), sharing stages by fingerprint within a seed (and, with `reuse`, with
+    other studies); writes the table and the plot."""
     from launch import train
 
     start = time.perf_counter()
     results: dict[str, list[dict]] = {}
     for seed in range(seeds):
-        done_dirs: list[str] = []
+        seed_dir = os.path.join(workdir, f"seed_{seed}")
         for method in study.methods:
-            run_dir = os.path.join(workdir, f"seed_{seed}", method.name)
-            for sub in study.share:  # trained once per seed, by the first method that has it
-                dst = os.path.join(run_dir, sub)
-                src = next(
-                    (os.path.join(d, sub) for d in done_dirs if os.path.isdir(os.path.join(d, sub))), None
-                )
-                if src is None and reuse and not os.path.exists(dst):
-                    src = find_reusable(sub, run_config(method, seed, overrides), seed, reuse)
-                    if src is not None:
-                        print(f"[study {study.name}] seed {seed}: reusing {src}", flush=True)
-                if src is not None and not os.path.exists(dst):
-                    shutil.copytree(src, dst)
-            argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}",
+            run_dir = os.path.join(seed_dir, method.name)
+            # Stages with the same fingerprint are computed once: by the first method of the seed that
+            # needs them (found under seed_dir), or in another study given with --reuse.
+            search = ",".join([seed_dir, *(reuse or [])])
+            argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}", f"--reuse={search}",
                     *_run_overrides(method, seed, overrides)]  # fmt: skip
             print(f"[study {study.name}] seed {seed}: {method.name}", flush=True)
             if train.main(argv) != 0:
                 raise SystemExit(f"study {study.name}: run {run_dir} failed")
             with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
                 results.setdefault(method.name, []).append(json.load(f))
-            done_dirs.append(run_dir)
     table = summarize(study, results)
     wall = time.perf_counter() - start
     with open(os.path.join(workdir, "table.json"), "w", encoding="utf-8") as f:
@@ -285,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse",
         default="",
-        help="comma-separated workdirs of other studies whose SFT / reward-model stages may be copied "
-        "when their config matches (see REUSE_KEYS)",
+        help="comma-separated workdirs of other studies (or runs) whose finished stages are copied when "
+        "their fingerprint equals this run's (e.g. the same SFT policy and reward model)",
     )
     args, overrides = parser.parse_known_args(argv)
     name, _, variant = args.study.partition(":")

@@ -1,11 +1,17 @@
 """Launch an experiment.
 
-    python -m launch.train --experiment=NAME[:VARIANT] [--workdir=DIR] [--config.a.b=value ...]
+    python -m launch.train --experiment=NAME[:VARIANT] [--workdir=DIR] [--reuse=DIR[,DIR]]
+        [--config.a.b=value ...]
 
 Looks up `experiments/NAME.py`, calls its `get_config(VARIANT)`, applies `--config.*` overrides
 (an unknown key or a value of the wrong type stops with a message listing what exists), validates the
 result into frozen dataclasses, writes the resolved config to `WORKDIR/config.json`, and runs the
-experiment's pipeline. Rerunning in the same workdir resumes it.
+experiment's pipeline. Every stage lives in WORKDIR/{stage}/{fingerprint}/, where the fingerprint covers
+exactly the configuration and inputs the stage depends on (`rlhf_jax.pipelines.fingerprints`): rerunning
+the same config resumes or reuses its stages; rerunning with another config reuses the stages that still
+match (the log says `reused sft/3f2a9c1e0b7d`) and computes the rest in new directories, and
+`results.json` and the printed table are always those of the config just run. `--reuse=DIR` also looks
+for matching finished stages in other workdirs and copies them in.
 
 Multi-process: on a TPU pod slice (or any launcher that sets JAX's cluster environment)
 `jax.distributed.initialize()` runs automatically; for several processes on one machine (CPU tests)
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -138,33 +145,49 @@ def rso_config(config):
     return RSOConfig(**_fields(RSOConfig, config.rso, "rso"))
 
 
-def run_pipeline(config, workdir: str) -> dict:
-    """Runs `config.pipeline` in `workdir` (prerequisite SFT stage in WORKDIR/sft when needed)."""
-    from rlhf_jax.pipelines import inpo, preference, reward, rso, sft
+def run_pipeline(config, workdir: str, reuse_from: tuple[str, ...] = ()) -> dict:
+    """Runs `config.pipeline` in `workdir`; each stage in WORKDIR/{stage}/{fingerprint} (reused when its
+    fingerprint matches, here or under `reuse_from`); writes WORKDIR/results.json and stages.json."""
+    from rlhf_jax.pipelines import common, fingerprints, inpo, preference, reward, rso, sft
 
     stages = build_stages(config)
     main = stages["main"]
-    if config.pipeline == "sft":
-        return sft.run(main, workdir)
+    main = dataclasses.replace(main, init_from=fingerprints.resolve_init_from(main.init_from))
     if config.pipeline == "inpo":
         return inpo.run(
             sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, inpo=stages["inpo"],
-            eval_config=stages["eval"], workdir=workdir,
+            eval_config=stages["eval"], workdir=workdir, reuse_from=reuse_from,
         )  # fmt: skip
     if config.pipeline == "rso":
         return rso.run(
             sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, rso=stages["rso"],
-            eval_config=stages["eval"], workdir=workdir,
+            eval_config=stages["eval"], workdir=workdir, reuse_from=reuse_from,
         )  # fmt: skip
-    if config.pipeline in ("reward", "preference"):
+    if config.pipeline not in ("sft", "reward", "preference"):
+        raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso, inpo")
+    locate = functools.partial(fingerprints.locate, workdir, done=common.stage_done, reuse_from=reuse_from)
+    ran = []
+    if config.pipeline == "sft":
+        ran.append(locate("sft", sft.spec(main)))
+        results = sft.run(main, ran[-1].dir)
+    else:
         if not main.init_from:
-            sft_dir = os.path.join(workdir, "sft")
-            sft.run(stages["sft"], sft_dir)
-            main = dataclasses.replace(main, init_from=sft_dir)
+            sft_cfg = stages["sft"]
+            ran.append(locate("sft", sft.spec(sft_cfg)))
+            sft.run(sft_cfg, ran[-1].dir)
+            main = dataclasses.replace(main, init_from=ran[-1].dir)
         if config.pipeline == "reward":
-            return reward.run(main, workdir, kind=config.get("reward_kind", "pointwise"))
-        return preference.run(main, workdir, eval_config=stages.get("eval"))
-    raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso, inpo")
+            kind = config.get("reward_kind", "pointwise")
+            ran.append(locate("rm", reward.spec(main, kind)))
+            results = reward.run(main, ran[-1].dir, kind=kind)
+        else:
+            eval_cfg = stages.get("eval")
+            ran.append(locate("policy", preference.spec(main, eval_config=eval_cfg)))
+            results = preference.run(main, ran[-1].dir, eval_config=eval_cfg)
+    results = {**results, "stages": {s.name: s.record() for s in ran}}
+    fingerprints.write_stages(workdir, ran, final=ran[-1].name)
+    common.write_json(os.path.join(workdir, "results.json"), results)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="persistent JAX compilation cache directory, or 'off' (default: $JAX_COMPILATION_CACHE_DIR "
         "or ~/.cache/rlhf_jax/jax)",
+    )
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="comma-separated workdirs (e.g. of an earlier run or study) to search for finished stages with "
+        "this run's fingerprints; a match is copied in instead of being recomputed",
     )
     args, overrides = parser.parse_known_args(argv)
 
@@ -240,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     workdir = args.workdir or os.path.join("workdirs", name + (f"_{variant}" if variant else ""))
     workdir = os.path.abspath(workdir)
+    reuse_from = tuple(os.path.abspath(d) for d in args.reuse.split(",") if d)
+    for d in reuse_from:
+        if not os.path.isdir(d):
+            print(f"error: --reuse={d}: no such directory", file=sys.stderr)
+            return 2
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -247,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[launch] {args.experiment} -> {workdir}", flush=True)
     start = time.perf_counter()
     try:
-        results = run_pipeline(config, workdir)
+        results = run_pipeline(config, workdir, reuse_from=reuse_from)
     except (DataError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

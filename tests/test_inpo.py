@@ -3,11 +3,13 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from workdirs import stage_dir
 
 from experiments import inpo_tldr
 from launch import overrides, train
@@ -53,7 +55,7 @@ def inpo_run(tmp_path_factory):
 
 
 def _pairs(workdir, t, pad_id, max_len):
-    cand = dict(np.load(workdir / f"iter_{t}" / "samples.npz"))
+    cand = dict(np.load(os.path.join(stage_dir(workdir, f"iter_{t}/samples"), "samples.npz")))
     idx = np.nonzero(cand["keep"])[0]
     tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
     return pipeline.TokenizedPreference(
@@ -81,15 +83,15 @@ def test_iteration_one_equals_ipo_with_beta_eta_on_the_same_pairs(inpo_run, tmp_
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
     stages = train.build_stages(config)
-    tok = Tokenizer.load(str(workdir / "sft" / "tokenizer.model"))
+    tok = Tokenizer.load(os.path.join(stage_dir(workdir, "sft"), "tokenizer.model"))
     pairs = _pairs(workdir, 1, tok.pad_id, stages["main"].data.max_len)
     eta = losses.hyperparameters("inpo")["eta"] if "eta" not in config.loss else config.loss.eta
     ipo_cfg = dataclasses.replace(
-        stages["main"], init_from=str(workdir / "sft"), loss=dataclasses.replace(
+        stages["main"], init_from=stage_dir(workdir, "sft"), loss=dataclasses.replace(
             stages["main"].loss, name="ipo", hparams=(("beta", eta),)),
     )  # fmt: skip
     preference.run(ipo_cfg, str(tmp_path / "ipo"), train_data=pairs)
-    inpo_losses = [(r["step"], r["loss"]) for r in read_metrics(str(workdir / "iter_1" / "policy"))]
+    inpo_losses = [(r["step"], r["loss"]) for r in read_metrics(stage_dir(workdir, "iter_1/policy"))]
     ipo_losses = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "ipo"))]
     assert [s for s, _ in inpo_losses] == [s for s, _ in ipo_losses]
     for (_, a), (_, b) in zip(inpo_losses, ipo_losses, strict=True):
@@ -102,14 +104,41 @@ def test_previous_logps_are_those_of_the_previous_iterate(inpo_run):
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
     stages = train.build_stages(config)
-    tok = Tokenizer.load(str(workdir / "sft" / "tokenizer.model"))
+    tok = Tokenizer.load(os.path.join(stage_dir(workdir, "sft"), "tokenizer.model"))
     pairs = _pairs(workdir, 2, tok.pad_id, stages["main"].data.max_len)
-    saved = np.load(workdir / "iter_2" / "policy" / "previous_logps.npz")
+    saved = np.load(os.path.join(stage_dir(workdir, "iter_2/policy"), "previous_logps.npz"))
     mesh = sharding.make_mesh(stages["main"].mesh)
     for source, should_match in (("iter_1/policy", True), ("iter_2/policy", False), ("sft", False)):
-        model, params = candidates.load_lm(str(workdir / source), mesh)
+        model, params = candidates.load_lm(stage_dir(workdir, source), mesh)
         c, r = preference.compute_pair_logps(model, params, pairs, mesh=mesh, batch_size=16)
         close = np.allclose(c, saved["chosen"], rtol=1e-5, atol=1e-4) and np.allclose(
             r, saved["rejected"], rtol=1e-5, atol=1e-4
         )
         assert close == should_match, source
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("inpo")
+def test_iterative_dpo_is_evaluated_against_the_sft_policy(inpo_run, tmp_path):
+    """Iterative DPO trains against π_t but, like INPO, is evaluated against π_sft: at every iteration
+    both compare with the very same SFT samples (same prompts and keys), so the SFT side of the
+    evaluation is identical. Evaluating against the training reference π_t would change it from
+    iteration 2 on. Run in a copy of the INPO workdir: SFT, oracle and iteration 1's samples are reused."""
+    workdir, _ = inpo_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--experiment=inpo_tldr:smoke", f"--workdir={copy}",
+         "--config.progress=false", "--config.mesh.data=8", "--config.loss.name=dpo",
+         "--config.inpo.reference=previous"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("sft", "rm", "iter_1/samples"):
+        assert f"reused {stage}/" in out.stdout, stage
+    inpo = json.loads((workdir / "results.json").read_text())["iterations"]
+    dpo = json.loads((copy / "results.json").read_text())["iterations"]
+    assert [it["iteration"] for it in dpo] == [1, 2]
+    for key in ("gold_reward_sft", "mean_response_length_sft"):
+        values = [it[key] for it in inpo + dpo]
+        assert None not in values and len(set(values)) == 1, (key, values)

@@ -1,5 +1,6 @@
 """The launcher through its real command line: overrides, errors, smoke runs, resume, meshes, processes."""
 
+import glob
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+from workdirs import stage_dir
 
 from launch import overrides, train
 from rlhf_jax.train.metrics import read_metrics
@@ -102,19 +104,32 @@ def test_data_path_is_shorthand_for_the_preference_path():
 def test_sft_smoke_writes_the_documented_workdir(tmp_path):
     wd = str(tmp_path / "run")
     assert train.main(["--experiment=sft_tldr:smoke", f"--workdir={wd}", "--config.progress=false"]) == 0
-    for name in ("config.json", "metrics.jsonl", "results.json", "curves.png", "tokenizer.model", "params"):
+    for name in ("config.json", "results.json", "stages.json"):
         assert os.path.exists(os.path.join(wd, name)), name
-    assert os.listdir(os.path.join(wd, "tensorboard"))
+    sft_dir = stage_dir(wd, "sft")
+    assert os.path.dirname(sft_dir) == os.path.join(wd, "sft")  # WORKDIR/sft/{fingerprint}
+    for name in (
+        "metrics.jsonl",
+        "results.json",
+        "curves.png",
+        "tokenizer.model",
+        "params",
+        "fingerprint.json",
+    ):
+        assert os.path.exists(os.path.join(sft_dir, name)), name
+    assert os.listdir(os.path.join(sft_dir, "tensorboard"))
     config = json.load(open(os.path.join(wd, "config.json")))
     assert config["experiment"] == "sft_tldr:smoke" and config["train"]["steps"] == 6
-    records = read_metrics(wd)
+    records = read_metrics(sft_dir)
     assert [r["step"] for r in records] == [2, 3, 4, 6] and all("tokens_per_s" in r for r in records)
     results = json.load(open(os.path.join(wd, "results.json")))
     assert results["eval_nll_per_token"] > 0
-    # A finished stage is not run again.
-    mtime = os.path.getmtime(os.path.join(wd, "metrics.jsonl"))
+    assert results["stages"]["sft"]["reused"] is False
+    # A finished stage with the same fingerprint is reused, not run again.
+    mtime = os.path.getmtime(os.path.join(sft_dir, "metrics.jsonl"))
     assert train.main(["--experiment=sft_tldr:smoke", f"--workdir={wd}", "--config.progress=false"]) == 0
-    assert os.path.getmtime(os.path.join(wd, "metrics.jsonl")) == mtime
+    assert os.path.getmtime(os.path.join(sft_dir, "metrics.jsonl")) == mtime
+    assert json.load(open(os.path.join(wd, "results.json")))["stages"]["sft"]["reused"] is True
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +148,7 @@ def test_dpo_smoke_runs_from_the_command_line(dpo_smoke):
     workdir, out, _ = dpo_smoke
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh (data=8, fsdp=1, tensor=1)" in out.stdout and "parameters" in out.stdout
-    rec = read_metrics(str(workdir))
+    rec = read_metrics(stage_dir(workdir, "policy"))
     for key in (
         "loss",
         "reward_accuracy",
@@ -163,18 +178,19 @@ def test_kill_and_resume_repeats_the_uninterrupted_losses(tmp_path):
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 240
+    metrics = lambda: glob.glob(os.path.join(killed, "sft", "*", "metrics.jsonl"))
     while time.time() < deadline:
-        steps = (
-            [s for s, _ in _losses(killed)] if os.path.exists(os.path.join(killed, "metrics.jsonl")) else []
-        )
+        steps = [s for s, _ in _losses(os.path.dirname(metrics()[0]))] if metrics() else []
         if steps and steps[-1] >= 14:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed = os.path.dirname(metrics()[0])
     assert not os.path.exists(os.path.join(killed, "params")), "killed too late: the run had finished"
-    resumed = _cli([*args, f"--workdir={killed}"])
+    resumed = _cli([*args, f"--workdir={os.path.dirname(os.path.dirname(killed))}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = stage_dir(full, "sft")
     # Bitwise on CPU: the restored params, optimizer state, RNG and data position are exact.
     assert _losses(killed) == _losses(full)
     assert os.path.exists(os.path.join(killed, "metrics.superseded.jsonl")) or len(_losses(killed)) == 30
@@ -187,9 +203,9 @@ def test_sharded_runs_write_the_same_losses(tmp_path, dpo_smoke):
     out = _cli(["--experiment=dpo_tldr:smoke", f"--workdir={mixed}", "--config.progress=false",
                 "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    for sub in ("sft", ""):
-        a = _losses(str(dpo_smoke[0] / sub))
-        b = _losses(str(mixed / sub))
+    for sub in ("sft", "policy"):
+        a = _losses(stage_dir(dpo_smoke[0], sub))
+        b = _losses(stage_dir(mixed, sub))
         assert [s for s, _ in a] == [s for s, _ in b]
         for (_, x), (_, y) in zip(a, b, strict=True):
             assert y == pytest.approx(x, rel=2e-5, abs=1e-6)
@@ -236,8 +252,8 @@ def test_two_process_run_matches_one_process(tmp_path, dpo_smoke):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "2 process(es)" in outs[0][0]
-    for sub in ("sft", ""):
-        a, b = _losses(str(dpo_smoke[0] / sub)), _losses(str(tmp_path / "two" / sub))
+    for sub in ("sft", "policy"):
+        a, b = _losses(stage_dir(dpo_smoke[0], sub)), _losses(stage_dir(tmp_path / "two", sub))
         assert [s for s, _ in a] == [s for s, _ in b]
         for (_, x), (_, y) in zip(a, b, strict=True):
             assert y == pytest.approx(x, rel=2e-5, abs=1e-6)

@@ -14,14 +14,16 @@ No-Regret Learning", Algorithm 1. π_1 = π_ref = the SFT policy; for t = 1..T:
   4. evaluate π_{t+1} against the SFT policy (win rates by gold and proxy reward), also for iterative
      DPO, whose training reference is π_t: the evaluation baseline is always π_sft.
 
-Each iteration lives in WORKDIR/iter_{t}/ (samples.npz, pairs.jsonl, policy/) and is skipped when done,
-so a rerun resumes at the iteration it stopped in. The same loop runs iterative DPO (`loss.name=dpo`,
+Each iteration's samples and policy live in WORKDIR/iter_{t}/samples/{fingerprint}/ (samples.npz,
+pairs.jsonl) and WORKDIR/iter_{t}/policy/{fingerprint}/, reused when their fingerprint matches, so a rerun
+resumes at the iteration it stopped in. The same loop runs iterative DPO (`loss.name=dpo`,
 with `reference="previous"`: each iteration's reference is π_t) for the `inpo_iters` study.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ import numpy as np
 from rlhf_jax import sampling, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import candidates, common, evaluation, preference, reward, sft
+from rlhf_jax.pipelines import candidates, common, evaluation, fingerprints, preference, reward, sft
 from rlhf_jax.pipelines.config import StageConfig
 
 log = logging.getLogger("rlhf_jax")
@@ -114,89 +116,81 @@ def label_pairs(cand: dict, oracle: str, *, proxy, tokenizer, prompts, batch_siz
     return winner, loser, (final > 0) & (winner != loser)
 
 
-def _iteration(
-    t: int,
-    *,
-    policy_cfg: StageConfig,
-    inpo: INPOConfig,
-    sft_dir: str,
-    rm_dir: str,
-    prev_dir: str,
-    it_dir: str,
-    eval_config: evaluation.EvalConfig,
-) -> dict:
-    """One INPO iteration in `it_dir`: sample from π_t (`prev_dir`), label, train, evaluate."""
-    os.makedirs(it_dir, exist_ok=True)
-    cand_path = os.path.join(it_dir, "samples.npz")
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
-    cfg = policy_cfg
-    if os.path.exists(cand_path):
-        cand = dict(np.load(cand_path))
-    else:
-        mesh = sharding.make_mesh(cfg.mesh)
-        task = common.load_task(cfg.data, cfg.seed)
-        prompts, pb = candidates.training_prompts(cfg, task, tokenizer, inpo.num_prompts, salt=100 + t)
-        lm, params = candidates.load_lm(prev_dir, mesh)
-        config = sampling.SamplingConfig(
-            max_new_tokens=inpo.max_new_tokens, temperature=inpo.temperature, top_k=inpo.top_k
-        )
-        tokens, lengths, _ = candidates.draw(
-            lm,
-            params,
-            pb,
-            num_samples=inpo.num_samples,
-            config=config,
-            seed=cfg.seed * 1000 + t,
-            tokenizer=tokenizer,
-        )
-        cand = dict(
-            prompt_tokens=pb["prompt_tokens"],
-            prompt_lengths=pb["prompt_lengths"],
-            tokens=tokens,
-            lengths=lengths,
-        )
-        proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
-        chosen, rejected, keep = label_pairs(
-            cand,
-            inpo.oracle,
-            proxy=proxy,
-            tokenizer=tokenizer,
-            prompts=prompts,
-            batch_size=cfg.train.eval_batch_size,
-        )
-        cand.update(chosen=chosen, rejected=rejected, keep=keep)
-        if common.is_main():
-            np.savez(cand_path + ".tmp.npz", **cand)
-            os.replace(cand_path + ".tmp.npz", cand_path)
+# The INPOConfig fields that determine an iteration's samples and labels.
+SAMPLING_FIELDS = ("num_samples", "num_prompts", "oracle", "temperature", "top_k", "max_new_tokens")
+
+
+def samples_spec(cfg: StageConfig, inpo: INPOConfig, t: int, *, prev_dir: str, rm_dir: str) -> dict:
+    """What iteration t's samples and labelled pairs depend on: π_t, the oracle, the prompts and the
+    sampling settings (not the loss or the reference, so INPO and iterative DPO share iteration 1's)."""
+    return {
+        "kind": "inpo_samples",
+        "iteration": t,
+        "seed": cfg.seed,
+        "data": fingerprints.data_spec(cfg.data),
+        "policy": fingerprints.stage_input(prev_dir),
+        "oracle": fingerprints.stage_input(rm_dir),
+        **{k: getattr(inpo, k) for k in SAMPLING_FIELDS},
+    }
+
+
+def _samples_done(stage_dir: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir, "samples.npz"))
+
+
+def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, tokenizer, prev_dir: str, rm_dir: str,
+                    cand_path: str) -> dict:  # fmt: skip
+    """Samples K responses per prompt from π_t (`prev_dir`) and labels them with the oracle; writes
+    `cand_path` (npz) and returns its arrays."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    task = common.load_task(cfg.data, cfg.seed)
+    prompts, pb = candidates.training_prompts(cfg, task, tokenizer, inpo.num_prompts, salt=100 + t)
+    lm, params = candidates.load_lm(prev_dir, mesh)
+    config = sampling.SamplingConfig(
+        max_new_tokens=inpo.max_new_tokens, temperature=inpo.temperature, top_k=inpo.top_k
+    )
+    tokens, lengths, _ = candidates.draw(
+        lm, params, pb, num_samples=inpo.num_samples, config=config, seed=cfg.seed * 1000 + t,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    cand = dict(
+        prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens, lengths=lengths
+    )
+    proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    chosen, rejected, keep = label_pairs(
+        cand, inpo.oracle, proxy=proxy, tokenizer=tokenizer, prompts=prompts,
+        batch_size=cfg.train.eval_batch_size,
+    )  # fmt: skip
+    cand.update(chosen=chosen, rejected=rejected, keep=keep)
+    if common.is_main():
+        os.makedirs(os.path.dirname(cand_path), exist_ok=True)
+        np.savez(cand_path + ".tmp.npz", **cand)
+        os.replace(cand_path + ".tmp.npz", cand_path)
+    return cand
+
+
+def _pairs(cand: dict, *, pad_id: int, max_len: int):
+    """The kept (chosen, rejected) samples as tokenised pairs, and how many had a response cut."""
     idx = np.nonzero(cand["keep"])[0]
     tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
-    pairs, cut = pipeline.TokenizedPreference.fitted(
+    return pipeline.TokenizedPreference.fitted(
         [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in idx],
         [tok(p, cand["chosen"][p]) for p in idx],
         [tok(p, cand["rejected"][p]) for p in idx],
-        np.ones(len(idx), np.float32), tokenizer.pad_id, cfg.data.max_len,
+        np.ones(len(idx), np.float32), pad_id, max_len,
     )  # fmt: skip
-    if common.is_main():
-        text = lambda ids: evaluation.decode_text(tokenizer, ids)
-        with open(os.path.join(it_dir, "pairs.jsonl"), "w", encoding="utf-8") as f:
-            for i in range(len(pairs)):
-                row = {"prompt": text(pairs.prompt_ids[i]), "chosen": text(pairs.chosen_ids[i]),
-                       "rejected": text(pairs.rejected_ids[i])}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
-    uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(cfg.loss.name))
-    results = preference.run(
-        dataclasses.replace(cfg, init_from=prev_dir),
-        os.path.join(it_dir, "policy"),
-        name=f"iteration {t}",
-        train_data=pairs,
-        eval_config=eval_config,
-        proxy_dir=rm_dir,
-        reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
-        previous_from=prev_dir if uses_previous else "",
-        sft_from=sft_dir,  # evaluated against π_sft whatever the reference (iterative DPO's is π_t)
-    )
-    return {"iteration": t, "pairs": len(pairs), "pairs_truncated": cut, "prompts": int(len(cand["keep"])),
-            **results}  # fmt: skip
+
+
+def _write_pairs(path: str, pairs, tokenizer) -> None:
+    if not common.is_main():
+        return
+    text = lambda ids: evaluation.decode_text(tokenizer, ids)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for i in range(len(pairs)):
+            row = {"prompt": text(pairs.prompt_ids[i]), "chosen": text(pairs.chosen_ids[i]),
+                   "rejected": text(pairs.rejected_ids[i])}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def run(
@@ -207,21 +201,53 @@ def run(
     inpo: INPOConfig,
     eval_config: evaluation.EvalConfig,
     workdir: str,
+    reuse_from: tuple[str, ...] = (),
 ) -> dict:
-    """Runs (or resumes) T online iterations in `workdir`; writes and returns `results.json`."""
+    """Runs (or resumes) T online iterations in `workdir`; writes and returns `results.json`.
+
+    Stages (each in WORKDIR/{stage}/{fingerprint}/, reused when its fingerprint matches): sft, rm (the
+    oracle), and per iteration t: iter_{t}/samples (samples.npz with the oracle's labels, pairs.jsonl)
+    and iter_{t}/policy (π_{t+1}, its evaluation against π_sft).
+    """
     start = time.perf_counter()
-    sft_dir, rm_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
+    ran = [locate("sft", sft.spec(sft_cfg), done=common.stage_done)]
+    sft_dir = ran[-1].dir
     sft.run(sft_cfg, sft_dir, name="sft")
-    reward.run(dataclasses.replace(rm_cfg, init_from=sft_dir), rm_dir, kind=inpo.oracle, name="oracle")
+    rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
+    ran.append(locate("rm", reward.spec(rm_cfg, inpo.oracle), done=common.stage_done))
+    rm_dir = ran[-1].dir
+    reward.run(rm_cfg, rm_dir, kind=inpo.oracle, name="oracle")
+    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(policy_cfg.loss.name))
     iterations = []
     prev_dir = sft_dir
     for t in range(1, inpo.iterations + 1):
-        it_dir = os.path.join(workdir, f"iter_{t}")
         t0 = time.perf_counter()
-        result = _iteration(
-            t, policy_cfg=policy_cfg, inpo=inpo, sft_dir=sft_dir, rm_dir=rm_dir, prev_dir=prev_dir,
-            it_dir=it_dir, eval_config=eval_config,
+        # Sample from π_t and label with the oracle.
+        spec = samples_spec(policy_cfg, inpo, t, prev_dir=prev_dir, rm_dir=rm_dir)
+        ran.append(locate(f"iter_{t}/samples", spec, done=_samples_done))
+        cand_path = os.path.join(ran[-1].dir, "samples.npz")
+        if os.path.exists(cand_path):
+            cand = dict(np.load(cand_path))
+        else:
+            cand = _draw_and_label(t, cfg=policy_cfg, inpo=inpo, tokenizer=tokenizer, prev_dir=prev_dir,
+                                   rm_dir=rm_dir, cand_path=cand_path)  # fmt: skip
+        pairs, cut = _pairs(cand, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len)
+        _write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), pairs, tokenizer)
+
+        # Train π_{t+1} from π_t; evaluate it against π_sft.
+        cfg = dataclasses.replace(policy_cfg, init_from=prev_dir)
+        kw = dict(
+            train_data=pairs, eval_config=eval_config, proxy_dir=rm_dir,
+            reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
+            previous_from=prev_dir if uses_previous else "",
+            sft_from=sft_dir,  # evaluated against π_sft whatever the reference (iterative DPO's is π_t)
         )  # fmt: skip
+        ran.append(locate(f"iter_{t}/policy", preference.spec(cfg, **kw), done=common.stage_done))
+        result = preference.run(cfg, ran[-1].dir, name=f"iteration {t}", **kw)
+        result = {"iteration": t, "pairs": len(pairs), "pairs_truncated": cut,
+                  "prompts": int(len(cand["keep"])), **result}  # fmt: skip
         log.info("iteration %d done in %.1fs", t, time.perf_counter() - t0)
         iterations.append(
             {
@@ -230,7 +256,7 @@ def run(
                 if k != "wall_time_s"
             }  # fmt: skip
         )
-        prev_dir = os.path.join(it_dir, "policy")
+        prev_dir = ran[-1].dir
     final = dict(result)
     results = {
         **{k: final.get(k) for k in evaluation.RESULT_KEYS},
@@ -242,7 +268,9 @@ def run(
         "sft": common.read_results(sft_dir),
         "oracle": common.read_results(rm_dir),
         "wall_time_s": time.perf_counter() - start,
+        "stages": {s.name: s.record() for s in ran},
     }
+    fingerprints.write_stages(workdir, ran, final=f"iter_{inpo.iterations}/policy")
     common.write_json(os.path.join(workdir, "results.json"), results)
     if common.is_main():
         with open(os.path.join(workdir, "iterations.jsonl"), "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ import numpy as np
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, evaluation
+from rlhf_jax.pipelines import common, evaluation, fingerprints
 from rlhf_jax.pipelines.config import StageConfig
 from rlhf_jax.train import metrics, steps
 
@@ -90,6 +90,37 @@ def _compose(transforms):
     return transform if transforms else None
 
 
+def pairs_digest(data: pipeline.TokenizedPreference) -> str:
+    """Content hash of tokenised pairs (ids, weights and shapes)."""
+    lengths = [np.asarray([len(x) for x in ids], np.int64) for ids in (data.prompt_ids, data.chosen_ids,
+                                                                      data.rejected_ids)]  # fmt: skip
+    flat = [np.concatenate(ids) if len(ids) else np.zeros(0, np.int32)
+            for ids in (data.prompt_ids, data.chosen_ids, data.rejected_ids)]  # fmt: skip
+    return fingerprints.arrays_digest(*lengths, *flat, np.asarray(data.weights), np.asarray([data.max_len]))
+
+
+def spec(
+    cfg: StageConfig,
+    *,
+    train_data: pipeline.TokenizedPreference | None = None,
+    eval_config: evaluation.EvalConfig | None = None,
+    proxy_dir: str = "",
+    reference_from: str = "",
+    previous_from: str = "",
+    sft_from: str = "",
+) -> dict:
+    """What a preference stage's output depends on (its fingerprint's input); arguments as `run`'s."""
+    return {
+        **fingerprints.trainer_spec(cfg, kind="policy", loss=True),
+        "train_pairs": pairs_digest(train_data) if train_data is not None else "task",
+        "eval": eval_config,
+        "proxy": fingerprints.stage_input(proxy_dir),
+        "reference": fingerprints.stage_input(reference_from or cfg.init_from),
+        "previous": fingerprints.stage_input(previous_from),
+        "sft": fingerprints.stage_input(sft_from or cfg.init_from) if eval_config is not None else "",
+    }
+
+
 def run(
     cfg: StageConfig,
     workdir: str,
@@ -123,6 +154,11 @@ def run(
     if not cfg.init_from:
         raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
     os.makedirs(workdir, exist_ok=True)
+    stage_spec = spec(
+        cfg, train_data=train_data, eval_config=eval_config, proxy_dir=proxy_dir,
+        reference_from=reference_from, previous_from=previous_from, sft_from=sft_from,
+    )  # fmt: skip
+    fingerprints.claim(workdir, stage_spec, name)
     if common.stage_done(workdir):
         return common.read_results(workdir)
 

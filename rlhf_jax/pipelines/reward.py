@@ -20,7 +20,7 @@ import numpy as np
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines import common, fingerprints
 from rlhf_jax.pipelines.config import StageConfig
 from rlhf_jax.train import metrics, steps
 
@@ -73,11 +73,17 @@ def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
     return params
 
 
+def spec(cfg: StageConfig, kind: str) -> dict:
+    """What the reward-model stage's output depends on (its fingerprint's input)."""
+    return fingerprints.trainer_spec(cfg, kind=f"reward:{kind}", loss=False)
+
+
 def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = "reward") -> dict:
     """Trains (or resumes) a reward model in `workdir`; returns held-out accuracy and loss."""
     if kind not in ("pointwise", "pairwise"):
         raise ValueError(f"reward model kind must be 'pointwise' or 'pairwise', got {kind!r}")
     os.makedirs(workdir, exist_ok=True)
+    fingerprints.claim(workdir, spec(cfg, kind), name)
     if common.stage_done(workdir):
         return common.read_results(workdir)
 

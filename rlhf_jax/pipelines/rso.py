@@ -1,13 +1,15 @@
 """RSO end to end: SFT → reward (or ranking) model → sample N per prompt → statistical rejection
 sampling of M → pairs → preference training against the SFT policy → evaluation.
 
-Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization". Stages, each in its
-own subdirectory of the workdir and skipped when its output exists (a rerun resumes where it stopped):
+Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization". Stages, each in
+WORKDIR/{stage}/{fingerprint}/ (`rlhf_jax.pipelines.fingerprints`): reused when the configuration and
+inputs it depends on are unchanged, resumed when it was interrupted, computed anew otherwise:
 
   sft/       supervised fine-tuning (`pipelines.sft`)
   rm/        pointwise reward model, or RSO's pairwise ranking model (`pipelines.reward`), from sft/
   samples/   candidates.npz: N samples per training prompt from the SFT policy and their proxy rewards
-  pairs/     pairs.npz (+ pairs.jsonl to read): M accepted per prompt (or M plain SFT samples for the
+             (shared by every pairing, rejection and loss variant)
+  pairs/     pairs.jsonl + stats.json: M accepted per prompt (or M plain SFT samples for the
              `sft_sample_rank` baseline) ranked into pairs by the proxy reward
   policy/    preference training with the configured loss (`pipelines.preference`), then evaluation
 
@@ -22,6 +24,7 @@ of the ranking model's input to cancel its position bias.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,7 +35,7 @@ import numpy as np
 from rlhf_jax import rejection, sampling, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import candidates, common, evaluation, preference, reward, sft
+from rlhf_jax.pipelines import candidates, common, evaluation, fingerprints, preference, reward, sft
 from rlhf_jax.pipelines.config import StageConfig
 
 log = logging.getLogger("rlhf_jax")
@@ -79,6 +82,10 @@ class RSOConfig:
             )
         if self.beta <= 0:
             raise ValueError(f"rso.beta must be > 0, got {self.beta}")
+
+
+# The RSOConfig fields that determine the candidates (the rest determine how they become pairs).
+SAMPLING_FIELDS = ("reward_kind", "num_prompts", "num_candidates", "temperature", "top_k", "max_new_tokens")
 
 
 def _sampling_config(rso: RSOConfig) -> sampling.SamplingConfig:
@@ -196,6 +203,38 @@ def _write_pairs(path: str, pairs: pipeline.TokenizedPreference, tokenizer, stat
     common.write_json(os.path.join(os.path.dirname(path), "stats.json"), stats)
 
 
+def samples_spec(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str) -> dict:
+    """What the candidates depend on: the prompts (data, seed), the SFT policy, the reward model and the
+    sampling settings (not the pairing or rejection settings, so those variants share the samples)."""
+    return {
+        "kind": "rso_samples",
+        "seed": cfg.seed,
+        "data": fingerprints.data_spec(cfg.data),
+        "sft": fingerprints.stage_input(sft_dir),
+        "rm": fingerprints.stage_input(rm_dir),
+        **{k: getattr(rso, k) for k in SAMPLING_FIELDS},
+    }
+
+
+def pairs_spec(cfg: StageConfig, rso: RSOConfig, *, samples_dir: str) -> dict:
+    """What the pairs depend on: the candidates and every RSO setting that is not a sampling one."""
+    return {
+        "kind": "rso_pairs",
+        "seed": cfg.seed,
+        "max_len": cfg.data.max_len,
+        "samples": fingerprints.stage_input(samples_dir),
+        **{k: v for k, v in dataclasses.asdict(rso).items() if k not in SAMPLING_FIELDS},
+    }
+
+
+def _pairs_done(stage_dir: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir, "stats.json"))
+
+
+def _samples_done(stage_dir: str) -> bool:
+    return os.path.exists(os.path.join(stage_dir, "candidates.npz"))
+
+
 def run(
     *,
     sft_cfg: StageConfig,
@@ -204,44 +243,58 @@ def run(
     rso: RSOConfig,
     eval_config: evaluation.EvalConfig,
     workdir: str,
+    reuse_from: tuple[str, ...] = (),
 ) -> dict:
-    """Runs (or resumes) the whole RSO pipeline in `workdir`; returns and writes `results.json`."""
+    """Runs (or resumes) the whole RSO pipeline in `workdir`; returns and writes `results.json`.
+
+    Every stage lives in WORKDIR/{stage}/{fingerprint}/ and is reused when its fingerprint matches
+    (`rlhf_jax.pipelines.fingerprints`), here or in a `reuse_from` workdir; the results and the printed
+    table are always those of the configuration given.
+    """
     start = time.perf_counter()
-    sft_dir, rm_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "rm")
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
     title = f"RSO on {policy_cfg.data.task}: {rso.pairs}/{rso.ranking}/{policy_cfg.loss.name}"
-    if common.stage_done(os.path.join(workdir, "policy")) and os.path.exists(
-        os.path.join(workdir, "results.json")
-    ):
-        results = common.read_results(workdir)  # finished earlier: report, do not redo or re-time
-        if common.is_main():
-            print("\n" + evaluation.format_table(results, title))
-        return results
-    seconds = {}
+    seconds, ran = {}, []
+
     t0 = time.perf_counter()
+    ran.append(locate("sft", sft.spec(sft_cfg), done=common.stage_done))
+    sft_dir = ran[-1].dir
     sft.run(sft_cfg, sft_dir, name="sft")
     seconds["sft"], t0 = time.perf_counter() - t0, time.perf_counter()
-    reward.run(dataclasses.replace(rm_cfg, init_from=sft_dir), rm_dir, kind=rso.reward_kind, name="rm")
+    rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
+    ran.append(locate("rm", reward.spec(rm_cfg, rso.reward_kind), done=common.stage_done))
+    rm_dir = ran[-1].dir
+    reward.run(rm_cfg, rm_dir, kind=rso.reward_kind, name="rm")
     seconds["rm"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     train_data = None
     pair_stats: dict = {"pairs": "direct (human preference pairs)"}
     if rso.pairs != "direct":
-        cand_path = os.path.join(workdir, "samples", "candidates.npz")
+        ran.append(locate("samples", samples_spec(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir),
+                          done=_samples_done))  # fmt: skip
+        cand_path = os.path.join(ran[-1].dir, "candidates.npz")
         if os.path.exists(cand_path):
             cand = dict(np.load(cand_path))
         else:
             cand = sample_candidates(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir, out_path=cand_path)
             log.info("sampled %s candidates in %.1fs", cand["tokens"].shape[:2], time.perf_counter() - t0)
-        tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
         seconds["samples"], t0 = time.perf_counter() - t0, time.perf_counter()
+        tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+        ran.append(locate("pairs", pairs_spec(policy_cfg, rso, samples_dir=ran[-1].dir), done=_pairs_done))
         train_data, pair_stats = build_pairs(
             cand, rso, seed=policy_cfg.seed, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len
         )
-        _write_pairs(os.path.join(workdir, "pairs", "pairs"), train_data, tokenizer, pair_stats)
+        if not ran[-1].reused:
+            _write_pairs(os.path.join(ran[-1].dir, "pairs"), train_data, tokenizer, pair_stats)
 
+    policy_cfg = dataclasses.replace(policy_cfg, init_from=sft_dir)
+    policy_spec = preference.spec(
+        policy_cfg, train_data=train_data, eval_config=eval_config, proxy_dir=rm_dir
+    )
+    ran.append(locate("policy", policy_spec, done=common.stage_done))
     results = preference.run(
-        dataclasses.replace(policy_cfg, init_from=sft_dir), os.path.join(workdir, "policy"), name="policy",
-        train_data=train_data, eval_config=eval_config, proxy_dir=rm_dir,
+        policy_cfg, ran[-1].dir, name="policy", train_data=train_data, eval_config=eval_config,
+        proxy_dir=rm_dir,
     )  # fmt: skip
     seconds["policy_and_evaluation"] = time.perf_counter() - t0
     results = {
@@ -253,8 +306,10 @@ def run(
         "sft": common.read_results(sft_dir),
         "reward_model": common.read_results(rm_dir),
         "wall_time_s": time.perf_counter() - start,
-        "stage_seconds": seconds,  # of this invocation (a finished stage that is skipped counts ~0)
+        "stage_seconds": seconds,  # of this invocation (a reused stage counts ~0)
+        "stages": {s.name: s.record() for s in ran},
     }
+    fingerprints.write_stages(workdir, ran, final="policy")
     common.write_json(os.path.join(workdir, "results.json"), results)
     if common.is_main():
         print("\n" + evaluation.format_table(results, title))

@@ -2,7 +2,9 @@
 
     results = sft.run(stage_config, workdir)
 
-Writes the stage's workdir (see `rlhf_jax.pipelines.common`); a finished stage is not run again.
+Writes the stage's workdir (see `rlhf_jax.pipelines.common`) and its `fingerprint.json`
+(`rlhf_jax.pipelines.fingerprints`); a finished stage is not run again, and a directory holding a stage
+of another configuration is refused.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ import jax
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines import common, fingerprints
 from rlhf_jax.pipelines.config import StageConfig
 from rlhf_jax.train import metrics, steps
+
+
+def spec(cfg: StageConfig) -> dict:
+    """What the SFT stage's output depends on (its fingerprint's input)."""
+    return fingerprints.trainer_spec(cfg, kind="sft", loss=False)
 
 
 def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     """Trains (or resumes) the SFT policy in `workdir`; returns the evaluation results."""
     os.makedirs(workdir, exist_ok=True)
+    fingerprints.claim(workdir, spec(cfg), name)
     if common.stage_done(workdir):
         return common.read_results(workdir)
 
