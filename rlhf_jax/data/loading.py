@@ -1,10 +1,12 @@
 """Loading examples from files: read, detect the format, parse, skip and count bad records.
 
 Each file's format is detected from the first record whose keys identify one (see `formats.py`), or
-taken from `format=`. A bad record (malformed line, missing field, empty response, chosen identical to
-rejected, failed HH split) is skipped and counted by reason in the file's `FileStats`; with
-`strict=True` it raises `DataError` naming the file, the 1-based line (row, for Parquet and JSON arrays)
-and the field instead. The load's one-line summary is logged at INFO.
+taken from `format=`. A bad record (malformed line, a line that is not UTF-8, a string holding a lone
+surrogate, missing field, wrong type, empty response, chosen identical to rejected, failed HH split) is
+skipped and counted by reason in the file's `FileStats`; with `strict=True` it raises `DataError` naming
+the file, the 1-based line (row, for Parquet and JSON arrays) and the field instead. A file that cannot be
+read to its end (truncated or corrupt gzip, corrupt Parquet, unreadable) raises `DataError` naming it in
+both modes (see `readers.py`). The load's one-line summary is logged at INFO.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def load_file(
       The examples (preference or SFT, by the format's kind) and the file's statistics.
 
     Raises:
-      DataError: the format cannot be detected, the file cannot be read, or (strict) a record is bad.
+      DataError: the format cannot be detected, the file cannot be read to its end (in either mode), or
+        (strict) a record is bad.
     """
     records = list(readers.iter_records(path))
     if not records:
@@ -48,7 +51,7 @@ def load_file(
     for line, record in records:
         try:
             if isinstance(record, readers.Malformed):
-                raise formats.BadRecordError(rec.MALFORMED, None, record.error)
+                raise formats.BadRecordError(record.reason, record.field, record.error)
             if not isinstance(record, dict):
                 raise formats.BadRecordError(
                     rec.MALFORMED, None, f"expected a JSON object, got {type(record).__name__}"
@@ -77,7 +80,8 @@ def load_preference(
       The pairs, in file order, and the load statistics.
 
     Raises:
-      DataError: a file holds SFT examples, its format cannot be detected, or (strict) a record is bad.
+      DataError: a file holds SFT examples, its format cannot be detected, it cannot be read to its end
+        (truncated or corrupt gzip or Parquet, unreadable; in either mode), or (strict) a record is bad.
       FileNotFoundError: a path or glob matches nothing.
     """
     return _load(paths, "preference", format, strict)
@@ -113,11 +117,17 @@ def _load(paths: readers.PathsLike, kind: str, format: str | None, strict: bool)
 
 def _detect(path: str, records: list) -> str:
     for _, record in records[:_DETECT_WINDOW]:
-        format_name = formats.detect_format(record)
+        format_name = formats.detect_format(_decoded(record))
         if format_name is not None:
             return format_name
-    first = next((r for _, r in records if isinstance(r, dict)), None)
+    first = next((_decoded(r) for _, r in records if isinstance(_decoded(r), dict)), None)
     keys = sorted(first) if first is not None else "no JSON objects"
     raise rec.DataError(
         path, None, None, f"cannot detect the format from keys {keys}; pass format= one of {formats.FORMATS}"
     )
+
+
+def _decoded(record):
+    """The record, or what a `Malformed` line decoded to: a record skipped for bad text still shows the
+    file's format by its keys."""
+    return record.record if isinstance(record, readers.Malformed) else record

@@ -14,6 +14,10 @@ from typing import Any
 
 # Reasons a record is skipped (the keys of `FileStats.skipped`).
 MALFORMED = "malformed_line"  # not JSON, or not a JSON object
+INVALID_UTF8 = "invalid_utf8"  # a JSONL line whose bytes are not UTF-8
+LONE_SURROGATE = (
+    "lone_surrogate"  # a string that is not Unicode text (JSON "\ud800"): the tokenizer fails on it
+)
 MISSING_FIELD = "missing_field"  # a required field is absent or null
 WRONG_TYPE = "wrong_type"  # a field has the wrong type or an invalid value (e.g. `choice` not 0/1)
 EMPTY_PROMPT = "empty_prompt"
@@ -23,6 +27,8 @@ SPLIT_FAILED = "split_failed"  # an HH pair shares no prefix ending at an Assist
 UNPARSED_PROMPT = "unparsed_prompt"  # a TL;DR prompt without SUBREDDIT/TITLE/POST fields
 SKIP_REASONS = (
     MALFORMED,
+    INVALID_UTF8,
+    LONE_SURROGATE,
     MISSING_FIELD,
     WRONG_TYPE,
     EMPTY_PROMPT,
