@@ -53,71 +53,33 @@ def test_every_study_builds_valid_runs():
 
 
 @pytest.mark.slow
-def test_smoke_study_runs_and_shares_stages(tmp_path):
+def test_smoke_study_runs_and_shares_stages(tmp_path, capsys):
     assert study.main(["--study=rpo_overopt:smoke", "--seeds=1", f"--workdir={tmp_path}",
                        "--config.progress=false"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
     for name in ("table.md", "table.json", "plot.png"):
         assert os.path.exists(tmp_path / name), name
     table = json.loads((tmp_path / "table.json").read_text())
     assert set(table["methods"]) == {"dpo", "rpo"}
     assert table["methods"]["rpo"]["win_rate_vs_sft_gold"]["values"]
-    # The SFT and reward-model stages were trained once and copied: identical params metadata.
-    a, b = (tmp_path / "seed_0" / m / "sft" / "results.json" for m in ("dpo", "rpo"))
-    assert a.read_text() == b.read_text()
-    curve = [json.loads(x) for x in (tmp_path / "seed_0" / "rpo" / "policy" / "eval_curve.jsonl").open()]
+    # The SFT and reward-model stages were computed once, by the first method, and copied to the second
+    # (the fingerprints match): the second run says so and its stages are the first run's.
+    seed = tmp_path / "seed_0"
+    dpo, rpo = (json.loads((seed / m / "results.json").read_text())["stages"] for m in ("dpo", "rpo"))
+    for name in ("sft", "rm"):
+        assert not dpo[name]["reused"] and rpo[name]["reused"], name
+        assert dpo[name]["fingerprint"] == rpo[name]["fingerprint"], name
+        assert (
+            f"reused {name}/ (fingerprint {dpo[name]['fingerprint'][:12]}, copied from {seed / 'dpo'}" in out
+        )
+    assert out.count("computing sft/") == 1 and out.count("computing rm/") == 1
+    assert dpo["policy"]["fingerprint"] != rpo["policy"]["fingerprint"]
+    curve_path = study.run_file(str(seed / "rpo"), "policy/eval_curve.jsonl")
+    curve = [json.loads(x) for x in open(curve_path)]
     assert [c["step"] for c in curve] == [3, 6] and all(c["gold_reward_policy"] is not None for c in curve)
-
-
-def _fake_run(root, seed, run, config, stages):
-    d = root / f"seed_{seed}" / run
-    d.mkdir(parents=True, exist_ok=True)
-    for sub in stages:
-        (d / sub / "params").mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"experiment": "x", **config}))
-    return d
-
-
-def test_reuse_copies_only_stages_whose_config_matches(tmp_path):
-    rows = study.Method("a", "rso_tldr:smoke")
-    config = study.run_config(rows, 0, [])
-    assert config["seed"] == 0
-    other = tmp_path / "other"
-    _fake_run(other, 0, "m0", config, ("sft", "rm"))
-    assert study.find_reusable("sft", config, 0, [str(other)]) == str(other / "seed_0" / "m0" / "sft")
-    assert study.find_reusable("rm", config, 0, [str(other)]) == str(other / "seed_0" / "m0" / "rm")
-    # Only SFT and reward-model stages are reusable; another seed has nothing to give.
-    assert study.find_reusable("samples", config, 0, [str(other)]) is None
-    assert study.find_reusable("sft", study.run_config(rows, 1, []), 1, [str(other)]) is None
-    # A different SFT budget changes both stages; a different RM budget or kind only the reward model;
-    # a different policy budget neither.
-    sft_changed = study.run_config(rows, 0, ["--config.sft.steps=7"])
-    assert study.find_reusable("sft", sft_changed, 0, [str(other)]) is None
-    assert study.find_reusable("rm", sft_changed, 0, [str(other)]) is None
-    rm_changed = study.run_config(rows, 0, ["--config.rm.learning_rate=0.5"])
-    assert study.find_reusable("sft", rm_changed, 0, [str(other)]) is not None
-    assert study.find_reusable("rm", rm_changed, 0, [str(other)]) is None
-    pairwise = study.run_config(rows, 0, ["--config.rso.reward_kind=pairwise"])
-    assert study.find_reusable("rm", pairwise, 0, [str(other)]) is None
-    policy_changed = study.run_config(rows, 0, ["--config.train.steps=99", "--config.loss.name=hinge"])
-    assert study.find_reusable("rm", policy_changed, 0, [str(other)]) is not None
-    # An unfinished stage (no params/) is never reused.
-    _fake_run(tmp_path / "third", 0, "m0", config, ())
-    (tmp_path / "third" / "seed_0" / "m0" / "sft").mkdir()
-    assert study.find_reusable("sft", config, 0, [str(tmp_path / "third")]) is None
-
-
-def test_reuse_of_a_missing_directory_is_an_error(tmp_path, capsys):
-    assert study.main(["--study=rso_table:smoke", f"--workdir={tmp_path}", f"--reuse={tmp_path}/nope"]) == 2
-    assert "--reuse" in capsys.readouterr().err
-
-
-def test_reuse_ignores_keys_that_are_unset_on_both_sides(tmp_path):
-    """A run written before a config key existed (so its config.json lacks it) matches a run that leaves
-    the new key unset ("")."""
-    config = study.run_config(study.Method("a", "rso_tldr:smoke"), 0, [])
-    older = json.loads(json.dumps(config))
-    del older["data"]["path"]
-    _fake_run(tmp_path, 0, "m0", older, ("sft",))
-    assert study.find_reusable("sft", config, 0, [str(tmp_path)]) is not None
-    given = study.run_config(study.Method("a", "rso_tldr:smoke"), 0, ["--config.data.path=x.jsonl"])
-    assert study.find_reusable("sft", given, 0, [str(tmp_path)]) is None
+    # A rerun of the finished study reuses every stage and writes the same table.
+    assert study.main(["--study=rpo_overopt:smoke", "--seeds=1", f"--workdir={tmp_path}",
+                       "--config.progress=false"]) == 0  # fmt: skip
+    assert "computing" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "table.json").read_text())
+    assert again["methods"]["rpo"]["win_rate_vs_sft_gold"] == table["methods"]["rpo"]["win_rate_vs_sft_gold"]
