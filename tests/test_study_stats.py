@@ -4,6 +4,7 @@ baselines, and the option that ties the synthetic data and evaluation prompts to
 import json
 import math
 
+import numpy as np
 import pytest
 
 from launch import study, train
@@ -59,6 +60,27 @@ def test_paired_interval_not_resolved_and_lower():
     table = study.summarize(_study(), {"base": _runs(m, 0.5, 0.6, 0.7), "new": _runs(m, 0.39, 0.5, 0.61)})
     d = table["new"][m]["diff_vs_baseline"]
     assert d["resolved"] is True and d["direction"] == "lower" and d["ci95"][1] < 0
+
+
+def test_disjoint_marginal_intervals_imply_a_resolved_paired_interval():
+    """sd(a - b) <= sd(a) + sd(b), so over the same seeds the paired half-width is at most the sum of
+    the marginal ones: disjoint marginal intervals always resolve (the converse fails, which is the
+    point of pairing)."""
+    rng = np.random.default_rng(0)
+    m, s = "score", _study(("score",))  # an unknown metric: no clipping
+    disjoint = overlap_resolved = 0
+    for _ in range(400):
+        shared = rng.normal(0, 1, 3)  # the seed's shared SFT policy, reward model and keys
+        base, new = shared + rng.normal(0, 0.3, 3), shared + rng.normal(rng.uniform(-1, 1), 0.3, 3)
+        table = study.summarize(s, {"base": _runs(m, *base), "new": _runs(m, *new)})
+        (b_lo, b_hi), (n_lo, n_hi) = table["base"][m]["ci95"], table["new"][m]["ci95"]
+        d = table["new"][m]["diff_vs_baseline"]
+        if n_lo > b_hi or b_lo > n_hi:
+            disjoint += 1
+            assert d["resolved"] and d["direction"] == ("higher" if n_lo > b_hi else "lower")
+        elif d["resolved"]:
+            overlap_resolved += 1
+    assert disjoint and overlap_resolved
 
 
 def test_pairs_by_seed_not_by_position():
