@@ -79,6 +79,7 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
             num_eval=128,
             flip_rate=0.0,
             eval_fraction=0.05,
+            vary_with_seed=False,
         )
     )
     if task == "hh":

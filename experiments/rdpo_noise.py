@@ -11,7 +11,9 @@ SFT policy, and implicit-reward accuracy on clean held-out pairs (ordered by the
 The full study uses `dpo_tldr` at the miniature sizes of `rso_tldr` (`MINI`: the same ~1.2M-parameter
 model and SFT stage, so `--reuse=studies/rso_table` can copy the SFT policy of each seed), 64 steps of
 32 pairs (half an epoch of the ~3.9k training pairs, lr 1e-4) with a precomputed reference, and 64
-evaluation prompts × 2 samples.
+evaluation prompts × 2 samples (the smoke variant: 8). Paired comparisons stay within a flip rate: cDPO
+and rDPO at ε against DPO at the same ε (the claim is about the method at a given noise level), and DPO
+at ε > 0 against DPO at ε = 0 (the claim that DPO degrades as ε grows).
 """
 
 from launch.study import Method, Study
@@ -40,13 +42,25 @@ def _methods(experiment, rates, common):
         )
 
 
+def _baselines(rates):
+    """cDPO and rDPO at ε against DPO at the same ε; DPO at ε > 0 against DPO at the lowest ε."""
+    pairs = {f"dpo_eps{eps}": f"dpo_eps{rates[0]}" for eps in rates[1:]}
+    for eps in rates:
+        pairs.update({f"cdpo_eps{eps}": f"dpo_eps{eps}", f"rdpo_eps{eps}": f"dpo_eps{eps}"})
+    return pairs
+
+
 def get_study(arg=None):
     smoke = arg == "smoke"
     experiment = "dpo_tldr:smoke" if smoke else "dpo_tldr"
+    rates = (0.0, 0.4) if smoke else RATES
     return Study(
         name="rdpo_noise",
-        methods=tuple(_methods(experiment, (0.0, 0.4) if smoke else RATES, () if smoke else MINI)),
+        methods=tuple(_methods(experiment, rates, () if smoke else MINI)),
         metrics=("win_rate_vs_sft_gold", "eval_reward_accuracy", "kl_to_sft"),
         share=("sft",),
-        note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs.",
+        note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs; "
+        f"win rates on {8 if smoke else 64} held-out prompts × 2 samples per run. Paired within ε: cDPO and "
+        "rDPO against DPO at the same ε, DPO against DPO at ε = 0.",
+        baseline=_baselines(rates),
     )

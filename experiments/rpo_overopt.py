@@ -7,7 +7,8 @@ Liu et al. 2024 ("Provably Mitigating Overoptimization in RLHF") claim the SFT t
 from over-optimising the learned reward: the proxy reward keeps rising while the gold reward falls for
 DPO, less so for RPO. Both train on the human pairs for a long budget, evaluated every `eval_every`
 steps by the proxy reward model and the gold reward (curves in plot.png, from each run's
-policy/eval_curve.jsonl).
+policy/eval_curve.jsonl), on 64 held-out prompts × 2 samples (the smoke variant: 8). RPO is paired with
+DPO, the baseline it modifies.
 """
 
 from launch.study import Method, Study
@@ -34,5 +35,7 @@ def get_study(arg=None):
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
         share=("sft", "rm"),
         curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
-        note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table).",
+        note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table) on "
+        f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO paired with DPO.",
+        baseline="dpo",
     )

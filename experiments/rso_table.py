@@ -7,7 +7,10 @@ Rows (Liu et al. 2024, Table 1): DPO on the human pairs ("direct" + sigmoid-norm
 pairs of plain SFT samples ranked by the reward model ("sft-sample-rank"), RSO sigmoid-norm (rejection-
 sampled pairs), SLiC on the human pairs ("direct" + hinge), RSO hinge-norm. Every row starts from the
 same SFT policy and uses the same reward model (trained once per seed) and, for the sampled rows, the
-same candidates; the paper's claim is that the rso rows beat direct and sft-sample-rank.
+same candidates; the paper's claim is that the rso rows beat direct and sft-sample-rank. Each run is
+evaluated on 128 held-out prompts × 2 samples (8 in the smoke variant). The baseline of the paired
+comparison is DPO-direct (DPO's loss family on the human pairs), the row every other one is measured
+against; the win rates are already against the SFT policy, so the SFT policy is not a row.
 """
 
 from launch.study import Method, Study
@@ -31,5 +34,7 @@ def get_study(arg=None):
         methods=tuple(Method(name, experiment, overrides) for name, overrides in _ROWS),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft", "mean_response_length"),
         share=("sft", "rm", "samples"),
-        note="RSO Table 1 in miniature: win rates against the SFT policy by the gold and the proxy reward.",
+        note="RSO Table 1 in miniature: win rates against the SFT policy by the gold and the proxy reward, "
+        f"on {8 if arg == 'smoke' else 128} held-out prompts × 2 samples per run; rows paired with DPO-direct.",
+        baseline="dpo_direct",
     )

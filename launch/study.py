@@ -11,21 +11,32 @@ configuration and inputs equal those of a stage another method of the same seed 
 SFT policy, the reward model, RSO's samples) is copied instead of recomputed, and `--reuse=DIR` (another
 study's or run's workdir) extends the search there; nothing is shared that a method's config changes.
 Every run uses `launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
-WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, 95% interval) and plot.png.
-The 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n); with one seed it is
-the run's own bootstrap interval when the metric has one.
+WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, marginal 95% interval, and
+the paired difference from the study's baseline row) and plot.png.
+
+Statistics. The marginal 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n;
+with one seed the run's own bootstrap interval over prompts when the metric has one), clipped to the
+metric's range (`METRIC_RANGES`) and marked `*` when clipped. Rows of one seed share the SFT policy, the
+reward model and the evaluation keys, so they are compared paired: for each method with a baseline
+(`Study.baseline`), d_s = x_s(method) - x_s(baseline) over the seeds both have, and the 95% t-interval
+of mean(d) decides: resolved iff it excludes 0. One seed gives no paired interval (n/a). By default the
+synthetic data and evaluation prompts are the same for every seed, so the intervals cover training and
+sampling randomness only; `--config.data.vary_with_seed=true` ties them to the seed, so the intervals
+also cover the draw of the data and prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import importlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -53,6 +64,9 @@ class Study:
     share: workdir subdirectories trained once per seed (by the first method) and copied to the others.
     curve: optional (file, x key, y keys) of a per-run JSONL curve to plot instead of bars.
     note: what the study checks, printed above the table.
+    baseline: the row each method is compared with, paired over seeds: a method name (every other row's
+      baseline), "" for the first method, or a mapping {method: its baseline} for per-group baselines
+      (e.g. DPO at the same label-flip rate); a method missing from the mapping has no comparison.
     """
 
     name: str
@@ -61,10 +75,65 @@ class Study:
     share: tuple[str, ...] = ("sft",)
     curve: tuple[str, str, tuple[str, ...]] | None = None
     note: str = ""
+    baseline: str | Mapping[str, str] = ""
+
+    def __post_init__(self):
+        names = [m.name for m in self.methods]
+        pairs = self.baseline.items() if isinstance(self.baseline, Mapping) else [("", self.baseline)]
+        for method, base in pairs:
+            for role, name in (("method", method), ("baseline", base)):
+                if name and name not in names:
+                    raise ValueError(
+                        f"study {self.name!r}: {role} {name!r} in `baseline` is not one of its methods "
+                        f"{names}"
+                    )
+            if method and method == base:
+                raise ValueError(f"study {self.name!r}: method {method!r} is its own baseline")
+
+    def baseline_of(self, method: str) -> str | None:
+        """The method `method` is compared with (None for a baseline row or one without a comparison)."""
+        if isinstance(self.baseline, Mapping):
+            return self.baseline.get(method)
+        base = self.baseline or (self.methods[0].name if self.methods else "")
+        return None if method == base else base
+
+
+# The known range of a metric by name pattern (fnmatch, first match wins): intervals are clipped to it
+# and marked. A t-interval is symmetric about the mean and can leave the range (a win rate's upper end
+# above 1, a KL's lower end below 0); unknown metrics are never clipped.
+METRIC_RANGES = (
+    ("win_rate*", (0.0, 1.0)),
+    ("*accuracy*", (0.0, 1.0)),
+    ("kl*", (0.0, math.inf)),
+    ("*length*", (0.0, math.inf)),
+    ("wall_time*", (0.0, math.inf)),
+)
+
+
+def metric_range(metric: str) -> tuple[float, float] | None:
+    """The (low, high) a metric's value is known to lie in, or None when unknown."""
+    return next((bounds for pattern, bounds in METRIC_RANGES if fnmatch.fnmatchcase(metric, pattern)), None)
+
+
+def difference_range(metric: str) -> tuple[float, float] | None:
+    """The range of a difference of two values of `metric`: [low - high, high - low]."""
+    bounds = metric_range(metric)
+    return None if bounds is None else (bounds[0] - bounds[1], bounds[1] - bounds[0])
+
+
+def clip_interval(
+    ci: list[float] | None, bounds: tuple[float, float] | None
+) -> tuple[list[float] | None, bool]:
+    """`ci` clipped to `bounds`, and whether clipping changed it."""
+    if ci is None or bounds is None:
+        return ci, False
+    clipped = [min(max(ci[0], bounds[0]), bounds[1]), min(max(ci[1], bounds[0]), bounds[1])]
+    return clipped, clipped != list(ci)
 
 
 def t_interval(values: list[float]) -> list[float] | None:
-    """95% t-interval of the mean of `values` (None for fewer than two)."""
+    """95% t-interval of the mean of `values`: mean ± t_{0.975, n-1} · sd / √n (None for fewer than two;
+    beyond 30 degrees of freedom the 30-dof quantile, slightly wide)."""
     n = len(values)
     if n < 2:
         return None
@@ -73,42 +142,176 @@ def t_interval(values: list[float]) -> list[float] | None:
     return [mean - half, mean + half]
 
 
-def summarize(study: Study, results: dict[str, list[dict]]) -> dict:
-    """{method: {metric: {values, mean, ci95}}} from each method's per-seed results.json dicts."""
+def paired_difference(method: dict[int, float], baseline: dict[int, float], *, metric: str) -> dict:
+    """The paired comparison of a method with its baseline over the seeds both have.
+
+    d_s = x_s(method) - x_s(baseline) for each shared seed s; the 95% t-interval of mean(d) (n - 1
+    degrees of freedom) decides: "resolved" iff it excludes 0, in the direction of its sign. With fewer
+    than two shared seeds there is no interval over seeds and nothing is resolved (never a fallback to
+    marginal overlap, which ignores that the rows share SFT policy, reward model and evaluation keys).
+
+    Args:
+      method, baseline: {seed: value} of one metric.
+      metric: the metric's name (the interval is clipped to the range of a difference of its values).
+
+    Returns:
+      {seeds, values (the d_s), mean, ci95, ci95_clipped, resolved (bool, None under two seeds),
+      direction ("higher"/"lower" when resolved, else None)}.
+    """
+    seeds = sorted(set(method) & set(baseline))
+    diffs = [float(method[s] - baseline[s]) for s in seeds]
+    raw = t_interval(diffs)
+    ci, clipped = clip_interval(raw, difference_range(metric))
+    resolved = None if raw is None else bool(raw[0] > 0 or raw[1] < 0)
+    return {
+        "seeds": seeds,
+        "values": diffs,
+        "mean": float(np.mean(diffs)) if diffs else None,
+        "ci95": ci,
+        "ci95_clipped": clipped,
+        "resolved": resolved,
+        "direction": ("higher" if raw[0] > 0 else "lower") if resolved else None,
+    }
+
+
+def _by_seed(runs) -> dict[int, dict]:
+    """{seed: results} from a list in seed order (None for a missing run) or a {seed: results} mapping."""
+    items = runs.items() if isinstance(runs, Mapping) else enumerate(runs)
+    return {int(s): r for s, r in items if r}
+
+
+def summarize(study: Study, results: dict) -> dict:
+    """{method: {metric: entry}} from each method's per-seed results.json dicts.
+
+    Args:
+      study: the study.
+      results: {method: its runs' results.json dicts}, a list in seed order (element i is seed i's run,
+        None where it is missing) or a {seed: dict} mapping; the seed pairs runs across methods.
+
+    Returns:
+      Per method and metric: `values` (per seed, where numeric), `seeds`, `mean`, `ci95` (the marginal
+      95% t-interval over seeds, clipped to the metric's range; with one seed the run's own bootstrap
+      interval over prompts when it has one), `ci95_clipped`, `ci95_kind` ("seeds", "bootstrap" or None)
+      and, for a method with a baseline, `diff_vs_baseline` (`paired_difference` plus `baseline`). Per
+      method also `wall_time_s` (summed) and `eval_prompts` / `samples_per_prompt` (the distinct values
+      the runs report).
+    """
+    runs_of = {m.name: _by_seed(results.get(m.name, [])) for m in study.methods}
+
+    def values(name, metric):
+        return {s: r[metric] for s, r in runs_of[name].items() if isinstance(r.get(metric), (int, float))}
+
     table = {}
     for method in study.methods:
-        runs = results.get(method.name, [])
+        runs = runs_of[method.name]
+        base = study.baseline_of(method.name)
         row = {}
         for metric in study.metrics:
-            values = [r[metric] for r in runs if isinstance(r.get(metric), (int, float))]
-            ci = t_interval(values)
-            if ci is None and len(runs) == 1 and isinstance(runs[0].get(metric + "_ci95"), list):
-                ci = runs[0][metric + "_ci95"]
-            row[metric] = {"values": values, "mean": float(np.mean(values)) if values else None, "ci95": ci}
-        row["wall_time_s"] = float(sum(r.get("wall_time_s") or 0 for r in runs))
+            by_seed = values(method.name, metric)
+            vals = [by_seed[s] for s in sorted(by_seed)]
+            ci, kind = t_interval(vals), "seeds"
+            if ci is None:
+                own = next(iter(runs.values()), {}).get(metric + "_ci95") if len(runs) == 1 else None
+                ci, kind = (own, "bootstrap") if isinstance(own, list) else (None, None)
+            ci, clipped = clip_interval(ci, metric_range(metric))
+            entry = {
+                "values": vals,
+                "seeds": sorted(by_seed),
+                "mean": float(np.mean(vals)) if vals else None,
+                "ci95": ci,
+                "ci95_clipped": clipped,
+                "ci95_kind": kind,
+            }
+            if base is not None:
+                entry["diff_vs_baseline"] = {
+                    "baseline": base,
+                    **paired_difference(by_seed, values(base, metric), metric=metric),
+                }
+            row[metric] = entry
+        row["wall_time_s"] = float(sum(r.get("wall_time_s") or 0 for r in runs.values()))
+        for key in ("eval_prompts", "samples_per_prompt"):
+            row[key] = sorted({r[key] for r in runs.values() if isinstance(r.get(key), int)})
         table[method.name] = row
     return table
 
 
+def _interval_text(mean: float, ci, clipped: bool, signed: bool = False) -> str:
+    """`mean [low, high]`, with `*` when the interval was clipped."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f.format(mean)
+    if ci:
+        text += f" [{f.format(ci[0])}, {f.format(ci[1])}]" + ("*" if clipped else "")
+    return text
+
+
+_MARGINAL_NOTE = (
+    "Marginal: mean over seeds [95% t-interval over seeds]. Rows of one seed share the SFT policy, reward "
+    "model and evaluation keys, so compare rows in the paired table, not by overlap of these intervals."
+)
+_PAIRED_NOTE = (
+    "Paired: difference from the baseline row, the mean over seeds of the per-seed difference [95% "
+    "t-interval of that mean, n - 1 dof]; resolved iff the interval excludes 0."
+)
+_CLIPPED_NOTE = "\\* interval clipped to the metric's range (win rates and accuracies in [0, 1], KL ≥ 0)."
+_BOOTSTRAP_NOTE = "With one seed a marginal interval is the run's bootstrap interval over evaluation prompts."
+
+
 def markdown(study: Study, table: dict, seeds: int, wall: float, command: str) -> str:
-    """The table as markdown: mean [95% interval] per method and metric."""
+    """The tables as markdown: per method and metric the mean [marginal 95% interval], then each
+    method's paired difference from its baseline [95% interval over seeds] with the verdict."""
 
     def cell(entry):
         if entry["mean"] is None:
             return "n/a"
-        ci = entry["ci95"]
-        return f"{entry['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        return _interval_text(entry["mean"], entry["ci95"], entry["ci95_clipped"])
 
-    lines = [f"### Study `{study.name}`", "", study.note, "", f"Command: `{command}`", "",
-             f"Seeds: {seeds}; wall time {wall / 60:.1f} min.", ""]  # fmt: skip
-    lines += ["| method | " + " | ".join(study.metrics) + " |", "|---|" + "---|" * len(study.metrics)]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(cell(row[m]) for m in study.metrics) + " |")
-    return "\n".join(lines) + "\n"
+    def diff_cell(d):
+        if d is None or d["mean"] is None:
+            return "n/a"
+        n = len(d["seeds"])
+        if d["resolved"] is None:
+            return f"{d['mean']:+.3f}, n/a ({n} seed: no paired interval)"
+        verdict = f"resolved, {d['direction']}" if d["resolved"] else "not resolved"
+        text = _interval_text(d["mean"], d["ci95"], d["ci95_clipped"], signed=True) + " " + verdict
+        return text + (f" (n={n})" if n < seeds else "")
+
+    metrics = study.metrics
+    marginal = [row[m] for row in table.values() for m in metrics]
+    diffs = {n: [row[m].get("diff_vs_baseline") for m in metrics] for n, row in table.items()}
+    diffs = {n: ds for n, ds in diffs.items() if any(ds)}
+    sizes = sorted(
+        {
+            (p, s)
+            for row in table.values()
+            for p in row.get("eval_prompts", ())
+            for s in row.get("samples_per_prompt", ())
+        }
+    )
+    header = f"Seeds: {seeds}; wall time {wall / 60:.1f} min."
+    if sizes:
+        header += " Evaluation per run: " + ", ".join(f"{p} prompts × {s} samples" for p, s in sizes) + "."
+    lines = [f"### Study `{study.name}`", "", study.note, "", f"Command: `{command}`", "", header, ""]
+    lines += [_MARGINAL_NOTE, ""]
+    lines += ["| method | " + " | ".join(f"{m} (marginal)" for m in metrics) + " |"]
+    lines += ["|---|" + "---|" * len(metrics)]
+    lines += [
+        f"| {name} | " + " | ".join(cell(row[m]) for m in metrics) + " |" for name, row in table.items()
+    ]
+    if diffs:
+        lines += ["", _PAIRED_NOTE, "", "| method | baseline | " + " | ".join(metrics) + " |"]
+        lines += ["|---|---|" + "---|" * len(metrics)]
+        for name, ds in diffs.items():
+            base = next(d["baseline"] for d in ds if d)
+            lines.append(f"| {name} | {base} | " + " | ".join(diff_cell(d) for d in ds) + " |")
+    entries = marginal + [d for ds in diffs.values() for d in ds if d]
+    notes = [_BOOTSTRAP_NOTE] if any(e.get("ci95_kind") == "bootstrap" for e in marginal) else []
+    notes += [_CLIPPED_NOTE] if any(e.get("ci95_clipped") for e in entries) else []
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def plot(study: Study, table: dict, workdir: str) -> str:
-    """Bars with 95% intervals of the first metric per method (or the study's curves); returns the path."""
+    """Bars with marginal 95% intervals of the first metric per method, next to each method's paired
+    difference from its baseline (or the study's curves); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,18 +332,29 @@ def plot(study: Study, table: dict, workdir: str) -> str:
         axes[0][0].legend()
     else:
         metric = study.metrics[0]
-        names = list(table)
-        means = [table[n][metric]["mean"] or 0.0 for n in names]
-        cis = [table[n][metric]["ci95"] or [m, m] for n, m in zip(names, means, strict=True)]
-        err = [[m - ci[0] for m, ci in zip(means, cis, strict=True)],
-               [ci[1] - m for m, ci in zip(means, cis, strict=True)]]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names)), 3.8))
-        ax.bar(range(len(names)), means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel(metric)
+        diffs = {n: row[metric]["diff_vs_baseline"] for n, row in table.items()
+                 if row[metric].get("diff_vs_baseline", {}).get("mean") is not None}  # fmt: skip
+        panels = [(list(table), [table[n][metric] for n in table], "mean [marginal 95% interval over seeds]")]
+        if diffs:
+            title = "minus its baseline row, paired over seeds [95% interval]"
+            panels.append((list(diffs), list(diffs.values()), title))
+        width = max(5, 0.8 * len(table))
+        fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.8 * len(panels)), squeeze=False)
+        axes = [row[0] for row in axes]
+        for ax, (names, entries, title) in zip(axes, panels, strict=True):
+            means = [e["mean"] or 0.0 for e in entries]
+            cis = [e["ci95"] or [m, m] for e, m in zip(entries, means, strict=True)]
+            err = [[m - ci[0] for m, ci in zip(means, cis, strict=True)],
+                   [ci[1] - m for m, ci in zip(means, cis, strict=True)]]  # fmt: skip
+            ax.bar(range(len(names)), means, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(metric)
+            ax.grid(axis="y", alpha=0.3)
         if "win_rate" in metric:
-            ax.axhline(0.5, color="gray", lw=1, ls="--")
-        ax.grid(axis="y", alpha=0.3)
+            axes[0].axhline(0.5, color="gray", lw=1, ls="--")
+        if diffs:
+            axes[1].axhline(0.0, color="gray", lw=1, ls="--")
     fig.suptitle(study.name)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

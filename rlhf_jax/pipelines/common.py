@@ -78,7 +78,10 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
 
     With files: SFT examples come from `sft_path`, or else from the prompt and chosen response of the
     preference pairs; evaluation pairs from `eval_path`, or else a seeded `eval_fraction` of the
-    preference pairs held out. Label flips (`flip_rate`) hit only the training pairs.
+    preference pairs held out. Label flips (`flip_rate`) hit only the training pairs. With
+    `vary_with_seed` the synthetic task is generated from (synthetic_seed, seed), and the pairs of an
+    `eval_path` (hence the evaluation prompts, of which evaluation takes the first eval.num_prompts)
+    come in a seeded order.
 
     Raises:
       ValueError: for an HH experiment without a data path (naming the key to set).
@@ -92,8 +95,11 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
                 "file, glob or comma-separated list; same as data.preference_path), optionally "
                 "--config.data.eval_path=PATH (the test split)"
             )
+        task_seed = data.synthetic_seed
+        if data.vary_with_seed:  # hashed, so (synthetic_seed, seed) = (0, 1) and (1, 0) differ
+            task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
         splits = synthetic_tldr.generate_splits(
-            seed=data.synthetic_seed,
+            seed=task_seed,
             num_sft=data.num_sft,
             num_pref=data.num_pref,
             num_eval=data.num_eval,
@@ -101,7 +107,7 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
         )
         held = max(1, int(len(splits.preference) * data.eval_fraction))
         clean = synthetic_tldr.generate_splits(
-            seed=data.synthetic_seed, num_sft=0, num_pref=data.num_pref, num_eval=0
+            seed=task_seed, num_sft=0, num_pref=data.num_pref, num_eval=0
         ).preference
         # Held-out pairs are ordered by the gold reward (never flipped), so evaluation accuracy is
         # agreement with the gold reward.
@@ -126,6 +132,9 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     if data.eval_path:
         eval_preference, s = loading.load_preference(data.eval_path, format=fmt, strict=data.strict)
         stats["eval"] = s.summary()
+        if data.vary_with_seed:
+            order = np.random.default_rng([seed, 13]).permutation(len(eval_preference))
+            eval_preference = [eval_preference[i] for i in order]
     elif preference:
         order = np.random.default_rng([seed, 3]).permutation(len(preference))
         held = max(1, int(len(preference) * data.eval_fraction))

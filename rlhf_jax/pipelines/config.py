@@ -31,6 +31,12 @@ class DataConfig:
       synthetic_seed, num_sft, num_pref, num_eval: synthetic task generation.
       flip_rate: fraction of preference labels flipped (robustness studies; applied to any data).
       eval_fraction: share of the preference data held out for evaluation when no eval_path is given.
+      vary_with_seed: tie the data to the run's `seed`: the synthetic task is generated from
+        (synthetic_seed, seed) instead of synthetic_seed alone (so its pairs and held-out evaluation
+        prompts change with the seed), and the prompts of an `eval_path` are evaluated in a seeded
+        order (evaluation takes the first eval.num_prompts). An interval over seeds then includes
+        prompt sampling. False (the default): the synthetic task and an eval_path's order are the same
+        for every seed (a held-out eval_fraction of the user's pairs is seeded either way).
     """
 
     task: str = "tldr"
@@ -50,6 +56,7 @@ class DataConfig:
     num_eval: int = 128
     flip_rate: float = 0.0
     eval_fraction: float = 0.05
+    vary_with_seed: bool = False
 
     def __post_init__(self):
         if self.path:
