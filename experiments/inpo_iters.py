@@ -29,7 +29,6 @@ def get_study(arg=None):
             ),
         ),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
-        share=("sft", "rm"),
         curve=("iterations.jsonl", "iteration", ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy")),
         note="INPO vs iterative DPO over online iterations, same oracle and sampling; "
         f"{8 if smoke else 64} held-out prompts × 2 samples per evaluation; INPO paired with iterative DPO.",

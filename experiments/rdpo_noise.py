@@ -9,7 +9,8 @@ Chowdhury et al. 2024 ("Provably Robust DPO") claim rDPO, told the true ε, keep
 SFT policy, and implicit-reward accuracy on clean held-out pairs (ordered by the gold reward).
 
 The full study uses `dpo_tldr` at the miniature sizes of `rso_tldr` (`MINI`: the same ~1.2M-parameter
-model and SFT stage, so `--reuse=studies/rso_table` can copy the SFT policy of each seed), 64 steps of
+model and SFT stage, so `--reuse=studies/rso_table` copies the ε = 0 SFT policy of each seed: stages are
+shared by fingerprint, and the flip rate is part of the data an SFT stage is fingerprinted on), 64 steps of
 32 pairs (half an epoch of the ~3.9k training pairs, lr 1e-4) with a precomputed reference, and 64
 evaluation prompts × 2 samples (the smoke variant: 8). Paired comparisons stay within a flip rate: cDPO
 and rDPO at ε against DPO at the same ε (the claim is about the method at a given noise level), and DPO
@@ -58,7 +59,6 @@ def get_study(arg=None):
         name="rdpo_noise",
         methods=tuple(_methods(experiment, rates, () if smoke else MINI)),
         metrics=("win_rate_vs_sft_gold", "eval_reward_accuracy", "kl_to_sft"),
-        share=("sft",),
         note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs; "
         f"win rates on {8 if smoke else 64} held-out prompts × 2 samples per run. Paired within ε: cDPO and "
         "rDPO against DPO at the same ε, DPO against DPO at ε = 0.",

@@ -33,7 +33,6 @@ def get_study(arg=None):
             ),  # fmt: skip
         ),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
-        share=("sft", "rm"),
         curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
         note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table) on "
         f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO paired with DPO.",

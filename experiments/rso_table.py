@@ -33,7 +33,6 @@ def get_study(arg=None):
         name="rso_table",
         methods=tuple(Method(name, experiment, overrides) for name, overrides in _ROWS),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft", "mean_response_length"),
-        share=("sft", "rm", "samples"),
         note="RSO Table 1 in miniature: win rates against the SFT policy by the gold and the proxy reward, "
         f"on {8 if arg == 'smoke' else 128} held-out prompts × 2 samples per run; rows paired with DPO-direct.",
         baseline="dpo_direct",

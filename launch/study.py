@@ -61,7 +61,6 @@ class Study:
     name: the study's name.
     methods: the rows, run with matched budgets.
     metrics: results.json keys to tabulate (the first one is plotted).
-    share: workdir subdirectories trained once per seed (by the first method) and copied to the others.
     curve: optional (file, x key, y keys) of a per-run JSONL curve to plot instead of bars.
     note: what the study checks, printed above the table.
     baseline: the row each method is compared with, paired over seeds: a method name (every other row's
@@ -72,7 +71,6 @@ class Study:
     name: str
     methods: tuple[Method, ...]
     metrics: tuple[str, ...]
-    share: tuple[str, ...] = ("sft",)
     curve: tuple[str, str, tuple[str, ...]] | None = None
     note: str = ""
     baseline: str | Mapping[str, str] = ""

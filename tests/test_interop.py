@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from workdirs import stage_dir
 
 from rlhf_jax import interop, models, sharding
 from rlhf_jax.interop import __main__ as cli
@@ -385,7 +386,7 @@ def test_launch_starts_from_a_hf_checkpoint(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "V=1600" in out.stdout  # the checkpoint's embedding, not the tokenizer's 1536 ids
-    model_json = json.loads((tmp_path / "run" / "sft" / "model.json").read_text())
+    model_json = json.loads(open(os.path.join(stage_dir(tmp_path / "run", "sft"), "model.json")).read())
     assert model_json["d_model"] == 64 and model_json["num_kv_heads"] == 2
     bad = subprocess.run(
         [sys.executable, "-m", "launch.train", "--experiment=sft_tldr:smoke", f"--workdir={tmp_path / 'bad'}",

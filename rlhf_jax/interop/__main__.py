@@ -35,7 +35,9 @@ def _export(args) -> int:
     import orbax.checkpoint as ocp
 
     from rlhf_jax import interop, models
+    from rlhf_jax.pipelines import fingerprints  # a command-line edge, like launch/
 
+    args.workdir = fingerprints.resolve_init_from(args.workdir)  # a run's workdir: its final stage
     with open(os.path.join(args.workdir, "model.json"), encoding="utf-8") as f:
         saved = json.load(f)
     kind = saved.pop("kind", "lm")
@@ -68,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="validate a HuggingFace checkpoint's config.json")
     p.add_argument("path")
     p = sub.add_parser("export", help="write a finished stage's LM as a HuggingFace checkpoint")
-    p.add_argument("--workdir", required=True, help="a finished stage's workdir (model.json, params/)")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="a finished stage's directory (model.json, params/), or a run's workdir (its final stage)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--source", default=None, help="the HF checkpoint the run started from")
     p.add_argument("--family", default=None, choices=["llama", "qwen2", "gemma"])
