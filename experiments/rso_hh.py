@@ -21,7 +21,8 @@ def get_config(arg=None):
     c.train.reference = "precomputed"
     c.rso = ml_collections.ConfigDict(
         dict(pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=1024,
-             num_candidates=64, num_accepted=8, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=128)
+             num_candidates=64, num_accepted=8, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=128,
+             proposal_correction=False)
     )  # fmt: skip
     c.eval.max_new_tokens = 128
     if arg == "smoke":

@@ -7,6 +7,7 @@ sigmoid-norm (or hinge / hinge-norm) training against the SFT policy → win rat
     python -m launch.train --experiment=rso_tldr --config.rso.pairs=sft_sample_rank   # paper baseline
     python -m launch.train --experiment=rso_tldr --config.rso.pairs=direct            # paper baseline
     python -m launch.train --experiment=rso_tldr --config.rso.reward_kind=pairwise    # ranking model
+    python -m launch.train --experiment=rso_tldr --config.rso.proposal_correction=true   # π_sft·exp(r/β)
 
 Paper (Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization", Sec. 5):
 T5-large policy, N = 64 candidates per prompt at temperature 0.7 and top-k 40, M = 8 accepted with
@@ -15,8 +16,11 @@ Those are the values to use at paper scale (`--config.rso.num_candidates=64 --co
 --config.model.preset=t5_large_equiv --config.rso.reward_kind=pairwise`). The embedded default scales
 them to 2 CPU cores: the `small` architecture at width 128 (~1.2M parameters with the task's 1,536-piece
 vocabulary), N = 16 candidates and M = 4 accepted per prompt for 512 training prompts (1,024 pairs), and short
-training budgets; β, γ, temperature, top-k and the pairing rule are the paper's. Every stage's output
-lands in its own subdirectory of the workdir; a rerun skips finished stages.
+training budgets; β, γ, temperature, top-k and the pairing rule are the paper's. Sampling at
+temperature 0.7 / top-k 40, the accepted samples follow q·exp(r/β), q the tempered top-k SFT policy, as
+in the paper; `rso.proposal_correction=true` accepts on r/β + log π_sft − log q to target
+π_sft·exp(r/β). Every stage's output lands in its own subdirectory of the workdir; a rerun skips
+finished stages.
 """
 
 import ml_collections
@@ -37,6 +41,7 @@ def get_config(arg=None):
         dict(
             pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=512,
             num_candidates=16, num_accepted=4, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=40,
+            proposal_correction=False,
         )
     )  # fmt: skip
     c.eval.num_prompts = 128

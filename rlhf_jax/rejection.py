@@ -5,21 +5,38 @@ Algorithm 1. The target is the optimal policy of the KL-regularised reward objec
 
     π_r(y | x) = π_sft(y | x) exp(r(x, y) / β) / Z(x)          (as in DPO, Rafailov et al. 2023, Eq. 4)
 
-reached from N candidates y_1..y_N ~ π_sft(· | x) with rewards r_i by rejection sampling whose envelope
-constant is estimated by the largest reward among the candidates (Algorithm 1):
+reached from N candidates y_1..y_N ~ q(· | x) with rewards r_i by rejection sampling whose envelope
+constant is estimated by the largest score among the candidates (Algorithm 1). Each candidate has the
+score s_i = r_i / β, or, with the proposal's density ratio (`sft_logps`, `proposal_logps`),
+
+    s_i = r_i / β + log π_sft(y_i | x) − log q(y_i | x),
+
+and
 
     accepted = []
     while len(accepted) < M:
-        r_max = max of r_i over the candidates not yet accepted
+        s_max = max of s_i over the candidates not yet accepted
         for each remaining candidate i, in a random order, until M are accepted:
-            draw u ~ U[0, 1); accept i (and remove it) if u < exp((r_i - r_max) / β)
+            draw u ~ U[0, 1); accept i (and remove it) if u < exp(s_i - s_max)
 
-A remaining candidate with reward r_max is accepted whenever the round reaches it (probability 1), so
+A remaining candidate with score s_max is accepted whenever the round reaches it (probability 1), so
 every round accepts at least one and at most M rounds run; when the remaining candidates are exactly
-the ones still needed, they are all accepted over the following rounds. Limits: β → ∞ accepts every
-candidate it meets, a uniformly random M-subset; β → 0 accepts only the current maximum, the top M by
-reward. With M = 1 and N large the accepted candidate is distributed approximately as π_r (exactly as
-N → ∞, when r_max is the largest reward of any response).
+the ones still needed, they are all accepted over the following rounds. With M = 1 and N large, the
+accepted candidate is distributed approximately as q(y) exp(s(y)) / Z (exactly as N → ∞, when s_max is
+the largest score of any response):
+
+  * s = r / β (Algorithm 1 as written, which assumes q = π_sft): accepted samples follow
+    q · exp(r / β). When the candidates are drawn from a sharpened π_sft — the paper's temperature 0.7
+    and top-k 40, RSO's defaults here — q is that tempered, truncated distribution, not π_sft, and the
+    accepted samples follow q · exp(r / β), not π_r.
+  * s = r / β + log π_sft − log q (`rso.proposal_correction`): q · (π_sft / q) · exp(r / β) = π_r,
+    exact on q's support only. Top-k (or top-p) gives q(y) = 0 to every response with a token outside
+    the k most likely, so what is reached is π_r restricted to (and renormalised on) the responses q can
+    draw. The ratios π_sft / q of long responses can differ by orders of magnitude, so a few candidates
+    may carry most of the mass (the envelope s_max then rests on fewer effective samples).
+
+Limits: β → ∞ accepts every candidate it meets, a uniformly random M-subset (with the correction: by
+π_sft / q); β → 0 accepts only the current maximum, the top M by reward.
 
 The iteration order is a random permutation per prompt (the paper walks i.i.d. candidates in their
 sampled order; the permutation keeps the selection uniform whatever order the caller's candidates are
@@ -82,14 +99,36 @@ def _check_samples(rewards, samples) -> tuple[np.ndarray, np.ndarray]:
     return rewards_PN, samples_PM
 
 
-def rejection_sample(*, rewards, num_accept: int, beta: float, seed: int) -> np.ndarray:
+def _check_logps(logps, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Per-candidate log-probs as float64 [P, N], validated against the rewards' shape."""
+    logps_PN = np.asarray(logps, np.float64)
+    if logps_PN.shape != shape:
+        raise ValueError(f"{name} must have the rewards' shape {shape}, got {logps_PN.shape}")
+    if not np.isfinite(logps_PN).all():
+        raise ValueError(f"{name} must be finite; row {int(np.argmin(np.isfinite(logps_PN).all(1)))} is not")
+    return logps_PN
+
+
+def rejection_sample(
+    *, rewards, num_accept: int, beta: float, seed: int, sft_logps=None, proposal_logps=None
+) -> np.ndarray:
     """RSO's statistical rejection sampling (Algorithm 1; module docstring), vectorised over prompts.
 
+    Without log-probs, candidate i is accepted against the envelope with probability
+    exp((r_i − r_max) / β) and the accepted samples follow q · exp(r / β), q being the distribution the
+    candidates were drawn from. With `sft_logps` and `proposal_logps`, the score is
+    s_i = r_i / β + log π_sft(y_i | x) − log q(y_i | x) and the acceptance probability exp(s_i − s_max):
+    the density ratio π_sft / q turns the proposal into π_sft, so the accepted samples follow
+    π_sft · exp(r / β) on q's support (module docstring).
+
     Args:
-      rewards: [P, N] finite rewards r(x, y_i) of N candidates per prompt, sampled from π_sft.
+      rewards: [P, N] finite rewards r(x, y_i) of N candidates per prompt.
       num_accept: M <= N, samples to accept per prompt.
-      beta: β > 0 of π_r ∝ π_sft exp(r / β) (`math.inf` allowed: uniform selection).
+      beta: β > 0 of π_r ∝ π_sft exp(r / β) (`math.inf` allowed: uniform selection, or by π_sft / q).
       seed: the random seed.
+      sft_logps: optional [P, N] log π_sft(y_i | x) (untempered, e.g. `SampleOutput.logps_PN`).
+      proposal_logps: optional [P, N] log q(y_i | x), the log-prob under the distribution the candidates
+        were drawn from (e.g. `SampleOutput.sampling_logps_PN`); give both or neither.
 
     Returns:
       int32 [P, M] indices of the accepted candidates, in acceptance order.
@@ -97,19 +136,28 @@ def rejection_sample(*, rewards, num_accept: int, beta: float, seed: int) -> np.
     rewards_PN = _check(rewards, num_accept, "num_accept").astype(np.float64)
     if not beta > 0:
         raise ValueError(f"beta={beta} must be > 0")
+    if (sft_logps is None) != (proposal_logps is None):
+        raise ValueError("give both sft_logps and proposal_logps (the proposal correction) or neither")
+    if sft_logps is None:
+        score_PN, scale = rewards_PN, beta  # exp((r - r_max) / β)
+    else:
+        log_ratio_PN = _check_logps(sft_logps, rewards_PN.shape, "sft_logps") - _check_logps(
+            proposal_logps, rewards_PN.shape, "proposal_logps"
+        )
+        score_PN, scale = rewards_PN / beta + log_ratio_PN, 1.0  # exp(s - s_max); β = inf: r / β = 0
     rng = np.random.default_rng(seed)
     P, N = rewards_PN.shape
     M = num_accept
     order_PN = rng.permuted(np.broadcast_to(np.arange(N, dtype=np.int32), (P, N)), axis=1)
-    r_PN = np.take_along_axis(rewards_PN, order_PN, axis=1)  # rewards in iteration order
+    s_PN = np.take_along_axis(score_PN, order_PN, axis=1)  # scores in iteration order
     remaining_PN = np.ones((P, N), bool)
     accepted_PM = np.zeros((P, M), np.int32)
     count_P = np.zeros((P,), np.int64)
     while (count_P < M).any():
-        r_max_P1 = np.where(remaining_PN, r_PN, -np.inf).max(axis=1, keepdims=True)
+        s_max_P1 = np.where(remaining_PN, s_PN, -np.inf).max(axis=1, keepdims=True)
         u_PN = rng.random((P, N))
-        # Clipped at 0 for the candidates already taken (r may exceed r_max); β = inf gives exp(-0) = 1.
-        accept_PN = np.exp(np.minimum(r_PN - r_max_P1, 0.0) / beta)
+        # Clipped at 0 for the candidates already taken (s may exceed s_max); β = inf gives exp(-0) = 1.
+        accept_PN = np.exp(np.minimum(s_PN - s_max_P1, 0.0) / scale)
         proposed_PN = remaining_PN & (u_PN < accept_PN)
         # Walking in order and stopping at M: keep the first M - count proposals of the round.
         position_PN = count_P[:, None] + np.cumsum(proposed_PN, axis=1)
@@ -182,7 +230,7 @@ def sft_sample_rank(*, rewards, num_samples: int, seed: int) -> Pairs:
     """RSO's baseline "sft-sample-rank": M candidates drawn uniformly (no rejection), first-round-rank.
 
     Args:
-      rewards: [P, N] rewards of N candidates sampled from π_sft.
+      rewards: [P, N] rewards of N candidates sampled from the SFT policy.
       num_samples: M in [2, N], candidates used per prompt.
       seed: the random seed.
 

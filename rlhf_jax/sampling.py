@@ -522,35 +522,28 @@ def ranking_batch(
     prompts: Sequence[str],
     responses_a: Sequence[str],
     responses_b: Sequence[str],
-    layout: pipeline.SequenceLayout,
+    layout: pipeline.RankingLayout,
+    stats: rec.LoadStats | None = None,
 ) -> dict[str, np.ndarray]:
-    """Inputs of RSO's pairwise ranking model: prompt + `format_pair(a, b)`, tokenised as in its training.
+    """Inputs of RSO's pairwise ranking model in its ranking layout (`pipeline.tokenize_ranking`).
 
-    Built with the same `tokenize_sft` call as the ranking-model stage (`rlhf_jax.pipelines.reward`), so
-    the layout, truncation and final EOS (the token whose hidden state the head reads) match.
+    The ranking-model stage (`rlhf_jax.pipelines.reward`) trains on the same `tokenize_ranking` rows, so
+    at scoring the template, the truncation of each response and the final EOS (the token whose hidden
+    state the head reads) are those of training.
 
     Args:
       tokenizer: the tokenizer (`rlhf_jax.data.tokenizer.Tokenizer`).
       prompts: prompt texts.
       responses_a: response A of each row (the one whose preference is scored).
       responses_b: response B of each row.
-      layout: the sequence shapes of the ranking model's training data.
+      layout: the ranking layout the model was trained with.
+      stats: if given, rows with a response cut are counted in `stats.truncated["ranking_response"]`.
 
     Returns:
       The pipeline's SFT batch dict, one row per prompt, `layout.max_len` wide.
     """
-    # The template is owned by the ranking-model stage; imported here so that loading this library
-    # module does not load the training stack.
-    from rlhf_jax.pipelines.reward import format_pair
-
-    if not len(prompts) == len(responses_a) == len(responses_b):
-        raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} A and {len(responses_b)} B responses")
-    examples = [
-        rec.SFTExample(p, format_pair(a, b))
-        for p, a, b in zip(prompts, responses_a, responses_b, strict=True)
-    ]
-    data = pipeline.tokenize_sft(examples, tokenizer, layout)
-    return data.batch(np.arange(len(examples)), layout.max_len)
+    data = pipeline.tokenize_ranking(prompts, responses_a, responses_b, tokenizer, layout, stats)
+    return data.batch(np.arange(len(data)), layout.max_len)
 
 
 def score_pairwise(
@@ -561,8 +554,9 @@ def score_pairwise(
     responses: Sequence[str],
     baselines: Sequence[str],
     *,
-    layout: pipeline.SequenceLayout,
+    layout: pipeline.RankingLayout,
     batch_size: int = 64,
+    stats: rec.LoadStats | None = None,
 ) -> np.ndarray:
     """RSO's reward from a pairwise ranking model: r(x, y) = logit P(y ≻ y_b | x).
 
@@ -577,11 +571,12 @@ def score_pairwise(
       prompts: prompt texts, one per candidate.
       responses: the candidates y.
       baselines: the baseline y_b of each candidate's prompt.
-      layout: the ranking model's sequence shapes.
+      layout: the ranking layout the model was trained with.
       batch_size: rows per forward.
+      stats: if given, rows with a response cut are counted in `stats.truncated["ranking_response"]`.
 
     Returns:
       float32 rewards [len(prompts)].
     """
-    batch = ranking_batch(tokenizer, prompts, responses, baselines, layout)
+    batch = ranking_batch(tokenizer, prompts, responses, baselines, layout, stats)
     return score_pointwise(ranking_model, params, batch, batch_size=batch_size)

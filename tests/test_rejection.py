@@ -11,6 +11,7 @@ only for one seed in a thousand:
     the test's 50k prompts such a bias adds ~2 to a chi-square whose critical value is 18.47.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 
 from rlhf_jax import rejection
 
-CHI2_7DOF, CHI2_4DOF = 24.32, 18.47
+CHI2_7DOF, CHI2_4DOF, CHI2_3DOF = 24.32, 18.47, 16.27
 
 
 def chi_square(counts, expected) -> float:
@@ -47,7 +48,7 @@ def test_beta_to_infinity_is_uniform_over_candidates():
 
 
 def test_accepted_samples_follow_the_optimal_policy():
-    """M = 1 from N = 64 samples of π_sft: the accepted response is distributed as π_sft exp(r/β) / Z."""
+    """M = 1 from N = 64 samples of π_sft (q = π_sft): the accepted response follows π_sft exp(r/β) / Z."""
     P, N, beta = 50_000, 64, 0.5
     sft_probs = np.array([0.35, 0.25, 0.2, 0.12, 0.08])
     response_rewards = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -59,6 +60,58 @@ def test_accepted_samples_follow_the_optimal_policy():
     counts = np.bincount(np.take_along_axis(responses_PN, accepted_P1, axis=1).ravel(), minlength=5)
     assert chi_square(counts, P * target) < CHI2_4DOF
     assert chi_square(counts, P * sft_probs) > 100 * CHI2_4DOF  # without rejection: far off
+
+
+@pytest.mark.parametrize("top_k", [5, 4])
+def test_proposal_correction_targets_the_sft_policy_from_a_tempered_proposal(top_k):
+    """Candidates from q = π_sft tempered at T = 0.7 (and cut to its top k): accepting on r/β alone
+    gives q·exp(r/β); accepting on r/β + log π_sft − log q gives π_sft·exp(r/β) on q's support.
+
+    Sizes: 50k prompts, N = 64, M = 1 (the test above's). The two targets differ by a total variation of
+    0.098 (k = 5) and 0.066 (k = 4), so the wrong one has an expected chi-square of ~2,400 and ~1,300,
+    against the 30 × critical value (~550 and ~490) asserted; in 200k-prompt runs the right one is off by
+    a total variation of ~0.0015 (the envelope estimated from N samples), as in the test above."""
+    P, N, beta, T = 50_000, 64, 0.5, 0.7
+    sft_probs = np.array([0.35, 0.25, 0.2, 0.12, 0.08])
+    response_rewards = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    support = np.arange(5) < top_k  # the top k by π_sft (sorted)
+    q = np.where(support, sft_probs ** (1 / T), 0.0)
+    q /= q.sum()
+    sft_target = np.where(support, sft_probs * np.exp(response_rewards / beta), 0.0)
+    sft_target /= sft_target.sum()
+    q_target = q * np.exp(response_rewards / beta)
+    q_target /= q_target.sum()
+    responses_PN = np.random.default_rng(9).choice(5, size=(P, N), p=q)
+    rewards_PN = response_rewards[responses_PN]
+    with np.errstate(divide="ignore"):
+        log_sft, log_q = np.log(sft_probs), np.log(q)
+
+    def accepted_counts(**logps):
+        accepted_P1 = rejection.rejection_sample(
+            rewards=rewards_PN, num_accept=1, beta=beta, seed=10, **logps
+        )
+        responses = np.take_along_axis(responses_PN, accepted_P1, axis=1).ravel()
+        return np.bincount(responses, minlength=5)[:top_k]
+
+    dof = CHI2_4DOF if top_k == 5 else CHI2_3DOF
+    plain = accepted_counts()
+    assert chi_square(plain, P * q_target[:top_k]) < dof
+    assert chi_square(plain, P * sft_target[:top_k]) > 30 * dof
+    corrected = accepted_counts(sft_logps=log_sft[responses_PN], proposal_logps=log_q[responses_PN])
+    assert chi_square(corrected, P * sft_target[:top_k]) < dof
+    assert chi_square(corrected, P * q_target[:top_k]) > 30 * dof
+
+
+def test_proposal_correction_with_q_equal_to_sft_is_algorithm_1():
+    rng = np.random.default_rng(11)
+    rewards_PN = rng.normal(size=(2000, 16)).astype(np.float32)
+    logps_PN = -rng.gamma(5.0, size=(2000, 16))
+    for beta in (0.3, math.inf):
+        kw = dict(rewards=rewards_PN, num_accept=4, beta=beta, seed=12)
+        np.testing.assert_array_equal(
+            rejection.rejection_sample(**kw, sft_logps=logps_PN, proposal_logps=logps_PN),
+            rejection.rejection_sample(**kw),
+        )
 
 
 def test_rejection_sample_accepts_distinct_candidates_deterministically():
@@ -80,6 +133,13 @@ def test_validation():
         rejection.rejection_sample(rewards=rewards_PN + np.nan, num_accept=2, beta=1.0, seed=0)
     with pytest.raises(ValueError, match="indices"):
         rejection.first_round_rank(rewards=rewards_PN, samples=[[0, 4], [1, 2]], seed=0)
+    kw = dict(rewards=rewards_PN, num_accept=2, beta=1.0, seed=0)
+    with pytest.raises(ValueError, match="both"):
+        rejection.rejection_sample(**kw, sft_logps=rewards_PN)
+    with pytest.raises(ValueError, match=r"proposal_logps must have the rewards' shape \(2, 4\)"):
+        rejection.rejection_sample(**kw, sft_logps=rewards_PN, proposal_logps=rewards_PN[:, :3])
+    with pytest.raises(ValueError, match="sft_logps must be finite"):
+        rejection.rejection_sample(**kw, sft_logps=rewards_PN - np.inf, proposal_logps=rewards_PN)
 
 
 # ------------------------------------------------------------------------------------------------ pairs
@@ -135,3 +195,44 @@ def test_sft_sample_rank_uses_uniform_distinct_candidates():
     used_PM = np.concatenate([pairs.chosen_PB, pairs.rejected_PB], axis=1)
     assert all(len(set(row)) == M for row in used_PM[:100])
     assert chi_square(np.bincount(used_PM.ravel(), minlength=N), P * M / N) < CHI2_7DOF
+
+
+# ------------------------------------------------------------------------------------------ RSO's stage
+
+
+def _candidates(P: int, N: int, seed: int) -> dict:
+    """A candidates.npz-like dict: candidate n of every prompt is the single token 10 + n."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        prompt_tokens=np.full((P, 3), 2, np.int32), prompt_lengths=np.full(P, 3, np.int32),
+        tokens=np.broadcast_to(10 + np.arange(N, dtype=np.int32)[None, :, None], (P, N, 1)).copy(),
+        lengths=np.ones((P, N), np.int32), rewards=rng.normal(size=(P, N)).astype(np.float32),
+        logps=np.zeros((P, N), np.float32), sampling_logps=np.zeros((P, N), np.float32),
+    )  # fmt: skip
+
+
+def test_rso_stage_accepts_on_the_density_ratio_when_asked():
+    """β huge (acceptance ~ uniform on rewards) and π_sft / q = e^50 for candidates 0-3 only: with the
+    correction those four are the accepted ones in every prompt; without it, the others appear too."""
+    from launch import train
+    from rlhf_jax.pipelines import rso
+
+    cand = _candidates(P=30, N=8, seed=13)
+    cand["sampling_logps"][:, :4] = -50.0
+    config = rso.RSOConfig(num_candidates=8, num_accepted=4, beta=1e6, proposal_correction=True)
+    pairs, stats = rso.build_pairs(cand, config, seed=0, pad_id=0, max_len=8)
+    used = {int(ids[0]) - 10 for ids in (*pairs.chosen_ids, *pairs.rejected_ids)}
+    assert used == {0, 1, 2, 3} and stats["proposal_correction"] is True and stats["pairs"] == 60
+    plain = dataclasses.replace(config, proposal_correction=False)
+    pairs, stats = rso.build_pairs(cand, plain, seed=0, pad_id=0, max_len=8)
+    assert {int(ids[0]) - 10 for ids in (*pairs.chosen_ids, *pairs.rejected_ids)} > {0, 1, 2, 3}
+    assert stats["proposal_correction"] is False
+
+    del cand["sampling_logps"]  # candidates drawn before the sampling log-probs were kept
+    with pytest.raises(ValueError, match="sampling_logps"):
+        rso.build_pairs(cand, config, seed=0, pad_id=0, max_len=8)
+    with pytest.raises(ValueError, match="rso.proposal_correction must be true or false"):
+        rso.RSOConfig(proposal_correction="yes")
+    overridden = train.resolve_config("rso_tldr", ["--config.rso.proposal_correction=true"])
+    assert train.rso_config(overridden).proposal_correction is True
+    assert train.rso_config(train.resolve_config("rso_tldr", [])).proposal_correction is False

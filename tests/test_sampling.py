@@ -14,6 +14,7 @@ import pytest
 
 from rlhf_jax import models, sampling, sharding
 from rlhf_jax.data import pipeline, tokenizer
+from rlhf_jax.data import records as rec
 from rlhf_jax.train import steps
 
 TINY = models.preset("tiny")
@@ -169,7 +170,26 @@ def test_logps_equal_trainer_logps(lm, prompts, eos_run):
             model, params, batch["tokens"], batch["targets"], batch["loss_mask"], batch["segment_ids"]
         )
         np.testing.assert_allclose(out.logps_PN.reshape(-1), trainer_B, atol=LOGP_ATOL)
-        assert (out.sampling_logps_PN > out.logps_PN).all()  # temperature 0.7 and top-k 40 sharpen
+
+
+def test_sampling_logps_are_the_tempered_top_k_logps(lm, prompts, eos_run):
+    """`sampling_logps` is log q(y | x) of the distribution sampled from: at every completion token
+    (EOS included, nothing after it), log softmax(logits / T) over the top k of the full forward's
+    logits, at the sampled token, summed. Holds for any seed (RSO's proposal correction relies on it)."""
+    model, params = lm
+    for out in eos_run[::2]:
+        batch = sampling.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
+        logits_BTV = jax.jit(model.apply)(
+            {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"]
+        )
+        scaled_BTV = np.asarray(logits_BTV, np.float64) / POLICY.temperature
+        kth_BT1 = np.sort(scaled_BTV, axis=-1)[..., -POLICY.top_k][..., None]
+        kept_BTV = np.where(scaled_BTV >= kth_BT1, scaled_BTV, -np.inf)
+        max_BT1 = kept_BTV.max(-1, keepdims=True)
+        log_q_BTV = kept_BTV - max_BT1 - np.log(np.exp(kept_BTV - max_BT1).sum(-1, keepdims=True))
+        log_q_BT = np.take_along_axis(log_q_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+        want_B = np.where(batch["loss_mask"] > 0, log_q_BT, 0.0).sum(-1)
+        np.testing.assert_allclose(out.sampling_logps_PN.reshape(-1), want_B, atol=LOGP_ATOL)
 
 
 def test_samples_do_not_depend_on_batching_or_mesh(lm, prompts, eos_run):
@@ -276,27 +296,46 @@ def test_score_pointwise_is_independent_of_chunking_and_mesh():
     np.testing.assert_allclose(chunked_B, whole_B, atol=1e-5)
 
 
-def test_pairwise_scores_use_the_ranking_format():
+def test_score_pairwise_scores_hand_built_ranking_rows():
+    """Each score is the ranking model applied alone (no padding, no batch) to the row built by hand:
+    BOS prompt, "\n\nResponse A:" y, "\n\nResponse B:" y_b, "\n\nWhich response is better?", EOS,
+    each response cut to its share of the layout; swapping y and y_b scores the swapped rows."""
     tok = tokenizer.train_tokenizer(
         [f"post {i}: my cat ate the food. Response A: B: Which response is better?" for i in range(40)],
         vocab_size=300,
     )
     rm = models.RewardModel(models.preset("tiny", vocab_size=tok.vocab_size))
     params = random_params(rm, 5)
-    layout = pipeline.SequenceLayout(max_len=64, max_prompt_len=16)
-    prompts, ys, baselines = ["my cat", "the food"], [" ate it", " is cold"], [" slept", " is warm"]
-    batch = sampling.ranking_batch(tok, prompts, ys, baselines, layout)
-    assert batch["tokens"].shape == (2, 64)
-    text = tok.decode(batch["tokens"][0])
-    assert text == "my cat\n\nResponse A: ate it\n\nResponse B: slept\n\nWhich response is better?"
-    assert batch["tokens"][0, batch["lengths"][0] + batch["prompt_lengths"][0] - 1] == tok.eos_id
-    swapped = sampling.ranking_batch(tok, prompts, baselines, ys, layout)
-    assert not np.array_equal(swapped["tokens"], batch["tokens"])
+    layout = pipeline.RankingLayout.for_tokenizer(tok, max_prompt_len=16, max_response_len=6)
+    prompts = ["my cat", "the food", "post 3: my cat ate"]
+    ys = [" ate it", " is cold" * 20, " slept"]  # the second is cut
+    baselines = [" slept", " is warm", " ate the food and the cat ate the food" * 3]  # the third is cut
+    before, middle, question = (tok.encode(t) for t in ("\n\nResponse A:", "\n\nResponse B:",
+                                                        "\n\nWhich response is better?"))  # fmt: skip
+    template = len(before) + len(middle) + len(question)
+    max_len = 16 + 2 * 6 + template + 1
+    assert layout.max_len == max_len
 
-    rewards = sampling.score_pairwise(rm, params, tok, prompts, ys, baselines, layout=layout, batch_size=4)
-    assert rewards.shape == (2,) and rewards.dtype == np.float32
-    np.testing.assert_allclose(rewards, sampling.score_pointwise(rm, params, batch, batch_size=4), atol=1e-6)
-    swapped_rewards = sampling.score_pairwise(
-        rm, params, tok, prompts, baselines, ys, layout=layout, batch_size=4
-    )
-    assert not np.allclose(rewards, swapped_rewards)
+    def row(prompt, a, b):
+        p_ids = [tok.bos_id, *tok.encode(prompt)]
+        budget = (max_len - 1 - template - len(p_ids)) // 2
+        return [
+            *p_ids,
+            *before,
+            *tok.encode(a)[:budget],
+            *middle,
+            *tok.encode(b)[:budget],
+            *question,
+            tok.eos_id,
+        ]
+
+    apply = jax.jit(rm.apply)
+    for a, b in ((ys, baselines), (baselines, ys)):
+        want = [
+            float(apply({"params": params}, jnp.array([row(*r)]))[0]) for r in zip(prompts, a, b, strict=True)
+        ]
+        cut = rec.LoadStats()
+        got = sampling.score_pairwise(rm, params, tok, prompts, a, b, layout=layout, batch_size=2, stats=cut)
+        assert got.shape == (3,) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert cut.truncated["ranking_response"] == 2  # rows 1 and 2 lose the end of a response

@@ -17,6 +17,16 @@ the right to the `max_len - P` tokens left (a cut response loses its EOS). Each 
 example in `LoadStats.truncated` (keys "prompt", "chosen", "rejected", "completion", and
 "identical_after_truncation" for pairs whose two responses then coincide; those pairs are kept).
 
+Ranking layout (RSO's pairwise ranking model, `tokenize_ranking`): one row holds the prompt and two
+responses in `RANKING_TEMPLATE`, each piece encoded separately and the ids concatenated,
+
+  BOS prompt | "\n\nResponse A:" a | "\n\nResponse B:" b | "\n\nWhich response is better?" EOS
+
+and the model reads the hidden state of that final EOS. The prompt is cut as above; the two responses
+then share the room left, each cut from the right to the same budget, so the question and the EOS are
+always in the row. `RankingLayout.max_len` leaves every response at least `max_response_len` tokens.
+Rows with a response cut are counted under "ranking_response".
+
 Batch dicts (numpy; B = this process's rows, T = `max_len` or the bucket length; dtypes in brackets):
 
   preference  chosen_{tokens,targets,segment_ids} [B,T] int32, chosen_loss_mask [B,T] float32, the same
@@ -41,6 +51,7 @@ packed several to a row (`packing.py`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -50,6 +61,8 @@ import numpy as np
 
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger("rlhf_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +78,52 @@ class SequenceLayout:
                 f"need 2 <= max_prompt_len < max_len, got max_prompt_len={self.max_prompt_len}, "
                 f"max_len={self.max_len}"
             )
+
+
+# The pieces around the two responses of a ranking-model input (RSO, Liu et al. 2024, Sec. 3).
+RANKING_TEMPLATE = ("\n\nResponse A:", "\n\nResponse B:", "\n\nWhich response is better?")
+
+# Above this share of ranking-model inputs with a response cut, a warning is logged.
+RANKING_TRUNCATION_WARN = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingLayout:
+    """Shapes of the pairwise ranking model's input (module docstring, "Ranking layout").
+
+    Attributes:
+      max_prompt_len: prompt tokens, BOS included (cut from the left, as in `SequenceLayout`).
+      max_response_len: tokens every response has room for (a row whose prompt is shorter than
+        `max_prompt_len` gives each of its responses the spare half too); longer ones are cut.
+      template_len: tokens of the `RANKING_TEMPLATE` pieces, each encoded on its own, with the tokenizer
+        the layout was built for (`for_tokenizer`); `tokenize_ranking` checks it.
+    """
+
+    max_prompt_len: int
+    max_response_len: int
+    template_len: int
+
+    def __post_init__(self):
+        if self.max_prompt_len < 2 or self.max_response_len < 1 or self.template_len < 0:
+            raise ValueError(
+                f"RankingLayout needs max_prompt_len >= 2, max_response_len >= 1 and template_len >= 0, "
+                f"got {self.max_prompt_len}, {self.max_response_len}, {self.template_len}"
+            )
+
+    @property
+    def max_len(self) -> int:
+        """Row width: prompt + two responses + template + EOS."""
+        return self.max_prompt_len + 2 * self.max_response_len + self.template_len + 1
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, *, max_prompt_len: int, max_response_len: int):
+        """The layout with `template_len` counted by `tokenizer`."""
+        template_len = sum(len(ids) for ids in tokenizer.encode_batch(list(RANKING_TEMPLATE)))
+        return cls(max_prompt_len, max_response_len, template_len)
+
+    def response_budget(self, prompt_len: int) -> int:
+        """Tokens each response of a row keeps when its prompt (BOS included) has `prompt_len` tokens."""
+        return (self.max_len - 1 - self.template_len - prompt_len) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +306,69 @@ def tokenize_prompts(
     stats = stats if stats is not None else rec.LoadStats()
     ids = _prompt_ids(tokenizer, list(prompts), max_prompt_len, stats)
     return TokenizedPrompts(ids, np.ones(len(ids), np.float32), tokenizer.pad_id, max_prompt_len)
+
+
+def tokenize_ranking(
+    prompts: Sequence[str],
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    tokenizer: Tokenizer,
+    layout: RankingLayout,
+    stats: rec.LoadStats | None = None,
+) -> TokenizedSFT:
+    """Tokenises ranking-model inputs in the ranking layout (module docstring).
+
+    The prompt keeps its last `max_prompt_len - 1` tokens after BOS; responses A and B are each cut from
+    the right to `layout.response_budget(prompt tokens)` (>= `max_response_len`); the template pieces
+    and the final EOS are always kept, so the head reads the EOS after the question in every row.
+
+    Args:
+      prompts: the prompt texts.
+      responses_a: response A of each row.
+      responses_b: response B of each row.
+      tokenizer: the tokenizer the layout was built for.
+      layout: the ranking layout.
+      stats: if given, rows with a response cut are added to `stats.truncated["ranking_response"]` and
+        cut prompts to `stats.truncated["prompt"]`.
+
+    Returns:
+      One SFT example per row: prompt ids (BOS + prompt) and, as the completion, template + responses +
+      EOS, `layout.max_len` wide.
+    """
+    if not len(prompts) == len(responses_a) == len(responses_b):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} A and {len(responses_b)} B responses")
+    stats = stats if stats is not None else rec.LoadStats()
+    before, middle, question = tokenizer.encode_batch(list(RANKING_TEMPLATE))
+    template_len = len(before) + len(middle) + len(question)
+    if template_len != layout.template_len:
+        raise ValueError(
+            f"the ranking template is {template_len} tokens with this tokenizer but the layout was built "
+            f"for {layout.template_len}: the ranking model was trained with another tokenizer"
+        )
+    prompt_ids = _prompt_ids(tokenizer, list(prompts), layout.max_prompt_len, stats)
+    a_ids, b_ids = tokenizer.encode_batch(list(responses_a)), tokenizer.encode_batch(list(responses_b))
+    completions, cut = [], 0
+    for p, a, b in zip(prompt_ids, a_ids, b_ids, strict=True):
+        budget = layout.response_budget(len(p))
+        cut += len(a) > budget or len(b) > budget
+        ids = [*before, *a[:budget], *middle, *b[:budget], *question, tokenizer.eos_id]
+        completions.append(np.array(ids, np.int32))
+    _count(stats, "ranking_response", cut)
+    weights_N = np.ones(len(prompt_ids), np.float32)
+    return TokenizedSFT(prompt_ids, completions, weights_N, tokenizer.pad_id, layout.max_len)
+
+
+def ranking_truncated_fraction(stats: rec.LoadStats, num_inputs: int, what: str) -> float:
+    """The share of `num_inputs` ranking-model inputs with a response cut (counted in `stats` by
+    `tokenize_ranking`); logs a warning naming `what` above `RANKING_TRUNCATION_WARN`."""
+    share = stats.truncated["ranking_response"] / num_inputs if num_inputs else 0.0
+    if share > RANKING_TRUNCATION_WARN:
+        log.warning(
+            "%s: %.1f%% of the ranking model's inputs (%d of %d) have a response cut to fit its layout; "
+            "give the ranking model a longer response budget",
+            what, 100 * share, stats.truncated["ranking_response"], num_inputs,
+        )  # fmt: skip
+    return share
 
 
 class Batchable(Protocol):

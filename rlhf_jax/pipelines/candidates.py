@@ -7,6 +7,7 @@ import numpy as np
 
 from rlhf_jax import models, sampling
 from rlhf_jax.data import pipeline
+from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import common, evaluation
 from rlhf_jax.pipelines.config import StageConfig
 
@@ -38,11 +39,13 @@ def draw(model, params, pb: dict, *, num_samples: int, config: sampling.Sampling
     """`num_samples` completions per prompt, sampled in chunks of prompts (bounded memory, one shape).
 
     Returns:
-      tokens [P, N, T], lengths [P, N], logps [P, N] (log-probs under `params`).
+      tokens [P, N, T], lengths [P, N], logps [P, N] (log-probs under `params`, untempered: log π) and
+      sampling_logps [P, N] (log-probs under the distribution sampled from, tempered and truncated by
+      `config`: log q).
     """
     P = pb["prompt_tokens"].shape[0]
     chunk = max(1, min(P, 2048 // num_samples))
-    tokens, lengths, logps = [], [], []
+    tokens, lengths, logps, sampling_logps = [], [], [], []
     for start in range(0, P, chunk):
         ids = np.arange(start, min(start + chunk, P))
         rows = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])  # pad the last chunk
@@ -54,7 +57,8 @@ def draw(model, params, pb: dict, *, num_samples: int, config: sampling.Sampling
         tokens.append(out.tokens_PNT[: len(ids)])
         lengths.append(out.lengths_PN[: len(ids)])
         logps.append(out.logps_PN[: len(ids)])
-    return tuple(map(np.concatenate, (tokens, lengths, logps)))
+        sampling_logps.append(out.sampling_logps_PN[: len(ids)])
+    return tuple(map(np.concatenate, (tokens, lengths, logps, sampling_logps)))
 
 
 def pointwise_rewards(
@@ -67,13 +71,27 @@ def pointwise_rewards(
     return sampling.score_pointwise(proxy.model, proxy.params, rows, batch_size=batch_size).reshape(P, N)
 
 
-def pairwise_logits(proxy: evaluation.Proxy, tokenizer, prompts, a_texts, b_texts, *, batch_size: int):
-    """Ranking-model logits of P(a ≻ b), averaged over both A/B orders (cancels position bias): [K]."""
+def pairwise_logits(
+    proxy: evaluation.Proxy, tokenizer, prompts, a_texts, b_texts, *, batch_size: int, stats=None
+):
+    """Ranking-model logits of P(a ≻ b), averaged over both A/B orders (cancels position bias): [K].
+
+    Inputs are built in the ranking layout the model was trained with (`proxy.layout`); rows with a
+    response cut are added to `stats.truncated["ranking_response"]` when `stats` is given, and a warning
+    is logged when they are more than 5% of the K.
+    """
+    cut = rec.LoadStats()
     kw = dict(layout=proxy.layout, batch_size=batch_size)
     ab = np.asarray(
-        sampling.score_pairwise(proxy.model, proxy.params, tokenizer, prompts, a_texts, b_texts, **kw)
+        sampling.score_pairwise(
+            proxy.model, proxy.params, tokenizer, prompts, a_texts, b_texts, stats=cut, **kw
+        )
     )
+    # The swapped rows have the same cuts (both responses of a row share one budget).
     ba = np.asarray(
         sampling.score_pairwise(proxy.model, proxy.params, tokenizer, prompts, b_texts, a_texts, **kw)
     )
+    pipeline.ranking_truncated_fraction(cut, len(prompts), "ranking-model scoring")
+    if stats is not None:
+        stats.truncated.update(cut.truncated)
     return 0.5 * (ab - ba)

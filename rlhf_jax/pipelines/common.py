@@ -407,8 +407,9 @@ def log_startup(name: str, mesh, model_cfg: models.ModelConfig, batch_size: int,
 
 
 def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
-    """The reward or ranking model finished in `workdir`, as an evaluation `Proxy`."""
-    from rlhf_jax.pipelines import evaluation
+    """The reward or ranking model finished in `workdir`, as an evaluation `Proxy` (a ranking model
+    carries the layout it was trained with, not `layout`)."""
+    from rlhf_jax.pipelines import evaluation, reward
 
     saved = load_model_json(workdir)
     kind = saved.pop("kind")
@@ -417,7 +418,9 @@ def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
     model_cfg = models.ModelConfig(**saved)
     model = models.RewardModel(model_cfg, mesh=mesh)
     params = load_params(workdir, models.init_params(model, jax.random.key(0)))
-    return evaluation.Proxy("pointwise" if kind == "reward" else "pairwise", model, params, layout)
+    if kind == "ranking":
+        return evaluation.Proxy("pairwise", model, params, reward.load_ranking_layout(workdir))
+    return evaluation.Proxy("pointwise", model, params, layout)
 
 
 def restore(cfg: StageConfig, workdir: str, state, data_iter):

@@ -15,8 +15,9 @@ from the policy at temperature 1 without truncation (samples cut at max_new_toke
 
 `results.json` keys (null where not applicable): win_rate_vs_sft_gold, win_rate_vs_sft_gold_ci95,
 win_rate_vs_sft_proxy, win_rate_vs_sft_proxy_ci95, win_rate_vs_reference_gold, mean_response_length,
-kl_to_sft, wall_time_s, plus gold_reward_policy / gold_reward_sft, proxy_reward_policy / _sft and
-mean_response_length_sft.
+kl_to_sft, wall_time_s, plus gold_reward_policy / gold_reward_sft, proxy_reward_policy / _sft,
+mean_response_length_sft and, with a ranking-model proxy, proxy_ranking_truncated_fraction (the share
+of its inputs with a response cut to fit its layout).
 """
 
 from __future__ import annotations
@@ -64,12 +65,13 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Proxy:
-    """The proxy judge: a pointwise reward model ("pointwise") or a pairwise ranking model ("pairwise")."""
+    """The proxy judge: a pointwise reward model ("pointwise") or a pairwise ranking model ("pairwise",
+    with the `RankingLayout` it was trained with)."""
 
     kind: str
     model: object
     params: object
-    layout: pipeline.SequenceLayout
+    layout: pipeline.SequenceLayout | pipeline.RankingLayout
 
 
 def win_rate(a, b) -> np.ndarray:
@@ -222,11 +224,18 @@ def evaluate_against_sft(
             flat_prompts = [p.prompt for p in prompts for _ in range(S)]
             a = [t for row in pol_text for t in row]
             b = [t for row in sft_text for t in row]
+            cut = rec.LoadStats()
             kw = dict(layout=proxy.layout, batch_size=batch_size)
-            ab = sampling.score_pairwise(proxy.model, proxy.params, tokenizer, flat_prompts, a, b, **kw)
+            ab = sampling.score_pairwise(
+                proxy.model, proxy.params, tokenizer, flat_prompts, a, b, stats=cut, **kw
+            )
+            # The swapped rows have the same cuts (both responses of a row share one budget).
             ba = sampling.score_pairwise(proxy.model, proxy.params, tokenizer, flat_prompts, b, a, **kw)
             logit = (0.5 * (np.asarray(ab) - np.asarray(ba))).reshape(P, S)
             summarize("win_rate_vs_sft_proxy", win_rate(logit, 0.0))
+            out["proxy_ranking_truncated_fraction"] = pipeline.ranking_truncated_fraction(
+                cut, len(flat_prompts), "evaluation (ranking-model proxy)"
+            )
     return out
 
 

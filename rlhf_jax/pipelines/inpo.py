@@ -149,7 +149,7 @@ def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, tokenizer, pr
     config = sampling.SamplingConfig(
         max_new_tokens=inpo.max_new_tokens, temperature=inpo.temperature, top_k=inpo.top_k
     )
-    tokens, lengths, _ = candidates.draw(
+    tokens, lengths, _, _ = candidates.draw(
         lm, params, pb, num_samples=inpo.num_samples, config=config, seed=cfg.seed * 1000 + t,
         tokenizer=tokenizer,
     )  # fmt: skip
@@ -215,9 +215,10 @@ def run(
     sft_dir = ran[-1].dir
     sft.run(sft_cfg, sft_dir, name="sft")
     rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
-    ran.append(locate("rm", reward.spec(rm_cfg, inpo.oracle), done=common.stage_done))
+    response_len = max(inpo.max_new_tokens, eval_config.max_new_tokens)  # the oracle judges these
+    ran.append(locate("rm", reward.spec(rm_cfg, inpo.oracle, response_len), done=common.stage_done))
     rm_dir = ran[-1].dir
-    reward.run(rm_cfg, rm_dir, kind=inpo.oracle, name="oracle")
+    reward.run(rm_cfg, rm_dir, kind=inpo.oracle, name="oracle", ranking_response_len=response_len)
     tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
     uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(policy_cfg.loss.name))
     iterations = []

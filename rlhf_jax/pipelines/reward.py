@@ -7,11 +7,20 @@ Pointwise: r(x, y) from the reward head on the last token of prompt + response, 
 prompt and two responses, `format_pair`, and the head's output is the logit of P(A ≻ B), trained with
 a sigmoid cross-entropy; A/B order is flipped at random per pair (seeded) so the model cannot learn a
 position bias. The trunk starts from `init_from` (an SFT stage) when given.
+
+The ranking model has its own, longer rows (`pipeline.RankingLayout`, sized by `ranking_layout`): the
+prompt as in the policy's rows, room for two responses, the template and the EOS whose hidden state the
+head reads. Each response is cut to its share of the row, never the question or the EOS; the share of
+inputs with a response cut is `ranking_truncated_fraction` in results.json (a warning above 5%). The
+layout is saved as `ranking_layout.json` beside the params, and scoring (`sampling.score_pairwise` via
+`common.load_proxy`) builds its inputs with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -21,29 +30,74 @@ from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import common, fingerprints
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines.config import DataConfig, StageConfig
 from rlhf_jax.train import metrics, steps
 
-PAIR_TEMPLATE = "\n\nResponse A:{a}\n\nResponse B:{b}\n\nWhich response is better?"
+RANKING_LAYOUT_FILE = "ranking_layout.json"
 
 
 def format_pair(a: str, b: str) -> str:
-    """The completion part of a ranking-model input (the prompt comes first, as for the policy)."""
-    return PAIR_TEMPLATE.format(a=a, b=b)
+    """The text after the prompt in a ranking-model input when nothing is cut (the ids are built piece
+    by piece, `pipeline.tokenize_ranking`)."""
+    before, middle, question = pipeline.RANKING_TEMPLATE
+    return f"{before}{a}{middle}{b}{question}"
 
 
 def ranking_examples(
     pairs: list[rec.PreferenceExample], seed: int
-) -> tuple[list[rec.SFTExample], np.ndarray]:
-    """Ranking-model inputs with random A/B order; labels [N] = 1 where A is the preferred response."""
+) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """Ranking-model inputs with random A/B order: (prompts, responses A, responses B, labels [N] = 1
+    where A is the preferred response)."""
     a_first = np.random.default_rng([seed, 11]).random(len(pairs)) < 0.5
-    examples = [
-        rec.SFTExample(
-            p.prompt, format_pair(p.chosen, p.rejected) if f else format_pair(p.rejected, p.chosen)
+    a = [p.chosen if f else p.rejected for p, f in zip(pairs, a_first, strict=True)]
+    b = [p.rejected if f else p.chosen for p, f in zip(pairs, a_first, strict=True)]
+    return [p.prompt for p in pairs], a, b, a_first.astype(np.float32)
+
+
+def ranking_data(
+    pairs: list[rec.PreferenceExample],
+    tokenizer,
+    layout: pipeline.RankingLayout,
+    *,
+    seed: int,
+    stats: rec.LoadStats | None = None,
+) -> tuple[pipeline.TokenizedSFT, np.ndarray]:
+    """The ranking model's training rows (`ranking_examples` in `pipeline.tokenize_ranking`'s layout,
+    the one scoring uses) and their labels [N]."""
+    prompts, a, b, labels = ranking_examples(pairs, seed)
+    return pipeline.tokenize_ranking(prompts, a, b, tokenizer, layout, stats), labels
+
+
+def ranking_layout(data: DataConfig, tokenizer, response_len: int = 0) -> pipeline.RankingLayout:
+    """The ranking model's layout: the policy's prompt length, and room per response for the longer of
+    a human response (`data.max_len - data.max_prompt_len`, its room in the policy's rows) and a sampled
+    one (`response_len`, the largest `max_new_tokens` the model will judge)."""
+    return pipeline.RankingLayout.for_tokenizer(
+        tokenizer,
+        max_prompt_len=data.max_prompt_len,
+        max_response_len=max(data.max_len - data.max_prompt_len, response_len),
+    )
+
+
+def save_ranking_layout(workdir: str, layout: pipeline.RankingLayout) -> None:
+    """Writes the layout a ranking model is trained with next to its params (`load_ranking_layout`)."""
+    common.write_json(os.path.join(workdir, RANKING_LAYOUT_FILE), dataclasses.asdict(layout))
+
+
+def load_ranking_layout(workdir: str) -> pipeline.RankingLayout:
+    """The layout the ranking model in `workdir` was trained with, so scoring builds the same inputs."""
+    path = os.path.join(workdir, RANKING_LAYOUT_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: missing; the ranking model in {workdir!r} was trained before the ranking layout "
+            "existed (retrain it)"
         )
-        for p, f in zip(pairs, a_first, strict=True)
-    ]
-    return examples, a_first.astype(np.float32)
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    try:
+        return pipeline.RankingLayout(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a ranking layout ({e})") from e
 
 
 def _with_labels(labels_N: np.ndarray):
@@ -73,13 +127,30 @@ def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
     return params
 
 
-def spec(cfg: StageConfig, kind: str) -> dict:
-    """What the reward-model stage's output depends on (its fingerprint's input)."""
-    return fingerprints.trainer_spec(cfg, kind=f"reward:{kind}", loss=False)
+def spec(cfg: StageConfig, kind: str, ranking_response_len: int = 0) -> dict:
+    """What the reward-model stage's output depends on (its fingerprint's input); for a ranking model,
+    also the response room of its layout (`ranking_layout`, `run`'s `ranking_response_len`)."""
+    out = fingerprints.trainer_spec(cfg, kind=f"reward:{kind}", loss=False)
+    if kind == "pairwise":
+        room = cfg.data.max_len - cfg.data.max_prompt_len
+        out["ranking_max_response_len"] = max(room, ranking_response_len)
+    return out
 
 
-def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = "reward") -> dict:
-    """Trains (or resumes) a reward model in `workdir`; returns held-out accuracy and loss."""
+def run(
+    cfg: StageConfig,
+    workdir: str,
+    *,
+    kind: str = "pointwise",
+    name: str = "reward",
+    ranking_response_len: int = 0,
+) -> dict:
+    """Trains (or resumes) a reward model in `workdir`; returns held-out accuracy and loss.
+
+    A pairwise ranking model gets its own layout (`ranking_layout`): `ranking_response_len` is the
+    longest sampled response it will judge (the pipelines pass their `max_new_tokens`); it is written to
+    `ranking_layout.json`, which scoring reads (`common.load_proxy`).
+    """
     if kind not in ("pointwise", "pairwise"):
         raise ValueError(f"reward model kind must be 'pointwise' or 'pairwise', got {kind!r}")
     os.makedirs(workdir, exist_ok=True)
@@ -99,12 +170,30 @@ def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = 
         train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
         eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
         train_tf = eval_tf = None
+        ranking = {}
     else:
-        examples, labels = ranking_examples(task.preference, cfg.seed)
-        eval_examples, eval_labels = ranking_examples(task.eval_preference, cfg.seed + 1)
-        train_data = pipeline.tokenize_sft(examples, tokenizer, lay, stats)
-        eval_data = pipeline.tokenize_sft(eval_examples, tokenizer, lay)
+        ranking_lay = ranking_layout(cfg.data, tokenizer, ranking_response_len)
+        if cfg.init_from_hf and ranking_lay.max_len > cfg.model.max_len:
+            raise ValueError(
+                f"the ranking model's inputs need {ranking_lay.max_len} tokens ({ranking_lay}) but the "
+                f"checkpoint {cfg.init_from_hf} was trained on {cfg.model.max_len}"
+            )
+        save_ranking_layout(workdir, ranking_lay)
+        eval_stats = rec.LoadStats()
+        train_data, labels = ranking_data(task.preference, tokenizer, ranking_lay, seed=cfg.seed, stats=stats)
+        eval_data, eval_labels = ranking_data(
+            task.eval_preference, tokenizer, ranking_lay, seed=cfg.seed + 1, stats=eval_stats
+        )
         train_tf, eval_tf = _with_labels(labels), _with_labels(eval_labels)
+        ranking = {
+            "ranking_layout": {**dataclasses.asdict(ranking_lay), "max_len": ranking_lay.max_len},
+            "ranking_truncated_fraction": pipeline.ranking_truncated_fraction(
+                stats, len(train_data), f"[{name}] training pairs"
+            ),
+            "ranking_truncated_fraction_eval": pipeline.ranking_truncated_fraction(
+                eval_stats, len(eval_data), f"[{name}] held-out pairs"
+            ),
+        }
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
     # Model and optimizer.
@@ -140,6 +229,7 @@ def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = 
         "eval_loss": ev.get("loss"),
         "eval_pairs": len(task.eval_preference),
         "truncated": dict(stats.truncated),
+        **ranking,
     }
     common.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "accuracy"))

@@ -18,7 +18,13 @@ on the human preference pairs (the paper's "direct" baseline).
 
 With a pairwise ranking model, a candidate's reward is RSO's r(x, y) = logit P(y ≻ y_b) against a
 baseline SFT sample y_b of the same prompt (one extra sample per prompt), averaged over both A/B orders
-of the ranking model's input to cancel its position bias.
+of the ranking model's input to cancel its position bias; its inputs are built in the ranking layout it
+was trained with (`pipeline.RankingLayout`), and the share with a response cut is reported.
+
+The candidates are drawn from q, the SFT policy at temperature 0.7 and top-k 40 (the paper's setting),
+so rejection sampling on rewards alone accepts samples that follow q · exp(r/β), not π_sft · exp(r/β).
+`rso.proposal_correction=true` accepts on r/β + log π_sft − log q instead (`rejection.rejection_sample`),
+which follows π_sft · exp(r/β) restricted to the responses q can draw (top-k's support).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 
 from rlhf_jax import rejection, sampling, sharding
 from rlhf_jax.data import pipeline
+from rlhf_jax.data import records as rec
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.pipelines import candidates, common, evaluation, fingerprints, preference, reward, sft
 from rlhf_jax.pipelines.config import StageConfig
@@ -53,8 +60,11 @@ class RSOConfig:
       num_prompts: training prompts sampled (distinct prompts of the preference split; 0 = all).
       num_candidates: N samples per prompt from the SFT policy.
       num_accepted: M accepted per prompt.
-      beta: the rejection sampler's β (the target is π_sft · exp(r/β)).
-      temperature, top_k, max_new_tokens: the SFT sampling policy.
+      beta: the rejection sampler's β. Accepted samples follow q · exp(r/β), q the SFT policy as sampled
+        (tempered and top-k), or π_sft · exp(r/β) on q's support with `proposal_correction`.
+      temperature, top_k, max_new_tokens: the SFT sampling policy q.
+      proposal_correction: accept on r/β + log π_sft − log q (the proposal's density ratio) so that the
+        accepted samples follow π_sft · exp(r/β) rather than q · exp(r/β) (module docstring).
     """
 
     pairs: str = "rso"
@@ -67,6 +77,7 @@ class RSOConfig:
     temperature: float = 0.7
     top_k: int = 40
     max_new_tokens: int = 48
+    proposal_correction: bool = False
 
     def __post_init__(self):
         if self.pairs not in ("rso", "sft_sample_rank", "direct"):
@@ -82,6 +93,10 @@ class RSOConfig:
             )
         if self.beta <= 0:
             raise ValueError(f"rso.beta must be > 0, got {self.beta}")
+        if not isinstance(self.proposal_correction, bool):
+            raise ValueError(
+                f"rso.proposal_correction must be true or false, got {self.proposal_correction!r}"
+            )
 
 
 # The RSOConfig fields that determine the candidates (the rest determine how they become pairs).
@@ -98,7 +113,9 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
     """Samples N (+1 baseline for a ranking model) completions per training prompt and scores them.
 
     Writes `out_path` (npz): prompt_tokens [P, Tp], prompt_lengths [P], tokens [P, N, T], lengths [P, N],
-    logps [P, N] (SFT log-probs), rewards [P, N]; returns them.
+    logps [P, N] (untempered SFT log-probs, log π_sft), sampling_logps [P, N] (log-probs under the
+    sampling policy, log q), rewards [P, N] and, with a ranking model, ranking_truncated_fraction (the
+    share of its inputs with a response cut); returns them.
     """
     mesh = sharding.make_mesh(cfg.mesh)
     task = common.load_task(cfg.data, cfg.seed)
@@ -107,7 +124,7 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
     lm, sft_params = candidates.load_lm(sft_dir, mesh)
     N = rso.num_candidates
     n = N + (1 if rso.reward_kind == "pairwise" else 0)  # + the baseline sample y_b
-    tokens_PNT, lengths_PN, logps_PN = candidates.draw(
+    tokens_PNT, lengths_PN, logps_PN, sampling_logps_PN = candidates.draw(
         lm,
         sft_params,
         pb,
@@ -119,6 +136,7 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
     P = len(prompts)
     proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
     bs = cfg.train.eval_batch_size
+    extra = {}
     if proxy.kind == "pointwise":
         rewards_PN = candidates.pointwise_rewards(proxy, pb, tokens_PNT, lengths_PN, pad_id=tokenizer.pad_id,
                                                   batch_size=bs)  # fmt: skip
@@ -127,12 +145,16 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
         flat_prompts = [prompts[p] for p in range(P) for _ in range(N)]
         cands = [texts[p][i] for p in range(P) for i in range(N)]
         baselines = [texts[p][N] for p in range(P) for _ in range(N)]
+        cut = rec.LoadStats()
         rewards_PN = candidates.pairwise_logits(proxy, tokenizer, flat_prompts, cands, baselines,
-                                                batch_size=bs).reshape(P, N)  # fmt: skip
-        tokens_PNT, lengths_PN, logps_PN = tokens_PNT[:, :N], lengths_PN[:, :N], logps_PN[:, :N]
+                                                batch_size=bs, stats=cut).reshape(P, N)  # fmt: skip
+        extra["ranking_truncated_fraction"] = np.float64(cut.truncated["ranking_response"] / (P * N))
+        tokens_PNT, lengths_PN = tokens_PNT[:, :N], lengths_PN[:, :N]
+        logps_PN, sampling_logps_PN = logps_PN[:, :N], sampling_logps_PN[:, :N]
     result = dict(
         prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens_PNT,
-        lengths=lengths_PN, logps=logps_PN, rewards=rewards_PN.astype(np.float32),
+        lengths=lengths_PN, logps=logps_PN, sampling_logps=sampling_logps_PN,
+        rewards=rewards_PN.astype(np.float32), **extra,
     )  # fmt: skip
     if common.is_main():
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -151,8 +173,16 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
     P, N = rewards_PN.shape
     rank = rejection.first_round_rank if rso.ranking == "first_round" else rejection.tournament_rank
     if rso.pairs == "rso":
+        correction = {}
+        if rso.proposal_correction:
+            if "sampling_logps" not in cand:
+                raise ValueError(
+                    "rso.proposal_correction needs the candidates' sampling log-probs: this candidates.npz "
+                    "has no sampling_logps (drawn by an older version); delete its samples stage to redraw"
+                )
+            correction = dict(sft_logps=cand["logps"], proposal_logps=cand["sampling_logps"])
         accepted_PM = rejection.rejection_sample(
-            rewards=rewards_PN, num_accept=rso.num_accepted, beta=rso.beta, seed=seed
+            rewards=rewards_PN, num_accept=rso.num_accepted, beta=rso.beta, seed=seed, **correction
         )
     else:  # sft_sample_rank: M of the SFT samples as they came, no rejection
         accepted_PM = np.stack(
@@ -177,6 +207,10 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
         "accepted_per_prompt": rso.num_accepted,
         "pairs": len(prompt_ids),
         "pairs_truncated": cut,
+        "proposal_correction": rso.proposal_correction,
+        "ranking_truncated_fraction": (
+            float(cand["ranking_truncated_fraction"]) if "ranking_truncated_fraction" in cand else None
+        ),
         "mean_candidate_reward": float(rewards_PN.mean()),
         "mean_accepted_reward": float(np.take_along_axis(rewards_PN, accepted_PM, 1).mean()),
         "tied_pairs_dropped": int((~valid).sum()),
@@ -262,9 +296,10 @@ def run(
     sft.run(sft_cfg, sft_dir, name="sft")
     seconds["sft"], t0 = time.perf_counter() - t0, time.perf_counter()
     rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
-    ran.append(locate("rm", reward.spec(rm_cfg, rso.reward_kind), done=common.stage_done))
+    response_len = max(rso.max_new_tokens, eval_config.max_new_tokens)  # a ranking model judges these
+    ran.append(locate("rm", reward.spec(rm_cfg, rso.reward_kind, response_len), done=common.stage_done))
     rm_dir = ran[-1].dir
-    reward.run(rm_cfg, rm_dir, kind=rso.reward_kind, name="rm")
+    reward.run(rm_cfg, rm_dir, kind=rso.reward_kind, name="rm", ranking_response_len=response_len)
     seconds["rm"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     train_data = None
