@@ -145,13 +145,18 @@ README_VARIANTS = [
     ("sft_sample_rank", ["--config.rso.pairs=sft_sample_rank"], "sft_sample_rank/first_round/sigmoid_norm"),
     ("direct", ["--config.rso.pairs=direct"], "direct/first_round/sigmoid_norm"),
     ("pairwise", ["--config.rso.reward_kind=pairwise"], "rso/first_round/sigmoid_norm"),
+    ("corrected", ["--config.rso.proposal_correction=true"], "rso/first_round/sigmoid_norm"),
 ]
+
+
+def _pairs_text(wd, results):
+    return open(os.path.join(wd, results["stages"]["pairs"]["dir"], "pairs.jsonl")).read()
 
 
 @pytest.mark.slow
 def test_readme_variants_in_one_workdir_each_report_their_own_config(tmp_path, capsys):
     wd = str(tmp_path / "run")
-    seen, policies = {}, {}
+    seen, policies, first = {}, {}, {}
     for name, args, method in README_VARIANTS:
         argv = ["--experiment=rso_tldr:smoke", f"--workdir={wd}", "--config.progress=false", *args]
         assert train.main(argv) == 0, name
@@ -168,7 +173,13 @@ def test_readme_variants_in_one_workdir_each_report_their_own_config(tmp_path, c
         stage_results = json.load(open(os.path.join(wd, policy["dir"], "results.json")))
         for key in ("win_rate_vs_sft_gold", "kl_to_sft", "loss_name", "eval_loss"):
             assert results[key] == stage_results[key], (name, key)
-        assert not policy["reused"] and policy["fingerprint"] not in policies.values(), name
+        assert results["rso"]["proposal_correction"] == config["rso"]["proposal_correction"], name
+        # A new policy for every variant: the pairs' contents are part of its fingerprint (the corrected
+        # acceptance could, by chance at smoke size, pick the very same pairs: then reusing is right).
+        same_pairs = name == "corrected" and _pairs_text(wd, results) == _pairs_text(wd, first)
+        if not same_pairs:
+            assert not policy["reused"] and policy["fingerprint"] not in policies.values(), name
+        first = first or results
         policies[name] = policy["fingerprint"]
         seen[name] = results["stages"]
         if name != "sigmoid_norm":  # one SFT policy for every variant
@@ -182,8 +193,11 @@ def test_readme_variants_in_one_workdir_each_report_their_own_config(tmp_path, c
     assert seen["hinge_norm"]["samples"]["reused"] and seen["sft_sample_rank"]["samples"]["reused"]
     assert "samples" not in seen["direct"] and not seen["pairwise"]["samples"]["reused"]
     assert not seen["sft_sample_rank"]["pairs"]["reused"] and seen["hinge_norm"]["pairs"]["reused"]
+    # The proposal correction reuses the pointwise model's samples and changes only pairs and policy.
+    assert seen["corrected"]["samples"]["fingerprint"] == seen["sigmoid_norm"]["samples"]["fingerprint"]
+    assert seen["corrected"]["pairs"]["fingerprint"] != seen["sigmoid_norm"]["pairs"]["fingerprint"]
     # Earlier variants stay on disk for comparison.
-    for fp in policies.values():
+    for fp in set(policies.values()):
         assert os.path.isdir(os.path.join(wd, "policy", fp[:12], "params"))
     # Back to the first command: everything is reused and its own numbers are reported again.
     assert train.main(["--experiment=rso_tldr:smoke", f"--workdir={wd}", "--config.progress=false"]) == 0

@@ -242,6 +242,7 @@ def samples_spec(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str)
     sampling settings (not the pairing or rejection settings, so those variants share the samples)."""
     return {
         "kind": "rso_samples",
+        "format": 2,  # candidates.npz with `sampling_logps` (log q), which proposal_correction needs
         "seed": cfg.seed,
         "data": fingerprints.data_spec(cfg.data),
         "sft": fingerprints.stage_input(sft_dir),
