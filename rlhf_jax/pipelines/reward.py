@@ -130,6 +130,7 @@ def run(cfg: StageConfig, workdir: str, *, kind: str = "pointwise", name: str = 
         "stage": name,
         "kind": kind,
         "steps": cfg.train.steps,
+        "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
         "eval_accuracy": ev.get("accuracy"),
         "eval_loss": ev.get("loss"),
         "eval_pairs": len(task.eval_preference),
