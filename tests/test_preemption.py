@@ -80,3 +80,51 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_resumes_exactly(tmp_path):
     assert losses(after) == losses(_records(tmp_path / "full"))
     (results,) = glob.glob(os.path.join(workdir, "**", "results.json"), recursive=True)
     assert json.load(open(results))["nonfinite_steps"] == 0
+
+
+@pytest.mark.slow
+def test_processes_agree_on_the_preemption_step(tmp_path):
+    """Two processes (the TPU-pod case): JAX's preemption sync point makes both stop at one step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    workdir = tmp_path / "two"
+    procs = [
+        subprocess.Popen(
+            [
+                *_command(workdir),
+                "--config.mesh.data=8",
+                f"--coordinator=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs) and len(_records(workdir)) < 3:
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), "a process ended before SIGTERM could be sent"
+        for p in procs:  # a scheduler signals every host; the sync point copes with any arrival order
+            p.send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [143, 143], errs[0][-3000:] + errs[1][-3000:]
+    stops = {int(re.search(r"preempted by SIGTERM at step (\d+) of stage sft", e).group(1)) for e in errs}
+    assert len(stops) == 1
+    (step,) = stops
+    assert glob.glob(os.path.join(workdir, "**", "checkpoints", str(step)), recursive=True)
+    assert _records(workdir)[-1]["step"] == step

@@ -84,7 +84,7 @@ def _key_name(entry) -> str:
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
     """{"params/decoder/embedding": shape, ...}: dict keys, attributes and indices alike."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
 def tree_differences(saved, target, limit: int = 8) -> list[str]:

@@ -192,8 +192,8 @@ def run(
         if config.nonfinite == "skip" and skipped > limit:
             raise NonFiniteError(
                 f"{description}: {skipped} of {config.steps} steps were skipped for a non-finite loss or "
-                f"gradient, more than train.max_nonfinite_fraction={config.max_nonfinite_fraction} allows "
-                f"({limit:g} steps); {last_good()}. Lower the learning rate, or raise the limit."
+                f"gradient, more than the stage's max_nonfinite_fraction={config.max_nonfinite_fraction} "
+                f"allows ({limit:g} steps); {last_good()}. Lower the learning rate, or raise the limit."
             )
 
     def log(step: int, state, metrics) -> None:
