@@ -29,6 +29,7 @@ def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule=
             log_every=10,
             eval_batch_size=64,
             nonfinite="stop",
+            max_nonfinite_fraction=0.05,  # with nonfinite="skip": fail once more steps were skipped
             reference="online",
             eval_every=0,
         )

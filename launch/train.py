@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_jax.data.records import DataError
     from rlhf_jax.train.checkpoint import CheckpointError
-    from rlhf_jax.train.loop import NonFiniteError
+    from rlhf_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 
     try:
         build_stages(config)["main"].mesh.resolve(jax.device_count())
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:  # SIGTERM: a checkpoint was saved; 143 = 128 + SIGTERM, as if it had killed us
+        print(f"[launch] {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     if jax.process_index() == 0:
         print(f"[launch] done in {time.perf_counter() - start:.1f}s; results in {workdir}/results.json")
         print(json.dumps(results, indent=2, sort_keys=True, default=str))

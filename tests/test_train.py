@@ -1,8 +1,11 @@
 """Tests for rlhf_jax.train: steps, accumulation, reference paths, non-finite handling, checkpoints."""
 
+import dataclasses
 import functools
+import glob
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +176,7 @@ def test_loop_stops_on_nonfinite_after_last_good_checkpoint(tmp_path, model_and_
 
 def test_loop_skips_nonfinite_when_configured(tmp_path, model_and_params):
     kw = _loop_setup(tmp_path, model_and_params, "skip", bad_at=5)
+    kw["config"] = dataclasses.replace(kw["config"], max_nonfinite_fraction=1 / 8)  # 1 of 8 is allowed
     state = loop.run(**kw)
     assert int(state.step) == 8 and int(state.nonfinite_count) == 1
     records = metrics.read_metrics(str(tmp_path))
@@ -289,3 +293,155 @@ def test_mixed_precision_step_runs_in_bfloat16():
     state, m = _step(obj, steps.pair_weight, tx, 2)(state, batch, params)
     assert float(m["finite"]) == 1.0 and abs(float(m["loss"]) - np.log(2)) < 1e-2
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-finite limits, SIGTERM, host syncs and config validation (issue 14, items 9-11).
+
+
+def _run_loop(tmp_path, model_and_params, *, bad_at=(), callback=None, **config):
+    """The loop over 8 SFT steps whose batches at `bad_at` have an infinite weight (a non-finite loss)."""
+    model, params = model_and_params
+    tx = optax.adam(1e-3)
+    rng = np.random.default_rng(5)
+
+    def batches():
+        for i in range(1, 100):
+            b = _sft_batch(rng)
+            yield dict(b, weights=b["weights"] * np.float32("inf")) if i in bad_at else b
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=0, keep=2, async_save=True)
+    writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    try:
+        return loop.run(
+            state=state_lib.create(params, tx, jax.random.key(0)),
+            step_fn=_step(functools.partial(steps.sft_objective, model=model), steps.sft_weight, tx, 1),
+            frozen=None, batches=batches(), checkpointer=ckpt, writer=writer, description="sft",
+            config=loop.LoopConfig(**{"steps": 8, "log_every": 1, "progress": False, **config}),
+            callback=callback,
+        )  # fmt: skip
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def test_skipping_more_than_the_allowed_fraction_fails(tmp_path, model_and_params):
+    state = _run_loop(
+        tmp_path / "a", model_and_params, bad_at=(3, 6), nonfinite="skip", max_nonfinite_fraction=0.25
+    )
+    assert int(state.step) == 8 and int(state.nonfinite_count) == 2  # 2 of 8: at the limit, allowed
+    with pytest.raises(loop.NonFiniteError) as info:
+        _run_loop(
+            tmp_path / "b", model_and_params, bad_at=(3, 6), nonfinite="skip", max_nonfinite_fraction=0.2
+        )
+    message = str(info.value)
+    assert "sft: 2 of 8 steps were skipped" in message and "max_nonfinite_fraction=0.2" in message
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "b"))][-1] == 5  # failed at step 6's sync
+
+
+def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, model_and_params):
+    caught = []
+    outer_handler = lambda *_: caught.append(1)  # stands in for the default, which would end pytest
+    previous = signal.signal(signal.SIGTERM, outer_handler)
+    try:
+        kill_at_3 = lambda step, state: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(loop.Preempted) as info:
+            _run_loop(tmp_path, model_and_params, callback=kill_at_3, log_every=5)
+        handler_after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # The signal came in step 3's callback: step 4, in flight, is finished, logged and checkpointed.
+    assert info.value.step == 4 and "preempted by SIGTERM at step 4 of stage sft" in str(info.value)
+    assert "rerun the same command to resume" in str(info.value)
+    assert caught == [] and handler_after is outer_handler  # the loop's handler was in place, then removed
+    ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=0)
+    assert ck.all_steps() == [4]
+    ck.close()
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [4]
+
+
+def _tiny_sft_stage(workdir, *, num_steps, log_every):
+    """A tiny SFT stage's pieces for `common.train`: config, trainer, fresh state, checkpointer, data."""
+    from rlhf_jax.data import pipeline
+    from rlhf_jax.pipelines import common
+    from rlhf_jax.pipelines import config as config_lib
+
+    cfg = config_lib.StageConfig(
+        seed=0, model=CFG, optim=optim.OptimConfig(learning_rate=1e-3),
+        train=config_lib.TrainConfig(steps=num_steps, batch_size=8, log_every=log_every),
+        loss=config_lib.LossConfig(), mesh=sharding.MeshConfig(),
+        checkpoint=config_lib.CheckpointConfig(every_steps=0),
+        data=config_lib.DataConfig(max_len=32, max_prompt_len=8), progress=False,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    ids = lambda lo, hi: [rng.integers(4, 64, rng.integers(lo, hi)).astype(np.int32) for _ in range(32)]
+    data = pipeline.TokenizedSFT(ids(2, 8), ids(2, 20), np.ones(32, np.float32), pad_id=0, max_len=32)
+    data_iter = iter(pipeline.batches(data, global_batch_size=8, seed=0))
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = models.Transformer(CFG, mesh=mesh)
+    trainer, state = common.build_trainer(
+        cfg=cfg, mesh=mesh, model=model, params=models.init_params(model, jax.random.key(0)),
+        objective=functools.partial(steps.sft_objective, model=model), weight_fn=steps.sft_weight,
+        frozen_shardings=None,
+    )  # fmt: skip
+    ckpt, state = common.restore(cfg, workdir, state, data_iter)
+    return cfg, trainer, state, ckpt, data_iter
+
+
+def test_training_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
+    from rlhf_jax.pipelines import common
+
+    cfg, trainer, state, ckpt, data_iter = _tiny_sft_stage(str(tmp_path), num_steps=6, log_every=3)
+    counted_types, fetched = [], []
+    real_tokens, device_get = common.real_tokens, jax.device_get
+
+    def spy_real_tokens(batch):
+        counted_types.extend(type(v) for k, v in batch.items() if k.endswith("segment_ids"))
+        return real_tokens(batch)
+
+    def spy_device_get(x):
+        if isinstance(x, dict) and "loss" in x:
+            fetched.append(x)
+        return device_get(x)
+
+    monkeypatch.setattr(common, "real_tokens", spy_real_tokens)
+    monkeypatch.setattr(jax, "device_get", spy_device_get)
+    # On GPU/TPU the guard makes any implicit device-to-host copy (np.asarray, float(), int() of a device
+    # array) raise, while the loop's explicit jax.device_get of the metrics at log steps is allowed. On
+    # CPU the arrays already live on the host and it checks nothing, hence the spies.
+    with jax.transfer_guard_device_to_host("disallow"):
+        common.train(cfg, str(tmp_path), ckpt, state, trainer=trainer, data_iter=data_iter, name="sft")
+    # Tokens are counted on the numpy batch before it is placed, not on the device batch (which waits
+    # for the device and copies the count back before every step).
+    assert len(counted_types) == 6 and set(counted_types) == {np.ndarray}
+    records = metrics.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [3, 6] and len(fetched) == 2  # one fetch per log step only
+    assert all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_real_tokens_counts_the_host_batch():
+    from rlhf_jax.pipelines import common
+
+    batch = _pair_batch(np.random.default_rng(7))
+    want = int((batch["chosen_segment_ids"] > 0).sum() + (batch["rejected_segment_ids"] > 0).sum())
+    assert common.real_tokens(batch) == want
+
+
+@pytest.mark.slow
+def test_skipped_steps_are_in_results_and_too_many_fail_the_launch(tmp_path, capsys):
+    from launch import train as launcher
+
+    # A learning rate of 1e30 sends the params to ~1e30 after the first update (the warmup's step 1
+    # has rate 0), so from step 3 on every loss overflows and every update is skipped.
+    args = ["--experiment=sft_tldr:smoke", "--config.progress=false", "--config.train.nonfinite=skip",
+            "--config.train.learning_rate=1e30", "--config.checkpoint.every_steps=0"]  # fmt: skip
+    assert (
+        launcher.main([*args, f"--workdir={tmp_path / 'a'}", "--config.train.max_nonfinite_fraction=1"]) == 0
+    )
+    (results,) = glob.glob(str(tmp_path / "a" / "**" / "results.json"), recursive=True)
+    skipped = json.load(open(results))["nonfinite_steps"]
+    assert skipped >= 1 and metrics.read_metrics(os.path.dirname(results))[-1]["nonfinite_steps"] == skipped
+    capsys.readouterr()
+    assert launcher.main([*args, f"--workdir={tmp_path / 'b'}"]) == 1  # the default limit: 5% of 6 steps
+    err = capsys.readouterr().err  # failed at its first sync after a skip (step 4: steps 3 and 4 skipped)
+    assert "sft: 2 of 6 steps were skipped" in err and "max_nonfinite_fraction=0.05" in err

@@ -370,8 +370,13 @@ def device_batches(iterator, mesh, transform: Callable[[dict], dict] | None = No
 
 
 def real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a (host or device) batch, over every *segment_ids key."""
-    return int(sum(np.asarray(jnp.sum(v > 0)) for k, v in batch.items() if k.endswith("segment_ids")))
+    """Non-padding tokens of a host (numpy) batch, over every *segment_ids key.
+
+    Counted on the host so that the training loop never waits for the device to count them.
+    """
+    return sum(
+        int(np.count_nonzero(np.asarray(v) > 0)) for k, v in batch.items() if k.endswith("segment_ids")
+    )
 
 
 def evaluate(eval_fn: Callable, data, *, mesh, batch_size: int, transform=None) -> dict[str, float]:
@@ -424,7 +429,11 @@ def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
 
 
 def restore(cfg: StageConfig, workdir: str, state, data_iter):
-    """The stage's Checkpointer, and the state (and data position) of its newest checkpoint if any."""
+    """The stage's Checkpointer, and the state (and data position) of its newest checkpoint if any.
+
+    A corrupt newest checkpoint is moved aside for the previous one; an I/O error or a checkpoint of a
+    differently shaped state raises `CheckpointError` (see `rlhf_jax.train.checkpoint`).
+    """
     from rlhf_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(
@@ -432,24 +441,35 @@ def restore(cfg: StageConfig, workdir: str, state, data_iter):
         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
     )  # fmt: skip
     if ckpt.latest_step() is not None:
-        _, state = ckpt.restore(None, state, data_iter)
+        step, state = ckpt.restore(None, state, data_iter)
+        if is_main():
+            print(f"resuming from the checkpoint at step {step} in {ckpt.directory}", flush=True)
     return ckpt, state
 
 
 def train(cfg: StageConfig, workdir: str, ckpt, state, *, trainer: Trainer, data_iter, frozen=None,
           transform=None, name: str, callback=None):  # fmt: skip
-    """Runs the stage's loop from `state` to `cfg.train.steps` with metrics and checkpoints; closes both."""
+    """Runs the stage's loop from `state` to `cfg.train.steps` with metrics and checkpoints; closes both.
+
+    Raises `loop.Preempted` on SIGTERM (after a checkpoint) and `loop.NonFiniteError`; the metrics
+    writer and the checkpointer are closed (pending saves finished) either way.
+    """
     from rlhf_jax.train import loop, metrics
 
     writer = metrics.MetricsWriter(workdir, resume_step=int(jax.device_get(state.step)))
-    state = loop.run(
-        state=state, step_fn=trainer.step_fn, frozen=frozen,
-        batches=device_batches(data_iter, trainer.mesh, transform), config=cfg.train.loop(cfg.progress),
-        checkpointer=ckpt, writer=writer, data_iterator=data_iter, tokens_in=real_tokens,
-        description=name, callback=callback,
-    )  # fmt: skip
-    writer.close()
-    ckpt.close()
+    # Host batches, transformed lazily (no read-ahead, so the iterator's checkpointed state is always
+    # that of the next batch); the loop counts their tokens before it places them on the mesh.
+    host_batches = (transform(b) if transform is not None else b for b in data_iter)
+    try:
+        state = loop.run(
+            state=state, step_fn=trainer.step_fn, frozen=frozen, batches=host_batches,
+            config=cfg.train.loop(cfg.progress), checkpointer=ckpt, writer=writer, data_iterator=data_iter,
+            place=functools.partial(sharding.shard_batch, mesh=trainer.mesh), tokens_in=real_tokens,
+            description=name, callback=callback,
+        )  # fmt: skip
+    finally:
+        writer.close()
+        ckpt.close()
     return state
 
 

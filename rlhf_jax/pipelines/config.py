@@ -97,6 +97,11 @@ class TrainConfig:
       reference: "online" (reference forward in every step) or "precomputed" (once per dataset).
       eval_every: preference stages with a sample-based evaluation also run it every this many steps
         (0: only at the end) and append it to WORKDIR/eval_curve.jsonl.
+      max_nonfinite_fraction: with nonfinite="skip", the run fails once more than this fraction of
+        `steps` were skipped (default 0.05: a run that drops more than 1 update in 20 is not the
+        configured run; 1.0 never fails).
+
+    Errors name the field alone; `stage_config` prefixes the config section (`config.sft.log_every`).
     """
 
     steps: int = 100
@@ -107,34 +112,52 @@ class TrainConfig:
     nonfinite: str = "stop"
     reference: str = "online"
     eval_every: int = 0
+    max_nonfinite_fraction: float = 0.05
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum_steps < 1:
-            raise ValueError(
-                f"train.steps={self.steps}, train.batch_size={self.batch_size} and "
-                f"train.grad_accum_steps={self.grad_accum_steps} must be >= 0, >= 1, >= 1"
-            )
+        checks = (
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum_steps", self.grad_accum_steps >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
+            ("nonfinite", self.nonfinite in ("stop", "skip"), "'stop' or 'skip'"),
+            ("reference", self.reference in ("online", "precomputed"), "'online' or 'precomputed'"),
+            ("max_nonfinite_fraction", 0.0 <= self.max_nonfinite_fraction <= 1.0, "in [0, 1]"),
+        )
+        for field, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{field} must be {want}, got {getattr(self, field)!r}")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
-                f"train.batch_size={self.batch_size} does not divide into "
-                f"train.grad_accum_steps={self.grad_accum_steps} micro-batches"
+                f"batch_size={self.batch_size} does not divide into "
+                f"grad_accum_steps={self.grad_accum_steps} micro-batches"
             )
-        if self.reference not in ("online", "precomputed"):
-            raise ValueError(f"train.reference must be 'online' or 'precomputed', got {self.reference!r}")
 
     def loop(self, progress: bool = True) -> LoopConfig:
         return LoopConfig(
-            steps=self.steps, log_every=self.log_every, nonfinite=self.nonfinite, progress=progress
+            steps=self.steps,
+            log_every=self.log_every,
+            nonfinite=self.nonfinite,
+            max_nonfinite_fraction=self.max_nonfinite_fraction,
+            progress=progress,
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Attributes: every_steps (0: only at the end), keep (last K), async_save."""
+    """Attributes: every_steps (0: only at the end), keep (last K, >= 1), async_save."""
 
     every_steps: int = 100
     keep: int = 2
     async_save: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0 (0: only at the end), got {self.every_steps!r}")
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +248,14 @@ def model_config(section) -> models.ModelConfig:
     return models.preset(preset, **given)
 
 
+def _in_section(section: str, cls, /, **kwargs):
+    """`cls(**kwargs)`, with a validation error prefixed by the config section it came from."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"config.{section}.{e}") from e
+
+
 def stage_config(config, train_section: str = "train") -> StageConfig:
     """Builds a StageConfig from an experiment ConfigDict.
 
@@ -242,11 +273,13 @@ def stage_config(config, train_section: str = "train") -> StageConfig:
         raise ValueError(
             f"config.{train_section} has unknown keys {unknown}; known: {sorted(optim_keys | train_keys)}"
         )
-    optim = OptimConfig(
+    optim = _in_section(
+        train_section,
+        OptimConfig,
         **{k: v for k, v in section.items() if k in optim_keys and k != "optimizer"},
         name=section.get("optimizer", "adamw"),
     )
-    train = TrainConfig(**{k: v for k, v in section.items() if k in train_keys})
+    train = _in_section(train_section, TrainConfig, **{k: v for k, v in section.items() if k in train_keys})
     loss_section = dict(config.get("loss", {"name": "dpo"}))
     loss = LossConfig(name=loss_section.pop("name"), hparams=tuple(sorted(loss_section.items())))
     return StageConfig(
@@ -256,7 +289,9 @@ def stage_config(config, train_section: str = "train") -> StageConfig:
         train=train,
         loss=loss,
         mesh=sharding.MeshConfig(**_fields(sharding.MeshConfig, config.mesh, "mesh")),
-        checkpoint=CheckpointConfig(**_fields(CheckpointConfig, config.checkpoint, "checkpoint")),
+        checkpoint=_in_section(
+            "checkpoint", CheckpointConfig, **_fields(CheckpointConfig, config.checkpoint, "checkpoint")
+        ),
         data=DataConfig(**_fields(DataConfig, config.data, "data")),
         init_from=str(config.get("init_from", "")),
         init_from_hf=str(config.model.get("init_from_hf", "") or ""),

@@ -263,6 +263,7 @@ def run(
         "stage": name,
         "loss_name": cfg.loss.name,
         "steps": cfg.train.steps,
+        "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
         "train_pairs": len(train_data),
         "eval_pairs": len(task.eval_preference),
         **{f"eval_{k}": v for k, v in ev.items()},

@@ -225,6 +225,7 @@ def run(
         "stage": name,
         "kind": kind,
         "steps": cfg.train.steps,
+        "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
         "eval_accuracy": ev.get("accuracy"),
         "eval_loss": ev.get("loss"),
         "eval_pairs": len(task.eval_preference),

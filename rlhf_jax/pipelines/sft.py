@@ -70,6 +70,7 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     results = {
         "stage": name,
         "steps": cfg.train.steps,
+        "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
         "eval_nll_per_token": ev.get("loss"),
         "eval_perplexity": math.exp(min(ev["loss"], 50.0)) if "loss" in ev else None,
         "truncated": dict(stats.truncated),

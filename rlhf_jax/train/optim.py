@@ -8,6 +8,7 @@ give exactly the update of one k-times larger batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import optax
 
@@ -43,10 +44,20 @@ class OptimConfig:
             raise ValueError(f"optimizer name must be 'adamw' or 'adafactor', got {self.name!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0 or self.grad_clip_norm < 0:
-            raise ValueError("warmup_steps and grad_clip_norm must be >= 0")
+        # NaN fails every comparison, so each check is written to fail for it.
+        checks = (
+            ("learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "finite and > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("final_lr_fraction", 0.0 <= self.final_lr_fraction <= 1.0, "in [0, 1]"),
+            ("weight_decay", 0.0 <= self.weight_decay < math.inf, "finite and >= 0"),
+            ("b1", 0.0 <= self.b1 < 1.0, "in [0, 1)"),
+            ("b2", 0.0 <= self.b2 < 1.0, "in [0, 1)"),
+            ("eps", 0.0 < self.eps < math.inf, "finite and > 0"),
+            ("grad_clip_norm", 0.0 <= self.grad_clip_norm < math.inf, "finite and >= 0 (0 disables)"),
+        )
+        for field, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{field} must be {want}, got {getattr(self, field)!r}")
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
