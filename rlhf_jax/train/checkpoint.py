@@ -11,7 +11,9 @@ restores onto another. A failed restore is one of three things, handled differen
 * **corruption** (missing or garbled files, undecodable tensorstore data, bad metadata): the restore
   falls back to the next older checkpoint with a warning, and once one is restored the unreadable newer
   step directories are moved aside to `<step>.corrupt` (kept for inspection, no longer counted towards
-  `keep`, and no longer in the way of a new save at that step);
+  `keep`, and no longer in the way of a new save at that step). With several processes, each reads
+  its own shards: they agree on the newest step every process could read (one collective), restore
+  that one, and move aside the same newer steps;
 * **a transient I/O error** (an `OSError` such as EIO, EACCES or ENOSPC, or a tensorstore UNAVAILABLE,
   PERMISSION_DENIED, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED): `CheckpointError` is raised and nothing
   is moved, since a retry may well read the same checkpoint;
@@ -26,6 +28,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -100,6 +103,10 @@ def tree_differences(saved, target, limit: int = 8) -> list[str]:
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
     return diffs
+
+
+class _UnreadableError(Exception):
+    """A checkpoint step that cannot be read (corrupt or incomplete): the caller tries an older one."""
 
 
 class Checkpointer:
@@ -219,32 +226,54 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         abstract = abstract_like(target)
         corrupt, errors = [], []
+        restored_step, state = -1, None
         for s in steps:
-            self._check_tree(s, abstract)
-            items = {"state": ocp.args.StandardRestore(abstract)}
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
-                restored = self._manager.restore(s, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - classified: transient I/O raises, the rest is corruption
-                if is_transient(e):
-                    raise CheckpointError(
-                        f"I/O error reading checkpoint {self.step_dir(s)}: {type(e).__name__}: {e}. Not "
-                        "treated as corruption: nothing was moved; retry when the storage is readable."
-                    ) from e
-                logging.warning(
-                    "checkpoint %s is unreadable (%s: %s); trying an older one",
-                    self.step_dir(s),
-                    type(e).__name__,
-                    e,
-                )
+                state = self._restore_one(s, abstract, data_iterator)
+            except _UnreadableError as e:
                 corrupt.append(s)
-                errors.append(f"{self.step_dir(s)}: {type(e).__name__}: {e}")
+                errors.append(str(e))
                 continue
-            if corrupt:
-                self._move_aside(corrupt)
-            return s, restored["state"]
-        raise CheckpointError("no readable checkpoint; tried:\n  " + "\n  ".join(errors))
+            restored_step = s
+            break
+        if jax.process_count() > 1:
+            # Every process must restore the same step and agree on what is moved aside: a step one
+            # process could not read counts as unreadable for all (each process reads its own shards).
+            from jax.experimental import multihost_utils
+
+            agreed = int(np.min(multihost_utils.process_allgather(np.asarray(restored_step, np.int64))))
+            if agreed != restored_step and agreed >= 0:
+                state = self._restore_one(agreed, abstract, data_iterator)  # raises if unreadable here
+            corrupt = [s for s in steps if s > agreed] if agreed >= 0 else corrupt
+            restored_step = agreed
+        if restored_step < 0:
+            raise CheckpointError("no readable checkpoint; tried:\n  " + "\n  ".join(errors))
+        if corrupt:
+            self._move_aside(corrupt)
+        return restored_step, state
+
+    def _restore_one(self, s: int, abstract, data_iterator):
+        """The state at step `s`; raises `_UnreadableError` if the step is corrupt, else CheckpointError."""
+        self._check_tree(s, abstract)
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self._manager.restore(s, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - classified: transient I/O raises, the rest is corruption
+            if is_transient(e):
+                raise CheckpointError(
+                    f"I/O error reading checkpoint {self.step_dir(s)}: {type(e).__name__}: {e}. Not "
+                    "treated as corruption: nothing was moved; retry when the storage is readable."
+                ) from e
+            logging.warning(
+                "checkpoint %s is unreadable (%s: %s); trying an older one",
+                self.step_dir(s),
+                type(e).__name__,
+                e,
+            )
+            raise _UnreadableError(f"{self.step_dir(s)}: {type(e).__name__}: {e}") from e
+        return restored["state"]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
