@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         results = run_pipeline(config, workdir, reuse_from=reuse_from)
-    except (DataError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
+    except (DataError, FileNotFoundError, NonFiniteError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:  # SIGTERM: a checkpoint was saved; 143 = 128 + SIGTERM, as if it had killed us
