@@ -30,10 +30,14 @@ _TEST = [
     # HuggingFace interop tests compare logits with PyTorch (never imported by the library).
     "torch==2.13.0",
     "transformers>=4.57",
+    "trl>=1.16",  # test_bench times TRL's DPOTrainer step (`bench.train_step --compare=trl`).
     # The Colab notebook runs headless in the slow tier.
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # .ci/run checks `ruff check .` and `ruff format --check .`; pinned because a formatter release may
+    # change its style and turn a clean tree into a failing check.
+    "ruff==0.17.6",
 ]
 
 _BENCH = [
@@ -51,6 +55,6 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*", "launch", "experiments", "bench"]),
     install_requires=_RUNTIME,
-    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST + ["ruff>=0.6"]},
+    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST},
     license="Apache-2.0",
 )

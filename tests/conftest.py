@@ -1,6 +1,12 @@
-"""Test setup: 8 simulated CPU devices, forced before JAX is imported, so every test can use a mesh."""
+"""Test setup: 8 simulated CPU devices, forced before JAX is imported, so every test can use a mesh.
+
+With `CI=true` (as `.ci/run` sets), a test skipped because a test dependency is missing
+(`pytest.importorskip`, in a test or at module level) fails instead: CI installs the test extra, so a
+missing package there is a broken install, not a reason to skip. Other skips stay skips.
+"""
 
 import os
+import re
 import tempfile
 
 # Must happen before any `import jax` in this process; pytest imports conftest.py first.
@@ -17,6 +23,7 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
@@ -27,3 +34,28 @@ def pytest_configure(config):
         raise RuntimeError(
             f"tests expect 8 simulated CPU devices, found {n}: was jax imported before conftest?"
         )
+
+
+# The reasons `pytest.importorskip` gives: the module is missing, or older than `minversion`.
+_MISSING_DEPENDENCY = re.compile(r"could not import '[^']+'|module '[^']+' has __version__ .*, required is")
+
+
+def _fail_missing_dependency(report):
+    """Turns a skip for a missing test dependency into a failure when CI=true; returns the report."""
+    if os.environ.get("CI") != "true" or not report.skipped:
+        return report
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _MISSING_DEPENDENCY.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test dependency is missing ({reason}); install the test extra"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    return _fail_missing_dependency((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    return _fail_missing_dependency((yield))

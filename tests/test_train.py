@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +226,33 @@ class TestOptim:
             optim.OptimConfig(schedule="step")
 
 
+P = jax.sharding.PartitionSpec
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a subprocess: saves step 1, then dies by SIGKILL at the rename that finalizes step 2.
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+import jax, jax.numpy as jnp
+from rlhf_jax import sharding
+from rlhf_jax.train import checkpoint
+
+mesh = sharding.make_mesh(sharding.MeshConfig())
+sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+state = lambda v: {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4) + v, sh), "step": jnp.int32(v)}
+ck = checkpoint.Checkpointer(sys.argv[1], every_steps=1)
+ck.save(1, state(1.0), force=True)
+ck.wait()
+rename = os.rename
+def kill_before_finalizing_step_2(src, dst, *args, **kwargs):
+    if os.path.basename(os.fspath(dst)) == "2":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.rename = kill_before_finalizing_step_2
+ck.save(2, state(2.0), force=True)
+ck.wait()
+"""
+
+
 class TestCheckpoint:
     def _state(self, mesh, spec, value=0.0):
         sh = jax.sharding.NamedSharding(mesh, spec)
@@ -245,19 +274,28 @@ class TestCheckpoint:
         ck.close()
 
     def test_interrupted_write_is_never_restored(self, tmp_path):
-        P = jax.sharding.PartitionSpec
+        # A real interrupted write, not a hand-made guess at Orbax's layout: a process saves step 1, then
+        # is killed (SIGKILL) at the rename that would finalize step 2, so every file of step 2 is on disk
+        # (commit_success.txt included) under Orbax's temporary name.
+        out = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == -signal.SIGKILL, f"the save was not interrupted:\n{out.stderr[-2000:]}"
+        leftover = [n for n in os.listdir(tmp_path) if n.startswith("2") and n != "2"]
+        assert leftover and not os.path.exists(tmp_path / "2"), os.listdir(tmp_path)
+        assert os.path.exists(tmp_path / leftover[0] / "state"), "the killed write left no step-2 state"
         mesh = sharding.make_mesh(sharding.MeshConfig())
         ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
-        ck.save(1, self._state(mesh, P("data"), 1.0), force=True)
-        ck.close()
-        # What a kill -9 during the write of step 2 leaves: Orbax's temporary directory, half written.
-        partial = tmp_path / "2.orbax-checkpoint-tmp-1234"
-        (partial / "state").mkdir(parents=True)
-        (partial / "state" / "garbage").write_bytes(b"\0" * 10)
-        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
-        assert ck.latest_step() == 1
+        assert ck.latest_step() == 1 and ck.all_steps() == [1]
         step, restored = ck.restore(None, self._state(mesh, P("data")))
         assert step == 1 and int(restored["step"]) == 1
+        np.testing.assert_array_equal(restored["w"], np.arange(32.0).reshape(8, 4) + 1.0)
+        # The resumed run saves step 2 again: the leftover neither blocks nor shadows the new checkpoint.
+        ck.save(2, self._state(mesh, P("data"), 3.0), force=True)
+        ck.close()
+        assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+        ck = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+        step, restored = ck.restore(None, self._state(mesh, P("data")))
+        assert step == 2 and int(restored["step"]) == 3
         ck.close()
 
     def test_corrupt_latest_falls_back_to_previous(self, tmp_path, caplog):
@@ -278,21 +316,57 @@ class TestCheckpoint:
         ck.close()
 
 
+def _dot_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """The operand dtypes of every matmul (dot_general) in a jaxpr, nested jaxprs (scan, vjp) included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(sub, "eqns"):
+                    out += _dot_dtypes(sub)
+    return out
+
+
 def test_mixed_precision_step_runs_in_bfloat16():
-    cfg = models.preset("tiny", vocab_size=64, max_len=32, dtype="bfloat16")
-    model = models.Transformer(cfg)
+    batch = _pair_batch(np.random.default_rng(6))
+    models_by_dtype = {
+        dtype: models.Transformer(models.preset("tiny", vocab_size=64, max_len=32, dtype=dtype))
+        for dtype in ("bfloat16", "float32")
+    }
+    model = models_by_dtype["bfloat16"]
     params = models.init_params(model, jax.random.key(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # float32 master weights
     tx = optim.make_optimizer(optim.OptimConfig(name="adafactor", learning_rate=1e-3), 10)
-    batch = _pair_batch(np.random.default_rng(6))
     obj = functools.partial(
         steps.preference_objective, model=model, loss_fn=losses.make("dpo"),
         loss_inputs=losses.required_inputs("dpo"), metric_beta=0.1,
     )  # fmt: skip
     state = state_lib.create(params, tx, jax.random.key(0))
-    state, m = _step(obj, steps.pair_weight, tx, 2)(state, batch, params)
+    step = functools.partial(
+        steps.train_step, objective=obj, weight_fn=steps.pair_weight, tx=tx, accum_steps=2
+    )
+    # Every matmul of the forward pass runs on bfloat16 operands, and nearly all of the step's (the
+    # backward pass keeps the attention-softmax gradient in float32).
+    forward = _dot_dtypes(jax.make_jaxpr(lambda p: steps.pair_logps(model, p, batch))(params).jaxpr)
+    assert forward and set(forward) == {("bfloat16", "bfloat16")}, forward
+    in_step = _dot_dtypes(jax.make_jaxpr(step)(state, batch, params).jaxpr)
+    bf16 = in_step.count(("bfloat16", "bfloat16"))
+    assert bf16 > 10 * (len(in_step) - bf16), in_step
+    # So its numbers differ from float32 compute by more than float32 rounding, within bfloat16's.
+    logps = {k: np.asarray(steps.pair_logps(m, params, batch)[0]) for k, m in models_by_dtype.items()}
+    rel = np.abs(logps["bfloat16"] - logps["float32"]).max() / np.abs(logps["float32"]).max()
+    assert 1e-5 < rel < 1e-2, rel
+    new_state, m = jax.jit(step)(state, batch, params)
     assert float(m["finite"]) == 1.0 and abs(float(m["loss"]) - np.log(2)) < 1e-2
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+    # The update is applied to the float32 master weights.
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state.params))
+    assert any(
+        np.any(a != b)
+        for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params), strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

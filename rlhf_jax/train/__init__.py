@@ -1,0 +1,1 @@
+"""Training: the train state, jitted steps, optimizers, the loop, Orbax checkpoints and metrics."""
