@@ -213,3 +213,24 @@ def test_readme_variants_in_one_workdir_each_report_their_own_config(tmp_path, c
         ]
     )
     assert stage_dir(wd, "policy") == os.path.join(wd, "policy", policies["sigmoid_norm"][:12])
+
+
+def test_each_stage_claims_the_spec_its_pipeline_located_it_by(tmp_path):
+    """A stage's `run` checks its directory against the same spec the pipeline located it by: a
+    ranking model's layout room (RSO passes its max_new_tokens, here more than data's response room)
+    must enter both, or the stage refuses its own directory."""
+    st = _stages("--config.rso.reward_kind=pairwise", "--config.rso.max_new_tokens=40")
+    rm_cfg = dataclasses.replace(st["rm"], init_from=str(tmp_path / "sft"))
+    response_len = max(st["rso"].max_new_tokens, st["eval"].max_new_tokens)
+    assert response_len > st["rm"].data.max_len - st["rm"].data.max_prompt_len
+    stage = _fake_stage(tmp_path / "rm", reward.spec(rm_cfg, "pairwise", response_len))
+    assert reward.run(rm_cfg, stage, kind="pairwise", ranking_response_len=response_len) == {}
+    with pytest.raises(ValueError, match="another configuration"):  # a different room is another stage
+        reward.run(rm_cfg, stage, kind="pairwise", ranking_response_len=response_len + 1)
+    st = _stages()
+    stage = _fake_stage(tmp_path / "sft2", sft.spec(st["sft"]))
+    assert sft.run(st["sft"], stage) == {}
+    policy_cfg = dataclasses.replace(st["main"], init_from=stage)
+    kw = dict(eval_config=st["eval"], proxy_dir=stage, sft_from=stage)
+    stage = _fake_stage(tmp_path / "policy", preference.spec(policy_cfg, **kw))
+    assert preference.run(policy_cfg, stage, **kw) == {}

@@ -154,7 +154,7 @@ def run(
     if kind not in ("pointwise", "pairwise"):
         raise ValueError(f"reward model kind must be 'pointwise' or 'pairwise', got {kind!r}")
     os.makedirs(workdir, exist_ok=True)
-    fingerprints.claim(workdir, spec(cfg, kind), name)
+    fingerprints.claim(workdir, spec(cfg, kind, ranking_response_len), name)
     if common.stage_done(workdir):
         return common.read_results(workdir)
 
