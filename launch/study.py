@@ -413,6 +413,7 @@ def run_study(
     results: dict[str, list[dict]] = {}
     for seed in range(seeds):
         seed_dir = os.path.join(workdir, f"seed_{seed}")
+        os.makedirs(seed_dir, exist_ok=True)
         for method in study.methods:
             run_dir = os.path.join(seed_dir, method.name)
             # Stages with the same fingerprint are computed once: by the first method of the seed that

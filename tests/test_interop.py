@@ -8,7 +8,6 @@ import equals the single-device one exactly.
 """
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -399,10 +398,10 @@ def test_launch_starts_from_a_hf_checkpoint(tmp_path):
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert untrained.returncode == 0, untrained.stderr[-3000:]
-    [initial_path] = glob.glob(str(zero / "**" / "results.json"), recursive=True)
-    initial = json.loads(open(initial_path).read())["eval_nll_per_token"]
-    [sft_path] = [p for p in glob.glob(str(tmp_path / "run" / "**" / "results.json"), recursive=True)
-                  if "sft" in p.split(os.sep)]  # fmt: skip
+    initial = json.loads(open(os.path.join(stage_dir(zero, "sft"), "results.json")).read())[
+        "eval_nll_per_token"
+    ]
+    sft_path = os.path.join(stage_dir(tmp_path / "run", "sft"), "results.json")
     trained = json.loads(open(sft_path).read())["eval_nll_per_token"]
     assert trained < initial - 0.1, (trained, initial)
     bad = subprocess.run(

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from workdirs import stage_dir
 
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.train import checkpoint, loop, metrics, optim, steps
@@ -512,9 +512,10 @@ def test_skipped_steps_are_in_results_and_too_many_fail_the_launch(tmp_path, cap
     assert (
         launcher.main([*args, f"--workdir={tmp_path / 'a'}", "--config.train.max_nonfinite_fraction=1"]) == 0
     )
-    (results,) = glob.glob(str(tmp_path / "a" / "**" / "results.json"), recursive=True)
+    results = os.path.join(stage_dir(tmp_path / "a", "sft"), "results.json")
     skipped = json.load(open(results))["nonfinite_steps"]
     assert skipped >= 1 and metrics.read_metrics(os.path.dirname(results))[-1]["nonfinite_steps"] == skipped
+    assert json.load(open(tmp_path / "a" / "results.json"))["nonfinite_steps"] == skipped
     capsys.readouterr()
     assert launcher.main([*args, f"--workdir={tmp_path / 'b'}"]) == 1  # the default limit: 5% of 6 steps
     err = capsys.readouterr().err  # failed at its first sync after a skip (step 4: steps 3 and 4 skipped)
