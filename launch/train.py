@@ -125,24 +125,24 @@ def build_stages(config):
 
 
 def eval_config(config):
-    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.config import section_fields
     from rlhf_jax.pipelines.evaluation import EvalConfig
 
-    return EvalConfig(**_fields(EvalConfig, config.eval, "eval"))
+    return EvalConfig(**section_fields(EvalConfig, config.eval, "eval"))
 
 
 def inpo_config(config):
-    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.config import section_fields
     from rlhf_jax.pipelines.inpo import INPOConfig
 
-    return INPOConfig(**_fields(INPOConfig, config.inpo, "inpo"))
+    return INPOConfig(**section_fields(INPOConfig, config.inpo, "inpo"))
 
 
 def rso_config(config):
-    from rlhf_jax.pipelines.config import _fields
+    from rlhf_jax.pipelines.config import section_fields
     from rlhf_jax.pipelines.rso import RSOConfig
 
-    return RSOConfig(**_fields(RSOConfig, config.rso, "rso"))
+    return RSOConfig(**section_fields(RSOConfig, config.rso, "rso"))
 
 
 def run_pipeline(config, workdir: str, reuse_from: tuple[str, ...] = ()) -> dict:

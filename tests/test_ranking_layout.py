@@ -148,12 +148,12 @@ def saved_proxy(tok, tmp_path_factory):
     common.save_params(workdir, models.init_params(rm, jax.random.key(0)), rm.config, "ranking")
     reward.save_ranking_layout(workdir, layout)
     # The policy's layout given here is what scoring used before; a ranking model ignores it.
-    return layout, common.load_proxy(workdir, None, pipeline.SequenceLayout(max_len=16, max_prompt_len=8))
+    return layout, reward.load_proxy(workdir, None, pipeline.SequenceLayout(max_len=16, max_prompt_len=8))
 
 
 def test_training_and_scoring_build_the_same_ids(tok, saved_proxy):
     """The reward stage's rows (`reward.ranking_data`) equal the scorer's (`sampling.ranking_batch`) for
-    the same pairs, with the layout read back from the model's workdir by `common.load_proxy`."""
+    the same pairs, with the layout read back from the model's workdir by `reward.load_proxy`."""
     layout, proxy = saved_proxy
     assert proxy.kind == "pairwise" and proxy.layout == layout
     prompts, a, b = varied_rows(2, 40)

@@ -12,7 +12,7 @@ Every pairwise loss is keyword-only, takes summed log-probs [B] (float32 or bflo
 float32, and returns the per-example loss [B]; see each docstring for the formula and the paper.
 """
 
-from rlhf_jax.losses._logps import sequence_logps, token_logps
+from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
 from rlhf_jax.losses._pairwise import (
     cdpo,
     dpo,
@@ -80,6 +80,7 @@ __all__ = [
     "required_inputs",
     "rpo",
     "sequence_logps",
+    "sequence_logps_from_hidden",
     "sigmoid_norm",
     "simpo",
     "slic",

@@ -411,23 +411,6 @@ def log_startup(name: str, mesh, model_cfg: models.ModelConfig, batch_size: int,
         log.info("[%s] data: %s", name, stats)
 
 
-def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout):
-    """The reward or ranking model finished in `workdir`, as an evaluation `Proxy` (a ranking model
-    carries the layout it was trained with, not `layout`)."""
-    from rlhf_jax.pipelines import evaluation, reward
-
-    saved = load_model_json(workdir)
-    kind = saved.pop("kind")
-    if kind not in ("reward", "ranking"):
-        raise ValueError(f"{workdir!r} holds a {kind!r} model, not a reward or ranking model")
-    model_cfg = models.ModelConfig(**saved)
-    model = models.RewardModel(model_cfg, mesh=mesh)
-    params = load_params(workdir, models.init_params(model, jax.random.key(0)))
-    if kind == "ranking":
-        return evaluation.Proxy("pairwise", model, params, reward.load_ranking_layout(workdir))
-    return evaluation.Proxy("pointwise", model, params, layout)
-
-
 def restore(cfg: StageConfig, workdir: str, state, data_iter):
     """The stage's Checkpointer, and the state (and data position) of its newest checkpoint if any.
 

@@ -212,7 +212,7 @@ class StageConfig:
     progress: bool = True
 
 
-def _fields(cls, section, name: str) -> dict:
+def section_fields(cls, section, name: str) -> dict:
     """Keyword arguments for dataclass `cls` from a ConfigDict section, rejecting unknown keys."""
     known = {f.name for f in dataclasses.fields(cls)}
     given = dict(section)
@@ -288,11 +288,13 @@ def stage_config(config, train_section: str = "train") -> StageConfig:
         optim=optim,
         train=train,
         loss=loss,
-        mesh=sharding.MeshConfig(**_fields(sharding.MeshConfig, config.mesh, "mesh")),
+        mesh=sharding.MeshConfig(**section_fields(sharding.MeshConfig, config.mesh, "mesh")),
         checkpoint=_in_section(
-            "checkpoint", CheckpointConfig, **_fields(CheckpointConfig, config.checkpoint, "checkpoint")
+            "checkpoint",
+            CheckpointConfig,
+            **section_fields(CheckpointConfig, config.checkpoint, "checkpoint"),
         ),
-        data=DataConfig(**_fields(DataConfig, config.data, "data")),
+        data=DataConfig(**section_fields(DataConfig, config.data, "data")),
         init_from=str(config.get("init_from", "")),
         init_from_hf=str(config.model.get("init_from_hf", "") or ""),
         progress=bool(config.get("progress", True)),

@@ -156,7 +156,7 @@ def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, tokenizer, pr
     cand = dict(
         prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens, lengths=lengths
     )
-    proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    proxy = reward.load_proxy(rm_dir, mesh, common.layout(cfg.data))
     chosen, rejected, keep = label_pairs(
         cand, inpo.oracle, proxy=proxy, tokenizer=tokenizer, prompts=prompts,
         batch_size=cfg.train.eval_batch_size,

@@ -19,7 +19,7 @@ import numpy as np
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, evaluation, fingerprints
+from rlhf_jax.pipelines import common, evaluation, fingerprints, reward
 from rlhf_jax.pipelines.config import StageConfig
 from rlhf_jax.train import metrics, steps
 
@@ -232,7 +232,7 @@ def run(
     if eval_config is not None and cfg.train.eval_every > 0:
         curve_path = os.path.join(workdir, "eval_curve.jsonl")
         metrics.keep_records_up_to(curve_path, resume_step)
-        proxy_for_curve = common.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+        proxy_for_curve = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
 
         def callback(step, state):
             if step % cfg.train.eval_every and step != cfg.train.steps:
@@ -270,7 +270,7 @@ def run(
         "truncated": dict(stats.truncated),
     }
     if eval_config is not None:
-        proxy = common.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+        proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
         results.update(
             evaluation.evaluate_against_sft(
                 model=model, policy_params=state.params, sft_params=sft_params, tokenizer=tokenizer,

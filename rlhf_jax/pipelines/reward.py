@@ -13,7 +13,7 @@ prompt as in the policy's rows, room for two responses, the template and the EOS
 head reads. Each response is cut to its share of the row, never the question or the EOS; the share of
 inputs with a response cut is `ranking_truncated_fraction` in results.json (a warning above 5%). The
 layout is saved as `ranking_layout.json` beside the params, and scoring (`sampling.score_pairwise` via
-`common.load_proxy`) builds its inputs with it.
+`load_proxy`) builds its inputs with it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, fingerprints
+from rlhf_jax.pipelines import common, evaluation, fingerprints
 from rlhf_jax.pipelines.config import DataConfig, StageConfig
 from rlhf_jax.train import metrics, steps
 
@@ -127,6 +127,21 @@ def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
     return params
 
 
+def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout) -> evaluation.Proxy:
+    """The reward or ranking model finished in `workdir`, as an evaluation `Proxy` (a ranking model
+    carries the layout it was trained with, `ranking_layout.json`, not `layout`)."""
+    saved = common.load_model_json(workdir)
+    kind = saved.pop("kind")
+    if kind not in ("reward", "ranking"):
+        raise ValueError(f"{workdir!r} holds a {kind!r} model, not a reward or ranking model")
+    model_cfg = models.ModelConfig(**saved)
+    model = models.RewardModel(model_cfg, mesh=mesh)
+    params = common.load_params(workdir, models.init_params(model, jax.random.key(0)))
+    if kind == "ranking":
+        return evaluation.Proxy("pairwise", model, params, load_ranking_layout(workdir))
+    return evaluation.Proxy("pointwise", model, params, layout)
+
+
 def spec(cfg: StageConfig, kind: str, ranking_response_len: int = 0) -> dict:
     """What the reward-model stage's output depends on (its fingerprint's input); for a ranking model,
     also the response room of its layout (`ranking_layout`, `run`'s `ranking_response_len`)."""
@@ -149,7 +164,7 @@ def run(
 
     A pairwise ranking model gets its own layout (`ranking_layout`): `ranking_response_len` is the
     longest sampled response it will judge (the pipelines pass their `max_new_tokens`); it is written to
-    `ranking_layout.json`, which scoring reads (`common.load_proxy`).
+    `ranking_layout.json`, which scoring reads (`load_proxy`).
     """
     if kind not in ("pointwise", "pairwise"):
         raise ValueError(f"reward model kind must be 'pointwise' or 'pairwise', got {kind!r}")

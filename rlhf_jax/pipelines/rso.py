@@ -134,7 +134,7 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
         tokenizer=tokenizer,
     )
     P = len(prompts)
-    proxy = common.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    proxy = reward.load_proxy(rm_dir, mesh, common.layout(cfg.data))
     bs = cfg.train.eval_batch_size
     extra = {}
     if proxy.kind == "pointwise":

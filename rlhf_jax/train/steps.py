@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.losses import _logps
 from rlhf_jax.train import state as state_lib
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -38,7 +37,7 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
     hidden_BTD, w_DV = model.apply(
         {"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT, method="hidden_and_head"
     )
-    return _logps.sequence_logps_from_hidden(
+    return losses.sequence_logps_from_hidden(
         hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT
     )
 
