@@ -26,6 +26,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+# Every broadcast in the library is explicit (`x_BT[:, :, None]`), so shape bugs fail loudly in tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_configure(config):

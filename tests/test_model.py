@@ -140,7 +140,7 @@ def test_kv_cache_decode_equals_full_forward(tiny):
     tokens_BT = _tokens((B, T), seed=3)
     full_BTV = jax.jit(model.apply)({"params": params}, tokens_BT)
     lengths_B = jnp.array([4, 7, 5])
-    prompts_BT = jnp.where(jnp.arange(8) < lengths_B[:, None], tokens_BT[:, :8], 0)
+    prompts_BT = jnp.where(jnp.arange(8)[None, :] < lengths_B[:, None], tokens_BT[:, :8], 0)
 
     cache = models.init_cache(TINY, B, max_len=16)
     logits_BV, cache = jax.jit(models.prefill, static_argnums=0)(model, params, prompts_BT, lengths_B, cache)

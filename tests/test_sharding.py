@@ -172,7 +172,7 @@ def test_sharded_init_reward_model_and_kv_cache_decode():
 
     def infer(lm, rm, lm_params, rm_params, tokens_BT, cache):
         rows = jnp.arange(4)
-        prompts_BT = jnp.where(jnp.arange(6) < lengths_B[:, None], tokens_BT[:, :6], 0)
+        prompts_BT = jnp.where(jnp.arange(6)[None, :] < lengths_B[:, None], tokens_BT[:, :6], 0)
         first_BV, cache = models.prefill(lm, lm_params, prompts_BT, lengths_B, cache)
         second_BV, cache = models.decode_step(lm, lm_params, tokens_BT[rows, lengths_B], cache)
         return first_BV, second_BV, rm.apply({"params": rm_params}, tokens_BT)

@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
         inv_rms_BT1 = jax.lax.rsqrt(
             jnp.mean(jnp.square(x32_BTD), axis=-1, keepdims=True) + self.config.norm_eps
         )
-        return (x32_BTD * inv_rms_BT1 * scale_D.astype(jnp.float32)).astype(self.config.dtype)
+        scale_11D = scale_D.astype(jnp.float32).reshape((1,) * (x_BTD.ndim - 1) + (-1,))
+        return (x32_BTD * inv_rms_BT1 * scale_11D).astype(self.config.dtype)
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -47,7 +48,7 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[j
     """
     half = head_dim // 2
     inv_freq_k = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq_k
+    angle_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq_k[None, None, :]
     return jnp.sin(angle_BTk), jnp.cos(angle_BTk)
 
 
@@ -104,7 +105,11 @@ def _block_scores(q_BGRCK, k_BGSK, mask_B1CS, start: int):
     C, K, S = q_BGRCK.shape[3], q_BGRCK.shape[-1], k_BGSK.shape[2]
     scores = jnp.einsum("BGRCK,BGSK->BGRCS", q_BGRCK, k_BGSK, preferred_element_type=jnp.float32)
     allowed_CS = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
-    allowed = allowed_CS if mask_B1CS is None else allowed_CS & mask_B1CS[:, :, None]
+    allowed = (
+        allowed_CS[None, None, None]
+        if mask_B1CS is None
+        else allowed_CS[None, None, None] & mask_B1CS[:, :, None]
+    )
     return jnp.where(allowed, scores * K**-0.5, jnp.finfo(jnp.float32).min)
 
 
@@ -252,9 +257,9 @@ class Attention(nn.Module):
         v_BTGK = jnp.dot(x_RD, w_v.reshape(D, G * K)).reshape(B, T, G, K)
         if c.attention_bias:
             zeros = nn.initializers.zeros
-            q_BTHK += param("q_bias", ("heads", "head_dim"), (H, K), zeros)
-            k_BTGK += param("k_bias", ("kv_heads", "head_dim"), (G, K), zeros)
-            v_BTGK += param("v_bias", ("kv_heads", "head_dim"), (G, K), zeros)
+            q_BTHK += param("q_bias", ("heads", "head_dim"), (H, K), zeros)[None, None]
+            k_BTGK += param("k_bias", ("kv_heads", "head_dim"), (G, K), zeros)[None, None]
+            v_BTGK += param("v_bias", ("kv_heads", "head_dim"), (G, K), zeros)[None, None]
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
         if kv is None and c.attention_impl is None and jax.default_backend() == "cpu":

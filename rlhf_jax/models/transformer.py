@@ -37,8 +37,8 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
     is_start_BT = jnp.concatenate(
         [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
     )
-    start_BT = jax.lax.cummax(jnp.where(is_start_BT, idx_T, 0), axis=1)
-    return idx_T - start_BT
+    start_BT = jax.lax.cummax(jnp.where(is_start_BT, idx_T[None, :], 0), axis=1)
+    return idx_T[None, :] - start_BT
 
 
 def last_token_index(segment_ids_BT: jax.Array) -> jax.Array:
@@ -226,7 +226,7 @@ class Transformer(nn.Module):
         """
         T, S = tokens_BT.shape[1], jax.tree.leaves(cache.k)[0].shape[-2]
         start_B = cache.lengths_B
-        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         mask_B1TS = jnp.arange(S, dtype=jnp.int32)[None, None, None, :] <= positions_BT[:, None, :, None]
         kv = (cache.k, cache.v)
         hidden_BTD, (k, v) = self.decoder(self.decoder.embed(tokens_BT), positions_BT, mask_B1TS, start_B, kv)
