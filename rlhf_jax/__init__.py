@@ -20,7 +20,18 @@ Arrays carry their shape in their name, so shapes never live in comments: ``logi
 
 A dimension that is split names both parts (``x_BTHK``); a scalar has no suffix.
 
-Public modules: ``rlhf_jax.losses`` (preference and reward-model losses).
+Public modules:
+
+  ``rlhf_jax.losses``     pure loss functions (the DPO family, TRL's loss types, reward-model losses,
+                          log-probs) and a registry (``losses.make``, ``losses.names``)
+  ``rlhf_jax.models``     the Flax decoder, reward and ranking heads, KV cache, presets, sharded init
+  ``rlhf_jax.sharding``   the device mesh and the logical-axis rules
+  ``rlhf_jax.sampling``   jitted KV-cached sampling and reward-model scoring
+  ``rlhf_jax.rejection``  RSO's statistical rejection sampling and pair ranking
+  ``rlhf_jax.data``       readers, record formats, tokenizer, grain pipelines, the synthetic TL;DR task
+  ``rlhf_jax.train``      the jitted train step, loop, optimizers, checkpoints, metrics
+  ``rlhf_jax.interop``    HuggingFace checkpoints in and out
+  ``rlhf_jax.pipelines``  the stages (SFT, reward model, preference, RSO, INPO) and their fingerprints
 """
 
 __version__ = "0.1.0"

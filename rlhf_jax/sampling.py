@@ -40,6 +40,22 @@ from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
 
+__all__ = [
+    "SampleOutput",
+    "SamplerState",
+    "SamplingConfig",
+    "choose",
+    "completions_to_batch",
+    "decode",
+    "init_state",
+    "log_prob",
+    "ranking_batch",
+    "sample",
+    "score_pairwise",
+    "score_pointwise",
+    "top_k",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:

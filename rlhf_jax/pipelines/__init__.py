@@ -1,5 +1,7 @@
-"""Training stages built from the library's pieces: `sft`, `reward`, `preference` (and later RSO, INPO).
+"""Training stages built from the library's pieces: `sft`, `reward`, `preference`, and the pipelines
+that chain them, `rso` and `inpo`.
 
-Each stage is `run(stage_config, workdir) -> results` over a frozen `config.StageConfig`; the launcher
-(`python -m launch.train`) builds those from an experiment's ConfigDict.
+Each stage is `run(stage_config, workdir) -> results` over a frozen `config.StageConfig`, in a directory
+keyed by its fingerprint (`fingerprints`); the launcher (`python -m launch.train`) builds the configs
+from an experiment's ConfigDict.
 """

@@ -97,8 +97,8 @@ def reward_objective(params, batch, frozen, *, model: nn.Module, margin: float =
 def ranking_objective(params, batch, frozen, *, model: nn.Module):
     """Pairwise preference ("ranking") model: sigmoid cross-entropy of logit P(A ≻ B) vs the label.
 
-    The batch holds one sequence per pair, prompt + A + B (`rlhf_jax.train.ranking`), with `labels`
-    [B] = 1 where A is the preferred response.
+    The batch holds one sequence per pair, prompt + A + B (`rlhf_jax.data.pipeline.tokenize_ranking`),
+    with `labels` [B] = 1 where A is the preferred response.
     """
     del frozen
     logits_B = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
