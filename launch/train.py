@@ -9,7 +9,7 @@ result into frozen dataclasses, writes the resolved config to `WORKDIR/config.js
 experiment's pipeline. Every stage lives in WORKDIR/{stage}/{fingerprint}/, where the fingerprint covers
 exactly the configuration and inputs the stage depends on (`rlhf_jax.pipelines.fingerprints`): rerunning
 the same config resumes or reuses its stages; rerunning with another config reuses the stages that still
-match (the log says `reused sft/3f2a9c1e0b7d`) and computes the rest in new directories, and
+match (the log says `reused sft/ (fingerprint 3f2a9c1e0b7d)`) and computes the rest in new directories, and
 `results.json` and the printed table are always those of the config just run. `--reuse=DIR` also looks
 for matching finished stages in other workdirs and copies them in.
 

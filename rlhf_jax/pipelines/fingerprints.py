@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import readers
+from rlhf_jax.pipelines import common
 
 log = logging.getLogger("rlhf_jax")
 
@@ -45,10 +46,6 @@ SHORT = 12  # hex digits of the fingerprint in a stage's directory name
 
 # Files at most this large are hashed by content; larger ones (checkpoint shards) by size and mtime.
 _HASH_LIMIT_BYTES = 256 << 20
-
-
-def _is_main() -> bool:
-    return jax.process_index() == 0
 
 
 def _canonical(obj):
@@ -179,7 +176,6 @@ class Stage:
     name: str
     dir: str
     fingerprint: str
-    spec: dict = dataclasses.field(compare=False, repr=False)
     reused: bool = False
 
     @property
@@ -206,15 +202,9 @@ def claim(stage_dir: str, spec: dict, name: str = "") -> str:
             f"{record['fingerprint'][:SHORT]}, this one {fp[:SHORT]}); give a fresh directory, or run "
             "through launch.train, which keeps one directory per fingerprint"
         )
-    if record is None and _is_main():
-        os.makedirs(stage_dir, exist_ok=True)
-        tmp = os.path.join(stage_dir, FINGERPRINT_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(
-                {"name": name, "fingerprint": fp, "spec": _canonical(spec)}, f, indent=2, sort_keys=True
-            )
-            f.write("\n")
-        os.replace(tmp, os.path.join(stage_dir, FINGERPRINT_FILE))
+    if record is None:  # written by process 0, atomically
+        common.write_json(os.path.join(stage_dir, FINGERPRINT_FILE),
+                          {"name": name, "fingerprint": fp, "spec": _canonical(spec)})  # fmt: skip
     return fp
 
 
@@ -254,7 +244,7 @@ def locate(workdir: str, name: str, spec: dict, *, done, reuse_from: tuple[str, 
     source = None
     if not done(stage_dir) and reuse_from:
         source = _find_elsewhere(name, fp, reuse_from, done)
-        if source is not None and _is_main():
+        if source is not None and common.is_main():
             tmp = stage_dir + ".copying"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
@@ -263,27 +253,21 @@ def locate(workdir: str, name: str, spec: dict, *, done, reuse_from: tuple[str, 
         _sync(f"reuse {name} {fp}")
     claim(stage_dir, spec, name)
     reused = done(stage_dir)
-    if _is_main():
+    if common.is_main():
         if source is not None:
             print(f"[stages] reused {name}/ (fingerprint {fp[:SHORT]}, copied from {source})", flush=True)
         elif reused:
             print(f"[stages] reused {name}/ (fingerprint {fp[:SHORT]})", flush=True)
         else:
             print(f"[stages] computing {name}/ (fingerprint {fp[:SHORT]})", flush=True)
-    return Stage(name=name, dir=stage_dir, fingerprint=fp, spec=spec, reused=reused)
+    return Stage(name=name, dir=stage_dir, fingerprint=fp, reused=reused)
 
 
 def write_stages(workdir: str, stages: list[Stage], final: str) -> None:
     """WORKDIR/stages.json: the stage directories (relative to WORKDIR) of the config just run, and which
     one is its output (`final`, what `init_from=WORKDIR` starts from)."""
-    if not _is_main():
-        return
-    obj = {"final": final, "stages": {s.name: s.record() for s in stages}}
-    tmp = os.path.join(workdir, "stages.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(workdir, "stages.json"))
+    stages_json = {"final": final, "stages": {s.name: s.record() for s in stages}}
+    common.write_json(os.path.join(workdir, "stages.json"), stages_json)
 
 
 def resolve_init_from(path: str) -> str:

@@ -235,7 +235,8 @@ def run(
             cand = _draw_and_label(t, cfg=policy_cfg, inpo=inpo, tokenizer=tokenizer, prev_dir=prev_dir,
                                    rm_dir=rm_dir, cand_path=cand_path)  # fmt: skip
         pairs, cut = _pairs(cand, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len)
-        _write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), pairs, tokenizer)
+        if not os.path.exists(os.path.join(ran[-1].dir, "pairs.jsonl")):  # a reused stage has them
+            _write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), pairs, tokenizer)
 
         # Train π_{t+1} from π_t; evaluate it against π_sft.
         cfg = dataclasses.replace(policy_cfg, init_from=prev_dir)
