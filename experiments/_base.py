@@ -36,6 +36,15 @@ def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule=
     )
 
 
+def rm_section(*, steps, batch_size, learning_rate, warmup_steps=0, kind="pointwise"):
+    """An `rm` section: the reward-model stage's train keys plus its `kind`, "pointwise" (a Bradley-Terry
+    reward model) or "pairwise" (RSO's ranking model), the one name of that choice in every pipeline."""
+    section = train_section(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                            warmup_steps=warmup_steps)  # fmt: skip
+    section.kind = kind
+    return section
+
+
 def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collections.ConfigDict:
     """The shared defaults; experiments override what they need."""
     c = ml_collections.ConfigDict()

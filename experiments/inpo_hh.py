@@ -15,11 +15,11 @@ from experiments import _base
 def get_config(arg=None):
     c = _base.base(pipeline="inpo", task="hh", smoke=False)
     c.loss = ml_collections.ConfigDict(dict(name="inpo", eta=0.005))
-    c.rm = _base.train_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
+    c.rm = _base.rm_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
     c.train = _base.train_section(steps=100, batch_size=32, learning_rate=1e-4, warmup_steps=10)
     c.train.reference = "precomputed"
     c.inpo = ml_collections.ConfigDict(
-        dict(iterations=3, num_samples=8, num_prompts=512, oracle="pointwise", reference="sft",
+        dict(iterations=3, num_samples=8, num_prompts=512, reference="sft",
              temperature=1.0, top_k=0, max_new_tokens=128)
     )  # fmt: skip
     c.eval.max_new_tokens = 128

@@ -2,7 +2,7 @@
 
     python -m launch.train --experiment=inpo_tldr
     python -m launch.train --experiment=inpo_tldr:smoke
-    python -m launch.train --experiment=inpo_tldr --config.inpo.oracle=pairwise      # preference-model oracle
+    python -m launch.train --experiment=inpo_tldr --config.rm.kind=pairwise      # preference-model oracle
     python -m launch.train --experiment=inpo_tldr --config.loss.name=dpo --config.inpo.reference=previous
                                                                                      # iterative DPO baseline
 
@@ -24,11 +24,11 @@ def get_config(arg=None):
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.loss = ml_collections.ConfigDict(dict(name="inpo", eta=0.005))
     c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
-    c.rm = _base.train_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    c.rm = _base.rm_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
     c.train = _base.train_section(steps=40, batch_size=32, learning_rate=2e-4, warmup_steps=5)
     c.train.reference = "precomputed"
     c.inpo = ml_collections.ConfigDict(
-        dict(iterations=3, num_samples=8, num_prompts=256, oracle="pointwise", reference="sft",
+        dict(iterations=3, num_samples=8, num_prompts=256, reference="sft",
              temperature=1.0, top_k=0, max_new_tokens=40)
     )  # fmt: skip
     c.eval.max_new_tokens = 40

@@ -16,11 +16,11 @@ from experiments import _base
 def get_config(arg=None):
     c = _base.base(pipeline="rso", task="hh", smoke=False)
     c.loss = ml_collections.ConfigDict(dict(name="sigmoid_norm", gamma=0.05))
-    c.rm = _base.train_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
+    c.rm = _base.rm_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
     c.train = _base.train_section(steps=200, batch_size=32, learning_rate=1e-4, warmup_steps=10)
     c.train.reference = "precomputed"
     c.rso = ml_collections.ConfigDict(
-        dict(pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=1024,
+        dict(pairs="rso", ranking="first_round", num_prompts=1024,
              num_candidates=64, num_accepted=8, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=128,
              proposal_correction=False)
     )  # fmt: skip

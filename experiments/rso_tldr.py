@@ -6,14 +6,14 @@ sigmoid-norm (or hinge / hinge-norm) training against the SFT policy → win rat
     python -m launch.train --experiment=rso_tldr --config.loss.name=hinge_norm --config.loss.gamma=0.05
     python -m launch.train --experiment=rso_tldr --config.rso.pairs=sft_sample_rank   # paper baseline
     python -m launch.train --experiment=rso_tldr --config.rso.pairs=direct            # paper baseline
-    python -m launch.train --experiment=rso_tldr --config.rso.reward_kind=pairwise    # ranking model
+    python -m launch.train --experiment=rso_tldr --config.rm.kind=pairwise    # ranking model
     python -m launch.train --experiment=rso_tldr --config.rso.proposal_correction=true   # π_sft·exp(r/β)
 
 Paper (Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization", Sec. 5):
 T5-large policy, N = 64 candidates per prompt at temperature 0.7 and top-k 40, M = 8 accepted with
 β = 0.5, first-round-rank pairs, sigmoid-norm loss with γ = 0.05, a T5-XXL pairwise ranking model.
 Those are the values to use at paper scale (`--config.rso.num_candidates=64 --config.rso.num_accepted=8
---config.model.preset=t5_large_equiv --config.rso.reward_kind=pairwise`). The embedded default scales
+--config.model.preset=t5_large_equiv --config.rm.kind=pairwise`). The embedded default scales
 them to 2 CPU cores: the `small` architecture at width 128 (~1.2M parameters with the task's 1,536-piece
 vocabulary), N = 16 candidates and M = 4 accepted per prompt for 512 training prompts (1,024 pairs), and short
 training budgets; β, γ, temperature, top-k and the pairing rule are the paper's. Sampling at
@@ -34,12 +34,12 @@ def get_config(arg=None):
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.loss = ml_collections.ConfigDict(dict(name="sigmoid_norm", gamma=0.05))
     c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
-    c.rm = _base.train_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    c.rm = _base.rm_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
     c.train = _base.train_section(steps=64, batch_size=32, learning_rate=5e-5, warmup_steps=5)
     c.train.reference = "precomputed"
     c.rso = ml_collections.ConfigDict(
         dict(
-            pairs="rso", ranking="first_round", reward_kind="pointwise", num_prompts=512,
+            pairs="rso", ranking="first_round", num_prompts=512,
             num_candidates=16, num_accepted=4, beta=0.5, temperature=0.7, top_k=40, max_new_tokens=40,
             proposal_correction=False,
         )

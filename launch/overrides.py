@@ -1,19 +1,25 @@
 """`--config.a.b=value` overrides for an experiment's ConfigDict, with clear errors.
 
 A key that does not exist stops the launch with the nearest existing keys; a value that does not
-parse as the existing value's type stops it with the key, the value and the type expected.
+parse as the existing value's type stops it with the key, the value and the type expected. Keys that
+were renamed (`RENAMED`) still work, with a warning naming the new key.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import sys
 
 import ml_collections
 
 
 class ConfigError(ValueError):
     """An override names an unknown key or gives a value of the wrong type."""
+
+
+# Old key -> the key it became. The reward model's kind had three names (one per pipeline); it has one.
+RENAMED = {"rso.reward_kind": "rm.kind", "inpo.oracle": "rm.kind", "reward_kind": "rm.kind"}
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
@@ -82,6 +88,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         if "=" not in body:
             raise ConfigError(f"override {item!r} has no value: write --config.{body}=VALUE")
         key, text = body.split("=", 1)
+        if key in RENAMED and key not in known and RENAMED[key] in known:
+            print(f"warning: --config.{key} is deprecated; it sets --config.{RENAMED[key]}", file=sys.stderr)
+            key = RENAMED[key]
         if key.startswith("loss.") and key not in known and "loss" in config:
             known[key] = _loss_default(config.loss.name, key[len("loss.") :])
             config.loss[key[len("loss.") :]] = known[key]

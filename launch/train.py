@@ -28,8 +28,6 @@ several times faster than compiling (a `rso_tldr:smoke` rerun: 54 s → 19 s on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import importlib
 import json
 import logging
@@ -106,88 +104,31 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize()  # discovers the cluster (Cloud TPU metadata, SLURM, env variables)
 
 
-def build_stages(config):
+# The pipelines, by `config.pipeline`: modules of `rlhf_jax.pipelines`, each with `plan(config)` (the
+# experiment's ConfigDict validated into its frozen stage configs) and `run_pipeline(plan, workdir,
+# reuse_from=)`.
+PIPELINES = ("sft", "reward", "preference", "rso", "inpo")
+
+
+def pipeline_module(name: str):
+    """The module of pipeline `name` (raises ValueError naming the known ones)."""
+    if name not in PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}; known: {', '.join(PIPELINES)}")
+    return importlib.import_module(f"rlhf_jax.pipelines.{name}")
+
+
+def build_plan(config):
     """Validates `config` into the frozen stage configs its pipeline runs (raises ValueError)."""
-    from rlhf_jax.pipelines.config import stage_config
-
-    stages = {"main": stage_config(config, "train")}
-    if "sft" in config and config.pipeline in ("reward", "preference", "rso", "inpo"):
-        stages["sft"] = stage_config(config, "sft")
-    if config.pipeline in ("rso", "inpo"):
-        stages["rm"] = stage_config(config, "rm")
-    if config.pipeline == "rso":
-        stages["rso"] = rso_config(config)
-    if config.pipeline == "inpo":
-        stages["inpo"] = inpo_config(config)
-    if "eval" in config:
-        stages["eval"] = eval_config(config)
-    return stages
+    return pipeline_module(config.pipeline).plan(config)
 
 
-def eval_config(config):
-    from rlhf_jax.pipelines.config import section_fields
-    from rlhf_jax.pipelines.evaluation import EvalConfig
-
-    return EvalConfig(**section_fields(EvalConfig, config.eval, "eval"))
-
-
-def inpo_config(config):
-    from rlhf_jax.pipelines.config import section_fields
-    from rlhf_jax.pipelines.inpo import INPOConfig
-
-    return INPOConfig(**section_fields(INPOConfig, config.inpo, "inpo"))
-
-
-def rso_config(config):
-    from rlhf_jax.pipelines.config import section_fields
-    from rlhf_jax.pipelines.rso import RSOConfig
-
-    return RSOConfig(**section_fields(RSOConfig, config.rso, "rso"))
-
-
-def run_pipeline(config, workdir: str, reuse_from: tuple[str, ...] = ()) -> dict:
+def run_pipeline(config, workdir: str, reuse_from: tuple[str, ...] = (), plan=None) -> dict:
     """Runs `config.pipeline` in `workdir`; each stage in WORKDIR/{stage}/{fingerprint} (reused when its
-    fingerprint matches, here or under `reuse_from`); writes WORKDIR/results.json and stages.json."""
-    from rlhf_jax.pipelines import common, fingerprints, inpo, preference, reward, rso, sft
+    fingerprint matches, here or under `reuse_from`); writes WORKDIR/results.json and stages.json.
 
-    stages = build_stages(config)
-    main = stages["main"]
-    main = dataclasses.replace(main, init_from=fingerprints.resolve_init_from(main.init_from))
-    if config.pipeline == "inpo":
-        return inpo.run(
-            sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, inpo=stages["inpo"],
-            eval_config=stages["eval"], workdir=workdir, reuse_from=reuse_from,
-        )  # fmt: skip
-    if config.pipeline == "rso":
-        return rso.run(
-            sft_cfg=stages["sft"], rm_cfg=stages["rm"], policy_cfg=main, rso=stages["rso"],
-            eval_config=stages["eval"], workdir=workdir, reuse_from=reuse_from,
-        )  # fmt: skip
-    if config.pipeline not in ("sft", "reward", "preference"):
-        raise ValueError(f"unknown pipeline {config.pipeline!r}; known: sft, reward, preference, rso, inpo")
-    locate = functools.partial(fingerprints.locate, workdir, done=common.stage_done, reuse_from=reuse_from)
-    ran = []
-    if config.pipeline == "sft":
-        ran.append(locate("sft", sft.spec(main)))
-        results = sft.run(main, ran[-1].dir)
-    else:
-        if not main.init_from:
-            sft_cfg = stages["sft"]
-            ran.append(locate("sft", sft.spec(sft_cfg)))
-            sft.run(sft_cfg, ran[-1].dir)
-            main = dataclasses.replace(main, init_from=ran[-1].dir)
-        if config.pipeline == "reward":
-            kind = config.get("reward_kind", "pointwise")
-            ran.append(locate("rm", reward.spec(main, kind)))
-            results = reward.run(main, ran[-1].dir, kind=kind)
-        else:
-            eval_cfg = stages.get("eval")
-            ran.append(locate("policy", preference.spec(main, eval_config=eval_cfg)))
-            results = preference.run(main, ran[-1].dir, eval_config=eval_cfg)
-    results = {**results, "stages": {s.name: s.record() for s in ran}}
-    fingerprints.write_stages(workdir, ran, final=ran[-1].name)
-    common.write_json(os.path.join(workdir, "results.json"), results)
-    return results
+    `plan`: `config` already validated by `build_plan` (built here when None)."""
+    plan = build_plan(config) if plan is None else plan
+    return pipeline_module(config.pipeline).run_pipeline(plan, workdir, reuse_from=reuse_from)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,19 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             args.compilation_cache if args.compilation_cache is not None else default_compilation_cache()
         )
 
-    try:
-        build_stages(config)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
     from rlhf_jax.data.records import DataError
     from rlhf_jax.train.checkpoint import CheckpointError
-    from rlhf_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
+    from rlhf_jax.train.preemption import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 
     try:
-        build_stages(config)["main"].mesh.resolve(jax.device_count())
-    except ValueError as e:
+        plan = build_plan(config)  # once: every stage's config, validated before anything runs
+        plan.main.mesh.resolve(jax.device_count())
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -281,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[launch] {args.experiment} -> {workdir}", flush=True)
     start = time.perf_counter()
     try:
-        results = run_pipeline(config, workdir, reuse_from=reuse_from)
+        results = run_pipeline(config, workdir, reuse_from=reuse_from, plan=plan)
     except (DataError, FileNotFoundError, NonFiniteError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,38 +1,17 @@
-"""Drawing and scoring candidate responses for the online stages (RSO's candidates, INPO's samples)."""
+"""Candidate responses of the online stages (RSO's candidates, INPO's samples): drawn from a policy,
+scored by the reward model, and turned into training pairs (`pairs`, `write_pairs`), shared by
+`rlhf_jax.pipelines.rso` and `rlhf_jax.pipelines.inpo`."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from rlhf_jax import models, sampling
+from rlhf_jax import sampling
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, evaluation
-from rlhf_jax.pipelines.config import StageConfig
-
-
-def training_prompts(cfg: StageConfig, task: common.TaskData, tokenizer, num_prompts: int, *, salt: int = 5):
-    """Distinct prompts of the preference split in a seeded order (the first `num_prompts`; 0 = all).
-
-    Returns:
-      (prompts, prompt batch with `prompt_tokens` [P, Tp] and `prompt_lengths` [P]).
-    """
-    prompts = list(dict.fromkeys(p.prompt for p in task.preference))
-    order = np.random.default_rng([cfg.seed, salt]).permutation(len(prompts))
-    if num_prompts:
-        order = order[:num_prompts]
-    prompts = [prompts[i] for i in order]
-    tokenized = pipeline.tokenize_prompts(prompts, tokenizer, cfg.data.max_prompt_len)
-    return prompts, tokenized.batch(np.arange(len(prompts)), cfg.data.max_prompt_len)
-
-
-def load_lm(workdir: str, mesh) -> tuple[models.Transformer, object]:
-    """The language model finished in a stage's `workdir` (its model.json and final params)."""
-    saved = common.load_model_json(workdir)
-    saved.pop("kind")
-    lm = models.Transformer(models.ModelConfig(**saved), mesh=mesh)
-    return lm, common.load_params(workdir, models.init_params(lm, jax.random.key(0)))
+from rlhf_jax.pipelines import evaluation
+from rlhf_jax.pipelines import workdir as workdir_io
 
 
 def draw(model, params, pb: dict, *, num_samples: int, config: sampling.SamplingConfig, seed: int, tokenizer):
@@ -95,3 +74,36 @@ def pairwise_logits(
     if stats is not None:
         stats.truncated.update(cut.truncated)
     return 0.5 * (ab - ba)
+
+
+def pairs(cand: dict, prompt_idx, chosen_idx, rejected_idx, *, pad_id: int, max_len: int):
+    """Candidates as tokenised training pairs: pair i is prompt `prompt_idx[i]` with its candidates
+    `chosen_idx[i]` (chosen) and `rejected_idx[i]` (rejected).
+
+    Args:
+      cand: `prompt_tokens` [P, Tp], `prompt_lengths` [P], `tokens` [P, N, T], `lengths` [P, N].
+
+    Returns:
+      (TokenizedPreference, how many pairs had a response cut to fit `max_len`).
+    """
+    tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
+    return pipeline.TokenizedPreference.fitted(
+        [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in prompt_idx],
+        [tok(p, c) for p, c in zip(prompt_idx, chosen_idx, strict=True)],
+        [tok(p, r) for p, r in zip(prompt_idx, rejected_idx, strict=True)],
+        np.ones(len(prompt_idx), np.float32), pad_id, max_len,
+    )  # fmt: skip
+
+
+def write_pairs(path: str, data: pipeline.TokenizedPreference, tokenizer) -> None:
+    """The pairs as text, one {"prompt", "chosen", "rejected"} per line (JSONL, atomic, process 0): the
+    stage's output a user reads, and a preference file `data.preference_path` accepts."""
+    text = lambda ids: evaluation.decode_text(tokenizer, ids)
+    workdir_io.write_jsonl(
+        path,
+        (
+            {"prompt": text(data.prompt_ids[i]), "chosen": text(data.chosen_ids[i]),
+             "rejected": text(data.rejected_ids[i])}
+            for i in range(len(data))
+        ),
+    )  # fmt: skip

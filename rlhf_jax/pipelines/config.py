@@ -10,8 +10,8 @@ import dataclasses
 from typing import Any
 
 from rlhf_jax import losses, models, sharding
-from rlhf_jax.train.loop import LoopConfig
 from rlhf_jax.train.optim import OptimConfig
+from rlhf_jax.train.trainer import LoopConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class TrainConfig:
       grad_accum_steps: micro-batches per step (batch_size must divide by it).
       log_every: metrics every this many steps.
       eval_batch_size: global batch for evaluation passes.
-      nonfinite: "stop" or "skip" (see `rlhf_jax.train.loop`).
+      nonfinite: "stop" or "skip" (see `rlhf_jax.train.trainer`).
       reference: "online" (reference forward in every step) or "precomputed" (once per dataset).
       eval_every: preference stages with a sample-based evaluation also run it every this many steps
         (0: only at the end) and append it to WORKDIR/eval_curve.jsonl.
@@ -256,15 +256,37 @@ def _in_section(section: str, cls, /, **kwargs):
         raise ValueError(f"config.{section}.{e}") from e
 
 
-def stage_config(config, train_section: str = "train") -> StageConfig:
+RM_KINDS = ("pointwise", "pairwise")
+
+
+def rm_kind(config) -> str:
+    """The reward model's kind, `config.rm.kind`: "pointwise" (a Bradley-Terry reward model r(x, y)) or
+    "pairwise" (RSO's ranking model, the logit of P(y_a ≻ y_b | x)); "pointwise" when not set."""
+    kind = config.get("rm", {}).get("kind", "pointwise")
+    if kind not in RM_KINDS:
+        raise ValueError(f"config.rm.kind must be one of {RM_KINDS}, got {kind!r}")
+    return kind
+
+
+def section_config(cls, config, name: str):
+    """`cls` (a frozen config dataclass) from the ConfigDict section `config.<name>`, rejecting unknown
+    keys; a validation error is prefixed with the section (`config.rso.…`)."""
+    return _in_section(name, cls, **section_fields(cls, config[name], name))
+
+
+def stage_config(config, train_section: str = "train", *, init_from: str | None = None) -> StageConfig:
     """Builds a StageConfig from an experiment ConfigDict.
 
     Args:
       config: the experiment's ConfigDict (after overrides).
       train_section: which section holds this stage's train/optimizer settings (e.g. "sft" for the
-        SFT stage of a preference experiment); it has the keys of TrainConfig and OptimConfig.
+        SFT stage of a preference experiment); it has the keys of TrainConfig and OptimConfig (and, in
+        the `rm` section, the reward model's `kind`, read by `rm_kind`).
+      init_from: the stage's `init_from` (default `config.init_from`).
     """
     section = dict(config[train_section])
+    if train_section == "rm":
+        section.pop("kind", None)
     optim_keys = {f.name for f in dataclasses.fields(OptimConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     optim_keys = (optim_keys - {"name"}) | {"optimizer"}  # `train.optimizer` is OptimConfig.name
@@ -295,7 +317,7 @@ def stage_config(config, train_section: str = "train") -> StageConfig:
             **section_fields(CheckpointConfig, config.checkpoint, "checkpoint"),
         ),
         data=DataConfig(**section_fields(DataConfig, config.data, "data")),
-        init_from=str(config.get("init_from", "")),
+        init_from=str(config.get("init_from", "")) if init_from is None else init_from,
         init_from_hf=str(config.model.get("init_from_hf", "") or ""),
         progress=bool(config.get("progress", True)),
     )

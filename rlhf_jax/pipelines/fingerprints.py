@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import readers
-from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines import workdir as workdir_io
 
 log = logging.getLogger("rlhf_jax")
 
@@ -203,7 +203,7 @@ def claim(stage_dir: str, spec: dict, name: str = "") -> str:
             "through launch.train, which keeps one directory per fingerprint"
         )
     if record is None:  # written by process 0, atomically
-        common.write_json(os.path.join(stage_dir, FINGERPRINT_FILE),
+        workdir_io.write_json(os.path.join(stage_dir, FINGERPRINT_FILE),
                           {"name": name, "fingerprint": fp, "spec": _canonical(spec)})  # fmt: skip
     return fp
 
@@ -244,7 +244,7 @@ def locate(workdir: str, name: str, spec: dict, *, done, reuse_from: tuple[str, 
     source = None
     if not done(stage_dir) and reuse_from:
         source = _find_elsewhere(name, fp, reuse_from, done)
-        if source is not None and common.is_main():
+        if source is not None and workdir_io.is_main():
             tmp = stage_dir + ".copying"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
@@ -253,7 +253,7 @@ def locate(workdir: str, name: str, spec: dict, *, done, reuse_from: tuple[str, 
         _sync(f"reuse {name} {fp}")
     claim(stage_dir, spec, name)
     reused = done(stage_dir)
-    if common.is_main():
+    if workdir_io.is_main():
         if source is not None:
             print(f"[stages] reused {name}/ (fingerprint {fp[:SHORT]}, copied from {source})", flush=True)
         elif reused:
@@ -267,7 +267,7 @@ def write_stages(workdir: str, stages: list[Stage], final: str) -> None:
     """WORKDIR/stages.json: the stage directories (relative to WORKDIR) of the config just run, and which
     one is its output (`final`, what `init_from=WORKDIR` starts from)."""
     stages_json = {"final": final, "stages": {s.name: s.record() for s in stages}}
-    common.write_json(os.path.join(workdir, "stages.json"), stages_json)
+    workdir_io.write_json(os.path.join(workdir, "stages.json"), stages_json)
 
 
 def resolve_init_from(path: str) -> str:
@@ -281,3 +281,12 @@ def resolve_init_from(path: str) -> str:
             stages = json.load(f)
         return os.path.join(path, stages["stages"][stages["final"]]["dir"])
     return path
+
+
+def finish(workdir: str, results: dict, stages: list[Stage], final: str) -> dict:
+    """Ends a pipeline run: WORKDIR/stages.json (`write_stages`) and WORKDIR/results.json, which holds
+    `results` plus the stages' records under "stages"; returns what it wrote."""
+    results = {**results, "stages": {s.name: s.record() for s in stages}}
+    write_stages(workdir, stages, final=final)
+    workdir_io.write_json(os.path.join(workdir, "results.json"), results)
+    return results

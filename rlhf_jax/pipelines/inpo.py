@@ -4,13 +4,14 @@ Zhang et al. 2024, "Iterative Nash Policy Optimization: Aligning LLMs with Gener
 No-Regret Learning", Algorithm 1. π_1 = π_ref = the SFT policy; for t = 1..T:
 
   1. sample K responses per training prompt from π_t;
-  2. label pairs with the preference oracle:
+  2. label pairs with the preference oracle (the reward model, of kind `rm.kind`):
      * a reward model: the best of the K (chosen) against the worst (rejected), one pair per prompt;
      * a pairwise preference (ranking) model: a single-elimination tournament over the K gives the
        winner, a tournament of losers the loser, and the pair is kept only if the final check
        P(winner ≻ loser) > 1/2 holds (both A/B orders averaged);
   3. train π_{t+1}, starting from π_t, with `losses.inpo(η, τ)` against π_ref, feeding the log-probs of
-     the frozen previous iterate π_t (precomputed once per iteration, `previous_logps.npz`);
+     the frozen previous iterate π_t (precomputed once per iteration, `previous_logps.npz`, and handed
+     to the preference stage as its extra per-batch inputs, `previous_logps`);
   4. evaluate π_{t+1} against the SFT policy (win rates by gold and proxy reward), also for iterative
      DPO, whose training reference is π_t: the evaluation baseline is always π_sft.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -32,10 +32,10 @@ import time
 import numpy as np
 
 from rlhf_jax import sampling, sharding
-from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import candidates, common, evaluation, fingerprints, preference, reward, sft
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines import candidates, evaluation, fingerprints, preference, reward, sft, tasks
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import StageConfig, rm_kind, section_config, stage_config
 
 log = logging.getLogger("rlhf_jax")
 
@@ -50,7 +50,6 @@ class INPOConfig:
     iterations: T (paper: 3).
     num_samples: K responses per prompt from π_t (paper: 8).
     num_prompts: training prompts per iteration (0 = all distinct prompts of the preference split).
-    oracle: "pointwise" (reward model, best vs worst) or "pairwise" (ranking-model tournament).
     reference: "sft" (INPO: π_ref fixed) or "previous" (iterative DPO: the reference is π_t).
     temperature, top_k, max_new_tokens: the sampling policy for π_t's responses.
     """
@@ -58,7 +57,6 @@ class INPOConfig:
     iterations: int = 3
     num_samples: int = 8
     num_prompts: int = 0
-    oracle: str = "pointwise"
     reference: str = "sft"
     temperature: float = 1.0
     top_k: int = 0
@@ -69,8 +67,6 @@ class INPOConfig:
             raise ValueError(
                 f"inpo.iterations={self.iterations} must be >= 1, num_samples={self.num_samples} >= 2"
             )
-        if self.oracle not in ("pointwise", "pairwise"):
-            raise ValueError(f"inpo.oracle must be pointwise or pairwise, got {self.oracle!r}")
         if self.reference not in ("sft", "previous"):
             raise ValueError(f"inpo.reference must be sft or previous, got {self.reference!r}")
 
@@ -90,11 +86,12 @@ def _tournament(logit_fn, K: int, P: int, *, best: bool) -> np.ndarray:
     return players[:, 0]
 
 
-def label_pairs(cand: dict, oracle: str, *, proxy, tokenizer, prompts, batch_size: int):
-    """(chosen_P, rejected_P, keep_P) candidate indices per prompt by the oracle (module docstring)."""
+def label_pairs(cand: dict, rm_kind: str, *, proxy, tokenizer, prompts, batch_size: int):
+    """(chosen_P, rejected_P, keep_P) candidate indices per prompt by the oracle, a reward model of kind
+    `rm_kind` ("pointwise" or "pairwise", module docstring)."""
     tokens, lengths = cand["tokens"], cand["lengths"]
     P, K = lengths.shape
-    if oracle == "pointwise":
+    if rm_kind == "pointwise":
         r = candidates.pointwise_rewards(
             proxy, cand, tokens, lengths, pad_id=tokenizer.pad_id, batch_size=batch_size
         )
@@ -116,11 +113,13 @@ def label_pairs(cand: dict, oracle: str, *, proxy, tokenizer, prompts, batch_siz
     return winner, loser, (final > 0) & (winner != loser)
 
 
-# The INPOConfig fields that determine an iteration's samples and labels.
-SAMPLING_FIELDS = ("num_samples", "num_prompts", "oracle", "temperature", "top_k", "max_new_tokens")
+# The INPOConfig fields that determine an iteration's samples and labels (with the oracle's kind).
+SAMPLING_FIELDS = ("num_samples", "num_prompts", "temperature", "top_k", "max_new_tokens")
 
 
-def samples_spec(cfg: StageConfig, inpo: INPOConfig, t: int, *, prev_dir: str, rm_dir: str) -> dict:
+def samples_spec(
+    cfg: StageConfig, inpo: INPOConfig, t: int, *, rm_kind: str, prev_dir: str, rm_dir: str
+) -> dict:
     """What iteration t's samples and labelled pairs depend on: π_t, the oracle, the prompts and the
     sampling settings (not the loss or the reference, so INPO and iterative DPO share iteration 1's)."""
     return {
@@ -131,6 +130,7 @@ def samples_spec(cfg: StageConfig, inpo: INPOConfig, t: int, *, prev_dir: str, r
         "policy": fingerprints.stage_input(prev_dir),
         "oracle": fingerprints.stage_input(rm_dir),
         **{k: getattr(inpo, k) for k in SAMPLING_FIELDS},
+        "oracle_kind": rm_kind,
     }
 
 
@@ -138,14 +138,17 @@ def _samples_done(stage_dir: str) -> bool:
     return os.path.exists(os.path.join(stage_dir, "samples.npz"))
 
 
-def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, tokenizer, prev_dir: str, rm_dir: str,
-                    cand_path: str) -> dict:  # fmt: skip
+def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, rm_kind: str, tokenizer, prev_dir: str,
+                    rm_dir: str, cand_path: str) -> dict:  # fmt: skip
     """Samples K responses per prompt from π_t (`prev_dir`) and labels them with the oracle; writes
     `cand_path` (npz) and returns its arrays."""
     mesh = sharding.make_mesh(cfg.mesh)
-    task = common.load_task(cfg.data, cfg.seed)
-    prompts, pb = candidates.training_prompts(cfg, task, tokenizer, inpo.num_prompts, salt=100 + t)
-    lm, params = candidates.load_lm(prev_dir, mesh)
+    task = tasks.load_task(cfg.data, cfg.seed)
+    prompts, pb = tasks.training_prompts(
+        task, tokenizer, num_prompts=inpo.num_prompts, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
+        salt=100 + t,
+    )  # fmt: skip
+    lm, params = workdir_io.load_lm(prev_dir, mesh)
     config = sampling.SamplingConfig(
         max_new_tokens=inpo.max_new_tokens, temperature=inpo.temperature, top_k=inpo.top_k
     )
@@ -156,69 +159,79 @@ def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, tokenizer, pr
     cand = dict(
         prompt_tokens=pb["prompt_tokens"], prompt_lengths=pb["prompt_lengths"], tokens=tokens, lengths=lengths
     )
-    proxy = reward.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    proxy = reward.load_proxy(rm_dir, mesh, tasks.layout(cfg.data))
     chosen, rejected, keep = label_pairs(
-        cand, inpo.oracle, proxy=proxy, tokenizer=tokenizer, prompts=prompts,
+        cand, rm_kind, proxy=proxy, tokenizer=tokenizer, prompts=prompts,
         batch_size=cfg.train.eval_batch_size,
     )  # fmt: skip
     cand.update(chosen=chosen, rejected=rejected, keep=keep)
-    if common.is_main():
-        os.makedirs(os.path.dirname(cand_path), exist_ok=True)
-        np.savez(cand_path + ".tmp.npz", **cand)
-        os.replace(cand_path + ".tmp.npz", cand_path)
+    workdir_io.write_npz(cand_path, cand)
     return cand
 
 
-def _pairs(cand: dict, *, pad_id: int, max_len: int):
-    """The kept (chosen, rejected) samples as tokenised pairs, and how many had a response cut."""
-    idx = np.nonzero(cand["keep"])[0]
-    tok = lambda p, i: cand["tokens"][p, i, : cand["lengths"][p, i]]
-    return pipeline.TokenizedPreference.fitted(
-        [cand["prompt_tokens"][p, : cand["prompt_lengths"][p]] for p in idx],
-        [tok(p, cand["chosen"][p]) for p in idx],
-        [tok(p, cand["rejected"][p]) for p in idx],
-        np.ones(len(idx), np.float32), pad_id, max_len,
-    )  # fmt: skip
+def previous_logps(previous_from: str) -> preference.ExtraInputs:
+    """INPO's extra per-batch inputs: `previous_chosen_logps` / `previous_rejected_logps`, the log-probs of
+    each pair under the frozen previous iterate π_t (the stage in `previous_from`), computed once per
+    iteration over the training and the held-out pairs (`previous_logps.npz`, `eval_previous_logps.npz`)."""
+
+    def make(*, model, like, mesh, train_data, eval_data, workdir, batch_size):
+        previous = workdir_io.load_params(previous_from, like)
+        kw = dict(mesh=mesh, batch_size=batch_size)
+        logps = lambda file, data: preference.precomputed_logps(
+            os.path.join(workdir, file), model, previous, data, **kw
+        )
+        train_tf = preference.with_logps("previous", *logps("previous_logps.npz", train_data))
+        eval_tf = preference.with_logps("previous", *logps("eval_previous_logps.npz", eval_data))
+        return train_tf, eval_tf
+
+    return preference.ExtraInputs(
+        provides=("previous_chosen_logps", "previous_rejected_logps"),
+        spec=fingerprints.stage_input(previous_from),
+        make=make,
+    )
 
 
-def _write_pairs(path: str, pairs, tokenizer) -> None:
-    if not common.is_main():
-        return
-    text = lambda ids: evaluation.decode_text(tokenizer, ids)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for i in range(len(pairs)):
-            row = {"prompt": text(pairs.prompt_ids[i]), "chosen": text(pairs.chosen_ids[i]),
-                   "rejected": text(pairs.rejected_ids[i])}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The INPO pipeline's stage configs: SFT, the oracle (`rm`, of kind `rm_kind`), the policy of every
+    iteration (`main`), the iterations' settings and the evaluation."""
+
+    sft: StageConfig
+    rm: StageConfig
+    main: StageConfig
+    inpo: INPOConfig
+    eval: evaluation.EvalConfig
+    rm_kind: str
 
 
-def run(
-    *,
-    sft_cfg: StageConfig,
-    rm_cfg: StageConfig,
-    policy_cfg: StageConfig,
-    inpo: INPOConfig,
-    eval_config: evaluation.EvalConfig,
-    workdir: str,
-    reuse_from: tuple[str, ...] = (),
-) -> dict:
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the INPO pipeline's stage configs."""
+    return Plan(
+        sft=stage_config(config, "sft"),
+        rm=stage_config(config, "rm"),
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        inpo=section_config(INPOConfig, config, "inpo"),
+        eval=section_config(evaluation.EvalConfig, config, "eval"),
+        rm_kind=rm_kind(config),
+    )
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
     """Runs (or resumes) T online iterations in `workdir`; writes and returns `results.json`.
 
     Stages (each in WORKDIR/{stage}/{fingerprint}/, reused when its fingerprint matches): sft, rm (the
     oracle), and per iteration t: iter_{t}/samples (samples.npz with the oracle's labels, pairs.jsonl)
     and iter_{t}/policy (π_{t+1}, its evaluation against π_sft).
     """
+    inpo, policy_cfg, eval_config = plan.inpo, plan.main, plan.eval
     start = time.perf_counter()
     locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
-    ran = [locate("sft", sft.spec(sft_cfg), done=common.stage_done)]
+    ran = [sft.run_stage(plan.sft, locate)]
     sft_dir = ran[-1].dir
-    sft.run(sft_cfg, sft_dir, name="sft")
-    rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
+    rm_cfg = dataclasses.replace(plan.rm, init_from=sft_dir)
     response_len = max(inpo.max_new_tokens, eval_config.max_new_tokens)  # the oracle judges these
-    ran.append(locate("rm", reward.spec(rm_cfg, inpo.oracle, response_len), done=common.stage_done))
+    ran.append(reward.run_stage(rm_cfg, locate, kind=plan.rm_kind, response_len=response_len, name="oracle"))
     rm_dir = ran[-1].dir
-    reward.run(rm_cfg, rm_dir, kind=inpo.oracle, name="oracle", ranking_response_len=response_len)
     tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
     uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(policy_cfg.loss.name))
     iterations = []
@@ -226,27 +239,31 @@ def run(
     for t in range(1, inpo.iterations + 1):
         t0 = time.perf_counter()
         # Sample from π_t and label with the oracle.
-        spec = samples_spec(policy_cfg, inpo, t, prev_dir=prev_dir, rm_dir=rm_dir)
+        spec = samples_spec(policy_cfg, inpo, t, rm_kind=plan.rm_kind, prev_dir=prev_dir, rm_dir=rm_dir)
         ran.append(locate(f"iter_{t}/samples", spec, done=_samples_done))
         cand_path = os.path.join(ran[-1].dir, "samples.npz")
         if os.path.exists(cand_path):
             cand = dict(np.load(cand_path))
         else:
-            cand = _draw_and_label(t, cfg=policy_cfg, inpo=inpo, tokenizer=tokenizer, prev_dir=prev_dir,
-                                   rm_dir=rm_dir, cand_path=cand_path)  # fmt: skip
-        pairs, cut = _pairs(cand, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len)
+            cand = _draw_and_label(t, cfg=policy_cfg, inpo=inpo, rm_kind=plan.rm_kind, tokenizer=tokenizer,
+                                   prev_dir=prev_dir, rm_dir=rm_dir, cand_path=cand_path)  # fmt: skip
+        kept = np.nonzero(cand["keep"])[0]
+        pairs, cut = candidates.pairs(
+            cand, kept, cand["chosen"][kept], cand["rejected"][kept], pad_id=tokenizer.pad_id,
+            max_len=policy_cfg.data.max_len,
+        )  # fmt: skip
         if not os.path.exists(os.path.join(ran[-1].dir, "pairs.jsonl")):  # a reused stage has them
-            _write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), pairs, tokenizer)
+            candidates.write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), pairs, tokenizer)
 
         # Train π_{t+1} from π_t; evaluate it against π_sft.
         cfg = dataclasses.replace(policy_cfg, init_from=prev_dir)
         kw = dict(
             train_data=pairs, eval_config=eval_config, proxy_dir=rm_dir,
             reference_from=sft_dir if inpo.reference == "sft" else prev_dir,
-            previous_from=prev_dir if uses_previous else "",
             sft_from=sft_dir,  # evaluated against π_sft whatever the reference (iterative DPO's is π_t)
+            extra_inputs=previous_logps(prev_dir) if uses_previous else None,
         )  # fmt: skip
-        ran.append(locate(f"iter_{t}/policy", preference.spec(cfg, **kw), done=common.stage_done))
+        ran.append(locate(f"iter_{t}/policy", preference.spec(cfg, **kw), done=workdir_io.stage_done))
         result = preference.run(cfg, ran[-1].dir, name=f"iteration {t}", **kw)
         result = {"iteration": t, "pairs": len(pairs), "pairs_truncated": cut,
                   "prompts": int(len(cand["keep"])), **result}  # fmt: skip
@@ -264,19 +281,17 @@ def run(
         **{k: final.get(k) for k in evaluation.RESULT_KEYS},
         **final,
         "method": f"{policy_cfg.loss.name} x{inpo.iterations} "
-        f"({inpo.oracle} oracle, reference={inpo.reference})",
+        f"({plan.rm_kind} oracle, reference={inpo.reference})",
         "inpo": dataclasses.asdict(inpo),
+        "rm_kind": plan.rm_kind,
         "iterations": iterations,
-        "sft": common.read_results(sft_dir),
-        "oracle": common.read_results(rm_dir),
+        "sft": workdir_io.read_results(sft_dir),
+        "oracle": workdir_io.read_results(rm_dir),
         "wall_time_s": time.perf_counter() - start,
-        "stages": {s.name: s.record() for s in ran},
     }
-    fingerprints.write_stages(workdir, ran, final=f"iter_{inpo.iterations}/policy")
-    common.write_json(os.path.join(workdir, "results.json"), results)
-    if common.is_main():
-        with open(os.path.join(workdir, "iterations.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(it) + "\n" for it in iterations)
+    results = fingerprints.finish(workdir, results, ran, final=f"iter_{inpo.iterations}/policy")
+    workdir_io.write_jsonl(os.path.join(workdir, "iterations.jsonl"), iterations)
+    if workdir_io.is_main():
         print("\n" + evaluation.format_table(results, f"INPO on {policy_cfg.data.task}: {results['method']}"))
         for it in iterations:
             g = it.get("win_rate_vs_sft_gold")

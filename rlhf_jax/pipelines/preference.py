@@ -1,17 +1,24 @@
-"""Offline preference-training stage: any pairwise loss from `rlhf_jax.losses` against a frozen reference.
+"""Offline preference training: any pairwise loss from `rlhf_jax.losses` against a frozen reference,
+then evaluation. A stage, and the `preference` pipeline ([SFT →] policy).
 
     results = preference.run(stage_config, workdir)
 
-The policy and the reference both start from `init_from` (an SFT stage). Reference log-probs are either
-computed in every step without gradient (`train.reference="online"`) or once over the dataset, stored
-in `WORKDIR/reference_logps.npz` and looked up by example id (`"precomputed"`); both give the same loss.
+The policy and the reference both start from `init_from` (an SFT stage) unless `reference_from` names
+another. Reference log-probs are either computed in every step without gradient
+(`train.reference="online"`) or once over the dataset, stored in `WORKDIR/reference_logps.npz` and
+looked up by example id (`"precomputed"`); both give the same loss. Two hooks serve the algorithms built
+on this stage: `extra_inputs` adds per-batch inputs a loss needs beyond the pairs (INPO's
+previous-iterate log-probs, `rlhf_jax.pipelines.inpo`), and `train.eval_every` runs the sample-based
+evaluation periodically (`eval_curve.jsonl`, e.g. RPO's over-optimisation curves).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -19,11 +26,15 @@ import numpy as np
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, evaluation, fingerprints, reward
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines import evaluation, fingerprints, reward, sft, tasks, training
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import StageConfig, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+# The loss inputs every batch provides (the rest come from `ExtraInputs`).
+BATCH_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                "reference_rejected_logps", "chosen_lengths", "rejected_lengths")  # fmt: skip
 
 
 def loss_inputs(name: str) -> tuple[str, ...]:
@@ -75,19 +86,36 @@ def precomputed_logps(path: str, model, params, data, *, mesh, batch_size: int):
         saved = np.load(path)
         return saved["chosen"], saved["rejected"]
     chosen, rejected = compute_pair_logps(model, params, data, mesh=mesh, batch_size=batch_size)
-    if common.is_main():
-        np.savez(path + ".tmp.npz", chosen=chosen, rejected=rejected)
-        os.replace(path + ".tmp.npz", path)
+    workdir_io.write_npz(path, dict(chosen=chosen, rejected=rejected))
     return chosen, rejected
 
 
 def _compose(transforms):
+    transforms = [t for t in transforms if t is not None]
+
     def transform(batch):
         for t in transforms:
             batch = t(batch)
         return batch
 
     return transform if transforms else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraInputs:
+    """Per-batch loss inputs beyond the pairs and the reference (e.g. INPO's `previous_*_logps`).
+
+    Attributes:
+      provides: the loss inputs they add (names of `losses` arguments).
+      spec: what they depend on, for the stage's fingerprint (e.g. `fingerprints.stage_input(dir)`).
+      make: called once before training as `make(model=, like=, mesh=, train_data=, eval_data=,
+        workdir=, batch_size=)` (`like`: params of the policy's shapes and shardings); returns the
+        (training, evaluation) batch transforms that add the inputs to host batches.
+    """
+
+    provides: tuple[str, ...]
+    spec: object
+    make: Callable[..., tuple[Callable[[dict], dict], Callable[[dict], dict]]]
 
 
 def pairs_digest(data: pipeline.TokenizedPreference) -> str:
@@ -106,8 +134,8 @@ def spec(
     eval_config: evaluation.EvalConfig | None = None,
     proxy_dir: str = "",
     reference_from: str = "",
-    previous_from: str = "",
     sft_from: str = "",
+    extra_inputs: ExtraInputs | None = None,
 ) -> dict:
     """What a preference stage's output depends on (its fingerprint's input); arguments as `run`'s."""
     return {
@@ -116,9 +144,28 @@ def spec(
         "eval": eval_config,
         "proxy": fingerprints.stage_input(proxy_dir),
         "reference": fingerprints.stage_input(reference_from or cfg.init_from),
-        "previous": fingerprints.stage_input(previous_from),
+        # Named after the one user of extra inputs (INPO's previous iterate), so fingerprints are stable.
+        "previous": extra_inputs.spec if extra_inputs is not None else "",
         "sft": fingerprints.stage_input(sft_from or cfg.init_from) if eval_config is not None else "",
     }
+
+
+def _periodic_evaluation(path: str, *, every: int, last: int, resume_step: int, evaluate: Callable):
+    """A `trainer.fit` hook appending `evaluate(params)`'s curve metrics to `path` (JSONL) every `every`
+    steps and at step `last`; records past `resume_step` (from an interrupted run) are dropped first."""
+    metrics.keep_records_up_to(path, resume_step)
+    keys = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy", "proxy_reward_policy",
+            "kl_to_sft", "mean_response_length")  # fmt: skip
+
+    def hook(step, state):
+        if step % every and step != last:
+            return
+        ev = evaluate(state.params)
+        if workdir_io.is_main():
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **{k: ev.get(k) for k in keys}}) + "\n")
+
+    return hook
 
 
 def run(
@@ -130,8 +177,8 @@ def run(
     eval_config: evaluation.EvalConfig | None = None,
     proxy_dir: str = "",
     reference_from: str = "",
-    previous_from: str = "",
     sft_from: str = "",
+    extra_inputs: ExtraInputs | None = None,
 ) -> dict:
     """Trains (or resumes) the policy with `cfg.loss` in `workdir`; returns held-out metrics.
 
@@ -141,78 +188,81 @@ def run(
       name: label for logs.
       train_data: tokenised training pairs (e.g. RSO's sampled pairs); default the task's pairs.
       eval_config: if given, also sample from the policy and the SFT policy on held-out prompts and
-        report win rates (`rlhf_jax.pipelines.evaluation`).
-      proxy_dir: a reward- or ranking-model stage's workdir, the proxy judge of that evaluation.
+        report win rates (`rlhf_jax.pipelines.evaluation`), and every `cfg.train.eval_every` steps.
+      proxy_dir: a reward-model stage's workdir, the proxy judge of that evaluation.
       reference_from: the workdir whose final params are the frozen reference (default `cfg.init_from`;
         iterative methods start the policy from the previous iterate but keep the SFT reference).
-      previous_from: the workdir of INPO's previous iterate π_t; its log-probs of the training pairs
-        are precomputed once (`previous_logps.npz`) and fed to the loss as `previous_*_logps`.
       sft_from: the SFT stage the sample-based evaluation compares against (`*_vs_sft`, `kl_to_sft`);
         default `cfg.init_from`. Always the SFT policy, whatever the training reference is: iterative
         DPO trains against π_t but is still evaluated against π_sft.
+      extra_inputs: per-batch inputs the loss needs beyond the pairs (`ExtraInputs`).
     """
     if not cfg.init_from:
         raise ValueError("preference training needs init_from: the workdir of a finished SFT stage")
+    provided = (*BATCH_INPUTS, *(extra_inputs.provides if extra_inputs is not None else ()))
+    missing = [k for k in loss_inputs(cfg.loss.name) if k not in provided]
+    if missing:
+        raise ValueError(
+            f"loss {cfg.loss.name!r} needs {missing}, which offline pairs do not carry "
+            "(INPO's previous_*_logps: run it through the inpo pipeline)"
+        )
     os.makedirs(workdir, exist_ok=True)
     stage_spec = spec(
         cfg, train_data=train_data, eval_config=eval_config, proxy_dir=proxy_dir,
-        reference_from=reference_from, previous_from=previous_from, sft_from=sft_from,
+        reference_from=reference_from, sft_from=sft_from, extra_inputs=extra_inputs,
     )  # fmt: skip
     fingerprints.claim(workdir, stage_spec, name)
-    if common.stage_done(workdir):
-        return common.read_results(workdir)
+    if workdir_io.stage_done(workdir):
+        return workdir_io.read_results(workdir)
 
     # Mesh.
     mesh = sharding.make_mesh(cfg.mesh)
 
     # Data.
-    task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
+    task = tasks.load_task(cfg.data, cfg.seed)
+    tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
-    lay = common.layout(cfg.data)
+    lay = tasks.layout(cfg.data)
     if train_data is None:
         train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
     eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
     # Model, reference and optimizer.
-    model_cfg = common.model_config(cfg, tokenizer)
+    model_cfg = training.model_config(cfg.model, cfg.data, tokenizer, init_from_hf=cfg.init_from_hf)
     model = models.Transformer(model_cfg, mesh=mesh)
-    policy = common.init_lm_params(model, cfg, jax.random.key(cfg.seed))
+    policy = training.init_lm_params(
+        model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
+    )
     if reference_from and os.path.abspath(reference_from) != os.path.abspath(cfg.init_from):
-        reference = common.load_params(reference_from, policy)
+        reference = workdir_io.load_params(reference_from, policy)
     else:
         reference = jax.tree.map(lambda x: x.copy(), policy)
     objective = functools.partial(
         steps.preference_objective, model=model, loss_fn=cfg.loss.make(),
         loss_inputs=loss_inputs(cfg.loss.name), metric_beta=cfg.loss.metric_beta(),
     )  # fmt: skip
-    param_sh = models.param_shardings(model, mesh)
     precomputed = cfg.train.reference == "precomputed"
-    trainer, state = common.build_trainer(
-        cfg=cfg, mesh=mesh, model=model, params=policy, objective=objective,
-        weight_fn=steps.pair_weight, frozen_shardings=None if precomputed else param_sh,
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=policy, objective=objective,
+        weight_fn=steps.pair_weight,
+        reference_shardings=None if precomputed else models.param_shardings(model, mesh),
     )  # fmt: skip
-    common.log_startup(f"{name} ({cfg.loss.name})", mesh, model_cfg, cfg.train.batch_size, task.stats)
-    transforms, frozen = [], reference
+    training.log_startup(f"{name} ({cfg.loss.name})", mesh, model_cfg, cfg.train.batch_size, task.stats)
+
+    # Per-batch inputs: precomputed reference log-probs, the extra inputs.
     kw = dict(mesh=mesh, batch_size=cfg.train.eval_batch_size)
+    reference_tf, step_reference = None, reference
     if precomputed:
         path = os.path.join(workdir, "reference_logps.npz")
-        transforms.append(
-            with_logps("reference", *precomputed_logps(path, model, reference, train_data, **kw))
+        reference_tf = with_logps("reference", *precomputed_logps(path, model, reference, train_data, **kw))
+        step_reference = None
+    extra_tf = eval_transform = None
+    if extra_inputs is not None:
+        extra_tf, eval_transform = extra_inputs.make(
+            model=model, like=policy, train_data=train_data, eval_data=eval_data, workdir=workdir, **kw
         )
-        frozen = None
-    eval_transform = None
-    if previous_from:
-        previous = common.load_params(previous_from, policy)
-        path = os.path.join(workdir, "previous_logps.npz")
-        transforms.append(with_logps("previous", *precomputed_logps(path, model, previous, train_data, **kw)))
-        path = os.path.join(workdir, "eval_previous_logps.npz")
-        eval_transform = with_logps("previous", *precomputed_logps(path, model, previous, eval_data, **kw))
-        del previous
-    elif any(k.startswith("previous_") for k in loss_inputs(cfg.loss.name)):
-        raise ValueError(f"loss {cfg.loss.name!r} needs the previous iterate's log-probs: give previous_from")
-    transform = _compose(transforms)
+    transform = _compose([reference_tf, extra_tf])
 
     # The evaluation baseline: the SFT policy, not the training reference (which may be π_t).
     same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)
@@ -220,42 +270,38 @@ def run(
     sft_params = None
     if eval_config is not None:
         use_reference = same(sft_from, reference_from or cfg.init_from)
-        sft_params = reference if use_reference else common.load_params(sft_from, policy)
+        sft_params = reference if use_reference else workdir_io.load_params(sft_from, policy)
+    gold = synthetic_tldr.gold_reward if task.synthetic else None
+
+    def evaluate_samples(params, proxy):
+        return evaluation.evaluate_against_sft(
+            model=model, policy_params=params, sft_params=sft_params, tokenizer=tokenizer,
+            prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy, gold=gold,
+            max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+        )  # fmt: skip
 
     # Restore.
-    ckpt, state = common.restore(cfg, workdir, state, data_iter)
+    ckpt, state = training.restore(workdir, cfg.checkpoint, state, data_iter)
 
     # Periodic sample-based evaluation (e.g. for over-optimisation curves).
-    gold = synthetic_tldr.gold_reward if task.synthetic else None
-    resume_step = int(jax.device_get(state.step))
-    callback = None
+    hooks = []
     if eval_config is not None and cfg.train.eval_every > 0:
-        curve_path = os.path.join(workdir, "eval_curve.jsonl")
-        metrics.keep_records_up_to(curve_path, resume_step)
-        proxy_for_curve = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
-
-        def callback(step, state):
-            if step % cfg.train.eval_every and step != cfg.train.steps:
-                return
-            ev = evaluation.evaluate_against_sft(
-                model=model, policy_params=state.params, sft_params=sft_params, tokenizer=tokenizer,
-                prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy_for_curve,
-                gold=gold, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
-            )  # fmt: skip
-            keys = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy",
-                    "proxy_reward_policy", "kl_to_sft", "mean_response_length")  # fmt: skip
-            if common.is_main():
-                with open(curve_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, **{k: ev.get(k) for k in keys}}) + "\n")
+        proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+        hooks.append(
+            _periodic_evaluation(
+                os.path.join(workdir, "eval_curve.jsonl"), every=cfg.train.eval_every, last=cfg.train.steps,
+                resume_step=int(jax.device_get(state.step)), evaluate=lambda p: evaluate_samples(p, proxy),
+            )
+        )  # fmt: skip
 
     # Loop.
-    state = common.train(
-        cfg, workdir, ckpt, state, trainer=trainer, data_iter=data_iter, frozen=frozen, transform=transform,
-        name=name, callback=callback,
+    state = training.fit(
+        workdir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
+        data_iter=data_iter, reference_params=step_reference, transform=transform, hooks=hooks, name=name,
     )  # fmt: skip
 
     # Evaluate: the loss and implicit-reward metrics on held-out pairs, reference computed online.
-    ev = common.evaluate_objective(
+    ev = training.evaluate_objective(
         objective, state.params, reference, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
         transform=eval_transform,
     )  # fmt: skip
@@ -271,15 +317,46 @@ def run(
     }
     if eval_config is not None:
         proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
-        results.update(
-            evaluation.evaluate_against_sft(
-                model=model, policy_params=state.params, sft_params=sft_params, tokenizer=tokenizer,
-                prompts=task.eval_prompts, config=eval_config, seed=cfg.seed, proxy=proxy,
-                gold=gold,
-                max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
-            )
-        )  # fmt: skip
-    common.write_json(os.path.join(workdir, "results.json"), results)
+        results.update(evaluate_samples(state.params, proxy))
+    workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "reward_accuracy", "reward_margin", "kl_to_reference"))
-    common.save_params(workdir, state.params, model_cfg, "lm")
+    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
     return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `preference` pipeline: [SFT →] policy, evaluated against the SFT policy.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The `preference` pipeline's stages: the SFT stage it starts from (when `init_from` is empty), the
+    policy (`main`) and its sample-based evaluation (None: held-out pair metrics only)."""
+
+    main: StageConfig
+    sft: StageConfig | None
+    eval: evaluation.EvalConfig | None
+
+
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the `preference` pipeline's stage configs."""
+    return Plan(
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        sft=stage_config(config, "sft") if "sft" in config else None,
+        eval=section_config(evaluation.EvalConfig, config, "eval") if "eval" in config else None,
+    )
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
+    """Runs [SFT →] the policy, each in WORKDIR/{stage}/{fingerprint}/; writes results.json."""
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
+    ran, main = [], plan.main
+    if not main.init_from:
+        if plan.sft is None:
+            raise ValueError("preference training without init_from trains an SFT stage first: give a `sft` "
+                             "section")  # fmt: skip
+        ran.append(sft.run_stage(plan.sft, locate))
+        main = dataclasses.replace(main, init_from=ran[-1].dir)
+    ran.append(locate("policy", spec(main, eval_config=plan.eval), done=workdir_io.stage_done))
+    results = run(main, ran[-1].dir, eval_config=plan.eval)
+    return fingerprints.finish(workdir, results, ran, final="policy")

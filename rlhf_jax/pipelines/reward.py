@@ -1,6 +1,11 @@
 """Reward-model stage: a pointwise Bradley-Terry reward model, or RSO's pairwise ranking model.
 
     results = reward.run(stage_config, workdir, kind="pointwise")   # or kind="pairwise"
+    stage = reward.run_stage(stage_config, locate, kind=kind)       # in WORKDIR/rm/{fingerprint}/
+
+The kind is the experiment's `rm.kind` (`config.rm_kind`), one name everywhere: "pointwise" or
+"pairwise", also in the stage's `model.json` (which earlier versions wrote as "reward" / "ranking",
+still read).
 
 Pointwise: r(x, y) from the reward head on the last token of prompt + response, trained with
 `losses.bradley_terry`. Pairwise (RSO's ranking model, Liu et al. 2024, Sec. 3): one sequence holds the
@@ -29,11 +34,20 @@ import numpy as np
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, evaluation, fingerprints
-from rlhf_jax.pipelines.config import DataConfig, StageConfig
+from rlhf_jax.pipelines import evaluation, fingerprints, sft, tasks, training
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import RM_KINDS, DataConfig, StageConfig, rm_kind, stage_config
 from rlhf_jax.train import metrics, steps
 
 RANKING_LAYOUT_FILE = "ranking_layout.json"
+# model.json's `kind` for reward models as earlier versions wrote it.
+_LEGACY_KINDS = {"reward": "pointwise", "ranking": "pairwise"}
+
+
+def saved_kind(model_json: dict) -> str:
+    """The kind of the model a stage saved: "lm", "pointwise" or "pairwise" (legacy names mapped)."""
+    kind = model_json.get("kind", "")
+    return _LEGACY_KINDS.get(kind, kind)
 
 
 def format_pair(a: str, b: str) -> str:
@@ -81,7 +95,7 @@ def ranking_layout(data: DataConfig, tokenizer, response_len: int = 0) -> pipeli
 
 def save_ranking_layout(workdir: str, layout: pipeline.RankingLayout) -> None:
     """Writes the layout a ranking model is trained with next to its params (`load_ranking_layout`)."""
-    common.write_json(os.path.join(workdir, RANKING_LAYOUT_FILE), dataclasses.asdict(layout))
+    workdir_io.write_json(os.path.join(workdir, RANKING_LAYOUT_FILE), dataclasses.asdict(layout))
 
 
 def load_ranking_layout(workdir: str) -> pipeline.RankingLayout:
@@ -108,21 +122,22 @@ def _with_labels(labels_N: np.ndarray):
     return transform
 
 
-def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
-    """Reward-model params; the trunk is copied from `init_from`'s LM params when given."""
+def init_reward_params(model: models.RewardModel, rng, *, init_from: str = "", init_from_hf: str = ""):
+    """Reward-model params: a reward model's from `init_from`, or the trunk copied from `init_from`'s
+    (or the HuggingFace checkpoint's) LM params and a fresh head."""
     params = models.init_params(model, rng)
-    if not cfg.init_from and cfg.init_from_hf:
+    if not init_from and init_from_hf:
         from rlhf_jax import interop
 
-        lm = interop.import_params(cfg.init_from_hf, models.Transformer(model.config, mesh=model.mesh))
+        lm = interop.import_params(init_from_hf, models.Transformer(model.config, mesh=model.mesh))
         return {**params, "decoder": lm["decoder"]}
-    if cfg.init_from:
-        saved = common.load_model_json(cfg.init_from)
-        if saved.get("kind") == "reward":
-            return common.load_params(cfg.init_from, params)
-        common.check_same_architecture(cfg.init_from, model.config)
+    if init_from:
+        saved = workdir_io.load_model_json(init_from)
+        if saved_kind(saved) in RM_KINDS:
+            return workdir_io.load_params(init_from, params)
+        workdir_io.check_same_architecture(init_from, model.config)
         lm = models.Transformer(model.config, mesh=model.mesh)
-        lm_params = common.load_params(cfg.init_from, models.init_params(lm, rng))
+        lm_params = workdir_io.load_params(init_from, models.init_params(lm, rng))
         params = {**params, "decoder": lm_params["decoder"]}
     return params
 
@@ -130,14 +145,15 @@ def init_reward_params(model: models.RewardModel, cfg: StageConfig, rng):
 def load_proxy(workdir: str, mesh, layout: pipeline.SequenceLayout) -> evaluation.Proxy:
     """The reward or ranking model finished in `workdir`, as an evaluation `Proxy` (a ranking model
     carries the layout it was trained with, `ranking_layout.json`, not `layout`)."""
-    saved = common.load_model_json(workdir)
-    kind = saved.pop("kind")
-    if kind not in ("reward", "ranking"):
-        raise ValueError(f"{workdir!r} holds a {kind!r} model, not a reward or ranking model")
+    saved = workdir_io.load_model_json(workdir)
+    kind = saved_kind(saved)
+    saved.pop("kind")
+    if kind not in RM_KINDS:
+        raise ValueError(f"{workdir!r} holds a {kind!r} model, not a reward model ({'/'.join(RM_KINDS)})")
     model_cfg = models.ModelConfig(**saved)
     model = models.RewardModel(model_cfg, mesh=mesh)
-    params = common.load_params(workdir, models.init_params(model, jax.random.key(0)))
-    if kind == "ranking":
+    params = workdir_io.load_params(workdir, models.init_params(model, jax.random.key(0)))
+    if kind == "pairwise":
         return evaluation.Proxy("pairwise", model, params, load_ranking_layout(workdir))
     return evaluation.Proxy("pointwise", model, params, layout)
 
@@ -166,21 +182,21 @@ def run(
     longest sampled response it will judge (the pipelines pass their `max_new_tokens`); it is written to
     `ranking_layout.json`, which scoring reads (`load_proxy`).
     """
-    if kind not in ("pointwise", "pairwise"):
-        raise ValueError(f"reward model kind must be 'pointwise' or 'pairwise', got {kind!r}")
+    if kind not in RM_KINDS:
+        raise ValueError(f"reward model kind (rm.kind) must be one of {RM_KINDS}, got {kind!r}")
     os.makedirs(workdir, exist_ok=True)
     fingerprints.claim(workdir, spec(cfg, kind, ranking_response_len), name)
-    if common.stage_done(workdir):
-        return common.read_results(workdir)
+    if workdir_io.stage_done(workdir):
+        return workdir_io.read_results(workdir)
 
     # Mesh.
     mesh = sharding.make_mesh(cfg.mesh)
 
     # Data.
-    task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
+    task = tasks.load_task(cfg.data, cfg.seed)
+    tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
-    lay = common.layout(cfg.data)
+    lay = tasks.layout(cfg.data)
     if kind == "pointwise":
         train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
         eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
@@ -212,27 +228,30 @@ def run(
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
     # Model and optimizer.
-    model_cfg = common.model_config(cfg, tokenizer)
+    model_cfg = training.model_config(cfg.model, cfg.data, tokenizer, init_from_hf=cfg.init_from_hf)
     model = models.RewardModel(model_cfg, mesh=mesh)
-    params = init_reward_params(model, cfg, jax.random.key(cfg.seed))
+    params = init_reward_params(
+        model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
+    )
     fn = steps.reward_objective if kind == "pointwise" else steps.ranking_objective
     objective = functools.partial(fn, model=model)
-    trainer, state = common.build_trainer(
-        cfg=cfg, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=steps.pair_weight, frozen_shardings=None,
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+        weight_fn=steps.pair_weight,
     )  # fmt: skip
-    common.log_startup(f"{name} ({kind})", mesh, model_cfg, cfg.train.batch_size, task.stats)
+    training.log_startup(f"{name} ({kind})", mesh, model_cfg, cfg.train.batch_size, task.stats)
 
     # Restore.
-    ckpt, state = common.restore(cfg, workdir, state, data_iter)
+    ckpt, state = training.restore(workdir, cfg.checkpoint, state, data_iter)
 
     # Loop.
-    state = common.train(
-        cfg, workdir, ckpt, state, trainer=trainer, data_iter=data_iter, transform=train_tf, name=name
-    )
+    state = training.fit(
+        workdir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
+        data_iter=data_iter, transform=train_tf, name=name,
+    )  # fmt: skip
 
     # Evaluate.
-    ev = common.evaluate_objective(
+    ev = training.evaluate_objective(
         objective, state.params, None, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
         transform=eval_tf,
     )  # fmt: skip
@@ -247,7 +266,54 @@ def run(
         "truncated": dict(stats.truncated),
         **ranking,
     }
-    common.write_json(os.path.join(workdir, "results.json"), results)
+    workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "accuracy"))
-    common.save_params(workdir, state.params, model_cfg, "reward" if kind == "pointwise" else "ranking")
+    workdir_io.save_params(workdir, state.params, model_cfg, kind)  # last: marks the stage as done
     return results
+
+
+def run_stage(cfg: StageConfig, locate, *, kind: str, response_len: int = 0, name: str = "rm"):
+    """Locates the reward-model stage by fingerprint (`fingerprints.locate` bound to a run's workdir),
+    runs it unless it is done, and returns it. `response_len`: the longest sampled response a ranking
+    model will judge (`run`'s `ranking_response_len`)."""
+    stage = locate("rm", spec(cfg, kind, response_len), done=workdir_io.stage_done)
+    run(cfg, stage.dir, kind=kind, name=name, ranking_response_len=response_len)
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `reward` pipeline: [SFT →] reward model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The `reward` pipeline's stages: the SFT stage it starts from (when `init_from` is empty) and the
+    reward model (`main`) of kind `rm_kind`."""
+
+    main: StageConfig
+    sft: StageConfig | None
+    rm_kind: str
+
+
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the `reward` pipeline's stage configs."""
+    return Plan(
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        sft=stage_config(config, "sft") if "sft" in config else None,
+        rm_kind=rm_kind(config),
+    )
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
+    """Runs [SFT →] the reward model, each in WORKDIR/{stage}/{fingerprint}/; writes results.json."""
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
+    ran, main = [], plan.main
+    if not main.init_from:
+        if plan.sft is None:
+            raise ValueError(
+                "a reward model without init_from trains an SFT stage first: give a `sft` section"
+            )
+        ran.append(sft.run_stage(plan.sft, locate))
+        main = dataclasses.replace(main, init_from=ran[-1].dir)
+    ran.append(run_stage(main, locate, kind=plan.rm_kind))
+    return fingerprints.finish(workdir, workdir_io.read_results(ran[-1].dir), ran, final="rm")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -39,11 +38,11 @@ import time
 import numpy as np
 
 from rlhf_jax import rejection, sampling, sharding
-from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import candidates, common, evaluation, fingerprints, preference, reward, sft
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines import candidates, evaluation, fingerprints, preference, reward, sft, tasks
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import StageConfig, rm_kind, section_config, stage_config
 
 log = logging.getLogger("rlhf_jax")
 
@@ -56,7 +55,6 @@ class RSOConfig:
       pairs: "rso" (rejection sampling), "sft_sample_rank" (M plain SFT samples, no rejection) or
         "direct" (the human preference pairs).
       ranking: "first_round" (M/2 pairs of shuffled neighbours) or "tournament" (M-1 pairs).
-      reward_kind: "pointwise" reward model or "pairwise" ranking model.
       num_prompts: training prompts sampled (distinct prompts of the preference split; 0 = all).
       num_candidates: N samples per prompt from the SFT policy.
       num_accepted: M accepted per prompt.
@@ -69,7 +67,6 @@ class RSOConfig:
 
     pairs: str = "rso"
     ranking: str = "first_round"
-    reward_kind: str = "pointwise"
     num_prompts: int = 0
     num_candidates: int = 64
     num_accepted: int = 8
@@ -84,8 +81,6 @@ class RSOConfig:
             raise ValueError(f"rso.pairs must be rso, sft_sample_rank or direct, got {self.pairs!r}")
         if self.ranking not in ("first_round", "tournament"):
             raise ValueError(f"rso.ranking must be first_round or tournament, got {self.ranking!r}")
-        if self.reward_kind not in ("pointwise", "pairwise"):
-            raise ValueError(f"rso.reward_kind must be pointwise or pairwise, got {self.reward_kind!r}")
         if not 2 <= self.num_accepted <= self.num_candidates:
             raise ValueError(
                 f"need 2 <= rso.num_accepted ({self.num_accepted}) "
@@ -99,8 +94,9 @@ class RSOConfig:
             )
 
 
-# The RSOConfig fields that determine the candidates (the rest determine how they become pairs).
-SAMPLING_FIELDS = ("reward_kind", "num_prompts", "num_candidates", "temperature", "top_k", "max_new_tokens")
+# The RSOConfig fields that determine the candidates (the rest determine how they become pairs); the
+# reward model's kind (`rm.kind`) does too.
+SAMPLING_FIELDS = ("num_prompts", "num_candidates", "temperature", "top_k", "max_new_tokens")
 
 
 def _sampling_config(rso: RSOConfig) -> sampling.SamplingConfig:
@@ -109,8 +105,10 @@ def _sampling_config(rso: RSOConfig) -> sampling.SamplingConfig:
     )
 
 
-def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str, out_path: str) -> dict:
-    """Samples N (+1 baseline for a ranking model) completions per training prompt and scores them.
+def sample_candidates(
+    cfg: StageConfig, rso: RSOConfig, *, rm_kind: str, sft_dir: str, rm_dir: str, out_path: str
+) -> dict:
+    """Samples N (+1 baseline for a pairwise reward model) completions per training prompt and scores them.
 
     Writes `out_path` (npz): prompt_tokens [P, Tp], prompt_lengths [P], tokens [P, N, T], lengths [P, N],
     logps [P, N] (untempered SFT log-probs, log π_sft), sampling_logps [P, N] (log-probs under the
@@ -118,12 +116,14 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
     share of its inputs with a response cut); returns them.
     """
     mesh = sharding.make_mesh(cfg.mesh)
-    task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, os.path.dirname(out_path), sft_dir, cfg.init_from_hf)
-    prompts, pb = candidates.training_prompts(cfg, task, tokenizer, rso.num_prompts)
-    lm, sft_params = candidates.load_lm(sft_dir, mesh)
+    task = tasks.load_task(cfg.data, cfg.seed)
+    tokenizer = tasks.tokenizer_for(cfg.data, task, os.path.dirname(out_path), sft_dir, cfg.init_from_hf)
+    prompts, pb = tasks.training_prompts(
+        task, tokenizer, num_prompts=rso.num_prompts, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed
+    )
+    lm, sft_params = workdir_io.load_lm(sft_dir, mesh)
     N = rso.num_candidates
-    n = N + (1 if rso.reward_kind == "pairwise" else 0)  # + the baseline sample y_b
+    n = N + (1 if rm_kind == "pairwise" else 0)  # + the baseline sample y_b
     tokens_PNT, lengths_PN, logps_PN, sampling_logps_PN = candidates.draw(
         lm,
         sft_params,
@@ -134,7 +134,7 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
         tokenizer=tokenizer,
     )
     P = len(prompts)
-    proxy = reward.load_proxy(rm_dir, mesh, common.layout(cfg.data))
+    proxy = reward.load_proxy(rm_dir, mesh, tasks.layout(cfg.data))
     bs = cfg.train.eval_batch_size
     extra = {}
     if proxy.kind == "pointwise":
@@ -156,10 +156,7 @@ def sample_candidates(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir:
         lengths=lengths_PN, logps=logps_PN, sampling_logps=sampling_logps_PN,
         rewards=rewards_PN.astype(np.float32), **extra,
     )  # fmt: skip
-    if common.is_main():
-        os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        np.savez(out_path + ".tmp.npz", **result)
-        os.replace(out_path + ".tmp.npz", out_path)
+    workdir_io.write_npz(out_path, result)
     return result
 
 
@@ -189,15 +186,11 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
             [np.random.default_rng([seed, p]).permutation(N)[: rso.num_accepted] for p in range(P)]
         )
     pairs_PB = rank(rewards=rewards_PN, samples=accepted_PM, seed=seed + 1)
-    prompt_ids, chosen_ids, rejected_ids = [], [], []
-    for p, b in zip(*np.nonzero(pairs_PB.valid_PB), strict=True):  # pairs with a reward tie are dropped
-        c, r = pairs_PB.chosen_PB[p, b], pairs_PB.rejected_PB[p, b]
-        prompt_ids.append(cand["prompt_tokens"][p, : cand["prompt_lengths"][p]])
-        chosen_ids.append(cand["tokens"][p, c, : cand["lengths"][p, c]])
-        rejected_ids.append(cand["tokens"][p, r, : cand["lengths"][p, r]])
-    pairs, cut = pipeline.TokenizedPreference.fitted(
-        prompt_ids, chosen_ids, rejected_ids, np.ones(len(prompt_ids), np.float32), pad_id, max_len
-    )
+    p_idx, b_idx = np.nonzero(pairs_PB.valid_PB)  # pairs with a reward tie are dropped
+    pairs, cut = candidates.pairs(
+        cand, p_idx, pairs_PB.chosen_PB[p_idx, b_idx], pairs_PB.rejected_PB[p_idx, b_idx], pad_id=pad_id,
+        max_len=max_len,
+    )  # fmt: skip
     valid = pairs_PB.valid_PB
     chosen_r = np.take_along_axis(rewards_PN, pairs_PB.chosen_PB, 1)[valid]
     rejected_r = np.take_along_axis(rewards_PN, pairs_PB.rejected_PB, 1)[valid]
@@ -205,7 +198,7 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
         "prompts": P,
         "candidates_per_prompt": N,
         "accepted_per_prompt": rso.num_accepted,
-        "pairs": len(prompt_ids),
+        "pairs": len(p_idx),
         "pairs_truncated": cut,
         "proposal_correction": rso.proposal_correction,
         "ranking_truncated_fraction": (
@@ -220,24 +213,7 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
     return pairs, stats
 
 
-def _write_pairs(path: str, pairs: pipeline.TokenizedPreference, tokenizer, stats: dict) -> None:
-    if not common.is_main():
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    text = lambda ids: evaluation.decode_text(tokenizer, ids)
-    with open(path + ".jsonl.tmp", "w", encoding="utf-8") as f:
-        for i in range(len(pairs)):
-            row = {
-                "prompt": text(pairs.prompt_ids[i]),
-                "chosen": text(pairs.chosen_ids[i]),
-                "rejected": text(pairs.rejected_ids[i]),
-            }
-            f.write(json.dumps(row) + "\n")
-    os.replace(path + ".jsonl.tmp", path + ".jsonl")
-    common.write_json(os.path.join(os.path.dirname(path), "stats.json"), stats)
-
-
-def samples_spec(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str) -> dict:
+def samples_spec(cfg: StageConfig, rso: RSOConfig, *, rm_kind: str, sft_dir: str, rm_dir: str) -> dict:
     """What the candidates depend on: the prompts (data, seed), the SFT policy, the reward model and the
     sampling settings (not the pairing or rejection settings, so those variants share the samples)."""
     return {
@@ -247,6 +223,7 @@ def samples_spec(cfg: StageConfig, rso: RSOConfig, *, sft_dir: str, rm_dir: str)
         "data": fingerprints.data_spec(cfg.data),
         "sft": fingerprints.stage_input(sft_dir),
         "rm": fingerprints.stage_input(rm_dir),
+        "reward_kind": rm_kind,  # the key earlier versions used, so fingerprints are stable
         **{k: getattr(rso, k) for k in SAMPLING_FIELDS},
     }
 
@@ -270,49 +247,65 @@ def _samples_done(stage_dir: str) -> bool:
     return os.path.exists(os.path.join(stage_dir, "candidates.npz"))
 
 
-def run(
-    *,
-    sft_cfg: StageConfig,
-    rm_cfg: StageConfig,
-    policy_cfg: StageConfig,
-    rso: RSOConfig,
-    eval_config: evaluation.EvalConfig,
-    workdir: str,
-    reuse_from: tuple[str, ...] = (),
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The RSO pipeline's stage configs: SFT, the reward model (`rm`, of kind `rm_kind`), the policy
+    (`main`), RSO's sampling and pairing, and the evaluation."""
+
+    sft: StageConfig
+    rm: StageConfig
+    main: StageConfig
+    rso: RSOConfig
+    eval: evaluation.EvalConfig
+    rm_kind: str
+
+
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the RSO pipeline's stage configs."""
+    return Plan(
+        sft=stage_config(config, "sft"),
+        rm=stage_config(config, "rm"),
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        rso=section_config(RSOConfig, config, "rso"),
+        eval=section_config(evaluation.EvalConfig, config, "eval"),
+        rm_kind=rm_kind(config),
+    )
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
     """Runs (or resumes) the whole RSO pipeline in `workdir`; returns and writes `results.json`.
 
     Every stage lives in WORKDIR/{stage}/{fingerprint}/ and is reused when its fingerprint matches
     (`rlhf_jax.pipelines.fingerprints`), here or in a `reuse_from` workdir; the results and the printed
     table are always those of the configuration given.
     """
+    rso, policy_cfg, eval_config = plan.rso, plan.main, plan.eval
     start = time.perf_counter()
     locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
     title = f"RSO on {policy_cfg.data.task}: {rso.pairs}/{rso.ranking}/{policy_cfg.loss.name}"
     seconds, ran = {}, []
 
     t0 = time.perf_counter()
-    ran.append(locate("sft", sft.spec(sft_cfg), done=common.stage_done))
+    ran.append(sft.run_stage(plan.sft, locate))
     sft_dir = ran[-1].dir
-    sft.run(sft_cfg, sft_dir, name="sft")
     seconds["sft"], t0 = time.perf_counter() - t0, time.perf_counter()
-    rm_cfg = dataclasses.replace(rm_cfg, init_from=sft_dir)
+    rm_cfg = dataclasses.replace(plan.rm, init_from=sft_dir)
     response_len = max(rso.max_new_tokens, eval_config.max_new_tokens)  # a ranking model judges these
-    ran.append(locate("rm", reward.spec(rm_cfg, rso.reward_kind, response_len), done=common.stage_done))
+    ran.append(reward.run_stage(rm_cfg, locate, kind=plan.rm_kind, response_len=response_len))
     rm_dir = ran[-1].dir
-    reward.run(rm_cfg, rm_dir, kind=rso.reward_kind, name="rm", ranking_response_len=response_len)
     seconds["rm"], t0 = time.perf_counter() - t0, time.perf_counter()
 
     train_data = None
     pair_stats: dict = {"pairs": "direct (human preference pairs)"}
     if rso.pairs != "direct":
-        ran.append(locate("samples", samples_spec(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir),
-                          done=_samples_done))  # fmt: skip
+        spec = samples_spec(policy_cfg, rso, rm_kind=plan.rm_kind, sft_dir=sft_dir, rm_dir=rm_dir)
+        ran.append(locate("samples", spec, done=_samples_done))
         cand_path = os.path.join(ran[-1].dir, "candidates.npz")
         if os.path.exists(cand_path):
             cand = dict(np.load(cand_path))
         else:
-            cand = sample_candidates(policy_cfg, rso, sft_dir=sft_dir, rm_dir=rm_dir, out_path=cand_path)
+            cand = sample_candidates(policy_cfg, rso, rm_kind=plan.rm_kind, sft_dir=sft_dir, rm_dir=rm_dir,
+                                     out_path=cand_path)  # fmt: skip
             log.info("sampled %s candidates in %.1fs", cand["tokens"].shape[:2], time.perf_counter() - t0)
         seconds["samples"], t0 = time.perf_counter() - t0, time.perf_counter()
         tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
@@ -321,13 +314,14 @@ def run(
             cand, rso, seed=policy_cfg.seed, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len
         )
         if not ran[-1].reused:
-            _write_pairs(os.path.join(ran[-1].dir, "pairs"), train_data, tokenizer, pair_stats)
+            candidates.write_pairs(os.path.join(ran[-1].dir, "pairs.jsonl"), train_data, tokenizer)
+            workdir_io.write_json(os.path.join(ran[-1].dir, "stats.json"), pair_stats)  # last: marks done
 
     policy_cfg = dataclasses.replace(policy_cfg, init_from=sft_dir)
     policy_spec = preference.spec(
         policy_cfg, train_data=train_data, eval_config=eval_config, proxy_dir=rm_dir
     )
-    ran.append(locate("policy", policy_spec, done=common.stage_done))
+    ran.append(locate("policy", policy_spec, done=workdir_io.stage_done))
     results = preference.run(
         policy_cfg, ran[-1].dir, name="policy", train_data=train_data, eval_config=eval_config,
         proxy_dir=rm_dir,
@@ -338,15 +332,14 @@ def run(
         **results,
         "method": f"{rso.pairs}/{rso.ranking}/{policy_cfg.loss.name}",
         "rso": dataclasses.asdict(rso),
+        "rm_kind": plan.rm_kind,
         "pair_stats": pair_stats,
-        "sft": common.read_results(sft_dir),
-        "reward_model": common.read_results(rm_dir),
+        "sft": workdir_io.read_results(sft_dir),
+        "reward_model": workdir_io.read_results(rm_dir),
         "wall_time_s": time.perf_counter() - start,
         "stage_seconds": seconds,  # of this invocation (a reused stage counts ~0)
-        "stages": {s.name: s.record() for s in ran},
     }
-    fingerprints.write_stages(workdir, ran, final="policy")
-    common.write_json(os.path.join(workdir, "results.json"), results)
-    if common.is_main():
+    results = fingerprints.finish(workdir, results, ran, final="policy")
+    if workdir_io.is_main():
         print("\n" + evaluation.format_table(results, title))
     return results

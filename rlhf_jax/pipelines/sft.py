@@ -1,14 +1,16 @@
-"""Supervised fine-tuning stage: token-level NLL of the completions.
+"""Supervised fine-tuning: token-level NLL of the completions. A stage, and the `sft` pipeline.
 
-    results = sft.run(stage_config, workdir)
+    results = sft.run(stage_config, workdir)                       # one stage, in `workdir`
+    stage = sft.run_stage(stage_config, locate)                    # in WORKDIR/sft/{fingerprint}/
 
-Writes the stage's workdir (see `rlhf_jax.pipelines.common`) and its `fingerprint.json`
+Writes the stage's directory (`rlhf_jax.pipelines.workdir`) and its `fingerprint.json`
 (`rlhf_jax.pipelines.fingerprints`); a finished stage is not run again, and a directory holding a stage
 of another configuration is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -18,8 +20,9 @@ import jax
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import common, fingerprints
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines import fingerprints, tasks, training
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import StageConfig, stage_config
 from rlhf_jax.train import metrics, steps
 
 
@@ -32,39 +35,44 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     """Trains (or resumes) the SFT policy in `workdir`; returns the evaluation results."""
     os.makedirs(workdir, exist_ok=True)
     fingerprints.claim(workdir, spec(cfg), name)
-    if common.stage_done(workdir):
-        return common.read_results(workdir)
+    if workdir_io.stage_done(workdir):
+        return workdir_io.read_results(workdir)
 
     # Mesh.
     mesh = sharding.make_mesh(cfg.mesh)
 
     # Data.
-    task = common.load_task(cfg.data, cfg.seed)
-    tokenizer = common.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
+    task = tasks.load_task(cfg.data, cfg.seed)
+    tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
-    train_data = pipeline.tokenize_sft(task.sft, tokenizer, common.layout(cfg.data), stats)
-    eval_data = pipeline.tokenize_sft(task.eval_prompts, tokenizer, common.layout(cfg.data))
+    train_data = pipeline.tokenize_sft(task.sft, tokenizer, tasks.layout(cfg.data), stats)
+    eval_data = pipeline.tokenize_sft(task.eval_prompts, tokenizer, tasks.layout(cfg.data))
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
     # Model and optimizer.
-    model_cfg = common.model_config(cfg, tokenizer)
+    model_cfg = training.model_config(cfg.model, cfg.data, tokenizer, init_from_hf=cfg.init_from_hf)
     model = models.Transformer(model_cfg, mesh=mesh)
-    params = common.init_lm_params(model, cfg, jax.random.key(cfg.seed))
+    params = training.init_lm_params(
+        model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
+    )
     objective = functools.partial(steps.sft_objective, model=model)
-    trainer, state = common.build_trainer(
-        cfg=cfg, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=steps.sft_weight, frozen_shardings=None,
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+        weight_fn=steps.sft_weight,
     )  # fmt: skip
-    common.log_startup(name, mesh, model_cfg, cfg.train.batch_size, task.stats)
+    training.log_startup(name, mesh, model_cfg, cfg.train.batch_size, task.stats)
 
     # Restore.
-    ckpt, state = common.restore(cfg, workdir, state, data_iter)
+    ckpt, state = training.restore(workdir, cfg.checkpoint, state, data_iter)
 
     # Loop.
-    state = common.train(cfg, workdir, ckpt, state, trainer=trainer, data_iter=data_iter, name=name)
+    state = training.fit(
+        workdir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
+        data_iter=data_iter, name=name,
+    )  # fmt: skip
 
     # Evaluate.
-    ev = common.evaluate_objective(
+    ev = training.evaluate_objective(
         objective, state.params, None, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size
     )
     results = {
@@ -75,7 +83,40 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
         "eval_perplexity": math.exp(min(ev["loss"], 50.0)) if "loss" in ev else None,
         "truncated": dict(stats.truncated),
     }
-    common.write_json(os.path.join(workdir, "results.json"), results)
+    workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "grad_norm"))
-    common.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
     return results
+
+
+def run_stage(cfg: StageConfig, locate, *, name: str = "sft") -> fingerprints.Stage:
+    """Locates the SFT stage by fingerprint (`fingerprints.locate`, bound to a run's workdir), runs it
+    unless it is done, and returns it: the first step of every pipeline that starts from an SFT policy."""
+    stage = locate("sft", spec(cfg), done=workdir_io.stage_done)
+    run(cfg, stage.dir, name=name)
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `sft` pipeline.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The `sft` pipeline's one stage."""
+
+    main: StageConfig
+
+
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the `sft` pipeline's stage config."""
+    return Plan(
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from))
+    )
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
+    """Runs the SFT stage in WORKDIR/sft/{fingerprint}/; writes WORKDIR/results.json and stages.json."""
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
+    stage = run_stage(plan.main, locate)
+    return fingerprints.finish(workdir, workdir_io.read_results(stage.dir), [stage], final="sft")

@@ -1,4 +1,7 @@
-"""The train state: a plain pytree of step, params, optimizer state, RNG key data and non-finite counters."""
+"""The train state: a plain pytree of step, params, optimizer state, RNG key data and non-finite counters.
+
+The update that advances it is `rlhf_jax.train.steps.apply_gradients`.
+"""
 
 from __future__ import annotations
 
@@ -40,25 +43,4 @@ def create(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainSta
         rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
         nonfinite_count=jnp.zeros((), jnp.int32),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
-    )
-
-
-def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, *, ok) -> TrainState:
-    """One optimizer update, applied only where `ok` (a traced bool); otherwise the state is kept.
-
-    A non-finite step therefore never reaches the parameters or a checkpoint; it is counted, and the
-    loop decides (at its next host sync) whether to stop with the step number or carry on.
-    """
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    step = state.step + 1
-    return state.replace(
-        step=step,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        nonfinite_count=state.nonfinite_count + jnp.where(ok, 0, 1).astype(jnp.int32),
-        first_nonfinite_step=jnp.where(
-            ok | (state.first_nonfinite_step >= 0), state.first_nonfinite_step, step
-        ).astype(jnp.int32),
     )

@@ -1,13 +1,15 @@
 """Pure train and eval steps for SFT, reward models and offline preference training.
 
-An *objective* maps (params, batch, frozen) to (loss_sum, sums): the batch's weighted loss *sum* and a
-dict of weighted metric sums whose "weight" entry is their denominator (tokens for SFT, pairs for the
-pairwise objectives). `train_step` divides by the whole batch's weight, computed before the batch is
-split into micro-batches, so k accumulated micro-batches give exactly the gradient of the full batch.
+An *objective* maps (params, batch, reference_params) to (loss_sum, sums): the batch's weighted loss
+*sum* and a dict of weighted metric sums whose "weight" entry is their denominator (tokens for SFT,
+pairs for the pairwise objectives). `train_step` divides by the whole batch's weight, computed before
+the batch is split into micro-batches, so k accumulated micro-batches give exactly the gradient of the
+full batch, and `apply_gradients` makes the update (skipped when the loss or gradient is not finite).
 
-`train_step(state, batch, frozen, ...)` is the one update function; the loop binds its keyword
-arguments with `functools.partial` and jits it once with shardings and `donate_argnums=0`. `frozen`
-holds what the step reads but never updates (the reference policy's params, or None).
+`train_step(state, batch, reference_params, ...)` is the one update function; `trainer.make_train_step`
+binds its keyword arguments with `functools.partial` and jits it once with shardings and
+`donate_argnums=0`. `reference_params` is what the step reads but never updates (the reference
+policy's params, or None).
 
 Batch keys are those of `rlhf_jax.data.pipeline` (tokens / targets / loss_mask / segment_ids, with
 chosen_ / rejected_ prefixes for pairs, weights [B] with 0 on padding rows).
@@ -55,9 +57,9 @@ def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
 # Objectives.
 
 
-def sft_objective(params, batch, frozen, *, model: nn.Module):
+def sft_objective(params, batch, reference_params, *, model: nn.Module):
     """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens)."""
-    del frozen
+    del reference_params
     logits_BTV = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
     logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"])
     mask_BT = batch["loss_mask"] * batch["weights"][:, None]
@@ -75,9 +77,9 @@ def pair_weight(batch) -> jax.Array:
     return jnp.sum(batch["weights"])
 
 
-def reward_objective(params, batch, frozen, *, model: nn.Module, margin: float = 0.0):
+def reward_objective(params, batch, reference_params, *, model: nn.Module, margin: float = 0.0):
     """Bradley-Terry loss on the reward head: -logσ(r(x, y_w) - r(x, y_l) - m)."""
-    del frozen
+    del reference_params
     cat = lambda key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
     rewards_2B = model.apply({"params": params}, cat("tokens"), cat("segment_ids"))
     chosen_B, rejected_B = jnp.split(rewards_2B, 2)
@@ -94,13 +96,13 @@ def reward_objective(params, batch, frozen, *, model: nn.Module, margin: float =
     }
 
 
-def ranking_objective(params, batch, frozen, *, model: nn.Module):
+def ranking_objective(params, batch, reference_params, *, model: nn.Module):
     """Pairwise preference ("ranking") model: sigmoid cross-entropy of logit P(A ≻ B) vs the label.
 
     The batch holds one sequence per pair, prompt + A + B (`rlhf_jax.data.pipeline.tokenize_ranking`),
     with `labels` [B] = 1 where A is the preferred response.
     """
-    del frozen
+    del reference_params
     logits_B = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
     labels_B = batch["labels"].astype(jnp.float32)
     w_B = batch["weights"]
@@ -116,17 +118,17 @@ def ranking_objective(params, batch, frozen, *, model: nn.Module):
 def preference_objective(
     params,
     batch,
-    frozen,
+    reference_params,
     *,
     model: nn.Module,
     loss_fn: Callable,
     loss_inputs: tuple[str, ...],
     metric_beta: float,
 ):
-    """Any pairwise loss from `rlhf_jax.losses` against a frozen reference.
+    """Any pairwise loss from `rlhf_jax.losses` against a frozen reference policy.
 
     Reference log-probs come from the batch (`reference_chosen_logps`, ..., precomputed once per
-    dataset) when present, else from a forward of `frozen` (the reference params) without gradient.
+    dataset) when present, else from a forward of `reference_params` without gradient.
     Other inputs (lengths, INPO's `previous_*_logps`) come from the batch.
 
     Args:
@@ -137,8 +139,8 @@ def preference_objective(
     policy_chosen_B, policy_rejected_B = pair_logps(model, params, batch)
     if "reference_chosen_logps" in batch:
         ref_chosen_B, ref_rejected_B = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
-    elif frozen is not None:
-        ref_chosen_B, ref_rejected_B = pair_logps(model, jax.lax.stop_gradient(frozen), batch)
+    elif reference_params is not None:
+        ref_chosen_B, ref_rejected_B = pair_logps(model, jax.lax.stop_gradient(reference_params), batch)
     else:
         ref_chosen_B = ref_rejected_B = None
     available = {
@@ -190,12 +192,12 @@ def _micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(objective: Objective, params, batch, frozen, *, weight_fn, accum_steps: int = 1):
+def loss_and_grads(objective: Objective, params, batch, reference_params, *, weight_fn, accum_steps: int = 1):
     """Mean loss, metric sums and gradients of the full batch, over `accum_steps` micro-batches."""
     total_weight = jnp.maximum(weight_fn(batch), 1e-9)
 
     def scaled(p, micro):
-        loss_sum, sums = objective(p, micro, frozen)
+        loss_sum, sums = objective(p, micro, reference_params)
         return loss_sum / total_weight, sums
 
     grad_fn = jax.value_and_grad(scaled, has_aux=True)
@@ -215,6 +217,29 @@ def loss_and_grads(objective: Objective, params, batch, frozen, *, weight_fn, ac
     return loss, sums, grads
 
 
+def apply_gradients(
+    state: state_lib.TrainState, grads, tx: optax.GradientTransformation, *, ok
+) -> state_lib.TrainState:
+    """One optimizer update, applied only where `ok` (a traced bool); otherwise the state is kept.
+
+    A non-finite step therefore never reaches the parameters or a checkpoint; it is counted, and the
+    loop decides (at its next host sync) whether to stop with the step number or carry on.
+    """
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    step = state.step + 1
+    return state.replace(
+        step=step,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_count=state.nonfinite_count + jnp.where(ok, 0, 1).astype(jnp.int32),
+        first_nonfinite_step=jnp.where(
+            ok | (state.first_nonfinite_step >= 0), state.first_nonfinite_step, step
+        ).astype(jnp.int32),
+    )
+
+
 def finalize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Metric sums -> means over their "weight" (which is dropped)."""
     weight = jnp.maximum(sums["weight"], 1e-9)
@@ -224,7 +249,7 @@ def finalize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def train_step(
     state: state_lib.TrainState,
     batch,
-    frozen,
+    reference_params,
     *,
     objective: Objective,
     weight_fn: Callable,
@@ -239,11 +264,11 @@ def train_step(
       `finite` (1.0 if this step was applied) and `nonfinite_steps` (running count).
     """
     loss, sums, grads = loss_and_grads(
-        objective, state.params, batch, frozen, weight_fn=weight_fn, accum_steps=accum_steps
+        objective, state.params, batch, reference_params, weight_fn=weight_fn, accum_steps=accum_steps
     )
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state_lib.apply_gradients(state, grads, tx, ok=ok)
+    new_state = apply_gradients(state, grads, tx, ok=ok)
     metrics = finalize(sums)
     metrics["grad_norm"] = grad_norm
     metrics["finite"] = ok.astype(jnp.float32)
@@ -253,7 +278,7 @@ def train_step(
     return new_state, metrics
 
 
-def eval_sums(params, batch, frozen, *, objective: Objective) -> dict[str, jax.Array]:
+def eval_sums(params, batch, reference_params, *, objective: Objective) -> dict[str, jax.Array]:
     """The objective's metric sums on a batch, without gradients (accumulate, then `finalize`)."""
-    _, sums = objective(params, batch, frozen)
+    _, sums = objective(params, batch, reference_params)
     return sums

@@ -1,0 +1,181 @@
+"""The task a run trains on: its examples (the user's files or the synthetic TL;DR task), tokenizer,
+sequence layout, and the training prompts the online stages sample for.
+
+    task = tasks.load_task(data_config, seed)
+    tokenizer = tasks.tokenizer_for(data_config, task, workdir, init_from, init_from_hf)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from rlhf_jax.data import loading, pipeline, synthetic_tldr
+from rlhf_jax.data import records as rec
+from rlhf_jax.data.tokenizer import Tokenizer, get_or_train_tokenizer
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import DataConfig
+
+
+@dataclasses.dataclass
+class TaskData:
+    """The examples of a run. `eval_prompts` are held-out prompts with a reference completion."""
+
+    sft: list[rec.SFTExample]
+    preference: list[rec.PreferenceExample]
+    eval_preference: list[rec.PreferenceExample]
+    eval_prompts: list[rec.SFTExample]
+    synthetic: bool
+    stats: dict
+
+
+def _flip(pairs: list[rec.PreferenceExample], rate: float, seed: int) -> list[rec.PreferenceExample]:
+    if rate <= 0:
+        return pairs
+    flip = np.random.default_rng([seed, 7]).random(len(pairs)) < rate
+    return [
+        dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen) if f else p
+        for p, f in zip(pairs, flip, strict=True)
+    ]
+
+
+def load_task(data: DataConfig, seed: int) -> TaskData:
+    """Loads the run's examples: the user's files, or the synthetic TL;DR task when none are given.
+
+    With files: SFT examples come from `sft_path`, or else from the prompt and chosen response of the
+    preference pairs; evaluation pairs from `eval_path`, or else a seeded `eval_fraction` of the
+    preference pairs held out. Label flips (`flip_rate`) hit only the training pairs. With
+    `vary_with_seed` the synthetic task is generated from (synthetic_seed, seed), and the pairs of an
+    `eval_path` (hence the evaluation prompts, of which evaluation takes the first eval.num_prompts)
+    come in a seeded order.
+
+    Raises:
+      ValueError: for an HH experiment without a data path (naming the key to set).
+    """
+    fmt = data.format or None
+    if not (data.sft_path or data.preference_path):
+        if data.task == "hh":
+            raise ValueError(
+                "this is an Anthropic HH experiment and needs your data: give "
+                "--config.data.path=PATH (the preference file: e.g. hh-rlhf/helpful-base/train.jsonl.gz; a "
+                "file, glob or comma-separated list; same as data.preference_path), optionally "
+                "--config.data.eval_path=PATH (the test split)"
+            )
+        task_seed = data.synthetic_seed
+        if data.vary_with_seed:  # hashed, so (synthetic_seed, seed) = (0, 1) and (1, 0) differ
+            task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
+        splits = synthetic_tldr.generate_splits(
+            seed=task_seed,
+            num_sft=data.num_sft,
+            num_pref=data.num_pref,
+            num_eval=data.num_eval,
+            flip_rate=data.flip_rate,
+        )
+        held = max(1, int(len(splits.preference) * data.eval_fraction))
+        clean = synthetic_tldr.generate_splits(
+            seed=task_seed, num_sft=0, num_pref=data.num_pref, num_eval=0
+        ).preference
+        # Held-out pairs are ordered by the gold reward (never flipped), so evaluation accuracy is
+        # agreement with the gold reward.
+        eval_preference = [
+            p if p.meta["gold_chosen"] > p.meta["gold_rejected"]
+            else dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen)
+            for p in clean[:held]
+        ]  # fmt: skip
+        return TaskData(
+            sft=splits.sft,
+            preference=splits.preference[held:],
+            eval_preference=eval_preference,
+            eval_prompts=splits.eval,
+            synthetic=True,
+            stats={"source": "synthetic_tldr", "sft": len(splits.sft), "preference": len(splits.preference)},
+        )
+    stats = {}
+    preference, eval_preference = [], []
+    if data.preference_path:
+        preference, s = loading.load_preference(data.preference_path, format=fmt, strict=data.strict)
+        stats["preference"] = s.summary()
+    if data.eval_path:
+        eval_preference, s = loading.load_preference(data.eval_path, format=fmt, strict=data.strict)
+        stats["eval"] = s.summary()
+        if data.vary_with_seed:
+            order = np.random.default_rng([seed, 13]).permutation(len(eval_preference))
+            eval_preference = [eval_preference[i] for i in order]
+    elif preference:
+        order = np.random.default_rng([seed, 3]).permutation(len(preference))
+        held = max(1, int(len(preference) * data.eval_fraction))
+        eval_preference = [preference[i] for i in order[:held]]
+        preference = [preference[i] for i in order[held:]]
+    if data.sft_path:
+        sft, s = loading.load_sft(data.sft_path, format=fmt, strict=data.strict)
+        stats["sft"] = s.summary()
+    else:
+        sft = [rec.SFTExample(p.prompt, p.chosen) for p in preference]
+    eval_prompts = [rec.SFTExample(p.prompt, p.chosen) for p in eval_preference]
+    if not sft and not preference:
+        raise ValueError("no usable examples in the given data paths; see the skipped counts above")
+    return TaskData(
+        sft=sft,
+        preference=_flip(preference, data.flip_rate, seed),
+        eval_preference=eval_preference,
+        eval_prompts=eval_prompts,
+        synthetic=False,
+        stats=stats,
+    )
+
+
+def corpus(task: TaskData) -> list[str]:
+    """Training texts for a tokenizer trained from scratch (evaluation texts excluded)."""
+    texts = [t for ex in task.sft for t in (ex.prompt, ex.completion)]
+    return texts + [t for ex in task.preference for t in (ex.prompt, ex.chosen, ex.rejected)]
+
+
+def tokenizer_for(
+    data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""
+) -> Tokenizer:
+    """The tokenizer: data.tokenizer, else init_from's, else the HF checkpoint's, else trained on the
+    task's text; a copy is kept in the workdir."""
+    dest = os.path.join(workdir, "tokenizer.model")
+    source = data.tokenizer or (
+        os.path.join(init_from, "tokenizer.model")
+        if init_from and os.path.exists(os.path.join(init_from, "tokenizer.model"))
+        else ""
+    )
+    if not source and init_from_hf:
+        from rlhf_jax import interop
+
+        source = interop.tokenizer_path(init_from_hf)
+    if source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"data.tokenizer: no such file {source!r}")
+        tokenizer = Tokenizer.load(source)
+    else:
+        tokenizer = get_or_train_tokenizer("", corpus(task), data.vocab_size, workdir)
+    if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for users
+        os.makedirs(workdir, exist_ok=True)
+        with open(dest + ".tmp", "wb") as f:
+            f.write(tokenizer.model_proto)
+        os.replace(dest + ".tmp", dest)
+    return tokenizer
+
+
+def layout(data: DataConfig) -> pipeline.SequenceLayout:
+    return pipeline.SequenceLayout(max_len=data.max_len, max_prompt_len=data.max_prompt_len)
+
+
+def training_prompts(task: TaskData, tokenizer, *, num_prompts: int, max_prompt_len: int, seed: int,
+                     salt: int = 5):  # fmt: skip
+    """Distinct prompts of the preference split in a seeded order (the first `num_prompts`; 0 = all).
+
+    Returns:
+      (prompts, prompt batch with `prompt_tokens` [P, Tp] and `prompt_lengths` [P]).
+    """
+    prompts = list(dict.fromkeys(p.prompt for p in task.preference))
+    order = np.random.default_rng([seed, salt]).permutation(len(prompts))
+    if num_prompts:
+        order = order[:num_prompts]
+    prompts = [prompts[i] for i in order]
+    tokenized = pipeline.tokenize_prompts(prompts, tokenizer, max_prompt_len)
+    return prompts, tokenized.batch(np.arange(len(prompts)), max_prompt_len)
