@@ -11,22 +11,18 @@ samples (the smoke variant: 8). The baseline of the paired comparison is iterati
 that INPO beats it, so INPO − iterative DPO > 0, resolved, is what would support the claim.
 """
 
-from launch.study import Method, Study
+from experiments import Method, Study
 
 
 def get_study(arg=None):
     smoke = arg == "smoke"
     experiment = "inpo_tldr:smoke" if smoke else "inpo_tldr"
-    common = () if smoke else ("--config.eval.num_prompts=64",)
+    common = {} if smoke else {"eval.num_prompts": 64}
     return Study(
         name="inpo_iters",
         methods=(
             Method("inpo", experiment, common),
-            Method(
-                "iterative_dpo",
-                experiment,
-                (*common, "--config.loss.name=dpo", "--config.inpo.reference=previous"),
-            ),
+            Method("iterative_dpo", experiment, {**common, "loss.name": "dpo", "inpo.reference": "previous"}),
         ),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
         curve=("iterations.jsonl", "iteration", ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy")),

@@ -17,30 +17,24 @@ and rDPO at ε against DPO at the same ε (the claim is about the method at a gi
 at ε > 0 against DPO at ε = 0 (the claim that DPO degrades as ε grows).
 """
 
-from launch.study import Method, Study
+from experiments import Method, Study
 
 RATES = (0.0, 0.1, 0.2, 0.4)
-MINI = (
-    "--config.model.d_model=128", "--config.model.num_heads=4", "--config.model.num_kv_heads=4",
-    "--config.model.head_dim=32", "--config.model.mlp_dim=352",
-    "--config.sft.steps=250", "--config.sft.learning_rate=2e-3", "--config.sft.warmup_steps=20",
-    "--config.train.steps=64", "--config.train.warmup_steps=5", "--config.train.reference=precomputed",
-    "--config.eval.max_new_tokens=40", "--config.eval.num_prompts=64",
-)  # fmt: skip
+MINI = {
+    "model.d_model": 128, "model.num_heads": 4, "model.num_kv_heads": 4, "model.head_dim": 32,
+    "model.mlp_dim": 352,
+    "sft.steps": 250, "sft.learning_rate": 2e-3, "sft.warmup_steps": 20,
+    "train.steps": 64, "train.warmup_steps": 5, "train.reference": "precomputed",
+    "eval.max_new_tokens": 40, "eval.num_prompts": 64,
+}  # fmt: skip
 
 
 def _methods(experiment, rates, common):
     for eps in rates:
-        flip = (*common, f"--config.data.flip_rate={eps}")
-        yield Method(f"dpo_eps{eps}", experiment, (*flip, "--config.loss.name=dpo"))
-        yield Method(
-            f"cdpo_eps{eps}",
-            experiment,
-            (*flip, "--config.loss.name=cdpo", f"--config.loss.label_smoothing={eps}"),
-        )
-        yield Method(
-            f"rdpo_eps{eps}", experiment, (*flip, "--config.loss.name=rdpo", f"--config.loss.flip_rate={eps}")
-        )
+        flip = {**common, "data.flip_rate": eps}
+        yield Method(f"dpo_eps{eps}", experiment, {**flip, "loss.name": "dpo"})
+        yield Method(f"cdpo_eps{eps}", experiment, {**flip, "loss.name": "cdpo", "loss.label_smoothing": eps})
+        yield Method(f"rdpo_eps{eps}", experiment, {**flip, "loss.name": "rdpo", "loss.flip_rate": eps})
 
 
 def _baselines(rates):
@@ -57,7 +51,7 @@ def get_study(arg=None):
     rates = (0.0, 0.4) if smoke else RATES
     return Study(
         name="rdpo_noise",
-        methods=tuple(_methods(experiment, rates, () if smoke else MINI)),
+        methods=tuple(_methods(experiment, rates, {} if smoke else MINI)),
         metrics=("win_rate_vs_sft_gold", "eval_reward_accuracy", "kl_to_sft"),
         note="Label noise: DPO vs cDPO vs rDPO (told the true ε); accuracy is on clean, gold-ordered pairs; "
         f"win rates on {8 if smoke else 64} held-out prompts × 2 samples per run. Paired within ε: cDPO and "

@@ -11,11 +11,11 @@ policy/eval_curve.jsonl), on 64 held-out prompts × 2 samples (the smoke variant
 DPO, the baseline it modifies.
 """
 
-from launch.study import Method, Study
+from experiments import Method, Study
 
-_LONG = ("--config.rso.pairs=direct", "--config.train.steps=400", "--config.train.eval_every=100",
-         "--config.train.learning_rate=3e-4", "--config.eval.num_prompts=64")  # fmt: skip
-_SMOKE = ("--config.rso.pairs=direct", "--config.train.steps=6", "--config.train.eval_every=3")
+_LONG = {"rso.pairs": "direct", "train.steps": 400, "train.eval_every": 100, "train.learning_rate": 3e-4,
+         "eval.num_prompts": 64}  # fmt: skip
+_SMOKE = {"rso.pairs": "direct", "train.steps": 6, "train.eval_every": 3}
 
 
 def get_study(arg=None):
@@ -25,12 +25,8 @@ def get_study(arg=None):
     return Study(
         name="rpo_overopt",
         methods=(
-            Method("dpo", experiment, (*common, "--config.loss.name=dpo", "--config.loss.beta=0.1")),
-            Method(
-                "rpo",
-                experiment,
-                (*common, "--config.loss.name=rpo", "--config.loss.beta=0.1", "--config.loss.eta=1.0"),
-            ),  # fmt: skip
+            Method("dpo", experiment, {**common, "loss.name": "dpo", "loss.beta": 0.1}),
+            Method("rpo", experiment, {**common, "loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 1.0}),
         ),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
         curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),

@@ -13,17 +13,14 @@ comparison is DPO-direct (DPO's loss family on the human pairs), the row every o
 against; the win rates are already against the SFT policy, so the SFT policy is not a row.
 """
 
-from launch.study import Method, Study
+from experiments import Method, Study
 
 _ROWS = (
-    ("dpo_direct", ("--config.rso.pairs=direct", "--config.loss.name=sigmoid_norm")),
-    (
-        "sigmoid_norm_sft_sample_rank",
-        ("--config.rso.pairs=sft_sample_rank", "--config.loss.name=sigmoid_norm"),
-    ),
-    ("rso_sigmoid_norm", ("--config.rso.pairs=rso", "--config.loss.name=sigmoid_norm")),
-    ("slic_direct_hinge", ("--config.rso.pairs=direct", "--config.loss.name=hinge")),
-    ("rso_hinge_norm", ("--config.rso.pairs=rso", "--config.loss.name=hinge_norm")),
+    ("dpo_direct", {"rso.pairs": "direct", "loss.name": "sigmoid_norm"}),
+    ("sigmoid_norm_sft_sample_rank", {"rso.pairs": "sft_sample_rank", "loss.name": "sigmoid_norm"}),
+    ("rso_sigmoid_norm", {"rso.pairs": "rso", "loss.name": "sigmoid_norm"}),
+    ("slic_direct_hinge", {"rso.pairs": "direct", "loss.name": "hinge"}),
+    ("rso_hinge_norm", {"rso.pairs": "rso", "loss.name": "hinge_norm"}),
 )
 
 

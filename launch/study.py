@@ -3,14 +3,17 @@
     python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--reuse=DIR[,DIR]]
         [--config.a.b=value ...]
 
-`experiments/NAME.py` defines `get_study(arg)` returning a `Study`: methods (an experiment plus
-overrides each) and the metrics to tabulate. Extra `--config.*` overrides apply to every run. Each run
-lands in WORKDIR/seed_{s}/{method}/ and is resumed or reused when rerun, so an interrupted study
-resumes. Stages are shared by fingerprint (`rlhf_jax.pipelines.fingerprints`): a stage whose
-configuration and inputs equal those of a stage another method of the same seed already finished (the
-SFT policy, the reward model, RSO's samples) is copied instead of recomputed, and `--reuse=DIR` (another
-study's or run's workdir) extends the search there; nothing is shared that a method's config changes.
-Every run uses `launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
+`experiments/NAME.py` defines `get_study(arg)` returning a `Study` (`experiments/_study.py`): methods
+(an experiment plus a dict of config overrides each) and the metrics to tabulate. Each run's config is
+the experiment's with `seed`, then the method's overrides, then the extra `--config.*` overrides of the
+command line (later wins); every method's overrides are checked against its experiment's config before
+the first run (an unknown key stops the study with the keys that exist). Each run lands in
+WORKDIR/seed_{s}/{method}/ and is resumed or reused when rerun, so an interrupted study resumes. Stages
+are shared by fingerprint (`rlhf_jax.pipelines.fingerprints`): a stage whose configuration and inputs
+equal those of a stage another method of the same seed already finished (the SFT policy, the reward
+model, RSO's samples) is copied instead of recomputed, and `--reuse=DIR` (another study's or run's
+workdir) extends the search there; nothing is shared that a method's config changes. Every run uses
+`launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
 WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, marginal 95% interval, and
 the paired difference from the study's baseline row) and plot.png.
 
@@ -28,7 +31,6 @@ also cover the draw of the data and prompts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
 import importlib
 import json
@@ -40,60 +42,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from experiments import Method, Study  # re-exported: `launch.study.Method` and `Study` keep working
+from launch import overrides as config_overrides
+
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042]  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One row of a study: `experiment` run with `overrides` (a list of `--config.a.b=value`)."""
-
-    name: str
-    experiment: str
-    overrides: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Study:
-    """Attributes:
-    name: the study's name.
-    methods: the rows, run with matched budgets.
-    metrics: results.json keys to tabulate (the first one is plotted).
-    curve: optional (file, x key, y keys) of a per-run JSONL curve to plot instead of bars.
-    note: what the study checks, printed above the table.
-    baseline: the row each method is compared with, paired over seeds: a method name (every other row's
-      baseline), "" for the first method, or a mapping {method: its baseline} for per-group baselines
-      (e.g. DPO at the same label-flip rate); a method missing from the mapping has no comparison.
-    """
-
-    name: str
-    methods: tuple[Method, ...]
-    metrics: tuple[str, ...]
-    curve: tuple[str, str, tuple[str, ...]] | None = None
-    note: str = ""
-    baseline: str | Mapping[str, str] = ""
-
-    def __post_init__(self):
-        names = [m.name for m in self.methods]
-        pairs = self.baseline.items() if isinstance(self.baseline, Mapping) else [("", self.baseline)]
-        for method, base in pairs:
-            for role, name in (("method", method), ("baseline", base)):
-                if name and name not in names:
-                    raise ValueError(
-                        f"study {self.name!r}: {role} {name!r} in `baseline` is not one of its methods "
-                        f"{names}"
-                    )
-            if method and method == base:
-                raise ValueError(f"study {self.name!r}: method {method!r} is its own baseline")
-
-    def baseline_of(self, method: str) -> str | None:
-        """The method `method` is compared with (None for a baseline row or one without a comparison)."""
-        if isinstance(self.baseline, Mapping):
-            return self.baseline.get(method)
-        base = self.baseline or (self.methods[0].name if self.methods else "")
-        return None if method == base else base
 
 
 # The known range of a metric by name pattern (fnmatch, first match wins): intervals are clipped to it
@@ -391,9 +346,56 @@ def _curve(workdir, method, filename, x_key, y_key):
     return xs, [float(np.mean(points[x])) for x in xs]
 
 
+def render_overrides(overrides: Mapping[str, object] | tuple[tuple[str, object], ...]) -> list[str]:
+    """`--config.KEY=TEXT` arguments that `launch.overrides` reads back as the given values.
+
+    A string is written as it is (a string key takes the text verbatim); any other value as its `repr`,
+    which round-trips exactly: a float's repr is the shortest text that parses back to the same float
+    (1e-4 -> "0.0001"), ints and bools parse by the key's type, tuples and None by `ast.literal_eval`.
+    `check_overrides` confirms the round trip against the experiment's config.
+    """
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    return [f"--config.{key}={value if isinstance(value, str) else repr(value)}" for key, value in items]
+
+
 def _run_overrides(method: Method, seed: int, overrides: list[str]) -> list[str]:
-    """The `--config.*` arguments of `method`'s run at `seed` (the study's own overrides last)."""
-    return [f"--config.seed={seed}", *method.overrides, *overrides]
+    """The `--config.*` arguments of `method`'s run at `seed`: the seed, the method's overrides, then the
+    study's own command-line overrides (later wins)."""
+    return [f"--config.seed={seed}", *render_overrides(method.overrides), *overrides]
+
+
+def _read_back(want, got) -> bool:
+    """Whether a config value `got` is the override value `want` (an int given for a float key counts)."""
+    if type(want) is int and type(got) is float:
+        return got == want
+    if isinstance(want, tuple) and isinstance(got, tuple) and len(want) == len(got):
+        return all(_read_back(w, g) for w, g in zip(want, got, strict=True))
+    return type(got) is type(want) and got == want
+
+
+def check_overrides(study: Study) -> None:
+    """Resolves each method's experiment with its overrides and checks every key reads back as given.
+
+    Raises:
+      launch.overrides.ConfigError: an unknown key (with the closest keys and the known ones), a value
+        that does not parse as its key's type, or one that reads back as another value or type.
+    """
+    from launch import train
+
+    for method in study.methods:
+        try:
+            config = train.resolve_config(method.experiment, render_overrides(method.overrides))
+        except config_overrides.ConfigError as e:
+            raise config_overrides.ConfigError(f"study {study.name!r}, method {method.name!r}: {e}") from None
+        resolved = config_overrides.flat_keys(config)
+        for key, value in method.overrides:
+            if not _read_back(value, resolved[key]):
+                got = resolved[key]
+                raise config_overrides.ConfigError(
+                    f"study {study.name!r}, method {method.name!r}: override {key!r} = {value!r} "
+                    f"({type(value).__name__}) reads back as {got!r} ({type(got).__name__}); give a value "
+                    "of the key's type"
+                )
 
 
 def run_study(
@@ -409,6 +411,7 @@ def run_study(
     other studies); writes the table and the plot."""
     from launch import train
 
+    check_overrides(study)
     start = time.perf_counter()
     results: dict[str, list[dict]] = {}
     for seed in range(seeds):
@@ -458,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError:
         module = None
     if module is None or not hasattr(module, "get_study"):
+        folder = os.path.dirname(importlib.import_module("experiments").__file__)
         known = sorted(
-            m[:-3] for m in os.listdir(os.path.dirname(importlib.import_module("experiments").__file__))
-            if m.endswith(".py") and "get_study" in open(os.path.join(
-                os.path.dirname(importlib.import_module("experiments").__file__), m), encoding="utf-8").read()
+            m[:-3] for m in os.listdir(folder)
+            if m.endswith(".py") and not m.startswith("_")
+            and "get_study" in open(os.path.join(folder, m), encoding="utf-8").read()
         )  # fmt: skip
         print(f"error: unknown study {name!r}; studies: {', '.join(known)}", file=sys.stderr)
         return 2
@@ -469,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
     study = module.get_study(variant or None)
+    try:
+        check_overrides(study)  # before anything is written
+    except config_overrides.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     workdir = os.path.abspath(
         args.workdir or os.path.join("studies", name + (f"_{variant}" if variant else ""))
     )

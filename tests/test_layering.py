@@ -1,7 +1,8 @@
 """Layers point down (STYLE.md 12): library packages never import pipelines, launch, experiments or
-bench; no module imports another package's private `_module`; no import cycle, function-local imports
-included. The checker reads the source with `ast` (nothing is imported) and is itself tested on a small
-tree with one violation of each kind."""
+bench; experiment and study files never import the launcher (it imports them); no module imports another
+package's private `_module`; no import cycle, function-local imports included. The checker reads the
+source with `ast` (nothing is imported) and is itself tested on a small tree with one violation of each
+kind."""
 
 import ast
 import os
@@ -49,6 +50,10 @@ def violations(root: str, packages=("rlhf_jax", "launch", "experiments", "bench"
             # A package's command line (__main__) is an edge, like launch/, and may reach up.
             if layer in LIBRARY and parts[-1] != "__main__" and target.startswith(UPPER):
                 found.append(f"{where}: library module {name} imports {target} (upward)")
+            if parts[0] == "experiments" and target.split(".")[0] == "launch":
+                found.append(
+                    f"{where}: experiment module {name} imports {target} (the launcher imports them)"
+                )
             tparts = target.split(".")
             for i, part in enumerate(tparts[1:], 1):
                 owner = ".".join(tparts[:i])
@@ -117,12 +122,16 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "launch/train.py": "from rlhf_jax.pipelines.config import _fields\n",  # a private name
         "rlhf_jax/interop/__init__.py": "",
         "rlhf_jax/interop/__main__.py": "from rlhf_jax.pipelines import common\n",  # an edge: allowed
+        "experiments/__init__.py": "from experiments._study import Study\n",  # its own private: allowed
+        "experiments/_study.py": "",
+        "experiments/s.py": "def get_study():\n    from launch.study import Study\n",  # the launcher
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
-    found = violations(str(tmp_path), packages=("rlhf_jax", "launch"))
-    assert len(found) == 4, found
+    found = violations(str(tmp_path), packages=("rlhf_jax", "launch", "experiments"))
+    assert len(found) == 5, found
+    assert any("experiments/s.py:2" in v and "imports launch.study.Study" in v for v in found)
     assert any("launch/train.py:1" in v and "private to rlhf_jax.pipelines.config" in v for v in found)
     assert any("rlhf_jax/train/steps.py:1" in v and "private to rlhf_jax.losses" in v for v in found)
     assert any("rlhf_jax/sampling.py:2" in v and "(upward)" in v for v in found)

@@ -1,12 +1,16 @@
 """The study runner: intervals, tables, shared stages, and a smoke study through the command line."""
 
+import dataclasses
 import json
 import os
+import sys
+import types
 
+import ml_collections
 import numpy as np
 import pytest
 
-from launch import study
+from launch import overrides, study, train
 
 
 def test_t_interval_matches_the_formula():
@@ -34,22 +38,93 @@ def test_summarize_and_markdown():
 def test_unknown_study_lists_the_studies(capsys):
     assert study.main(["--study=nope"]) == 2
     err = capsys.readouterr().err
-    for name in ("rso_table", "rdpo_noise", "rpo_overopt", "inpo_iters"):
-        assert name in err
+    listed = err.rpartition("studies: ")[2].strip().split(", ")
+    assert listed == ["inpo_iters", "rdpo_noise", "rpo_overopt", "rso_table"]  # not _study, __init__
 
 
 def test_every_study_builds_valid_runs():
-    from launch import overrides, train
-
     for name in ("rso_table", "rdpo_noise", "rpo_overopt", "inpo_iters"):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
             s = module.get_study(variant)
             assert s.methods and s.metrics
+            study.check_overrides(s)  # every key exists and reads back as the value the study gives
             for method in s.methods:
-                exp, _, var = method.experiment.partition(":")
-                config = __import__(f"experiments.{exp}", fromlist=["get_config"]).get_config(var or None)
-                train.build_stages(overrides.apply_overrides(config, list(method.overrides)))
+                config = train.resolve_config(method.experiment, study.render_overrides(method.overrides))
+                train.build_stages(config)
+
+
+def test_method_overrides_are_an_immutable_dict():
+    m = study.Method("m", "rso_tldr", {"train.learning_rate": 1e-4, "loss.name": "dpo"})
+    assert m.overrides == (("loss.name", "dpo"), ("train.learning_rate", 1e-4))  # sorted by key
+    assert dict(m.overrides) == {"loss.name": "dpo", "train.learning_rate": 1e-4}
+    assert m == study.Method("m", "rso_tldr", {"loss.name": "dpo", "train.learning_rate": 1e-4})
+    assert hash(m) == hash(study.Method("m", "rso_tldr", {"loss.name": "dpo", "train.learning_rate": 1e-4}))
+    assert dataclasses.replace(m, name="n").overrides == m.overrides
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.overrides = ()
+    with pytest.raises(TypeError, match="not CLI|dict of dotted config keys"):
+        study.Method("m", "rso_tldr", ("--config.loss.name=dpo",))
+    with pytest.raises(ValueError, match="no '--config.' prefix"):
+        study.Method("m", "rso_tldr", {"--config.loss.name": "dpo"})
+    with pytest.raises(TypeError, match="is a list"):
+        study.Method("m", "rso_tldr", {"model.dims": [1, 2]})
+
+
+def test_render_overrides_round_trips_exactly():
+    values = {"train.learning_rate": 1e-4, "loss.beta": 0.1, "sft.learning_rate": 2e-3, "progress": False,
+              "data.vary_with_seed": True, "train.steps": 64, "train.reference": "precomputed"}  # fmt: skip
+    argv = study.render_overrides(values)
+    assert argv == [
+        "--config.train.learning_rate=0.0001", "--config.loss.beta=0.1", "--config.sft.learning_rate=0.002",
+        "--config.progress=False", "--config.data.vary_with_seed=True", "--config.train.steps=64",
+        "--config.train.reference=precomputed",
+    ]  # fmt: skip
+    resolved = overrides.flat_keys(train.resolve_config("dpo_tldr:smoke", argv))
+    for key, value in values.items():
+        assert resolved[key] == value and type(resolved[key]) is type(value), key
+    # Tuples into a tuple key, and values into an unset (None) key, through the same parser.
+    config = ml_collections.ConfigDict({"a": (1,), "b": None, "c": None, "d": None}, type_safe=False)
+    values = {"a": (3, "x", 0.25), "b": (1e-4,), "c": 0.1, "d": None}
+    got = overrides.apply_overrides(config, study.render_overrides(values))
+    assert (got.a, got.b, got.c, got.d) == ((3, "x", 0.25), (1e-4,), 0.1, None)
+
+
+def test_run_overrides_order_seed_then_method_then_command_line():
+    m = study.Method("m", "dpo_tldr:smoke", {"loss.beta": 0.2, "train.steps": 3})
+    argv = study._run_overrides(m, 2, ["--config.loss.beta=0.3"])
+    assert argv == [
+        "--config.seed=2",
+        "--config.loss.beta=0.2",
+        "--config.train.steps=3",
+        "--config.loss.beta=0.3",
+    ]
+    config = train.resolve_config(m.experiment, argv)
+    assert (config.seed, config.loss.beta, config.train.steps) == (2, 0.3, 3)  # the command line wins
+
+
+def test_an_unknown_or_mistyped_override_stops_the_study(tmp_path, monkeypatch, capsys):
+    methods = (
+        study.Method("ok", "rso_tldr:smoke", {}),
+        study.Method("typo", "rso_tldr:smoke", {"rso.pair": "direct"}),
+    )
+    bad = study.Study("bad", methods, ("m",))
+    unknown = r"method 'typo': unknown config key 'rso.pair'\. Did you mean: rso\.pairs"
+    with pytest.raises(overrides.ConfigError, match=unknown):
+        study.run_study(bad, seeds=1, workdir=str(tmp_path), overrides=[], command="cmd")
+    assert not os.listdir(tmp_path)  # stopped before the first run
+    mistyped = study.Study("t", (study.Method("x", "rso_tldr:smoke", {"rso.pairs": 1}),), ("m",))
+    with pytest.raises(overrides.ConfigError, match=r"'rso.pairs' = 1 \(int\) reads back as '1' \(str\)"):
+        study.check_overrides(mistyped)
+    # Through the command line: the launcher's message, exit code 2, nothing written.
+    module = types.ModuleType("experiments.bad_study")
+    module.get_study = lambda arg: bad
+    monkeypatch.setitem(sys.modules, "experiments.bad_study", module)
+    workdir = tmp_path / "w"
+    assert study.main(["--study=bad_study", "--seeds=1", f"--workdir={workdir}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: study 'bad', method 'typo': unknown config key 'rso.pair'. Did you mean: rso.pairs" in err
+    assert not workdir.exists()
 
 
 @pytest.mark.slow

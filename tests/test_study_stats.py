@@ -194,7 +194,7 @@ def test_study_notes_state_their_evaluation_size():
         for variant in (None, "smoke"):
             s = module.get_study(variant)
             method = s.methods[0]
-            config = train.resolve_config(method.experiment, list(method.overrides))
+            config = train.resolve_config(method.experiment, study.render_overrides(method.overrides))
             assert f"{config.eval.num_prompts} held-out prompts × 2 samples" in s.note, (module, variant)
 
 
