@@ -236,14 +236,15 @@ def summary_line(tokens_per_s: float, mfu: float | None, ratio_vs_torch: float |
 # Our DPO step.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class JaxStep:
-    """A jitted, donating DPO train step and its inputs: `state, metrics = step_fn(state, batch, frozen)`."""
+    """A jitted, donating DPO train step and its inputs:
+    `state, metrics = step_fn(state, batch, reference_params)`."""
 
     step_fn: Callable
     state: object
     batch: dict
-    frozen: object
+    reference_params: object
 
 
 def optim_config():
@@ -254,7 +255,8 @@ def optim_config():
 
 
 def jax_dpo_step(p: BenchPreset, *, loss: str = "dpo", reference: str = "online", mesh=None) -> JaxStep:
-    """Builds the library's DPO step for preset `p`, as `rlhf_jax.pipelines.common.build_trainer` does.
+    """Builds the library's DPO step for preset `p` with the trainer core (`rlhf_jax.train.trainer`), as
+    the preference stage does.
 
     Args:
       p: the preset.
@@ -271,46 +273,31 @@ def jax_dpo_step(p: BenchPreset, *, loss: str = "dpo", reference: str = "online"
     import jax
 
     from rlhf_jax import losses, sharding
-    from rlhf_jax.pipelines import preference
-    from rlhf_jax.pipelines.common import state_shardings
-    from rlhf_jax.train import optim, steps
-    from rlhf_jax.train import state as state_lib
+    from rlhf_jax.train import optim, steps, trainer
 
     if reference not in ("online", "precomputed"):
         raise ValueError(f"reference must be 'online' or 'precomputed', got {reference!r}")
     model = models.Transformer(p.model, mesh=mesh)
     params = models.init_params(model, jax.random.key(0))
-    frozen = jax.tree.map(lambda x: x.copy(), params)
-    cfg = optim_config()
-    tx = optim.make_optimizer(cfg, total_steps=1_000_000)
+    reference_params = jax.tree.map(lambda x: x.copy(), params)
+    tx = optim.make_optimizer(optim_config(), total_steps=1_000_000)
     objective = functools.partial(
         steps.preference_objective, model=model, loss_fn=losses.make(loss),
-        loss_inputs=preference.loss_inputs(loss), metric_beta=0.1,
+        loss_inputs=losses.required_inputs(loss), metric_beta=0.1,
     )  # fmt: skip
-    step = functools.partial(
-        steps.train_step, objective=objective, weight_fn=steps.pair_weight, tx=tx, accum_steps=1
-    )
+    param_sh = None if mesh is None else models.param_shardings(model, mesh)
+    state, state_sh = trainer.init_state(params, tx, seed=0, mesh=mesh, param_shardings=param_sh)
+    step_fn = trainer.make_train_step(
+        objective, weight_fn=steps.pair_weight, tx=tx, mesh=mesh, state_shardings=state_sh,
+        reference_shardings=param_sh,
+    )  # fmt: skip
     host_batch = make_batch(p)
-    if mesh is None:
-        batch = jax.device_put(host_batch)
-        state = jax.jit(lambda q: state_lib.create(q, tx, jax.random.key(0)))(params)
-        step_fn = jax.jit(step, donate_argnums=0)
-    else:
-        param_sh = models.param_shardings(model, mesh)
-        st_sh = state_shardings(params, tx, mesh, param_sh)
-        batch = sharding.shard_batch(host_batch, mesh)
-        state = jax.jit(lambda q: state_lib.create(q, tx, jax.random.key(0)), out_shardings=st_sh)(params)
-        step_fn = jax.jit(
-            step,
-            in_shardings=(st_sh, sharding.batch_sharding(mesh), param_sh),
-            out_shardings=(st_sh, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
+    batch = jax.device_put(host_batch) if mesh is None else sharding.shard_batch(host_batch, mesh)
     if reference == "precomputed":
-        chosen_B, rejected_B = jax.jit(lambda q, b: steps.pair_logps(model, q, b))(frozen, batch)
+        chosen_B, rejected_B = jax.jit(lambda q, b: steps.pair_logps(model, q, b))(reference_params, batch)
         batch = {**batch, "reference_chosen_logps": chosen_B, "reference_rejected_logps": rejected_B}
-        frozen = None
-    return JaxStep(step_fn, state, batch, frozen)
+        reference_params = None
+    return JaxStep(step_fn, state, batch, reference_params)
 
 
 class JaxRunner:
@@ -322,13 +309,13 @@ class JaxRunner:
     def __call__(self) -> None:
         import jax
 
-        self.state, metrics = self.step.step_fn(self.state, self.step.batch, self.step.frozen)
+        self.state, metrics = self.step.step_fn(self.state, self.step.batch, self.step.reference_params)
         jax.block_until_ready((self.state, metrics))
 
     def profile(self, *, top: int = 25) -> list[dict]:
         """`op_profile` of two steps."""
         s = self.step
-        hlo = s.step_fn.lower(self.state, s.batch, s.frozen).compile().as_text()
+        hlo = s.step_fn.lower(self.state, s.batch, s.reference_params).compile().as_text()
         self()
         return op_profile(self, hlo, steps=2, top=top)
 

@@ -31,7 +31,7 @@ def measure(preset: str, layers: int, *, scan: bool = True) -> dict:
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         start = time.perf_counter()
-        lowered = s.step_fn.lower(s.state, s.batch, s.frozen)
+        lowered = s.step_fn.lower(s.state, s.batch, s.reference_params)
         lowered_at = time.perf_counter()
         lowered.compile()
         done = time.perf_counter()

@@ -40,7 +40,7 @@ def remat_memory(preset: str, remat: str) -> dict:
     # and most of remat's saving is lost (see `ModelConfig.scan_unroll`).
     p = common.get_preset(preset, remat=remat, scan_unroll=1)
     s = common.jax_dpo_step(p)
-    stats = s.step_fn.lower(s.state, s.batch, s.frozen).compile().memory_analysis()
+    stats = s.step_fn.lower(s.state, s.batch, s.reference_params).compile().memory_analysis()
     if stats is None:
         return {"remat": remat, "peak_MiB": None}
     args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes

@@ -4,9 +4,9 @@
         [--loss=dpo] [--dtype=float32|bfloat16] [--iters=5] [--profile] [--json=PATH]
 
 Ours is the library's step (`rlhf_jax.train.steps.train_step` with `preference_objective`, jitted with
-donation as `rlhf_jax.pipelines.common.build_trainer` does): one concatenated forward of chosen and
-rejected, the reference forward without gradient (or precomputed log-probs), AdamW with clipping at
-global norm 1. The batch is `bench.common.make_batch`: every token real, the loss mask on the response.
+donation by `rlhf_jax.train.trainer.make_train_step`, as the preference stage builds it): one
+concatenated forward of chosen and rejected, the reference forward without gradient (or precomputed
+log-probs), AdamW with clipping at global norm 1. The batch is `bench.common.make_batch`: every token real, the loss mask on the response.
 
 `--compare=torch` times the same step hand-written in PyTorch, as well as we would write our own:
 `transformers.LlamaForCausalLM` policy and a frozen copy as reference (SDPA attention), float32, no

@@ -10,11 +10,14 @@ from workdirs import stage_dir
 
 from experiments import rso_tldr
 from launch import overrides, train
-from rlhf_jax.pipelines import common, fingerprints, preference, reward, rso, sft
+from rlhf_jax.pipelines import fingerprints, preference, reward, rso, sft
+from rlhf_jax.pipelines import workdir as workdir_io
 
 
 def _stages(*args):
-    return train.build_stages(overrides.apply_overrides(rso_tldr.get_config("smoke"), list(args)))
+    plan = train.build_plan(overrides.apply_overrides(rso_tldr.get_config("smoke"), list(args)))
+    return {"sft": plan.sft, "rm": plan.rm, "main": plan.main, "rso": plan.rso, "eval": plan.eval,
+            "rm_kind": plan.rm_kind}  # fmt: skip
 
 
 def _fake_stage(path, spec, *, done=True):
@@ -32,10 +35,12 @@ def _fps(tmp_path, *args) -> dict[str, str]:
     out = {"sft": fingerprints.fingerprint(sft.spec(st["sft"]))}
     sft_dir = _fake_stage(tmp_path / "sft" / out["sft"][:12], sft.spec(st["sft"]))
     rm_cfg = dataclasses.replace(st["rm"], init_from=sft_dir)
-    rm_spec = reward.spec(rm_cfg, st["rso"].reward_kind)
+    rm_spec = reward.spec(rm_cfg, st["rm_kind"])
     out["rm"] = fingerprints.fingerprint(rm_spec)
     rm_dir = _fake_stage(tmp_path / "rm" / out["rm"][:12], rm_spec)
-    samples_spec = rso.samples_spec(st["main"], st["rso"], sft_dir=sft_dir, rm_dir=rm_dir)
+    samples_spec = rso.samples_spec(
+        st["main"], st["rso"], rm_kind=st["rm_kind"], sft_dir=sft_dir, rm_dir=rm_dir
+    )
     out["samples"] = fingerprints.fingerprint(samples_spec)
     samples_dir = _fake_stage(tmp_path / "samples" / out["samples"][:12], samples_spec)
     out["pairs"] = fingerprints.fingerprint(rso.pairs_spec(st["main"], st["rso"], samples_dir=samples_dir))
@@ -61,7 +66,10 @@ def test_fingerprints_change_with_what_a_stage_depends_on_and_nothing_else(tmp_p
     # Sampling settings change the samples and everything after them.
     assert changed("--config.rso.temperature=1.0") == {"samples", "pairs", "policy"}
     # A pairwise ranking model is another reward model.
-    assert changed("--config.rso.reward_kind=pairwise") == {"rm", "samples", "pairs", "policy"}
+    assert changed("--config.rm.kind=pairwise") == {"rm", "samples", "pairs", "policy"}
+    assert _fps(tmp_path / "renamed", "--config.rso.reward_kind=pairwise") == _fps(  # the old key still works
+        tmp_path / "new", "--config.rm.kind=pairwise"
+    )
     assert changed("--config.rm.steps=7") == {"rm", "samples", "pairs", "policy"}
     # Upstream changes flow down through the fingerprints of the inputs.
     assert changed("--config.sft.learning_rate=1e-4") == set(base)
@@ -102,7 +110,7 @@ def test_locate_reuses_only_finished_stages_with_the_same_fingerprint(tmp_path, 
     elsewhere = tmp_path / "other_run"
     # Unfinished elsewhere: not reused.
     _fake_stage(elsewhere / "sft" / fp[:12], spec, done=False)
-    stage = fingerprints.locate(str(tmp_path / "run"), "sft", spec, done=common.stage_done,
+    stage = fingerprints.locate(str(tmp_path / "run"), "sft", spec, done=workdir_io.stage_done,
                                 reuse_from=(str(elsewhere),))  # fmt: skip
     assert not stage.reused and not os.path.exists(os.path.join(stage.dir, "params"))
     assert "computing sft/" in capsys.readouterr().out
@@ -113,12 +121,12 @@ def test_locate_reuses_only_finished_stages_with_the_same_fingerprint(tmp_path, 
     (collide / fingerprints.FINGERPRINT_FILE).write_text(
         json.dumps({"fingerprint": fingerprints.fingerprint(other_spec), "spec": other_spec})
     )
-    stage = fingerprints.locate(str(tmp_path / "run2"), "sft", spec, done=common.stage_done,
+    stage = fingerprints.locate(str(tmp_path / "run2"), "sft", spec, done=workdir_io.stage_done,
                                 reuse_from=(str(elsewhere),))  # fmt: skip
     assert not stage.reused
     # Finished elsewhere with the same fingerprint: copied in and reported.
     _fake_stage(elsewhere / "sft" / fp[:12], spec)
-    stage = fingerprints.locate(str(tmp_path / "run3"), "sft", spec, done=common.stage_done,
+    stage = fingerprints.locate(str(tmp_path / "run3"), "sft", spec, done=workdir_io.stage_done,
                                 reuse_from=(str(elsewhere),))  # fmt: skip
     assert stage.reused and os.path.isdir(os.path.join(stage.dir, "params"))
     assert stage.dir == str(tmp_path / "run3" / "sft" / fp[:12])
@@ -127,7 +135,7 @@ def test_locate_reuses_only_finished_stages_with_the_same_fingerprint(tmp_path, 
 
 def test_init_from_a_run_workdir_means_its_final_stage(tmp_path):
     spec = sft.spec(_stages()["sft"])
-    stage = fingerprints.locate(str(tmp_path), "sft", spec, done=common.stage_done)
+    stage = fingerprints.locate(str(tmp_path), "sft", spec, done=workdir_io.stage_done)
     fingerprints.write_stages(str(tmp_path), [stage], final="sft")
     assert fingerprints.resolve_init_from(str(tmp_path)) == stage.dir
     os.makedirs(os.path.join(stage.dir, "params"))
@@ -144,7 +152,7 @@ README_VARIANTS = [
     ),
     ("sft_sample_rank", ["--config.rso.pairs=sft_sample_rank"], "sft_sample_rank/first_round/sigmoid_norm"),
     ("direct", ["--config.rso.pairs=direct"], "direct/first_round/sigmoid_norm"),
-    ("pairwise", ["--config.rso.reward_kind=pairwise"], "rso/first_round/sigmoid_norm"),
+    ("pairwise", ["--config.rm.kind=pairwise"], "rso/first_round/sigmoid_norm"),
     ("corrected", ["--config.rso.proposal_correction=true"], "rso/first_round/sigmoid_norm"),
 ]
 
@@ -167,7 +175,7 @@ def test_readme_variants_in_one_workdir_each_report_their_own_config(tmp_path, c
         assert f"RSO on tldr: {method}\n" in out, name
         assert results["method"] == method and results["loss_name"] == config["loss"]["name"], name
         assert results["rso"]["pairs"] == config["rso"]["pairs"], name
-        assert results["reward_model"]["kind"] == config["rso"]["reward_kind"], name
+        assert results["reward_model"]["kind"] == results["rm_kind"] == config["rm"]["kind"], name
         # ... and are those of the policy stage this config trained (no substitution).
         policy = results["stages"]["policy"]
         stage_results = json.load(open(os.path.join(wd, policy["dir"], "results.json")))
@@ -219,7 +227,7 @@ def test_each_stage_claims_the_spec_its_pipeline_located_it_by(tmp_path):
     """A stage's `run` checks its directory against the same spec the pipeline located it by: a
     ranking model's layout room (RSO passes its max_new_tokens, here more than data's response room)
     must enter both, or the stage refuses its own directory."""
-    st = _stages("--config.rso.reward_kind=pairwise", "--config.rso.max_new_tokens=40")
+    st = _stages("--config.rm.kind=pairwise", "--config.rso.max_new_tokens=40")
     rm_cfg = dataclasses.replace(st["rm"], init_from=str(tmp_path / "sft"))
     response_len = max(st["rso"].max_new_tokens, st["eval"].max_new_tokens)
     assert response_len > st["rm"].data.max_len - st["rm"].data.max_prompt_len

@@ -17,7 +17,8 @@ from launch import overrides, train
 from rlhf_jax import losses, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import candidates, preference
+from rlhf_jax.pipelines import preference
+from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.inpo import _tournament
 from rlhf_jax.train.metrics import read_metrics
 
@@ -92,7 +93,7 @@ def test_inpo_results_hold_every_iteration(inpo_run):
 def test_iteration_one_equals_ipo_with_beta_eta_on_the_same_pairs(inpo_run, tmp_path):
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
-    stages = train.build_stages(config)
+    stages = {"main": train.build_plan(config).main}
     tok = Tokenizer.load(os.path.join(stage_dir(workdir, "sft"), "tokenizer.model"))
     pairs = _pairs(workdir, 1, tok.pad_id, stages["main"].data.max_len)
     eta = losses.hyperparameters("inpo")["eta"] if "eta" not in config.loss else config.loss.eta
@@ -113,13 +114,13 @@ def test_iteration_one_equals_ipo_with_beta_eta_on_the_same_pairs(inpo_run, tmp_
 def test_previous_logps_are_those_of_the_previous_iterate(inpo_run):
     workdir, _ = inpo_run
     config = overrides.apply_overrides(inpo_tldr.get_config("smoke"), ["--config.mesh.data=8"])
-    stages = train.build_stages(config)
+    stages = {"main": train.build_plan(config).main}
     tok = Tokenizer.load(os.path.join(stage_dir(workdir, "sft"), "tokenizer.model"))
     pairs = _pairs(workdir, 2, tok.pad_id, stages["main"].data.max_len)
     saved = np.load(os.path.join(stage_dir(workdir, "iter_2/policy"), "previous_logps.npz"))
     mesh = sharding.make_mesh(stages["main"].mesh)
     for source, should_match in (("iter_1/policy", True), ("iter_2/policy", False), ("sft", False)):
-        model, params = candidates.load_lm(stage_dir(workdir, source), mesh)
+        model, params = workdir_io.load_lm(stage_dir(workdir, source), mesh)
         c, r = preference.compute_pair_logps(model, params, pairs, mesh=mesh, batch_size=16)
         close = np.allclose(c, saved["chosen"], rtol=1e-5, atol=1e-4) and np.allclose(
             r, saved["rejected"], rtol=1e-5, atol=1e-4

@@ -91,7 +91,7 @@ class TestOverrides:
                 config = module.get_config(variant)
                 if config.data.task == "hh":
                     config.data.preference_path = "hh.jsonl"
-                train.build_stages(config)
+                train.build_plan(config)
 
 
 def test_unknown_experiment_lists_the_known_ones(capsys):
@@ -342,10 +342,10 @@ RM_LEARNS = ["--config.train.steps=60", "--config.train.learning_rate=3e-3", "--
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment,extra",
-    [("rm_tldr:smoke", ["--config.reward_kind=pairwise"]),
+    [("rm_tldr:smoke", ["--config.rm.kind=pairwise"]),
      ("rm_tldr:smoke", RM_LEARNS),
      ("dpo_hh:smoke", ["--config.train.reference=precomputed"]), ("rso_hh:smoke", []), ("inpo_hh:smoke", []),
-     ("rso_tldr:smoke", ["--config.rso.reward_kind=pairwise", "--config.rso.ranking=tournament",
+     ("rso_tldr:smoke", ["--config.rm.kind=pairwise", "--config.rso.ranking=tournament",
                          "--config.rso.pairs=sft_sample_rank"])],
 )  # fmt: skip
 def test_more_experiments_smoke(tmp_path, experiment, extra):

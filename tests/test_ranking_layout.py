@@ -10,7 +10,8 @@ import pytest
 from rlhf_jax import models, sampling
 from rlhf_jax.data import pipeline, tokenizer
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines import candidates, common, reward
+from rlhf_jax.pipelines import candidates, reward, tasks
+from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import DataConfig
 
 WORDS = "my cat ate the food and slept on a warm mat while the dog barked at birds".split()
@@ -64,8 +65,8 @@ def test_tldr_ranking_inputs_keep_their_tail(tmp_path):
     data.max_len = 128), the reward stage's layout for 40-token samples keeps every row's question and
     EOS, and cuts a response in under 5% of the rows."""
     data = DataConfig(num_sft=256, num_pref=600)
-    task = common.load_task(data, 0)
-    tok = common.tokenizer_for(data, task, str(tmp_path), "")
+    task = tasks.load_task(data, 0)
+    tok = tasks.tokenizer_for(data, task, str(tmp_path), "")
     layout = reward.ranking_layout(data, tok, 40)
     stats = rec.LoadStats()
     rows, _ = reward.ranking_data(task.preference, tok, layout, seed=0, stats=stats)
@@ -145,7 +146,7 @@ def saved_proxy(tok, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rm")
     layout = pipeline.RankingLayout.for_tokenizer(tok, max_prompt_len=12, max_response_len=6)
     rm = models.RewardModel(models.preset("tiny", vocab_size=tok.vocab_size))
-    common.save_params(workdir, models.init_params(rm, jax.random.key(0)), rm.config, "ranking")
+    workdir_io.save_params(workdir, models.init_params(rm, jax.random.key(0)), rm.config, "pairwise")
     reward.save_ranking_layout(workdir, layout)
     # The policy's layout given here is what scoring used before; a ranking model ignores it.
     return layout, reward.load_proxy(workdir, None, pipeline.SequenceLayout(max_len=16, max_prompt_len=8))

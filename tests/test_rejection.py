@@ -234,5 +234,5 @@ def test_rso_stage_accepts_on_the_density_ratio_when_asked():
     with pytest.raises(ValueError, match="rso.proposal_correction must be true or false"):
         rso.RSOConfig(proposal_correction="yes")
     overridden = train.resolve_config("rso_tldr", ["--config.rso.proposal_correction=true"])
-    assert train.rso_config(overridden).proposal_correction is True
-    assert train.rso_config(train.resolve_config("rso_tldr", [])).proposal_correction is False
+    assert train.build_plan(overridden).rso.proposal_correction is True
+    assert train.build_plan(train.resolve_config("rso_tldr", [])).rso.proposal_correction is False

@@ -51,7 +51,7 @@ def test_every_study_builds_valid_runs():
             study.check_overrides(s)  # every key exists and reads back as the value the study gives
             for method in s.methods:
                 config = train.resolve_config(method.experiment, study.render_overrides(method.overrides))
-                train.build_stages(config)
+                train.build_plan(config)
 
 
 def test_method_overrides_are_an_immutable_dict():

@@ -9,7 +9,7 @@ import pytest
 
 from launch import study, train
 from rlhf_jax.data import synthetic_tldr
-from rlhf_jax.pipelines import common
+from rlhf_jax.pipelines import tasks
 from rlhf_jax.pipelines.config import DataConfig, stage_config
 
 T2 = 4.303  # t_{0.975} with 2 degrees of freedom
@@ -216,7 +216,7 @@ def test_vary_with_seed_off_keeps_todays_data():
     """Default: every seed gets the task of `synthetic_seed`, exactly the splits generated from it."""
     data = DataConfig(**SMALL)
     assert data.vary_with_seed is False
-    task0, task1 = common.load_task(data, 0), common.load_task(data, 1)
+    task0, task1 = tasks.load_task(data, 0), tasks.load_task(data, 1)
     assert _texts(task0) == _texts(task1)
     splits = synthetic_tldr.generate_splits(seed=0, **SMALL)
     assert task0.eval_prompts == splits.eval and task0.sft == splits.sft
@@ -227,7 +227,7 @@ def test_vary_with_seed_off_keeps_todays_data():
 
 def test_vary_with_seed_ties_synthetic_pairs_and_eval_prompts_to_the_seed():
     data = DataConfig(**SMALL, vary_with_seed=True)
-    task0, task1 = common.load_task(data, 0), common.load_task(data, 1)
+    task0, task1 = tasks.load_task(data, 0), tasks.load_task(data, 1)
     eval0, pref0, sft0 = _texts(task0)
     eval1, pref1, sft1 = _texts(task1)
     # Evaluation takes the first eval.num_prompts of eval_prompts: those differ by seed.
@@ -235,10 +235,10 @@ def test_vary_with_seed_ties_synthetic_pairs_and_eval_prompts_to_the_seed():
     assert pref0 != pref1 and sft0 != sft1
     assert [e.prompt for e in task0.eval_preference] != [e.prompt for e in task1.eval_preference]
     # Deterministic per seed, and different from the seed-free task.
-    assert _texts(common.load_task(data, 1)) == (eval1, pref1, sft1)
-    assert eval0 != _texts(common.load_task(DataConfig(**SMALL), 0))[0]
+    assert _texts(tasks.load_task(data, 1)) == (eval1, pref1, sft1)
+    assert eval0 != _texts(tasks.load_task(DataConfig(**SMALL), 0))[0]
     # The same (synthetic_seed, seed) pair keys the task, not their sum.
-    swapped = common.load_task(DataConfig(**SMALL, vary_with_seed=True, synthetic_seed=1), 0)
+    swapped = tasks.load_task(DataConfig(**SMALL, vary_with_seed=True, synthetic_seed=1), 0)
     assert _texts(swapped)[0] != eval1
     # Reachable from the command line.
     config = train.resolve_config("dpo_tldr:smoke", ["--config.data.vary_with_seed=true"])
@@ -256,7 +256,7 @@ def test_vary_with_seed_orders_an_eval_file_by_seed(tmp_path):
 
     def prompts(seed, vary):
         data = DataConfig(preference_path=str(train_path), eval_path=str(path), vary_with_seed=vary)
-        return [e.prompt for e in common.load_task(data, seed).eval_prompts]
+        return [e.prompt for e in tasks.load_task(data, seed).eval_prompts]
 
     in_file_order = [r["prompt"] for r in rows]
     assert prompts(0, False) == prompts(1, False) == in_file_order

@@ -16,7 +16,7 @@ import pytest
 from workdirs import stage_dir
 
 from rlhf_jax import losses, models, sharding
-from rlhf_jax.train import checkpoint, loop, metrics, optim, steps
+from rlhf_jax.train import checkpoint, metrics, optim, preemption, steps, trainer
 from rlhf_jax.train import state as state_lib
 
 CFG = models.preset("tiny", vocab_size=64, max_len=32)
@@ -161,16 +161,16 @@ def _loop_setup(tmp_path, model_and_params, nonfinite, bad_at):
 
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=2, keep=3)
     writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
-    config = loop.LoopConfig(steps=8, log_every=1, nonfinite=nonfinite, progress=False)
+    config = trainer.LoopConfig(steps=8, log_every=1, nonfinite=nonfinite, progress=False)
     state = state_lib.create(params, tx, jax.random.key(0))
-    return dict(state=state, step_fn=step, frozen=None, batches=batches(), config=config,
-                checkpointer=ckpt, writer=writer)  # fmt: skip
+    return dict(state=state, step_fn=step, batches=batches(), config=config, checkpointer=ckpt, writer=writer,
+                place=jax.device_put)  # fmt: skip
 
 
 def test_loop_stops_on_nonfinite_after_last_good_checkpoint(tmp_path, model_and_params):
     kw = _loop_setup(tmp_path, model_and_params, "stop", bad_at=5)
-    with pytest.raises(loop.NonFiniteError, match="at step 5.*last good checkpoint: step 4"):
-        loop.run(**kw)
+    with pytest.raises(preemption.NonFiniteError, match="at step 5.*last good checkpoint: step 4"):
+        trainer.fit(**kw)
     assert kw["checkpointer"].all_steps() == [2, 4]
     records = metrics.read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -179,7 +179,7 @@ def test_loop_stops_on_nonfinite_after_last_good_checkpoint(tmp_path, model_and_
 def test_loop_skips_nonfinite_when_configured(tmp_path, model_and_params):
     kw = _loop_setup(tmp_path, model_and_params, "skip", bad_at=5)
     kw["config"] = dataclasses.replace(kw["config"], max_nonfinite_fraction=1 / 8)  # 1 of 8 is allowed
-    state = loop.run(**kw)
+    state = trainer.fit(**kw)
     assert int(state.step) == 8 and int(state.nonfinite_count) == 1
     records = metrics.read_metrics(str(tmp_path))
     assert [r["finite"] for r in records] == [1, 1, 1, 1, 0, 1, 1, 1]
@@ -387,12 +387,12 @@ def _run_loop(tmp_path, model_and_params, *, bad_at=(), callback=None, **config)
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=0, keep=2, async_save=True)
     writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
     try:
-        return loop.run(
-            state=state_lib.create(params, tx, jax.random.key(0)),
-            step_fn=_step(functools.partial(steps.sft_objective, model=model), steps.sft_weight, tx, 1),
-            frozen=None, batches=batches(), checkpointer=ckpt, writer=writer, description="sft",
-            config=loop.LoopConfig(**{"steps": 8, "log_every": 1, "progress": False, **config}),
-            callback=callback,
+        return trainer.fit(
+            state_lib.create(params, tx, jax.random.key(0)),
+            _step(functools.partial(steps.sft_objective, model=model), steps.sft_weight, tx, 1),
+            batches(), checkpointer=ckpt, writer=writer, description="sft", place=jax.device_put,
+            config=trainer.LoopConfig(**{"steps": 8, "log_every": 1, "progress": False, **config}),
+            hooks=() if callback is None else (callback,),
         )  # fmt: skip
     finally:
         writer.close()
@@ -404,7 +404,7 @@ def test_skipping_more_than_the_allowed_fraction_fails(tmp_path, model_and_param
         tmp_path / "a", model_and_params, bad_at=(3, 6), nonfinite="skip", max_nonfinite_fraction=0.25
     )
     assert int(state.step) == 8 and int(state.nonfinite_count) == 2  # 2 of 8: at the limit, allowed
-    with pytest.raises(loop.NonFiniteError) as info:
+    with pytest.raises(preemption.NonFiniteError) as info:
         _run_loop(
             tmp_path / "b", model_and_params, bad_at=(3, 6), nonfinite="skip", max_nonfinite_fraction=0.2
         )
@@ -419,7 +419,7 @@ def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, model_an
     previous = signal.signal(signal.SIGTERM, outer_handler)
     try:
         kill_at_3 = lambda step, state: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(loop.Preempted) as info:
+        with pytest.raises(preemption.Preempted) as info:
             _run_loop(tmp_path, model_and_params, callback=kill_at_3, log_every=5)
         handler_after = signal.getsignal(signal.SIGTERM)
     finally:
@@ -435,10 +435,10 @@ def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, model_an
 
 
 def _tiny_sft_stage(workdir, *, num_steps, log_every):
-    """A tiny SFT stage's pieces for `common.train`: config, trainer, fresh state, checkpointer, data."""
+    """A tiny SFT stage's pieces for `training.fit`: config, mesh, step, fresh state, checkpointer, data."""
     from rlhf_jax.data import pipeline
-    from rlhf_jax.pipelines import common
     from rlhf_jax.pipelines import config as config_lib
+    from rlhf_jax.pipelines import training
 
     cfg = config_lib.StageConfig(
         seed=0, model=CFG, optim=optim.OptimConfig(learning_rate=1e-3),
@@ -453,52 +453,68 @@ def _tiny_sft_stage(workdir, *, num_steps, log_every):
     data_iter = iter(pipeline.batches(data, global_batch_size=8, seed=0))
     mesh = sharding.make_mesh(cfg.mesh)
     model = models.Transformer(CFG, mesh=mesh)
-    trainer, state = common.build_trainer(
-        cfg=cfg, mesh=mesh, model=model, params=models.init_params(model, jax.random.key(0)),
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=0, mesh=mesh, model=model,
+        params=models.init_params(model, jax.random.key(0)),
         objective=functools.partial(steps.sft_objective, model=model), weight_fn=steps.sft_weight,
-        frozen_shardings=None,
     )  # fmt: skip
-    ckpt, state = common.restore(cfg, workdir, state, data_iter)
-    return cfg, trainer, state, ckpt, data_iter
+    ckpt, state = training.restore(workdir, cfg.checkpoint, state, data_iter)
+    return cfg, mesh, step_fn, state, ckpt, data_iter
 
 
 def test_training_reads_no_device_value_between_log_steps(tmp_path, monkeypatch):
-    from rlhf_jax.pipelines import common
+    from rlhf_jax.pipelines import training
 
-    cfg, trainer, state, ckpt, data_iter = _tiny_sft_stage(str(tmp_path), num_steps=6, log_every=3)
-    counted_types, fetched = [], []
-    real_tokens, device_get = common.real_tokens, jax.device_get
+    cfg, mesh, step_fn, state, ckpt, data_iter = _tiny_sft_stage(str(tmp_path), num_steps=6, log_every=3)
+    counted_types, fetched, order = [], [], []
+    real_tokens, device_get = training.real_tokens, jax.device_get
 
     def spy_real_tokens(batch):
         counted_types.extend(type(v) for k, v in batch.items() if k.endswith("segment_ids"))
+        order.append("batch")
         return real_tokens(batch)
 
     def spy_device_get(x):
         if isinstance(x, dict) and "loss" in x:
             fetched.append(x)
+            order.append("fetch")
         return device_get(x)
 
-    monkeypatch.setattr(common, "real_tokens", spy_real_tokens)
+    monkeypatch.setattr(training, "real_tokens", spy_real_tokens)
     monkeypatch.setattr(jax, "device_get", spy_device_get)
     # On GPU/TPU the guard makes any implicit device-to-host copy (np.asarray, float(), int() of a device
     # array) raise, while the loop's explicit jax.device_get of the metrics at log steps is allowed. On
     # CPU the arrays already live on the host and it checks nothing, hence the spies.
     with jax.transfer_guard_device_to_host("disallow"):
-        common.train(cfg, str(tmp_path), ckpt, state, trainer=trainer, data_iter=data_iter, name="sft")
+        training.fit(
+            str(tmp_path), state, step_fn, loop=cfg.train.loop(False), checkpointer=ckpt, mesh=mesh,
+            data_iter=data_iter, name="sft",
+        )  # fmt: skip
     # Tokens are counted on the numpy batch before it is placed, not on the device batch (which waits
     # for the device and copies the count back before every step).
     assert len(counted_types) == 6 and set(counted_types) == {np.ndarray}
     records = metrics.read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [3, 6] and len(fetched) == 2  # one fetch per log step only
     assert all(r["tokens_per_s"] > 0 for r in records)
+    # Step 3's metrics are fetched one step late: after batch 4 is taken (and step 4 dispatched).
+    assert order[:5] == ["batch", "batch", "batch", "batch", "fetch"], order
+
+
+def test_loop_refuses_implicit_transfers(tmp_path, model_and_params):
+    """A host batch handed to the jitted step without `place` is an implicit host-to-device copy in
+    every step: the loop's transfer guard makes it an error (on CPU too)."""
+    kw = _loop_setup(tmp_path, model_and_params, "stop", bad_at=0)
+    kw["place"] = None
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        trainer.fit(**kw)
 
 
 def test_real_tokens_counts_the_host_batch():
-    from rlhf_jax.pipelines import common
+    from rlhf_jax.pipelines import training
 
     batch = _pair_batch(np.random.default_rng(7))
     want = int((batch["chosen_segment_ids"] > 0).sum() + (batch["rejected_segment_ids"] > 0).sum())
-    assert common.real_tokens(batch) == want
+    assert training.real_tokens(batch) == want
 
 
 @pytest.mark.slow
