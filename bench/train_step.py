@@ -3,10 +3,11 @@
     python -m bench.train_step --preset=small [--compare=torch,trl] [--reference=online|precomputed]
         [--loss=dpo] [--dtype=float32|bfloat16] [--iters=5] [--profile] [--json=PATH]
 
-Ours is the library's step (`rlhf_jax.train.steps.train_step` with `preference_objective`, jitted with
-donation by `rlhf_jax.train.trainer.make_train_step`, as the preference stage builds it): one
-concatenated forward of chosen and rejected, the reference forward without gradient (or precomputed
-log-probs), AdamW with clipping at global norm 1. The batch is `bench.common.make_batch`: every token real, the loss mask on the response.
+Ours is the library's step (`rlhf_jax.train.steps.train_step` with `preference_objective`, built by
+`bench.common.jax_dpo_step` with the trainer core, `rlhf_jax.train.trainer.make_train_step`, as the
+preference stage builds it): one concatenated forward of chosen and rejected, the reference forward
+without gradient (or precomputed log-probs), AdamW with clipping at global norm 1. The batch is
+`bench.common.make_batch`: every token real, the loss mask on the response.
 
 `--compare=torch` times the same step hand-written in PyTorch, as well as we would write our own:
 `transformers.LlamaForCausalLM` policy and a frozen copy as reference (SDPA attention), float32, no
@@ -265,7 +266,7 @@ def run(
         "tokens_per_step": p.tokens_per_step,
         "flops_per_step": flops,
         "flops_formula": "2BT(8N+16LAT)" if reference == "online" else "2BT(6N+12LAT)",
-        "matmul_params_N": common.matmul_params(p.model),
+        "matmul_params": common.matmul_params(p.model),
         "peak_gflops": peak_gflops,
         "rows": rows,
         "tokens_per_s": ours_tps,
@@ -305,7 +306,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     print(
         f"preset={args.preset} loss={args.loss} reference={args.reference} dtype={args.dtype} "
-        f"pairs={record['pairs']} T={record['seq_len']} N={record['matmul_params_N']:,} "
+        f"pairs={record['pairs']} T={record['seq_len']} N={record['matmul_params']:,} "
         f"FLOPs/step={record['flops_per_step']:.4g} ({record['flops_formula']}) "
         f"peak={record['peak_gflops'] or 0:.1f} GFLOP/s"
     )

@@ -39,19 +39,23 @@ def test_layout_convention(tok):
     tokenized = pipeline.tokenize_preference([example], tok, pipeline.SequenceLayout(32, 16))
     batch = tokenized.batch(np.array([0]), 32)
     prompt_ids, chosen_ids = tok.encode(example.prompt), tok.encode(example.chosen)
-    P, R = 1 + len(prompt_ids), len(chosen_ids) + 1
+    prompt_len, response_len = 1 + len(prompt_ids), len(chosen_ids) + 1
     expected = [tok.bos_id, *prompt_ids, *chosen_ids, tok.eos_id]
     tokens, targets = batch["chosen_tokens"][0], batch["chosen_targets"][0]
-    np.testing.assert_array_equal(tokens[: P + R], expected)
-    assert (tokens[P + R :] == tok.pad_id).all()
+    np.testing.assert_array_equal(tokens[: prompt_len + response_len], expected)
+    assert (tokens[prompt_len + response_len :] == tok.pad_id).all()
     np.testing.assert_array_equal(targets[:-1], tokens[1:])  # targets[t] = tokens[t + 1]
     assert targets[-1] == tok.pad_id
     mask = batch["chosen_loss_mask"][0]
-    np.testing.assert_array_equal(np.nonzero(mask)[0], np.arange(P - 1, P - 1 + R))
+    np.testing.assert_array_equal(
+        np.nonzero(mask)[0], np.arange(prompt_len - 1, prompt_len - 1 + response_len)
+    )
     assert tok.decode(targets[mask > 0]) == example.chosen  # Response + EOS (EOS decodes to nothing).
     assert targets[mask > 0][-1] == tok.eos_id
-    np.testing.assert_array_equal(batch["chosen_segment_ids"][0], (np.arange(32) < P + R).astype(np.int32))
-    assert (batch["prompt_lengths"][0], batch["chosen_lengths"][0]) == (P, R)
+    np.testing.assert_array_equal(
+        batch["chosen_segment_ids"][0], (np.arange(32) < prompt_len + response_len).astype(np.int32)
+    )
+    assert (batch["prompt_lengths"][0], batch["chosen_lengths"][0]) == (prompt_len, response_len)
     assert batch["rejected_lengths"][0] == len(tok.encode(example.rejected)) + 1
     assert batch["chosen_tokens"].dtype == np.int32 and mask.dtype == np.float32
 

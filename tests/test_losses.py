@@ -563,6 +563,22 @@ class TestRegistry:
         assert losses.uses_reference("dpo") and not losses.uses_reference("hinge")
         assert losses.hyperparameters("dpo") == {"beta": 0.1, "label_smoothing": 0.0}
 
+    def test_public_names(self):
+        """The registry is a namespace (`losses.registry.make`) and every name exported before stays."""
+        before = {
+            "INPUT_NAMES", "aot", "aot_unpaired", "apo_down", "apo_zero", "bco_pair", "bradley_terry",
+            "cdpo", "discopop", "dpo", "dpo_length_normalized", "exo_pair", "get", "hinge", "hinge_norm",
+            "hyperparameters", "inpo", "ipo", "make", "names", "nca_pair", "optional_inputs", "orpo",
+            "preference_metrics", "rdpo", "required_inputs", "rpo", "sequence_logps",
+            "sequence_logps_from_hidden", "sigmoid_norm", "simpo", "slic", "sppo_hard", "token_logps",
+            "uses_reference",
+        }  # fmt: skip
+        assert before | {"registry"} == set(losses.__all__)
+        assert all(hasattr(losses, name) for name in losses.__all__)
+        for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
+            assert getattr(losses, name) is getattr(losses.registry, name)
+        assert losses.registry.get("ipo") is losses.ipo
+
 
 class TestSequenceLogpsFromHidden:
     """The fused LM head + log-softmax over loss-masked rows equals the logits path, values and grads."""

@@ -7,8 +7,8 @@ padding. Within a segment the layout is that of `pipeline.py`; the target of a s
 PAD with loss mask 0, so no example predicts the next one. The model must restart positions and mask
 attention at segment boundaries (as `models.transformer.positions_from_segments` does). Batches from
 `pipeline.batches(pack_sft(data), ...)` have keys tokens, targets, loss_mask, segment_ids [B, T] and
-weights, num_examples [B] (0 on padding rows); `example_ids` [B, K] lists each row's examples, -1 padded,
-with K the most examples in any pack.
+weights, num_examples [B] (0 on padding rows); `example_ids` [B, J] lists each row's examples, -1 padded,
+with J the most examples in any pack.
 """
 
 from __future__ import annotations
@@ -37,28 +37,28 @@ class PackedSFT:
 
     def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]:
         """Returns the packed rows `ids_B` (-1: padding row) padded to `length` tokens."""
-        B, K = len(ids_B), max(len(p) for p in self.packs)
+        B, J = len(ids_B), max(len(p) for p in self.packs)
         pad = self.data.pad_id
         tokens_BT = np.full((B, length), pad, np.int32)
         targets_BT = np.full((B, length), pad, np.int32)
         loss_mask_BT = np.zeros((B, length), np.float32)
         segment_ids_BT = np.zeros((B, length), np.int32)
-        example_ids_BK = np.full((B, K), -1, np.int32)
+        example_ids_BJ = np.full((B, J), -1, np.int32)
         for b, i in enumerate(ids_B):
             if i < 0:
                 continue
             offset = 0
-            for k, j in enumerate(self.packs[i]):
+            for slot, j in enumerate(self.packs[i]):
                 prompt, completion = self.data.prompt_ids[j], self.data.completion_ids[j]
                 seq = np.concatenate([prompt, completion])
-                L, P = len(seq), len(prompt)
-                tokens_BT[b, offset : offset + L] = seq
-                targets_BT[b, offset : offset + L - 1] = seq[1:]
-                loss_mask_BT[b, offset + P - 1 : offset + L - 1] = 1.0
-                segment_ids_BT[b, offset : offset + L] = k + 1
-                example_ids_BK[b, k] = j
-                offset += L
-        num_examples_B = (example_ids_BK >= 0).sum(axis=1).astype(np.int32)
+                seq_len, prompt_len = len(seq), len(prompt)
+                tokens_BT[b, offset : offset + seq_len] = seq
+                targets_BT[b, offset : offset + seq_len - 1] = seq[1:]
+                loss_mask_BT[b, offset + prompt_len - 1 : offset + seq_len - 1] = 1.0
+                segment_ids_BT[b, offset : offset + seq_len] = slot + 1
+                example_ids_BJ[b, slot] = j
+                offset += seq_len
+        num_examples_B = (example_ids_BJ >= 0).sum(axis=1).astype(np.int32)
         return {
             "tokens": tokens_BT,
             "targets": targets_BT,
@@ -66,7 +66,7 @@ class PackedSFT:
             "segment_ids": segment_ids_BT,
             "weights": (num_examples_B > 0).astype(np.float32),
             "num_examples": num_examples_B,
-            "example_ids": example_ids_BK,
+            "example_ids": example_ids_BJ,
         }
 
 
@@ -83,12 +83,12 @@ def pack_sft(data: TokenizedSFT, *, seed: int = 0) -> PackedSFT:
     order = np.random.default_rng(seed).permutation(len(data))
     packs, current, used = [], [], 0
     for j in order:
-        n = data.row_lengths(int(j))
-        if current and used + n > data.max_len:
+        length = data.row_lengths(int(j))
+        if current and used + length > data.max_len:
             packs.append(np.array(current, np.int64))
             current, used = [], 0
         current.append(int(j))
-        used += n
+        used += length
     if current:
         packs.append(np.array(current, np.int64))
     return PackedSFT(data, packs, data.max_len)

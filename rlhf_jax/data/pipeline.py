@@ -260,8 +260,8 @@ def tokenize_preference(
         "identical_after_truncation",
         sum(np.array_equal(c, r) for c, r in zip(chosen, rejected, strict=True)),
     )
-    weights_N = np.array([ex.weight for ex in examples], np.float32)
-    return TokenizedPreference(prompts, chosen, rejected, weights_N, tokenizer.pad_id, layout.max_len)
+    weights_X = np.array([ex.weight for ex in examples], np.float32)
+    return TokenizedPreference(prompts, chosen, rejected, weights_X, tokenizer.pad_id, layout.max_len)
 
 
 def tokenize_sft(
@@ -285,8 +285,8 @@ def tokenize_sft(
     prompts = _prompt_ids(tokenizer, [ex.prompt for ex in examples], layout.max_prompt_len, stats)
     budgets = [layout.max_len - len(p) for p in prompts]
     completions = _response_ids(tokenizer, [ex.completion for ex in examples], budgets, "completion", stats)
-    weights_N = np.ones(len(examples), np.float32)
-    return TokenizedSFT(prompts, completions, weights_N, tokenizer.pad_id, layout.max_len)
+    weights_X = np.ones(len(examples), np.float32)
+    return TokenizedSFT(prompts, completions, weights_X, tokenizer.pad_id, layout.max_len)
 
 
 def tokenize_prompts(
@@ -354,8 +354,8 @@ def tokenize_ranking(
         ids = [*before, *a[:budget], *middle, *b[:budget], *question, tokenizer.eos_id]
         completions.append(np.array(ids, np.int32))
     _count(stats, "ranking_response", cut)
-    weights_N = np.ones(len(prompt_ids), np.float32)
-    return TokenizedSFT(prompt_ids, completions, weights_N, tokenizer.pad_id, layout.max_len)
+    weights_X = np.ones(len(prompt_ids), np.float32)
+    return TokenizedSFT(prompt_ids, completions, weights_X, tokenizer.pad_id, layout.max_len)
 
 
 def ranking_truncated_fraction(stats: rec.LoadStats, num_inputs: int, what: str) -> float:
@@ -429,14 +429,14 @@ def batches(
         buckets.append(data.max_len)
     local = global_batch_size // process_count
     start = process_index * local
-    lengths_N = np.array([data.row_lengths(i) for i in range(len(data))], np.int32)
+    lengths_X = np.array([data.row_lengths(i) for i in range(len(data))], np.int32)
 
     def to_batch(global_ids: np.ndarray) -> dict[str, np.ndarray]:
         ids_B = np.full(global_batch_size, -1, np.int64)
         ids_B[: len(global_ids)] = global_ids
         length = data.max_len
         if buckets:
-            longest = int(lengths_N[ids_B[ids_B >= 0]].max())
+            longest = int(lengths_X[ids_B[ids_B >= 0]].max())
             length = next(b for b in buckets if b >= longest)
         return data.batch(ids_B[start : start + local], length)
 
@@ -518,13 +518,14 @@ def _sequences(
         if i < 0:
             continue
         prompt, response = prompt_ids[i], response_ids[i]
-        P, R = len(prompt), len(response)
-        tokens_BT[b, :P] = prompt
-        tokens_BT[b, P : P + R] = response
-        targets_BT[b, : P + R - 1] = tokens_BT[b, 1 : P + R]
-        loss_mask_BT[b, P - 1 : P - 1 + R] = 1.0
-        segment_ids_BT[b, : P + R] = 1
-        prompt_lengths_B[b], lengths_B[b] = P, R
+        prompt_len, response_len = len(prompt), len(response)
+        end = prompt_len + response_len
+        tokens_BT[b, :prompt_len] = prompt
+        tokens_BT[b, prompt_len:end] = response
+        targets_BT[b, : end - 1] = tokens_BT[b, 1:end]
+        loss_mask_BT[b, prompt_len - 1 : end - 1] = 1.0
+        segment_ids_BT[b, :end] = 1
+        prompt_lengths_B[b], lengths_B[b] = prompt_len, response_len
     return {
         "tokens": tokens_BT,
         "targets": targets_BT,
@@ -535,7 +536,7 @@ def _sequences(
     }
 
 
-def _ids_and_weights(ids_B: np.ndarray, weights_N: np.ndarray) -> dict[str, np.ndarray]:
+def _ids_and_weights(ids_B: np.ndarray, weights_X: np.ndarray) -> dict[str, np.ndarray]:
     valid_B = ids_B >= 0
-    weights_B = np.where(valid_B, weights_N[np.where(valid_B, ids_B, 0)], 0.0).astype(np.float32)
+    weights_B = np.where(valid_B, weights_X[np.where(valid_B, ids_B, 0)], 0.0).astype(np.float32)
     return {"weights": weights_B, "example_ids": ids_B.astype(np.int32)}

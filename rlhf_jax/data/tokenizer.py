@@ -3,8 +3,8 @@
 Models trained here use ids pad=0, unk=1, bos=2, eos=3; identity normalisation (no NFKC, no whitespace
 collapsing, no dummy prefix space) so that `decode(encode(text)) == text` for any text; "\\n" as a
 piece of its own; and byte fallback, so characters outside the training corpus still round-trip. The
-default is BPE, which trains in about a second on ten thousand short texts (sentencepiece's unigram
-trainer is ten times slower); training uses one thread, so the same corpus gives the same model.
+default is BPE, which trains much faster than sentencepiece's unigram trainer (bench/README.md,
+"Measured timings"); training uses one thread, so the same corpus gives the same model.
 
 A prompt and its response are encoded separately and their ids concatenated (`pipeline.py`), so a
 response's first piece never merges with the prompt's last one.

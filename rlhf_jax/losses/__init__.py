@@ -6,13 +6,21 @@ Usage from any JAX code:
     per_pair_B = losses.dpo(policy_chosen_logps=pc_B, policy_rejected_logps=pr_B,
                             reference_chosen_logps=rc_B, reference_rejected_logps=rr_B, beta=0.1)
     loss = per_pair_B.mean()
-    loss_fn = losses.make("ipo", beta=0.5)   # by name, validated
+    loss_fn = losses.registry.make("ipo", beta=0.5)   # by name, validated (also `losses.make`)
 
 Every pairwise loss is keyword-only, takes summed log-probs [B] (float32 or bfloat16), computes in
-float32, and returns the per-example loss [B]; see each docstring for the formula and the paper.
+float32, and returns the per-example loss [B]; see each docstring for the formula and the paper. The
+log-probs come from `sequence_logps_from_hidden` (what the trainer uses: the LM head fused in, only
+the loss-masked rows computed), `sequence_logps` or `token_logps`.
 """
 
+# The registry of pairwise losses by name, as a namespace: `losses.registry.make("dpo", beta=0.1)`.
+from rlhf_jax.losses import registry
+
+# Log-probs: per token and summed per sequence, from logits or straight from hidden states.
 from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
+
+# Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
 from rlhf_jax.losses._pairwise import (
     cdpo,
     dpo,
@@ -27,17 +35,11 @@ from rlhf_jax.losses._pairwise import (
     simpo,
     slic,
 )
-from rlhf_jax.losses._registry import (
-    INPUT_NAMES,
-    get,
-    hyperparameters,
-    make,
-    names,
-    optional_inputs,
-    required_inputs,
-    uses_reference,
-)
+
+# Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
+
+# TRL's DPOTrainer loss types, under TRL's names.
 from rlhf_jax.losses._trl import (
     aot,
     aot_unpaired,
@@ -51,40 +53,58 @@ from rlhf_jax.losses._trl import (
     sppo_hard,
 )
 
+# The registry's names, also at the top level (`losses.make`, `losses.names`, ...) as before.
+from rlhf_jax.losses.registry import (
+    INPUT_NAMES,
+    get,
+    hyperparameters,
+    make,
+    names,
+    optional_inputs,
+    required_inputs,
+    uses_reference,
+)
+
 __all__ = [
-    "INPUT_NAMES",
+    # log-probs
+    "sequence_logps",
+    "sequence_logps_from_hidden",
+    "token_logps",
+    # paper losses
+    "cdpo",
+    "dpo",
+    "hinge",
+    "hinge_norm",
+    "inpo",
+    "ipo",
+    "orpo",
+    "rdpo",
+    "rpo",
+    "sigmoid_norm",
+    "simpo",
+    "slic",
+    # TRL loss types
     "aot",
     "aot_unpaired",
     "apo_down",
     "apo_zero",
     "bco_pair",
-    "bradley_terry",
-    "cdpo",
     "discopop",
-    "dpo",
     "dpo_length_normalized",
     "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    # reward-model losses and metrics
+    "bradley_terry",
+    "preference_metrics",
+    # the registry
+    "registry",
+    "INPUT_NAMES",
     "get",
-    "hinge",
-    "hinge_norm",
     "hyperparameters",
-    "inpo",
-    "ipo",
     "make",
     "names",
-    "nca_pair",
     "optional_inputs",
-    "orpo",
-    "preference_metrics",
-    "rdpo",
     "required_inputs",
-    "rpo",
-    "sequence_logps",
-    "sequence_logps_from_hidden",
-    "sigmoid_norm",
-    "simpo",
-    "slic",
-    "sppo_hard",
-    "token_logps",
     "uses_reference",
 ]

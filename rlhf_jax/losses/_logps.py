@@ -6,6 +6,9 @@ forward pass and another in the backward pass; some XLA backends (XLA:CPU with i
 do so even for a fused max/sum formulation. Here the rows (B·T) are processed in chunks under
 `lax.map` with a custom VJP, so float32 temporaries are bounded by one [chunk, V] block, and the
 backward pass writes the logits' gradient directly in the logits' dtype.
+
+Shape letters (rlhf_jax/__init__.py): R the flattened rows B·T, C the rows of one chunk, I the chunks
+(R = I·C).
 """
 
 from __future__ import annotations
@@ -50,19 +53,19 @@ def _rows_logps(logits_RV, targets_R, chunk: int):
 
 def _rows_logps_fwd(logits_RV, targets_R, chunk: int):
     num_rows, vocab = logits_RV.shape
-    n = num_rows // chunk
-    lse_nC, target_nC = jax.lax.map(
+    num_chunks = num_rows // chunk
+    lse_IC, target_IC = jax.lax.map(
         lambda xs: _lse_and_target(*xs),
-        (logits_RV.reshape(n, chunk, vocab), targets_R.reshape(n, chunk)),
+        (logits_RV.reshape(num_chunks, chunk, vocab), targets_R.reshape(num_chunks, chunk)),
     )
-    lse_R = lse_nC.reshape(num_rows)
-    return target_nC.reshape(num_rows) - lse_R, (logits_RV, targets_R, lse_R)
+    lse_R = lse_IC.reshape(num_rows)
+    return target_IC.reshape(num_rows) - lse_R, (logits_RV, targets_R, lse_R)
 
 
 def _rows_logps_bwd(chunk: int, residuals, g_R):
     logits_RV, targets_R, lse_R = residuals
     num_rows, vocab = logits_RV.shape
-    n = num_rows // chunk
+    num_chunks = num_rows // chunk
 
     def grad_chunk(xs):
         x_CV, t_C, lse_C, g_C = xs
@@ -73,16 +76,16 @@ def _rows_logps_bwd(chunk: int, residuals, g_R):
         # Rows with zero cotangent (masked positions) get exactly 0, even where p is not finite.
         return jnp.where(g_C[:, None] != 0, g_CV, 0.0).astype(x_CV.dtype)
 
-    g_nCV = jax.lax.map(
+    g_ICV = jax.lax.map(
         grad_chunk,
         (
-            logits_RV.reshape(n, chunk, vocab),
-            targets_R.reshape(n, chunk),
-            lse_R.reshape(n, chunk),
-            g_R.astype(jnp.float32).reshape(n, chunk),
+            logits_RV.reshape(num_chunks, chunk, vocab),
+            targets_R.reshape(num_chunks, chunk),
+            lse_R.reshape(num_chunks, chunk),
+            g_R.astype(jnp.float32).reshape(num_chunks, chunk),
         ),
     )
-    return g_nCV.reshape(num_rows, vocab), None
+    return g_ICV.reshape(num_rows, vocab), None
 
 
 _rows_logps.defvjp(_rows_logps_fwd, _rows_logps_bwd)

@@ -39,15 +39,15 @@ class ModelConfig:
         `transformer.stack_layers`/`unstack_layers` convert between the two layouts.
       scan_unroll: layers per iteration of that scan (`scan_layers=True` only). 1 keeps compile time flat
         in depth; `num_layers` unrolls the whole stack while keeping the stacked parameter layout, which
-        lets XLA drop the scan's per-layer stacking of activations: on CPU ~10% faster steps for the
-        4-8 layer benchmark models, at a compile time that grows with depth. Keep 1 with `remat`:
+        lets XLA drop the scan's per-layer stacking of activations: faster CPU steps for the 4-8 layer
+        benchmark models (bench/README.md), at a compile time that grows with depth. Keep 1 with `remat`:
         unrolled, XLA:CPU schedules the recomputation early and most of the memory saving is lost.
       attention_bias: biases on the q/k/v projections (Qwen2).
       embed_scale: multiply input embeddings by sqrt(D) (Gemma).
       mlp_activation: "silu" (SwiGLU, Llama) or "gelu" (GeGLU with tanh-approximate GELU, Gemma).
       attention_impl: passed to `jax.nn.dot_product_attention` as `implementation` (None, "xla" or
         "cudnn"). None on the CPU backend uses `layers.causal_attention` instead (blockwise causal, the
-        same maths, ~2x faster there); "xla" forces JAX's.
+        same maths, faster there: bench/README.md); "xla" forces JAX's.
     """
 
     vocab_size: int

@@ -75,19 +75,19 @@ def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, m
 
     The same maths as `jax.nn.dot_product_attention`, on the cache's own layout: each (row, kv head) is
     one contiguous [S, K] matrix, so the score and value matmuls read the cache without transposing it
-    (on CPU, that transpose cost more than the rest of a decode step).
+    (on CPU that per-step transpose dominated decoding; bench/README.md, "Measured timings").
     """
     B, T, H, K = q_BTHK.shape
     G = k_BGSK.shape[1]
-    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)  # R: query heads per kv head
-    scores_BGRTS = jnp.einsum("BTGRK,BGSK->BGRTS", q_BTGRK, k_BGSK, preferred_element_type=jnp.float32)
-    scores_BGRTS = jnp.where(mask_B1TS[:, :, None], scores_BGRTS * K**-0.5, jnp.finfo(jnp.float32).min)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(v_BGSK.dtype)
-    out_BTGRK = jnp.einsum("BGRTS,BGSK->BTGRK", probs_BGRTS, v_BGSK)
-    return out_BTGRK.reshape(B, T, H, K)
+    q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores_BGQTS = jnp.einsum("BTGQK,BGSK->BGQTS", q_BTGQK, k_BGSK, preferred_element_type=jnp.float32)
+    scores_BGQTS = jnp.where(mask_B1TS[:, :, None], scores_BGQTS * K**-0.5, jnp.finfo(jnp.float32).min)
+    probs_BGQTS = jax.nn.softmax(scores_BGQTS, axis=-1).astype(v_BGSK.dtype)
+    out_BTGQK = jnp.einsum("BGQTS,BGSK->BTGQK", probs_BGQTS, v_BGSK)
+    return out_BTGQK.reshape(B, T, H, K)
 
 
-# Query rows per block of `causal_attention`; 64 was fastest on a 2-core CPU at T = 256 and 512 (128: -20%).
+# Query rows per block of `causal_attention`: the fastest block size measured on CPU (bench/README.md).
 _ATTENTION_BLOCK = 64
 
 
@@ -99,11 +99,11 @@ def _attention_block(T: int) -> int:
     return T
 
 
-def _block_scores(q_BGRCK, k_BGSK, mask_B1CS, start: int):
-    """Scaled float32 scores [B, G, R, C, S] of the query block at `start` against keys 0..S-1, masked
+def _block_scores(q_BGQCK, k_BGSK, mask_B1CS, start: int):
+    """Scaled float32 scores [B, G, Q, C, S] of the query block at `start` against keys 0..S-1, masked
     causally and by `mask_B1CS` (or None)."""
-    C, K, S = q_BGRCK.shape[3], q_BGRCK.shape[-1], k_BGSK.shape[2]
-    scores = jnp.einsum("BGRCK,BGSK->BGRCS", q_BGRCK, k_BGSK, preferred_element_type=jnp.float32)
+    C, K, S = q_BGQCK.shape[3], q_BGQCK.shape[-1], k_BGSK.shape[2]
+    scores = jnp.einsum("BGQCK,BGSK->BGQCS", q_BGQCK, k_BGSK, preferred_element_type=jnp.float32)
     allowed_CS = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
     allowed = (
         allowed_CS[None, None, None]
@@ -114,16 +114,16 @@ def _block_scores(q_BGRCK, k_BGSK, mask_B1CS, start: int):
 
 
 def _heads_major(x_BTHK, G: int):
-    """[B, T, H, K] → [B, G, R, T, K] (R = H / G query heads per kv head): every (row, head) one
+    """[B, T, H, K] → [B, G, Q, T, K] (Q = H / G query heads per kv head): every (row, head) one
     contiguous [T, K] matrix, so each block's matmuls are plain batched ones."""
     B, T, H, K = x_BTHK.shape
     return x_BTHK.reshape(B, T, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
 
-def _tokens_major(x_BGRTK):
-    """[B, G, R, T, K] → [B, T, H, K]."""
-    B, G, R, T, K = x_BGRTK.shape
-    return x_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, G * R, K)
+def _tokens_major(x_BGQTK):
+    """[B, G, Q, T, K] → [B, T, H, K]."""
+    B, G, Q, T, K = x_BGQTK.shape
+    return x_BGQTK.transpose(0, 3, 1, 2, 4).reshape(B, T, G * Q, K)
 
 
 def _add_prefix(acc_BGSK, part_BGEK):
@@ -141,11 +141,12 @@ def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
     is never computed (T/block blocks do (1 + block/T)/2 of the full square's work); the forward keeps
     only the output and the log-sum-exp, and the backward recomputes each block's probabilities instead
     of storing [B, H, T, T] of them. Queries, keys and values are transposed once to a heads-major
-    layout ([B, G, R, T, K]), so every block's slices and matmuls are contiguous; with the tokens-major
-    layout XLA:CPU copied each block, and attention took over half of a T = 512 train step.
+    layout ([B, G, Q, T, K]), so every block's slices and matmuls are contiguous; with the tokens-major
+    layout XLA:CPU copied each block, which made attention the largest part of a CPU train step
+    (bench/README.md, "Measured timings").
 
     Args:
-      q_BTHK: queries (H = G·R heads).
+      q_BTHK: queries (H = G·Q heads).
       k_BSGK, v_BSGK: keys and values, S = T.
       mask_B1TS: bool mask and-ed with the causal one (same segment), or None.
       block: query rows per block; divides T.
@@ -156,64 +157,64 @@ def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
     return _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block)[0]
 
 
-def _attention_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, block):
-    T = q_BGRTK.shape[3]
+def _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block):
+    T = q_BGQTK.shape[3]
     outs, lses = [], []
     for start in range(0, T, block):
         end = start + block
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
-        scores_BGRCS = _block_scores(q_BGRTK[:, :, :, start:end], k_BGSK[:, :, :end], mask, start)
-        max_BGRC1 = jnp.max(scores_BGRCS, axis=-1, keepdims=True)
-        exp_BGRCS = jnp.exp(scores_BGRCS - max_BGRC1)
-        sum_BGRC1 = jnp.sum(exp_BGRCS, axis=-1, keepdims=True)
-        probs_BGRCS = (exp_BGRCS / sum_BGRC1).astype(v_BGSK.dtype)
-        outs.append(jnp.einsum("BGRCS,BGSK->BGRCK", probs_BGRCS, v_BGSK[:, :, :end]))
-        lses.append((max_BGRC1 + jnp.log(sum_BGRC1))[..., 0])
+        scores_BGQCS = _block_scores(q_BGQTK[:, :, :, start:end], k_BGSK[:, :, :end], mask, start)
+        max_BGQC1 = jnp.max(scores_BGQCS, axis=-1, keepdims=True)
+        exp_BGQCS = jnp.exp(scores_BGQCS - max_BGQC1)
+        sum_BGQC1 = jnp.sum(exp_BGQCS, axis=-1, keepdims=True)
+        probs_BGQCS = (exp_BGQCS / sum_BGQC1).astype(v_BGSK.dtype)
+        outs.append(jnp.einsum("BGQCS,BGSK->BGQCK", probs_BGQCS, v_BGSK[:, :, :end]))
+        lses.append((max_BGQC1 + jnp.log(sum_BGQC1))[..., 0])
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=-1)
 
 
 def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block):
     G = k_BSGK.shape[2]
-    q_BGRTK = _heads_major(q_BTHK, G)
+    q_BGQTK = _heads_major(q_BTHK, G)
     k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
-    out_BGRTK, lse_BGRT = _attention_forward(q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, block)
-    return _tokens_major(out_BGRTK), (q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, out_BGRTK, lse_BGRT)
+    out_BGQTK, lse_BGQT = _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block)
+    return _tokens_major(out_BGQTK), (q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, out_BGQTK, lse_BGQT)
 
 
 def _causal_attention_bwd(block, residuals, d_out_BTHK):
-    q_BGRTK, k_BGSK, v_BGSK, mask_B1TS, out_BGRTK, lse_BGRT = residuals
-    T, K = q_BGRTK.shape[3], q_BGRTK.shape[4]
+    q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, out_BGQTK, lse_BGQT = residuals
+    T, K = q_BGQTK.shape[3], q_BGQTK.shape[4]
     f32 = jnp.float32
-    do_BGRTK = _heads_major(d_out_BTHK, k_BGSK.shape[1])
+    do_BGQTK = _heads_major(d_out_BTHK, k_BGSK.shape[1])
     # delta = rowsum(dO ∘ O), the softmax backward's correction term.
-    delta_BGRT = jnp.einsum("BGRTK,BGRTK->BGRT", do_BGRTK.astype(f32), out_BGRTK.astype(f32))
+    delta_BGQT = jnp.einsum("BGQTK,BGQTK->BGQT", do_BGQTK.astype(f32), out_BGQTK.astype(f32))
     dq_blocks = []
     dk_BGSK = jnp.zeros(k_BGSK.shape, f32)
     dv_BGSK = jnp.zeros(v_BGSK.shape, f32)
     for start in range(0, T, block):
         end = start + block
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
-        q_BGRCK, do_BGRCK = q_BGRTK[:, :, :, start:end], do_BGRTK[:, :, :, start:end]
+        q_BGQCK, do_BGQCK = q_BGQTK[:, :, :, start:end], do_BGQTK[:, :, :, start:end]
         k_BGEK, v_BGEK = k_BGSK[:, :, :end], v_BGSK[:, :, :end]
-        scores_BGRCS = _block_scores(q_BGRCK, k_BGEK, mask, start)
-        probs_BGRCS = jnp.exp(scores_BGRCS - lse_BGRT[..., start:end, None])
+        scores_BGQCS = _block_scores(q_BGQCK, k_BGEK, mask, start)
+        probs_BGQCS = jnp.exp(scores_BGQCS - lse_BGQT[..., start:end, None])
         dv_BGSK = _add_prefix(
             dv_BGSK,
             jnp.einsum(
-                "BGRCS,BGRCK->BGSK", probs_BGRCS.astype(do_BGRCK.dtype), do_BGRCK, preferred_element_type=f32
+                "BGQCS,BGQCK->BGSK", probs_BGQCS.astype(do_BGQCK.dtype), do_BGQCK, preferred_element_type=f32
             ),
         )
-        dp_BGRCS = jnp.einsum("BGRCK,BGSK->BGRCS", do_BGRCK, v_BGEK, preferred_element_type=f32)
-        ds_BGRCS = (probs_BGRCS * (dp_BGRCS - delta_BGRT[..., start:end, None]) * K**-0.5).astype(
-            q_BGRTK.dtype
+        dp_BGQCS = jnp.einsum("BGQCK,BGSK->BGQCS", do_BGQCK, v_BGEK, preferred_element_type=f32)
+        ds_BGQCS = (probs_BGQCS * (dp_BGQCS - delta_BGQT[..., start:end, None]) * K**-0.5).astype(
+            q_BGQTK.dtype
         )
-        dq_blocks.append(jnp.einsum("BGRCS,BGSK->BGRCK", ds_BGRCS, k_BGEK, preferred_element_type=f32))
+        dq_blocks.append(jnp.einsum("BGQCS,BGSK->BGQCK", ds_BGQCS, k_BGEK, preferred_element_type=f32))
         dk_BGSK = _add_prefix(
-            dk_BGSK, jnp.einsum("BGRCS,BGRCK->BGSK", ds_BGRCS, q_BGRCK, preferred_element_type=f32)
+            dk_BGSK, jnp.einsum("BGQCS,BGQCK->BGSK", ds_BGQCS, q_BGQCK, preferred_element_type=f32)
         )
     dq_BTHK = _tokens_major(jnp.concatenate(dq_blocks, axis=3))
     return (
-        dq_BTHK.astype(q_BGRTK.dtype),
+        dq_BTHK.astype(q_BGQTK.dtype),
         jnp.swapaxes(dk_BGSK, 1, 2).astype(k_BGSK.dtype),
         jnp.swapaxes(dv_BGSK, 1, 2).astype(v_BGSK.dtype),
         None,
@@ -294,9 +295,9 @@ class MLP(nn.Module):
         w_up = param("up_kernel", ("embed", "mlp"), (c.d_model, c.mlp_dim), fan_in(0, 1))
         w_down = param("down_kernel", ("mlp", "embed"), (c.mlp_dim, c.d_model), fan_in(0, 1))
         act = jax.nn.silu if c.mlp_activation == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-        # The rows (B·T, R) are flattened so every matmul, and its weight gradient, is a plain 2-D one.
+        # The rows are flattened (R = B·T) so every matmul, and its weight gradient, is a plain 2-D one.
         # With [B, T, *] operands XLA:CPU writes the activation gradient transposed ([F, B·T]) for the
-        # weight-gradient matmul, a strided copy that cost ~10% of a CPU train step; 2-D, it does not.
+        # weight-gradient matmul, a strided copy (timed in bench/README.md); 2-D, it does not.
         B, T, D = x_BTD.shape
         x_RD = x_BTD.reshape(B * T, D)
         h_RF = act(jnp.dot(x_RD, w_gate)) * jnp.dot(x_RD, w_up)

@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         """The forward without the LM head: (final-normed hidden_BTD, LM-head kernel w_DV).
 
         `hidden_BTD @ w_DV` are the logits of `__call__`; a caller that only needs log-probs of some
-        positions (`rlhf_jax.losses._logps.sequence_logps_from_hidden`) applies the head itself, to those
+        positions (`rlhf_jax.losses.sequence_logps_from_hidden`) applies the head itself, to those
         rows only, and never materialises [B, T, V] logits. Both are in the compute dtype.
         """
         x_BTD = self.decoder.embed(tokens_BT)
