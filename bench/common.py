@@ -135,11 +135,11 @@ def make_batch(p: BenchPreset, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, t, v = p.pairs, p.seq_len, p.model.vocab_size
     mask_T = ((np.arange(t) >= p.prompt_len - 1) & (np.arange(t) < t - 1)).astype(np.float32)
-    prompt_BP = rng.integers(3, v, (b, p.prompt_len), dtype=np.int32)
+    prompt_BT = rng.integers(3, v, (b, p.prompt_len), dtype=np.int32)
     batch = {}
     for side in ("chosen", "rejected"):
-        response_BR = rng.integers(3, v, (b, p.response_len), dtype=np.int32)
-        tokens_BT = np.concatenate([prompt_BP, response_BR], axis=1)
+        response_BT = rng.integers(3, v, (b, p.response_len), dtype=np.int32)
+        tokens_BT = np.concatenate([prompt_BT, response_BT], axis=1)
         targets_BT = np.concatenate([tokens_BT[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
         batch[f"{side}_tokens"] = tokens_BT
         batch[f"{side}_targets"] = targets_BT

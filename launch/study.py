@@ -1,5 +1,7 @@
 """Run a study: several methods × seeds with matched budgets, then a table and a plot.
 
+(Over 400 lines: the runner, the paired statistics, the markdown table and the plot of one report.)
+
     python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--reuse=DIR[,DIR]]
         [--config.a.b=value ...]
 

@@ -22,7 +22,7 @@ detect). Only process 0 logs and writes.
 Compiled programs go to a persistent JAX compilation cache (`--compilation_cache=DIR`, default
 `$JAX_COMPILATION_CACHE_DIR` or `~/.cache/rlhf_jax/jax`; `--compilation_cache=off` disables it): the
 stages of one run and every rerun or resume compile many identical programs, and reading them back is
-several times faster than compiling (a `rso_tldr:smoke` rerun: 54 s → 19 s on 2 CPU cores).
+several times faster than compiling (`bench/README.md` has a measured rerun).
 """
 
 from __future__ import annotations

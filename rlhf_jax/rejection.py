@@ -226,8 +226,32 @@ def tournament_rank(*, rewards, samples, seed: int) -> Pairs:
     return Pairs(*(np.concatenate(parts, axis=1) for parts in zip(*rounds, strict=True)))
 
 
+def _uniform(rewards_PN: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    P, N = rewards_PN.shape
+    return rng.permuted(np.broadcast_to(np.arange(N, dtype=np.int32), (P, N)), axis=1)[:, :num_samples]
+
+
+def uniform_sample(*, rewards, num_samples: int, seed: int) -> np.ndarray:
+    """M distinct candidates per prompt drawn uniformly, rewards ignored: the no-rejection counterpart
+    of `rejection_sample` (RSO's "sft-sample-rank" baseline ranks these).
+
+    Args:
+      rewards: [P, N] rewards of the candidates (only their shape is used).
+      num_samples: M in [2, N].
+      seed: the random seed.
+
+    Returns:
+      int32 [P, M] candidate indices.
+    """
+    rewards_PN = _check(rewards, num_samples, "num_samples")
+    return _uniform(rewards_PN, num_samples, np.random.default_rng(seed))
+
+
 def sft_sample_rank(*, rewards, num_samples: int, seed: int) -> Pairs:
     """RSO's baseline "sft-sample-rank": M candidates drawn uniformly (no rejection), first-round-rank.
+
+    The candidates are `uniform_sample`'s for the same seed; the shuffle of the ranking continues the
+    same random stream.
 
     Args:
       rewards: [P, N] rewards of N candidates sampled from the SFT policy.
@@ -239,6 +263,5 @@ def sft_sample_rank(*, rewards, num_samples: int, seed: int) -> Pairs:
     """
     rewards_PN = _check(rewards, num_samples, "num_samples")
     rng = np.random.default_rng(seed)
-    P, N = rewards_PN.shape
-    samples_PM = rng.permuted(np.broadcast_to(np.arange(N, dtype=np.int32), (P, N)), axis=1)[:, :num_samples]
+    samples_PM = _uniform(rewards_PN, num_samples, rng)
     return _first_round(*_check_samples(rewards_PN, samples_PM), rng)

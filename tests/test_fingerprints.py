@@ -242,3 +242,23 @@ def test_each_stage_claims_the_spec_its_pipeline_located_it_by(tmp_path):
     kw = dict(eval_config=st["eval"], proxy_dir=stage, sft_from=stage)
     stage = _fake_stage(tmp_path / "policy", preference.spec(policy_cfg, **kw))
     assert preference.run(policy_cfg, stage, **kw) == {}
+
+
+def test_inpo_samples_depend_on_the_oracle_model_and_its_kind(tmp_path):
+    """An iteration's samples are labelled by the oracle: another reward model (here: other rm steps) or
+    another kind must give another samples stage (an earlier version let the kind's name overwrite the
+    oracle's fingerprint in the spec, so a retrained oracle reused stale labels)."""
+    from experiments import inpo_tldr
+    from rlhf_jax.pipelines import inpo
+
+    plan = train.build_plan(overrides.apply_overrides(inpo_tldr.get_config("smoke"), []))
+    prev = _fake_stage(tmp_path / "sft", sft.spec(plan.sft))
+    rm_a = _fake_stage(tmp_path / "rm_a", reward.spec(plan.rm, "pointwise"))
+    rm_b = _fake_stage(tmp_path / "rm_b", reward.spec(dataclasses.replace(
+        plan.rm, train=dataclasses.replace(plan.rm.train, steps=7)), "pointwise"))  # fmt: skip
+    fp = lambda rm_dir, kind="pointwise": fingerprints.fingerprint(
+        inpo.samples_spec(plan.main, plan.inpo, 1, rm_kind=kind, prev_dir=prev, rm_dir=rm_dir)
+    )
+    assert fp(rm_a) == fp(rm_a)
+    assert fp(rm_a) != fp(rm_b)
+    assert fp(rm_a) != fp(rm_a, "pairwise")

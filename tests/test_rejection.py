@@ -197,6 +197,19 @@ def test_sft_sample_rank_uses_uniform_distinct_candidates():
     assert chi_square(np.bincount(used_PM.ravel(), minlength=N), P * M / N) < CHI2_7DOF
 
 
+def test_uniform_sample_is_what_sft_sample_rank_ranks():
+    P, N, M = 3000, 8, 4
+    rewards_PN = np.random.default_rng(9).normal(size=(P, N)).astype(np.float32)
+    samples_PM = rejection.uniform_sample(rewards=rewards_PN, num_samples=M, seed=5)
+    assert samples_PM.shape == (P, M) and all(len(set(row)) == M for row in samples_PM[:100])
+    assert chi_square(np.bincount(samples_PM.ravel(), minlength=N), P * M / N) < CHI2_7DOF
+    pairs = rejection.sft_sample_rank(rewards=rewards_PN, num_samples=M, seed=5)
+    used_PM = np.sort(np.concatenate([pairs.chosen_PB, pairs.rejected_PB], axis=1), axis=1)
+    np.testing.assert_array_equal(used_PM, np.sort(samples_PM, axis=1))  # the same M, ranked
+    with pytest.raises(ValueError, match="num_samples"):
+        rejection.uniform_sample(rewards=rewards_PN, num_samples=N + 1, seed=0)
+
+
 # ------------------------------------------------------------------------------------------ RSO's stage
 
 

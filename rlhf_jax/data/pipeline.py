@@ -1,5 +1,7 @@
 """Tokenisation to fixed shapes, and deterministic, sharded, resumable grain batch pipelines.
 
+(Over 400 lines: the SFT, pair, prompt and ranking layouts share one tokeniser-to-row contract.)
+
 Sequence layout (one row of T tokens; P = prompt tokens including BOS, R = response tokens including EOS):
 
   tokens       BOS p_1 .. p_{P-1} r_1 .. r_{R-1} EOS PAD .. PAD      the model's input, all T positions

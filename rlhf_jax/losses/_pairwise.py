@@ -1,6 +1,8 @@
 """Pairwise preference losses from the papers this library reproduces: DPO, cDPO, rDPO, IPO, RSO,
 SLiC-HF, INPO, RPO, SimPO and ORPO.
 
+(Over 400 lines because each of the ten losses carries its formula, sign convention and paper.)
+
 Conventions shared by every function here:
   * Inputs are per-sequence log-probs *summed* over completion tokens, shape [B], float32 or bfloat16;
     everything is computed in float32 and the result is the per-example loss, shape [B], float32.

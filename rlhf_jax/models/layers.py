@@ -52,15 +52,15 @@ def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[j
     return jnp.sin(angle_BTk), jnp.cos(angle_BTk)
 
 
-def rope(x_BTNK: jax.Array, sin_BTk: jax.Array, cos_BTk: jax.Array) -> jax.Array:
+def rope(x_BTHK: jax.Array, sin_BTk: jax.Array, cos_BTk: jax.Array) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), in the rotate-half layout of Llama/Gemma/Qwen2 checkpoints.
 
     Rotates the pair (i, i + K/2) of every head by the angle of frequency i.
     """
     sin_BT1k, cos_BT1k = sin_BTk[:, :, None], cos_BTk[:, :, None]
-    x1, x2 = jnp.split(x_BTNK.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_BT1k - x2 * sin_BT1k, x2 * cos_BT1k + x1 * sin_BT1k], axis=-1)
-    return out.astype(x_BTNK.dtype)
+    return out.astype(x_BTHK.dtype)
 
 
 def _write(cache_BGSK: jax.Array, new_BTGK: jax.Array, start_B: jax.Array) -> jax.Array:

@@ -71,12 +71,13 @@ class INPOConfig:
             raise ValueError(f"inpo.reference must be sft or previous, got {self.reference!r}")
 
 
-def _tournament(logit_fn, K: int, P: int, *, best: bool) -> np.ndarray:
-    """Single elimination over K players per prompt; `logit_fn(a_idx [P, B], b_idx) -> logit P(a ≻ b)`.
+def _tournament(logit_fn, N: int, P: int, *, best: bool) -> np.ndarray:
+    """Single elimination over the N samples of each prompt; `logit_fn(a_idx [P, B], b_idx) -> logit
+    P(a ≻ b)`.
 
     Returns the champion [P] (the best, or with best=False the worst: the loser advances).
     """
-    players = np.tile(np.arange(K), (P, 1))
+    players = np.tile(np.arange(N), (P, 1))
     while players.shape[1] > 1:
         B = players.shape[1] // 2
         a, b = players[:, 0 : 2 * B : 2], players[:, 1 : 2 * B : 2]
@@ -90,7 +91,7 @@ def label_pairs(cand: dict, rm_kind: str, *, proxy, tokenizer, prompts, batch_si
     """(chosen_P, rejected_P, keep_P) candidate indices per prompt by the oracle, a reward model of kind
     `rm_kind` ("pointwise" or "pairwise", module docstring)."""
     tokens, lengths = cand["tokens"], cand["lengths"]
-    P, K = lengths.shape
+    P, N = lengths.shape
     if rm_kind == "pointwise":
         r = candidates.pointwise_rewards(
             proxy, cand, tokens, lengths, pad_id=tokenizer.pad_id, batch_size=batch_size
@@ -107,8 +108,8 @@ def label_pairs(cand: dict, rm_kind: str, *, proxy, tokenizer, prompts, batch_si
             a.shape
         )
 
-    winner = _tournament(logit_fn, K, P, best=True)
-    loser = _tournament(logit_fn, K, P, best=False)
+    winner = _tournament(logit_fn, N, P, best=True)
+    loser = _tournament(logit_fn, N, P, best=False)
     final = logit_fn(winner[:, None], loser[:, None])[:, 0]
     return winner, loser, (final > 0) & (winner != loser)
 

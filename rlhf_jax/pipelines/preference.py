@@ -64,7 +64,7 @@ def compute_pair_logps(model, params, data, *, mesh, batch_size: int) -> tuple[n
     return chosen, rejected
 
 
-def with_logps(prefix: str, chosen_N: np.ndarray, rejected_N: np.ndarray):
+def with_logps(prefix: str, chosen_X: np.ndarray, rejected_X: np.ndarray):
     """A batch transform adding precomputed `{prefix}_chosen_logps` / `{prefix}_rejected_logps` looked up
     by example id (0 on padding rows)."""
 
@@ -73,8 +73,8 @@ def with_logps(prefix: str, chosen_N: np.ndarray, rejected_N: np.ndarray):
         safe = np.maximum(ids, 0)
         return {
             **batch,
-            f"{prefix}_chosen_logps": np.where(ids >= 0, chosen_N[safe], 0.0).astype(np.float32),
-            f"{prefix}_rejected_logps": np.where(ids >= 0, rejected_N[safe], 0.0).astype(np.float32),
+            f"{prefix}_chosen_logps": np.where(ids >= 0, chosen_X[safe], 0.0).astype(np.float32),
+            f"{prefix}_rejected_logps": np.where(ids >= 0, rejected_X[safe], 0.0).astype(np.float32),
         }
 
     return transform

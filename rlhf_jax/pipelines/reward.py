@@ -114,10 +114,10 @@ def load_ranking_layout(workdir: str) -> pipeline.RankingLayout:
         raise ValueError(f"{path}: not a ranking layout ({e})") from e
 
 
-def _with_labels(labels_N: np.ndarray):
+def _with_labels(labels_X: np.ndarray):
     def transform(batch: dict) -> dict:
         ids = batch["example_ids"]
-        return {**batch, "labels": np.where(ids >= 0, labels_N[np.maximum(ids, 0)], 0.0).astype(np.float32)}
+        return {**batch, "labels": np.where(ids >= 0, labels_X[np.maximum(ids, 0)], 0.0).astype(np.float32)}
 
     return transform
 

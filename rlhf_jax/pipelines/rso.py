@@ -182,9 +182,7 @@ def build_pairs(cand: dict, rso: RSOConfig, *, seed: int, pad_id: int, max_len: 
             rewards=rewards_PN, num_accept=rso.num_accepted, beta=rso.beta, seed=seed, **correction
         )
     else:  # sft_sample_rank: M of the SFT samples as they came, no rejection
-        accepted_PM = np.stack(
-            [np.random.default_rng([seed, p]).permutation(N)[: rso.num_accepted] for p in range(P)]
-        )
+        accepted_PM = rejection.uniform_sample(rewards=rewards_PN, num_samples=rso.num_accepted, seed=seed)
     pairs_PB = rank(rewards=rewards_PN, samples=accepted_PM, seed=seed + 1)
     p_idx, b_idx = np.nonzero(pairs_PB.valid_PB)  # pairs with a reward tie are dropped
     pairs, cut = candidates.pairs(
