@@ -1,7 +1,11 @@
-"""Training stages built from the library's pieces: `sft`, `reward`, `preference`, and the pipelines
-that chain them, `rso` and `inpo`.
+"""Training stages and the pipelines that chain them, built from the library's pieces.
 
-Each stage is `run(stage_config, workdir) -> results` over a frozen `config.StageConfig`, in a directory
-keyed by its fingerprint (`fingerprints`); the launcher (`python -m launch.train`) builds the configs
-from an experiment's ConfigDict.
+Stages: `sft`, `reward` and `preference` (each `run(stage_config, workdir) -> results` over a frozen
+`config.StageConfig`, in a directory keyed by its fingerprint, `fingerprints`). Pipelines, one per
+module, each with `plan(config)` (the experiment's ConfigDict validated into its frozen stage configs)
+and `run_pipeline(plan, workdir)`: `sft`, `reward`, `preference`, and the algorithms with their own
+loop, `rso` and `inpo`. The launcher (`python -m launch.train`) holds the table of pipelines.
+Shared pieces: `training` (a stage's optimizer, state, step, restore and loop from its config),
+`tasks` (examples, tokenizer, layouts), `workdir` (a stage directory's files), `candidates` (online
+samples into pairs), `evaluation` (win rates against the SFT policy).
 """
