@@ -373,7 +373,7 @@ def test_mixed_precision_step_runs_in_bfloat16():
 # Non-finite limits, SIGTERM, host syncs and config validation (issue 14, items 9-11).
 
 
-def _run_loop(tmp_path, model_and_params, *, bad_at=(), callback=None, **config):
+def _run_loop(tmp_path, model_and_params, *, bad_at=(), callback=None, checkpoint_every=0, **config):
     """The loop over 8 SFT steps whose batches at `bad_at` have an infinite weight (a non-finite loss)."""
     model, params = model_and_params
     tx = optax.adam(1e-3)
@@ -384,7 +384,9 @@ def _run_loop(tmp_path, model_and_params, *, bad_at=(), callback=None, **config)
             b = _sft_batch(rng)
             yield dict(b, weights=b["weights"] * np.float32("inf")) if i in bad_at else b
 
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=0, keep=2, async_save=True)
+    ckpt = checkpoint.Checkpointer(
+        str(tmp_path / "ckpt"), every_steps=checkpoint_every, keep=2, async_save=True
+    )
     writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
     try:
         return trainer.fit(
@@ -432,6 +434,28 @@ def test_sigterm_finishes_the_step_saves_and_raises_preempted(tmp_path, model_an
     assert ck.all_steps() == [4]
     ck.close()
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [4]
+
+
+@pytest.mark.parametrize(
+    "log_every,checkpoint_every,logged", [(2, 0, [2, 4]), (2, 4, [2, 4]), (5, 2, [2, 4])]
+)
+def test_sigterm_at_a_log_or_checkpoint_step_logs_it_once(tmp_path, model_and_params, log_every,
+                                                          checkpoint_every, logged):  # fmt: skip
+    """The stop step's metrics are written once whether it was already a log step, a checkpoint step
+    (fetched before the save) or neither, and the checkpoints are those of the cadence plus the stop."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        kill_at_3 = lambda step, state: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(preemption.Preempted) as info:
+            _run_loop(tmp_path, model_and_params, callback=kill_at_3, log_every=log_every,
+                      checkpoint_every=checkpoint_every)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.step == 4
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == logged
+    ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=0)
+    assert ck.all_steps() == ([2, 4] if checkpoint_every == 2 else [4])
+    ck.close()
 
 
 def _tiny_sft_stage(workdir, *, num_steps, log_every):

@@ -282,7 +282,8 @@ def fit(
             flush()  # the previous log step's metrics, while this step runs
             last = step == config.steps
             saving = checkpointer is not None and (last or checkpointer.should_save(step))
-            if last or saving or step % config.log_every == 0:
+            logged = last or saving or step % config.log_every == 0
+            if logged:
                 pending, tokens = (step, metrics, tokens), 0
             if saving:
                 # Saving waits for the step anyway; checking it first keeps a stopped run's checkpoints
@@ -290,7 +291,7 @@ def fit(
                 flush()
                 checkpointer.save(step, state, data_iterator, force=True)
             if preemption.reached(step):
-                if pending is None:
+                if not logged:
                     pending, tokens = (step, metrics, tokens), 0
                 flush()
                 if checkpointer is not None:
