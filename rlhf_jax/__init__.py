@@ -26,7 +26,8 @@ Public modules:
                           log-probs) and a registry (``losses.make``, ``losses.names``)
   ``rlhf_jax.models``     the Flax decoder, reward and ranking heads, KV cache, presets, sharded init
   ``rlhf_jax.sharding``   the device mesh and the logical-axis rules
-  ``rlhf_jax.sampling``   jitted KV-cached sampling and reward-model scoring
+  ``rlhf_jax.sampling``   jitted KV-cached sampling
+  ``rlhf_jax.scoring``    samples as training rows, reward and ranking scores, log-probs, the chunk runner
   ``rlhf_jax.rejection``  RSO's statistical rejection sampling and pair ranking
   ``rlhf_jax.data``       readers, record formats, tokenizer, grain pipelines, the synthetic TL;DR task
   ``rlhf_jax.train``      the jitted train step, loop, optimizers, checkpoints, metrics
