@@ -1,11 +1,11 @@
-"""Batch sampling from the KV-cached policy, samples as training rows, and reward scoring.
+"""Batch sampling from the KV-cached policy.
 
     policy = sampling.SamplingConfig(max_new_tokens=64, temperature=0.7, top_k=40)   # RSO's setting
     out = sampling.sample(model, params, prompt_tokens_PT, prompt_lengths_P, config=policy,
                           num_samples=8, rng=jax.random.key(0), eos_id=tok.eos_id, pad_id=tok.pad_id)
     out.tokens_PNT        # [P, N, T] completions, T = max_new_tokens, PAD after EOS
-    batch = sampling.completions_to_batch(prompt_tokens_PT, prompt_lengths_P, out.tokens_PNT,
-                                          out.lengths_PN, pad_id=tok.pad_id)   # P*N rows, (p, n) order
+    batch = scoring.completions_to_batch(prompt_tokens_PT, prompt_lengths_P, out.tokens_PNT,
+                                         out.lengths_PN, pad_id=tok.pad_id)   # P*N rows, (p, n) order
 
 Decoding is one jitted function: each prompt is prefilled once, its cache repeated N times, and a
 `lax.while_loop` of `models.decode_step` runs over an explicit `SamplerState` until every row has
@@ -16,9 +16,12 @@ fold_in(that, t), so what a prompt gets depends on neither its batch, its row no
 
 Log-probs: `logps_PN` is log π(y | x) under the model's own distribution (untempered, untruncated),
 summed over the completion tokens including EOS: the trainer's `steps.sequence_logps` of the rows that
-`completions_to_batch` builds, up to float32 reduction order (tests/test_sampling.py states the
+`scoring.completions_to_batch` builds, up to float32 reduction order (tests/test_sampling.py states the
 tolerance). `sampling_logps_PN` is the log-prob under the distribution actually sampled from (after
 temperature, top-k and top-p; 0 for greedy decoding).
+
+Samples become training rows, and get rewards, in `rlhf_jax.scoring`; its old names here
+(`completions_to_batch`, `score_pointwise`, `ranking_batch`, `score_pairwise`) are re-exports.
 """
 
 from __future__ import annotations
@@ -26,34 +29,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
-from rlhf_jax import models, sharding
-from rlhf_jax.data import pipeline
-from rlhf_jax.data import records as rec
+from rlhf_jax import models, scoring, sharding
+
+# Moved to rlhf_jax.scoring; kept for existing callers.
+from rlhf_jax.scoring import completions_to_batch, ranking_batch, score_pairwise, score_pointwise
 
 __all__ = [
     "SampleOutput",
     "SamplerState",
     "SamplingConfig",
     "choose",
-    "completions_to_batch",
     "decode",
     "init_state",
     "log_prob",
-    "ranking_batch",
     "sample",
+    "top_k",
+    # moved to rlhf_jax.scoring; kept for existing callers
+    "completions_to_batch",
+    "ranking_batch",
     "score_pairwise",
     "score_pointwise",
-    "top_k",
 ]
 
 
@@ -366,8 +368,8 @@ def sample(
     every process passes the same prompts and gets all the samples.
 
     Args:
-      model: a `Transformer`; with a mesh, rows are split over its batch axes (prompts are padded with
-        dummy rows to a multiple of the batch shards, and those rows dropped).
+      model: a `Transformer`; with a mesh, rows are split over its batch axes (`scoring.map_chunks`
+        pads the prompts with copies of the first to a multiple of the batch shards, and drops them).
       params: its parameters (sharded as `models.param_shardings(model)` when there is a mesh).
       prompt_tokens_PT: int prompts (BOS + prompt) right-padded, e.g. `pipeline` prompt batches.
       prompt_lengths_P: their true lengths, each >= 1.
@@ -400,199 +402,15 @@ def sample(
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     inputs = [prompt_tokens_PT, prompt_lengths_P, prompt_ids_P.astype(np.int32)]
-    inputs = _pad_rows(inputs, P, model.mesh, model.rules)
     # EOS is an argument, not a constant, so one compilation serves every EOS id (-1: never stop early).
     scalars = [rng, np.int32(-1 if eos_id is None else eos_id)]
     if model.mesh is not None:
-        inputs = sharding.put(inputs, sharding.batch_sharding(model.mesh, model.rules))
         scalars = sharding.put(scalars, sharding.replicated(model.mesh))
     generate = _jitted_generate(model, config, num_samples, pad_id)
-    outs = [_to_host(x)[: P * num_samples] for x in generate(params, *inputs, *scalars)]
+    # One chunk of all P prompts; its N outputs per prompt come back as P*N rows.
+    outs = scoring.map_chunks(
+        lambda chunk: generate(params, *chunk, *scalars), inputs, batch_size=P, mesh=model.mesh,
+        rules=model.rules,
+    )  # fmt: skip
     tokens, lengths, logps, sampling_logps, done = (x.reshape(P, num_samples, *x.shape[1:]) for x in outs)
     return SampleOutput(tokens, lengths, logps, sampling_logps, done)
-
-
-def _batch_shards(mesh: Mesh | None, rules) -> int:
-    """How many ways the batch axis is split on `mesh` (1 without one)."""
-    if mesh is None:
-        return 1
-    axes = sharding.batch_sharding(mesh, rules).spec[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _pad_rows(arrays: list[np.ndarray], rows: int, mesh: Mesh | None, rules) -> list[np.ndarray]:
-    """Pads each array's leading axis to `rows` rounded up to the batch shards, repeating its first row."""
-    shards = _batch_shards(mesh, rules)
-    padded = -(-rows // shards) * shards
-    return [np.concatenate([x, np.repeat(x[:1], padded - len(x), axis=0)]) for x in arrays]
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on this host (gathered from every process when it spans several)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Samples as training rows, and their rewards.
-
-
-def completions_to_batch(
-    prompt_tokens_PT,
-    prompt_lengths_P,
-    completion_tokens,
-    completion_lengths,
-    *,
-    pad_id: int,
-    max_len: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Rows of prompt + completion in the pipeline's SFT layout (`rlhf_jax.data.pipeline`).
-
-    Args:
-      prompt_tokens_PT: prompts (BOS + prompt) right-padded.
-      prompt_lengths_P: their lengths.
-      completion_tokens: [P, N, Tc] (or [P, Tc]) completions, e.g. `SampleOutput.tokens_PNT`; the EOS,
-        when there is one, is the last of the `completion_lengths` tokens.
-      completion_lengths: [P, N] (or [P]) completion lengths, EOS included.
-      pad_id: the padding id.
-      max_len: the row width; default the prompt width plus the completion width.
-
-    Returns:
-      numpy `tokens`, `targets`, `segment_ids` [P*N, max_len] int32, `loss_mask` [P*N, max_len]
-      float32, `prompt_lengths` and `lengths` [P*N] int32; rows in (p, n) order. Raises ValueError if a
-      row does not fit in `max_len`.
-    """
-    prompts_PT = np.asarray(prompt_tokens_PT, np.int32)
-    completions = np.asarray(completion_tokens, np.int32)
-    P, Tp = prompts_PT.shape
-    N = completions.shape[1] if completions.ndim == 3 else 1
-    completions_BT = completions.reshape(P * N, completions.shape[-1])
-    lengths_B = np.asarray(completion_lengths, np.int32).reshape(P * N)
-    prompt_lengths_B = np.repeat(np.asarray(prompt_lengths_P, np.int32), N)
-    prompts_BT = np.repeat(prompts_PT, N, axis=0)
-    max_len = Tp + completions_BT.shape[1] if max_len is None else max_len
-    total_B = prompt_lengths_B + lengths_B
-    if (total_B > max_len).any():
-        b = int(np.argmax(total_B > max_len))
-        raise ValueError(
-            f"row {b}: prompt {prompt_lengths_B[b]} + completion {lengths_B[b]} > max_len {max_len}"
-        )
-    j_T = np.arange(max_len)[None, :]
-    in_prompt_BT = j_T < prompt_lengths_B[:, None]
-    in_completion_BT = ~in_prompt_BT & (j_T < total_B[:, None])
-    from_prompt_BT = np.take_along_axis(prompts_BT, np.minimum(j_T, Tp - 1).repeat(P * N, 0), axis=1)
-    c_index_BT = np.clip(j_T - prompt_lengths_B[:, None], 0, completions_BT.shape[1] - 1)
-    from_completion_BT = np.take_along_axis(completions_BT, c_index_BT, axis=1)
-    tokens_BT = np.where(in_prompt_BT, from_prompt_BT, np.where(in_completion_BT, from_completion_BT, pad_id))
-    targets_BT = np.full_like(tokens_BT, pad_id)
-    targets_BT[:, :-1] = np.where(j_T[:, 1:] < total_B[:, None], tokens_BT[:, 1:], pad_id)
-    loss_BT = (j_T >= prompt_lengths_B[:, None] - 1) & (j_T < total_B[:, None] - 1)
-    return {
-        "tokens": tokens_BT.astype(np.int32),
-        "targets": targets_BT.astype(np.int32),
-        "loss_mask": loss_BT.astype(np.float32),
-        "segment_ids": (in_prompt_BT | in_completion_BT).astype(np.int32),
-        "prompt_lengths": prompt_lengths_B,
-        "lengths": lengths_B,
-    }
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_reward(model: nn.Module):
-    return jax.jit(
-        lambda params, tokens_BT, segment_ids_BT: model.apply({"params": params}, tokens_BT, segment_ids_BT)
-    )
-
-
-def score_pointwise(reward_model: nn.Module, params, batch: dict, *, batch_size: int = 64) -> np.ndarray:
-    """Rewards r(x, y) of pipeline-layout rows (`completions_to_batch`), `batch_size` rows at a time.
-
-    Args:
-      reward_model: a `RewardModel` (it reads each row's last non-padding token); sharded over its mesh.
-      params: its parameters.
-      batch: a dict with `tokens` and `segment_ids` [B, T].
-      batch_size: rows per forward (rounded up to a multiple of the mesh's batch shards).
-
-    Returns:
-      float32 rewards [B] on the host.
-    """
-    tokens_BT = np.asarray(batch["tokens"], np.int32)
-    segment_ids_BT = np.asarray(batch["segment_ids"], np.int32)
-    B = tokens_BT.shape[0]
-    apply = _jitted_reward(reward_model)
-    rewards = []
-    for start in range(0, B, batch_size):
-        chunk = [tokens_BT[start : start + batch_size], segment_ids_BT[start : start + batch_size]]
-        # Every chunk is padded to the same row count, so one compilation serves them all.
-        chunk = _pad_rows(chunk, batch_size, reward_model.mesh, reward_model.rules)
-        if reward_model.mesh is not None:
-            chunk = sharding.put(chunk, sharding.batch_sharding(reward_model.mesh, reward_model.rules))
-        rewards.append(_to_host(apply(params, *chunk))[: min(batch_size, B - start)])
-    return np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
-
-
-def ranking_batch(
-    tokenizer,
-    prompts: Sequence[str],
-    responses_a: Sequence[str],
-    responses_b: Sequence[str],
-    layout: pipeline.RankingLayout,
-    stats: rec.LoadStats | None = None,
-) -> dict[str, np.ndarray]:
-    """Inputs of RSO's pairwise ranking model in its ranking layout (`pipeline.tokenize_ranking`).
-
-    The ranking-model stage (`rlhf_jax.pipelines.reward`) trains on the same `tokenize_ranking` rows, so
-    at scoring the template, the truncation of each response and the final EOS (the token whose hidden
-    state the head reads) are those of training.
-
-    Args:
-      tokenizer: the tokenizer (`rlhf_jax.data.tokenizer.Tokenizer`).
-      prompts: prompt texts.
-      responses_a: response A of each row (the one whose preference is scored).
-      responses_b: response B of each row.
-      layout: the ranking layout the model was trained with.
-      stats: if given, rows with a response cut are counted in `stats.truncated["ranking_response"]`.
-
-    Returns:
-      The pipeline's SFT batch dict, one row per prompt, `layout.max_len` wide.
-    """
-    data = pipeline.tokenize_ranking(prompts, responses_a, responses_b, tokenizer, layout, stats)
-    return data.batch(np.arange(len(data)), layout.max_len)
-
-
-def score_pairwise(
-    ranking_model: nn.Module,
-    params,
-    tokenizer,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    baselines: Sequence[str],
-    *,
-    layout: pipeline.RankingLayout,
-    batch_size: int = 64,
-    stats: rec.LoadStats | None = None,
-) -> np.ndarray:
-    """RSO's reward from a pairwise ranking model: r(x, y) = logit P(y ≻ y_b | x).
-
-    Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization", Sec. 3: the
-    pairwise reward-ranking model compares each candidate y (as response A) with a baseline SFT sample
-    y_b (as B) of the same prompt; its output is the logit that A is preferred.
-
-    Args:
-      ranking_model: a `RewardModel` trained as the ranking model (`steps.ranking_objective`).
-      params: its parameters.
-      tokenizer: the tokenizer.
-      prompts: prompt texts, one per candidate.
-      responses: the candidates y.
-      baselines: the baseline y_b of each candidate's prompt.
-      layout: the ranking layout the model was trained with.
-      batch_size: rows per forward.
-      stats: if given, rows with a response cut are counted in `stats.truncated["ranking_response"]`.
-
-    Returns:
-      float32 rewards [len(prompts)].
-    """
-    batch = ranking_batch(tokenizer, prompts, responses, baselines, layout, stats)
-    return score_pointwise(ranking_model, params, batch, batch_size=batch_size)

@@ -8,7 +8,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = ("losses", "models", "sharding", "sampling", "train", "rejection", "data", "interop")
+LIBRARY = ("losses", "models", "sharding", "sampling", "scoring", "train", "rejection", "data", "interop")
 UPPER = ("rlhf_jax.pipelines", "launch", "experiments", "bench")
 
 

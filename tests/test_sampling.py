@@ -1,20 +1,19 @@
-"""The sampler: policies, EOS handling, log-probs equal to the trainer's, batch/mesh invariance, scoring.
+"""The sampler: policies, EOS handling, log-probs equal to the trainer's, batch/mesh invariance.
 
 Tolerances (float32): tokens are compared exactly. Sequence log-probs from the sampler and from the
 trainer's full forward (`steps.sequence_logps`) run the same maths through different graphs (cached
 attention one token at a time vs one causal pass), so each token's log-prob differs by rounding only
 (~1e-6 on values of order 5); summed over <= 10 tokens the bound is 1e-4 absolute. The same bound holds
-across meshes (different reduction orders). Rewards of the same rows batched differently: 1e-5.
+across meshes (different reduction orders). Scoring is tested in tests/test_scoring.py.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from random_params import random_params
 
 from rlhf_jax import models, sampling, sharding
-from rlhf_jax.data import pipeline, tokenizer
-from rlhf_jax.data import records as rec
 from rlhf_jax.train import steps
 
 TINY = models.preset("tiny")
@@ -22,24 +21,6 @@ PAD = 0
 P, T, N, NEW = 8, 8, 2, 10
 LOGP_ATOL = 1e-4
 POLICY = sampling.SamplingConfig(max_new_tokens=NEW, temperature=0.7, top_k=40)
-
-
-def random_params(model, seed: int):
-    """Scaled-normal params from numpy: a random model without compiling `init_params` (~8 s on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if "bias" in name:
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        # Stacked layers: the fan-in follows the leading L axis; the output projection reads H x K.
-        dims = leaf.shape[1:] if "layers" in name else leaf.shape
-        fan_in = 1 if "embedding" in name else dims[0] * (dims[1] if "o_kernel" in name else 1)
-        return jnp.asarray(rng.normal(0, fan_in**-0.5, leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, models.param_shapes(model))
 
 
 @pytest.fixture(scope="module")
@@ -251,91 +232,3 @@ def test_decode_loop_stops_when_every_row_is_done(lm):
     assert int(final.step) == NEW
     np.testing.assert_array_equal(final.lengths_B, [1, NEW])
     assert (final.tokens_BT[0] == PAD).all() and (final.tokens_BT[1, 1:] != PAD).any()
-
-
-def test_completions_to_batch_matches_the_pipeline_layout():
-    rng = np.random.default_rng(3)
-    prompt_lengths_P = np.array([1, 5, 3], np.int32)
-    prompts_PT = np.where(np.arange(5) < prompt_lengths_P[:, None], rng.integers(4, 50, (3, 5)), PAD)
-    lengths_PN = np.array([[4, 1], [2, 4], [3, 3]], np.int32)
-    completions_PNT = np.where(np.arange(4) < lengths_PN[..., None], rng.integers(4, 50, (3, 2, 4)), PAD)
-    got = sampling.completions_to_batch(
-        prompts_PT, prompt_lengths_P, completions_PNT, lengths_PN, pad_id=PAD, max_len=11
-    )
-    data = pipeline.TokenizedSFT(
-        prompt_ids=[prompts_PT[p, : prompt_lengths_P[p]] for p in range(3) for _ in range(2)],
-        completion_ids=[completions_PNT[p, n, : lengths_PN[p, n]] for p in range(3) for n in range(2)],
-        weights=np.ones(6, np.float32), pad_id=PAD, max_len=11,
-    )  # fmt: skip
-    want = data.batch(np.arange(6), 11)
-    for key, value in got.items():
-        np.testing.assert_array_equal(value, want[key], err_msg=key)
-    with pytest.raises(ValueError, match="max_len 8"):
-        sampling.completions_to_batch(
-            prompts_PT, prompt_lengths_P, completions_PNT, lengths_PN, pad_id=PAD, max_len=8
-        )
-
-
-def test_score_pointwise_is_independent_of_chunking_and_mesh():
-    rm = models.RewardModel(TINY)
-    params = random_params(rm, 3)
-    rng = np.random.default_rng(4)
-    lengths_P = np.array([3, 1, 2, 3, 2], np.int32)
-    completions_PT = rng.integers(4, TINY.vocab_size, (5, 4)).astype(np.int32)
-    batch = sampling.completions_to_batch(
-        rng.integers(4, TINY.vocab_size, (5, 3)),
-        lengths_P,
-        completions_PT,
-        np.array([4, 2, 1, 3, 4]),
-        pad_id=PAD,
-    )
-    chunked_B = sampling.score_pointwise(rm, params, batch, batch_size=2)  # chunks of 2, 2 and 1 (padded)
-    mesh_rm = models.RewardModel(TINY, mesh=sharding.make_mesh(sharding.MeshConfig(data=8)))
-    whole_B = sampling.score_pointwise(mesh_rm, params, batch, batch_size=8)  # one chunk, 3 dummy rows
-    assert chunked_B.shape == whole_B.shape == (5,) and np.unique(chunked_B).size == 5
-    np.testing.assert_allclose(chunked_B, whole_B, atol=1e-5)
-
-
-def test_score_pairwise_scores_hand_built_ranking_rows():
-    """Each score is the ranking model applied alone (no padding, no batch) to the row built by hand:
-    BOS prompt, "\n\nResponse A:" y, "\n\nResponse B:" y_b, "\n\nWhich response is better?", EOS,
-    each response cut to its share of the layout; swapping y and y_b scores the swapped rows."""
-    tok = tokenizer.train_tokenizer(
-        [f"post {i}: my cat ate the food. Response A: B: Which response is better?" for i in range(40)],
-        vocab_size=300,
-    )
-    rm = models.RewardModel(models.preset("tiny", vocab_size=tok.vocab_size))
-    params = random_params(rm, 5)
-    layout = pipeline.RankingLayout.for_tokenizer(tok, max_prompt_len=16, max_response_len=6)
-    prompts = ["my cat", "the food", "post 3: my cat ate"]
-    ys = [" ate it", " is cold" * 20, " slept"]  # the second is cut
-    baselines = [" slept", " is warm", " ate the food and the cat ate the food" * 3]  # the third is cut
-    before, middle, question = (tok.encode(t) for t in ("\n\nResponse A:", "\n\nResponse B:",
-                                                        "\n\nWhich response is better?"))  # fmt: skip
-    template = len(before) + len(middle) + len(question)
-    max_len = 16 + 2 * 6 + template + 1
-    assert layout.max_len == max_len
-
-    def row(prompt, a, b):
-        p_ids = [tok.bos_id, *tok.encode(prompt)]
-        budget = (max_len - 1 - template - len(p_ids)) // 2
-        return [
-            *p_ids,
-            *before,
-            *tok.encode(a)[:budget],
-            *middle,
-            *tok.encode(b)[:budget],
-            *question,
-            tok.eos_id,
-        ]
-
-    apply = jax.jit(rm.apply)
-    for a, b in ((ys, baselines), (baselines, ys)):
-        want = [
-            float(apply({"params": params}, jnp.array([row(*r)]))[0]) for r in zip(prompts, a, b, strict=True)
-        ]
-        cut = rec.LoadStats()
-        got = sampling.score_pairwise(rm, params, tok, prompts, a, b, layout=layout, batch_size=2, stats=cut)
-        assert got.shape == (3,) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, atol=1e-5)
-        assert cut.truncated["ranking_response"] == 2  # rows 1 and 2 lose the end of a response

@@ -5,7 +5,8 @@ On held-out prompts, S samples per prompt are drawn from the trained policy and 
 
   * by the **gold reward** r*(x, y) when the task has one (the synthetic TL;DR task);
   * by the **proxy**: a pointwise reward model (compare r(x, y)), or RSO's pairwise ranking model
-    (compare the logit of P(policy ≻ SFT), averaged over both A/B orders to cancel position bias);
+    (compare the logit of P(policy ≻ SFT), averaged over both A/B orders to cancel position bias:
+    `scoring.pairwise_logits`);
 
 a win counts 1, a tie 1/2. Win rates are means over prompts of the per-prompt mean, with 95% intervals
 from a bootstrap over prompts (1,000 resamples, seeded). Also: the win rate against the reference
@@ -28,10 +29,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rlhf_jax import sampling, sharding
+from rlhf_jax import sampling, scoring
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.train import steps
 
 RESULT_KEYS = (
     "win_rate_vs_sft_gold",
@@ -86,32 +86,6 @@ def bootstrap_ci(per_prompt: np.ndarray, *, resamples: int, seed: int) -> list[f
     n = len(per_prompt)
     means = per_prompt[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def policy_logps(model, params, batch: dict, *, batch_size: int) -> np.ndarray:
-    """Trainer log-probs log π(y|x) of pipeline-layout rows, `batch_size` rows at a time, on the mesh."""
-    mesh = model.mesh
-    fn = jax.jit(
-        lambda p, b: steps.sequence_logps(
-            model, p, b["tokens"], b["targets"], b["loss_mask"], b["segment_ids"]
-        ),
-        out_shardings=None if mesh is None else sharding.replicated(mesh),
-    )
-    keys = ("tokens", "targets", "loss_mask", "segment_ids")
-    n = batch["tokens"].shape[0]
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = {k: batch[k][start : start + batch_size] for k in keys}
-        rows = chunk["tokens"].shape[0]
-        if rows < batch_size:  # one compiled shape: pad with empty rows
-            chunk = {
-                k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
-                for k, v in chunk.items()
-            }
-        if mesh is not None:
-            chunk = sharding.put(chunk, sharding.batch_sharding(mesh, model.rules))
-        out.append(np.asarray(jax.device_get(fn(params, chunk)))[:rows])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def decode_text(tokenizer, ids) -> str:
@@ -184,12 +158,12 @@ def evaluate_against_sft(
     prompts_and_lengths = (pb["prompt_tokens"], pb["prompt_lengths"])
     plain = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens)
     kl = sampling.sample(model, policy_params, *prompts_and_lengths, **{**kw, "config": plain})
-    kl_rows = sampling.completions_to_batch(
+    kl_rows = scoring.completions_to_batch(
         *prompts_and_lengths, kl.tokens_PNT, kl.lengths_PN, pad_id=tokenizer.pad_id
     )
-    sft_logps = policy_logps(model, sft_params, kl_rows, batch_size=batch_size).reshape(P, S)
+    sft_logps = scoring.sequence_logps(model, sft_params, kl_rows, batch_size=batch_size).reshape(P, S)
     out["kl_to_sft"] = float(np.mean(kl.logps_PN - sft_logps))
-    rows = sampling.completions_to_batch(
+    rows = scoring.completions_to_batch(
         *prompts_and_lengths, pol.tokens_PNT, pol.lengths_PN, pad_id=tokenizer.pad_id
     )
 
@@ -209,15 +183,11 @@ def evaluate_against_sft(
 
     if proxy is not None:
         if proxy.kind == "pointwise":
-            sft_rows = sampling.completions_to_batch(
+            sft_rows = scoring.completions_to_batch(
                 *prompts_and_lengths, ref.tokens_PNT, ref.lengths_PN, pad_id=tokenizer.pad_id
             )
-            r_pol = sampling.score_pointwise(proxy.model, proxy.params, rows, batch_size=batch_size).reshape(
-                P, S
-            )
-            r_sft = sampling.score_pointwise(
-                proxy.model, proxy.params, sft_rows, batch_size=batch_size
-            ).reshape(P, S)
+            score = lambda r: scoring.score_pointwise(proxy.model, proxy.params, r, batch_size=batch_size)
+            r_pol, r_sft = score(rows).reshape(P, S), score(sft_rows).reshape(P, S)
             summarize("win_rate_vs_sft_proxy", win_rate(r_pol, r_sft))
             out["proxy_reward_policy"], out["proxy_reward_sft"] = float(r_pol.mean()), float(r_sft.mean())
         else:
@@ -225,17 +195,12 @@ def evaluate_against_sft(
             a = [t for row in pol_text for t in row]
             b = [t for row in sft_text for t in row]
             cut = rec.LoadStats()
-            kw = dict(layout=proxy.layout, batch_size=batch_size)
-            ab = sampling.score_pairwise(
-                proxy.model, proxy.params, tokenizer, flat_prompts, a, b, stats=cut, **kw
-            )
-            # The swapped rows have the same cuts (both responses of a row share one budget).
-            ba = sampling.score_pairwise(proxy.model, proxy.params, tokenizer, flat_prompts, b, a, **kw)
-            logit = (0.5 * (np.asarray(ab) - np.asarray(ba))).reshape(P, S)
+            logit = scoring.pairwise_logits(
+                proxy.model, proxy.params, tokenizer, flat_prompts, a, b, layout=proxy.layout,
+                batch_size=batch_size, stats=cut, what="evaluation (ranking-model proxy)",
+            ).reshape(P, S)  # fmt: skip
             summarize("win_rate_vs_sft_proxy", win_rate(logit, 0.0))
-            out["proxy_ranking_truncated_fraction"] = pipeline.ranking_truncated_fraction(
-                cut, len(flat_prompts), "evaluation (ranking-model proxy)"
-            )
+            out["proxy_ranking_truncated_fraction"] = cut.truncated["ranking_response"] / len(flat_prompts)
     return out
 
 
