@@ -108,17 +108,17 @@ class SamplingConfig:
             V = scaled_BV.shape[-1]
             k = min(self.top_k or V, V)
             if k < V or self.top_p < 1:
-                # C: candidate tokens, sorted by probability (the top k, or all V for top-p alone).
-                cand_BC, index_BC = top_k(scaled_BV, k)
+                # A: candidate tokens, sorted by probability (the top k, or all V for top-p alone).
+                cand_BA, index_BA = top_k(scaled_BV, k)
             else:
-                cand_BC, index_BC = scaled_BV, None
+                cand_BA, index_BA = scaled_BV, None
             if self.top_p < 1:
-                probs_BC = jax.nn.softmax(cand_BC, axis=-1)
-                mass_before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
-                cand_BC = jnp.where(mass_before_BC < self.top_p, cand_BC, -jnp.inf)
-            choice_B = jax.vmap(jax.random.categorical)(keys_B, cand_BC).astype(jnp.int32)
-            sampling_logps_B = _take(jax.nn.log_softmax(cand_BC, axis=-1), choice_B)
-            tokens_B = choice_B if index_BC is None else _take(index_BC, choice_B)
+                probs_BA = jax.nn.softmax(cand_BA, axis=-1)
+                mass_before_BA = jnp.cumsum(probs_BA, axis=-1) - probs_BA
+                cand_BA = jnp.where(mass_before_BA < self.top_p, cand_BA, -jnp.inf)
+            choice_B = jax.vmap(jax.random.categorical)(keys_B, cand_BA).astype(jnp.int32)
+            sampling_logps_B = _take(jax.nn.log_softmax(cand_BA, axis=-1), choice_B)
+            tokens_B = choice_B if index_BA is None else _take(index_BA, choice_B)
         return tokens_B, log_prob(logits_BV, tokens_B), sampling_logps_B
 
 
@@ -126,11 +126,10 @@ def top_k(x_BV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Exactly `jax.lax.top_k(x_BV, k)`: the k largest values of each row, descending, and their int32
     indices (equal values in index order), found through chunk maxima; much faster on CPU for k << V.
 
-    XLA:CPU's top-k costs ~20 ns per element (3 ms for [64, 8192], 50 ms for [64, 262144]). Here each
-    row is cut into N chunks of C elements (C ~ sqrt(V / k), a power of two); the k chunks with the
-    largest maxima hold every top-k element, so the exact top-k runs over those k·C values only (after
-    one over the N chunk maxima): in a one-off micro-benchmark (k = 40, 64 rows, a 2-core CPU), 1.4x
-    faster at V = 8192, 2.4x at 32768, 6x at 262144.
+    XLA:CPU's top-k costs time per element of the row (measurements in bench/README.md). Here each row
+    is cut into I chunks of C elements (C ~ sqrt(V / k), a power of two); the k chunks with the largest
+    maxima hold every top-k element, so the exact top-k runs over those k·C values only (after one over
+    the I chunk maxima), which is faster on CPU the larger V / k.
 
     Why the k chunks suffice: let e be a top-k element, in chunk c. Every chunk ranked above c (larger
     maximum, or an equal one and a lower index) holds an element ranked above e (its maximum: larger
@@ -144,22 +143,22 @@ def top_k(x_BV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
       k: how many, 1 <= k <= V.
 
     Returns:
-      (values_Bk, indices_Bk), as `jax.lax.top_k`.
+      (values_BA, indices_BA), A = k, as `jax.lax.top_k`.
     """
     B, V = x_BV.shape
     C = min(2 ** round(math.log2(math.sqrt(V / k))), V // k)  # ~sqrt(V / k), and at least k chunks
     if C < 2 or 2 * k * C > V:  # no gain: the direct top-k
         return jax.lax.top_k(x_BV, k)
-    N = -(-V // C)
-    if N * C > V:
-        x_BV = jnp.pad(x_BV, ((0, 0), (0, N * C - V)), constant_values=-jnp.inf)
-    x_BNC = x_BV.reshape(B, N, C)
-    _, chunks_Bk = jax.lax.top_k(jnp.max(x_BNC, axis=-1), k)
-    chunks_Bk = jnp.sort(chunks_Bk, axis=-1)
-    cand_BkC = jnp.take_along_axis(x_BNC, chunks_Bk[:, :, None], axis=1)
-    values_Bk, pos_Bk = jax.lax.top_k(cand_BkC.reshape(B, k * C), k)
-    indices_Bk = jnp.take_along_axis(chunks_Bk, pos_Bk // C, axis=1) * C + pos_Bk % C
-    return values_Bk, indices_Bk.astype(jnp.int32)
+    I = -(-V // C)  # noqa: E741 - the dimension key's letter for chunks
+    if I * C > V:
+        x_BV = jnp.pad(x_BV, ((0, 0), (0, I * C - V)), constant_values=-jnp.inf)
+    x_BIC = x_BV.reshape(B, I, C)
+    _, chunks_BA = jax.lax.top_k(jnp.max(x_BIC, axis=-1), k)
+    chunks_BA = jnp.sort(chunks_BA, axis=-1)
+    cand_BAC = jnp.take_along_axis(x_BIC, chunks_BA[:, :, None], axis=1)
+    values_BA, pos_BA = jax.lax.top_k(cand_BAC.reshape(B, k * C), k)
+    indices_BA = jnp.take_along_axis(chunks_BA, pos_BA // C, axis=1) * C + pos_BA % C
+    return values_BA, indices_BA.astype(jnp.int32)
 
 
 def log_prob(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ from rlhf_jax import models
 
 
 def random_params(model, seed: int):
-    """Scaled-normal params from numpy: a random model without compiling `init_params` (~8 s on CPU)."""
+    """Scaled-normal params from numpy: a random model without compiling `init_params` (slow on CPU)."""
     rng = np.random.default_rng(seed)
 
     def one(path, leaf):

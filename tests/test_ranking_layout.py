@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import models, sampling
+from rlhf_jax import models, scoring
 from rlhf_jax.data import pipeline, tokenizer
 from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import candidates, reward, tasks
@@ -49,7 +49,7 @@ def test_no_ranking_input_loses_its_tail(tok):
     layout = pipeline.RankingLayout.for_tokenizer(tok, max_prompt_len=12, max_response_len=10)
     prompts, a, b = varied_rows(0, 200)
     stats = rec.LoadStats()
-    batch = sampling.ranking_batch(tok, prompts, a, b, layout, stats)
+    batch = scoring.ranking_batch(tok, prompts, a, b, layout, stats)
     assert stats.truncated["prompt"] > 0 and stats.truncated["ranking_response"] > 0  # overlong rows
     tail = [*template_ids(tok)[2], tok.eos_id]
     ends = batch["prompt_lengths"] + batch["lengths"]
@@ -153,7 +153,7 @@ def saved_proxy(tok, tmp_path_factory):
 
 
 def test_training_and_scoring_build_the_same_ids(tok, saved_proxy):
-    """The reward stage's rows (`reward.ranking_data`) equal the scorer's (`sampling.ranking_batch`) for
+    """The reward stage's rows (`reward.ranking_data`) equal the scorer's (`scoring.ranking_batch`) for
     the same pairs, with the layout read back from the model's workdir by `reward.load_proxy`."""
     layout, proxy = saved_proxy
     assert proxy.kind == "pairwise" and proxy.layout == layout
@@ -163,7 +163,7 @@ def test_training_and_scoring_build_the_same_ids(tok, saved_proxy):
     assert 0 < labels.sum() < len(labels)  # both A/B orders occur
     first = [x if f else y for x, y, f in zip(a, b, labels, strict=True)]
     second = [y if f else x for x, y, f in zip(a, b, labels, strict=True)]
-    scored = sampling.ranking_batch(tok, prompts, first, second, proxy.layout)
+    scored = scoring.ranking_batch(tok, prompts, first, second, proxy.layout)
     trained = train.batch(np.arange(len(train)), layout.max_len)
     for key in ("tokens", "segment_ids"):
         np.testing.assert_array_equal(scored[key], trained[key], err_msg=key)
@@ -188,7 +188,7 @@ def test_swapping_a_and_b_flips_the_averaged_logit(tok, saved_proxy):
     ba = candidates.pairwise_logits(proxy, tok, prompts, b, a, batch_size=8)
     np.testing.assert_allclose(ab, -ba, atol=1e-6)
     kw = dict(layout=layout, batch_size=8)
-    one_order = sampling.score_pairwise(proxy.model, proxy.params, tok, prompts, a, b, **kw)
-    other = sampling.score_pairwise(proxy.model, proxy.params, tok, prompts, b, a, **kw)
+    one_order = scoring.score_pairwise(proxy.model, proxy.params, tok, prompts, a, b, **kw)
+    other = scoring.score_pairwise(proxy.model, proxy.params, tok, prompts, b, a, **kw)
     np.testing.assert_allclose(ab, 0.5 * (one_order - other), atol=1e-6)
     assert not np.allclose(ab, one_order, atol=1e-4)

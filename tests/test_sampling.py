@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from rlhf_jax import models, sampling, sharding
+from rlhf_jax import models, sampling, scoring, sharding
 from rlhf_jax.train import steps
 
 TINY = models.preset("tiny")
@@ -146,7 +146,7 @@ def test_eos_stopping_and_layout(eos_run):
 def test_logps_equal_trainer_logps(lm, prompts, eos_run):
     model, params = lm
     for out in eos_run[::2]:
-        batch = sampling.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
+        batch = scoring.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
         trainer_B = jax.jit(steps.sequence_logps, static_argnums=0)(
             model, params, batch["tokens"], batch["targets"], batch["loss_mask"], batch["segment_ids"]
         )
@@ -159,7 +159,7 @@ def test_sampling_logps_are_the_tempered_top_k_logps(lm, prompts, eos_run):
     logits, at the sampled token, summed. Holds for any seed (RSO's proposal correction relies on it)."""
     model, params = lm
     for out in eos_run[::2]:
-        batch = sampling.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
+        batch = scoring.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
         logits_BTV = jax.jit(model.apply)(
             {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"]
         )
@@ -207,7 +207,7 @@ def test_greedy_follows_the_full_forward_argmax(lm, prompts):
         rng=jax.random.key(0), eos_id=None, pad_id=PAD,
     )  # fmt: skip
     np.testing.assert_array_equal(out.tokens_PNT[:, 0], out.tokens_PNT[:, 1])
-    batch = sampling.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
+    batch = scoring.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
     logits_BTV = jax.jit(model.apply)(
         {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"]
     )

@@ -7,9 +7,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import sampling, scoring
 from rlhf_jax.data import pipeline
-from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import evaluation
 from rlhf_jax.pipelines import workdir as workdir_io
 
@@ -23,21 +22,21 @@ def draw(model, params, pb: dict, *, num_samples: int, config: sampling.Sampling
       `config`: log q).
     """
     P = pb["prompt_tokens"].shape[0]
-    chunk = max(1, min(P, 2048 // num_samples))
-    tokens, lengths, logps, sampling_logps = [], [], [], []
-    for start in range(0, P, chunk):
-        ids = np.arange(start, min(start + chunk, P))
-        rows = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])  # pad the last chunk
+
+    def sample(chunk):
+        prompt_tokens, prompt_lengths, prompt_ids = chunk
         out = sampling.sample(
-            model, params, pb["prompt_tokens"][rows], pb["prompt_lengths"][rows], config=config,
-            num_samples=num_samples, rng=jax.random.key(seed), eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, prompt_ids=rows,
+            model, params, prompt_tokens, prompt_lengths, config=config, num_samples=num_samples,
+            rng=jax.random.key(seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=prompt_ids,
         )  # fmt: skip
-        tokens.append(out.tokens_PNT[: len(ids)])
-        lengths.append(out.lengths_PN[: len(ids)])
-        logps.append(out.logps_PN[: len(ids)])
-        sampling_logps.append(out.sampling_logps_PN[: len(ids)])
-    return tuple(map(np.concatenate, (tokens, lengths, logps, sampling_logps)))
+        return out.tokens_PNT, out.lengths_PN, out.logps_PN, out.sampling_logps_PN
+
+    # `sample` places its chunk on the model's mesh itself (no mesh here); [P, N, ...] come back.
+    out = scoring.map_chunks(
+        sample, [pb["prompt_tokens"], pb["prompt_lengths"], np.arange(P)],
+        batch_size=max(1, min(P, 2048 // num_samples)),
+    )  # fmt: skip
+    return tuple(np.asarray(x) for x in out)
 
 
 def pointwise_rewards(
@@ -45,35 +44,20 @@ def pointwise_rewards(
 ):
     """Reward-model scores r(x, y) of every candidate: [P, N]."""
     P, N = lengths_PN.shape
-    rows = sampling.completions_to_batch(pb["prompt_tokens"], pb["prompt_lengths"], tokens_PNT, lengths_PN,
-                                         pad_id=pad_id)  # fmt: skip
-    return sampling.score_pointwise(proxy.model, proxy.params, rows, batch_size=batch_size).reshape(P, N)
+    rows = scoring.completions_to_batch(pb["prompt_tokens"], pb["prompt_lengths"], tokens_PNT, lengths_PN,
+                                        pad_id=pad_id)  # fmt: skip
+    return scoring.score_pointwise(proxy.model, proxy.params, rows, batch_size=batch_size).reshape(P, N)
 
 
 def pairwise_logits(
     proxy: evaluation.Proxy, tokenizer, prompts, a_texts, b_texts, *, batch_size: int, stats=None
 ):
-    """Ranking-model logits of P(a ≻ b), averaged over both A/B orders (cancels position bias): [K].
-
-    Inputs are built in the ranking layout the model was trained with (`proxy.layout`); rows with a
-    response cut are added to `stats.truncated["ranking_response"]` when `stats` is given, and a warning
-    is logged when they are more than 5% of the K.
-    """
-    cut = rec.LoadStats()
-    kw = dict(layout=proxy.layout, batch_size=batch_size)
-    ab = np.asarray(
-        sampling.score_pairwise(
-            proxy.model, proxy.params, tokenizer, prompts, a_texts, b_texts, stats=cut, **kw
-        )
-    )
-    # The swapped rows have the same cuts (both responses of a row share one budget).
-    ba = np.asarray(
-        sampling.score_pairwise(proxy.model, proxy.params, tokenizer, prompts, b_texts, a_texts, **kw)
-    )
-    pipeline.ranking_truncated_fraction(cut, len(prompts), "ranking-model scoring")
-    if stats is not None:
-        stats.truncated.update(cut.truncated)
-    return 0.5 * (ab - ba)
+    """The ranking model `proxy`'s logits of P(a ≻ b), averaged over both A/B orders
+    (`scoring.pairwise_logits`, in the layout it was trained with): [K]."""
+    return scoring.pairwise_logits(
+        proxy.model, proxy.params, tokenizer, prompts, a_texts, b_texts, layout=proxy.layout,
+        batch_size=batch_size, stats=stats,
+    )  # fmt: skip
 
 
 def pairs(cand: dict, prompt_idx, chosen_idx, rejected_idx, *, pad_id: int, max_len: int):

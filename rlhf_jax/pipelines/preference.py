@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rlhf_jax import losses, models, sharding
+from rlhf_jax import losses, models, scoring, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import evaluation, fingerprints, reward, sft, tasks, training
@@ -47,21 +47,13 @@ def loss_inputs(name: str) -> tuple[str, ...]:
 
 
 def compute_pair_logps(model, params, data, *, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-probs of every pair's chosen and rejected response under `params`: two [N] arrays."""
+    """Summed log-probs of every pair's chosen and rejected response under `params`: two [X] arrays."""
     fn = jax.jit(lambda p, b: steps.pair_logps(model, p, b), out_shardings=sharding.replicated(mesh))
-    n = len(data)
-    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    it = iter(pipeline.batches(data, global_batch_size=batch_size, shuffle=False, num_epochs=1,
-                               drop_remainder=False, process_index=0, process_count=1))  # fmt: skip
-    rows = sharding.process_rows(mesh, batch_size)
-    for full in it:
-        local = {k: v[rows] for k, v in full.items()}
-        c, r = jax.device_get(fn(params, sharding.shard_batch(local, mesh)))
-        c, r = np.asarray(c), np.asarray(r)
-        ids = full["example_ids"]
-        keep = ids >= 0
-        chosen[ids[keep]], rejected[ids[keep]] = c[keep], r[keep]
-    return chosen, rejected
+    chosen_X, rejected_X = scoring.map_chunks(
+        lambda chunk: fn(params, chunk), lambda ids: data.batch(ids, data.max_len), num_rows=len(data),
+        batch_size=batch_size, mesh=mesh,
+    )  # fmt: skip
+    return np.asarray(chosen_X, np.float32), np.asarray(rejected_X, np.float32)
 
 
 def with_logps(prefix: str, chosen_X: np.ndarray, rejected_X: np.ndarray):

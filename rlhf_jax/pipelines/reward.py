@@ -17,7 +17,7 @@ The ranking model has its own, longer rows (`pipeline.RankingLayout`, sized by `
 prompt as in the policy's rows, room for two responses, the template and the EOS whose hidden state the
 head reads. Each response is cut to its share of the row, never the question or the EOS; the share of
 inputs with a response cut is `ranking_truncated_fraction` in results.json (a warning above 5%). The
-layout is saved as `ranking_layout.json` beside the params, and scoring (`sampling.score_pairwise` via
+layout is saved as `ranking_layout.json` beside the params, and scoring (`scoring.score_pairwise` via
 `load_proxy`) builds its inputs with it.
 """
 
