@@ -59,7 +59,7 @@ def time_ours(args, config) -> dict[str, object]:
     result = {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
     if args.profile:
         # The jitted body as `sample` calls it (prompt ids 0..P-1, EOS id -1: no early stop).
-        generate = sampling._jitted_generate(model, policy, 1, 0)
+        generate = sampling.jitted_generate(model, policy, 1, 0)
         prompt_ids_P = np.arange(args.prompts, dtype=np.int32)
         inputs = (params, prompts_PT, lengths_P, prompt_ids_P, jax.random.key(0), np.int32(-1))
         hlo = generate.lower(*inputs).compile().as_text()

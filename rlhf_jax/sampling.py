@@ -1,5 +1,7 @@
 """Batch sampling from the KV-cached policy.
 
+(Over 400 lines: the sampling policies' maths, with the chunked top-k's proof, and the decode loop.)
+
     policy = sampling.SamplingConfig(max_new_tokens=64, temperature=0.7, top_k=40)   # RSO's setting
     out = sampling.sample(model, params, prompt_tokens_PT, prompt_lengths_P, config=policy,
                           num_samples=8, rng=jax.random.key(0), eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -48,6 +50,7 @@ __all__ = [
     "choose",
     "decode",
     "init_state",
+    "jitted_generate",
     "log_prob",
     "sample",
     "top_k",
@@ -343,7 +346,10 @@ def _unrolled(model: nn.Module, params) -> tuple[nn.Module, object]:
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_generate(model, config, num_samples, pad_id):
+def jitted_generate(model: nn.Module, config: SamplingConfig, num_samples: int, pad_id: int):
+    """The jitted body of `sample`, `(params, prompt_tokens_PT, prompt_lengths_P, prompt_ids_P, rng,
+    eos_id) -> (tokens, lengths, logps, sampling_logps, done)` over P·N rows (eos_id -1: none), for
+    profiling and ahead-of-time compilation (`bench.sample`); cached per (model, config, N, pad)."""
     fn = functools.partial(_generate, model=model, config=config, num_samples=num_samples, pad_id=pad_id)
     return jax.jit(fn)
 
@@ -405,7 +411,7 @@ def sample(
     scalars = [rng, np.int32(-1 if eos_id is None else eos_id)]
     if model.mesh is not None:
         scalars = sharding.put(scalars, sharding.replicated(model.mesh))
-    generate = _jitted_generate(model, config, num_samples, pad_id)
+    generate = jitted_generate(model, config, num_samples, pad_id)
     # One chunk of all P prompts; its N outputs per prompt come back as P*N rows.
     outs = scoring.map_chunks(
         lambda chunk: generate(params, *chunk, *scalars), inputs, batch_size=P, mesh=model.mesh,

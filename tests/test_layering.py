@@ -37,6 +37,29 @@ def _imports(path: str, modules: dict[str, str]) -> list[tuple[str, int]]:
     return out
 
 
+def _private_attributes(path: str, modules: dict[str, str]) -> list[tuple[str, str, str, int]]:
+    """(alias, module, attribute, line) of every `alias._private` where `alias` names a module of the
+    tree bound by an import in the file (`from rlhf_jax import sampling`, `import rlhf_jax.x as y`)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    bound = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname and a.name in modules:
+                    bound[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in modules:
+                    bound[a.asname or a.name] = full
+    out = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+            out.append((node.value.id, bound[node.value.id], node.attr, node.lineno))
+    return out
+
+
 def violations(root: str, packages=("rlhf_jax", "launch", "experiments", "bench")) -> list[str]:
     """Every upward import, private import and import cycle in `root`'s packages, as messages."""
     modules = _modules(root, packages)
@@ -63,6 +86,14 @@ def violations(root: str, packages=("rlhf_jax", "launch", "experiments", "bench"
             module = target if target in modules else target.rpartition(".")[0]
             if module in modules and module != name:
                 graph[name].add(module)
+        # `module._name` through an imported module of another package (`sampling._generate`).
+        for alias, target, attr, line in _private_attributes(path, modules):
+            owner = target.rpartition(".")[0] if target.rpartition(".")[2].startswith("_") else target
+            package = owner if owner in modules and modules[owner].endswith("__init__.py") else (
+                owner.rpartition(".")[0])  # fmt: skip
+            if not (name == target or name.startswith(package + ".") or name == package):
+                where = f"{os.path.relpath(path, root)}:{line}"
+                found.append(f"{where}: {name} reads {alias}.{attr}, private to {target}")
     # Cycles: strongly connected components of more than one module (Tarjan, iterative).
     index, low, stack, on_stack, counter = {}, {}, [], set(), [0]
     for start in graph:
@@ -125,12 +156,17 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "experiments/__init__.py": "from experiments._study import Study\n",  # its own private: allowed
         "experiments/_study.py": "",
         "experiments/s.py": "def get_study():\n    from launch.study import Study\n",  # the launcher
+        "bench/__init__.py": "",
+        "bench/b.py": "from rlhf_jax.pipelines import config\nconfig._fields()\n",  # a private attribute
+        "rlhf_jax/pipelines/evaluation.py": "from rlhf_jax.pipelines import config\nconfig._fields()\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
-    found = violations(str(tmp_path), packages=("rlhf_jax", "launch", "experiments"))
-    assert len(found) == 5, found
+    found = violations(str(tmp_path), packages=("rlhf_jax", "launch", "experiments", "bench"))
+    assert len(found) == 6, found  # evaluation.py reads its own package's private name: allowed
+    assert any("bench/b.py:2" in v and "reads config._fields, private to rlhf_jax.pipelines.config" in v
+               for v in found)  # fmt: skip
     assert any("experiments/s.py:2" in v and "imports launch.study.Study" in v for v in found)
     assert any("launch/train.py:1" in v and "private to rlhf_jax.pipelines.config" in v for v in found)
     assert any("rlhf_jax/train/steps.py:1" in v and "private to rlhf_jax.losses" in v for v in found)
