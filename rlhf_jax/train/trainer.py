@@ -13,9 +13,9 @@ and an optimizer and jits it once with in/out shardings and `donate_argnums=0`; 
 Host syncs. The loop never waits for the device to take a step: tokens/s is counted on the host
 (numpy) batch before it is placed on the devices, and a log step's metrics are fetched (with an
 explicit `jax.device_get`) one step late, after the next step has been dispatched, so the device always
-has a step queued. Inside the loop implicit transfers are errors (`jax.transfer_guard("disallow")`
-around placing the batch and dispatching the step): a numpy array reaching the jitted step, or a
-device value read with `float()`, would be a silent host round trip per step.
+has a step queued. The batch is placed explicitly (`place`, e.g. `sharding.shard_batch`) and the step
+is dispatched under `jax.transfer_guard("disallow")`: a numpy array reaching the jitted step, or an
+input on the wrong devices, would be a silent copy per step, and is an error instead.
 
 Non-finite steps. The step never applies a non-finite update (`steps.apply_gradients`), so the loop
 only looks at the non-finite counter when it fetches metrics: with `nonfinite="stop"` it then waits for
@@ -275,9 +275,9 @@ def fit(
             batch = next(batches)
             if tokens_in is not None:
                 tokens += tokens_in(batch)
-            with jax.transfer_guard("disallow"):  # explicit transfers only (module docstring)
-                if place is not None:
-                    batch = place(batch)
+            if place is not None:  # the step's one host-to-device copy, explicit
+                batch = place(batch)
+            with jax.transfer_guard("disallow"):  # no implicit transfer into the step (module docstring)
                 state, metrics = step_fn(state, batch, reference_params)
             flush()  # the previous log step's metrics, while this step runs
             last = step == config.steps
