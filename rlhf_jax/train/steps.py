@@ -177,6 +177,83 @@ def preference_objective(
     return total, sums
 
 
+def tempered_logits(model: nn.Module, params, batch, *, temperature: float = 1.0) -> jax.Array:
+    """The batch's logits [B, T, V] divided by the sampling temperature."""
+    logits_BTV = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / jnp.asarray(temperature, logits_BTV.dtype)
+    return logits_BTV
+
+
+def token_logps(model: nn.Module, params, batch, *, temperature: float = 1.0) -> jax.Array:
+    """Per-token log-probs [B, T] of the batch's targets under softmax(logits / temperature).
+
+    The online RL objectives need them per token (the importance ratio and the KL are per token); with
+    a sampling temperature T they are those of the tempered distribution the samples were drawn from,
+    as TRL computes them (top-k truncation is not applied).
+    """
+    logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
+    return losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+
+
+def policy_gradient_objective(
+    params,
+    batch,
+    reference_params,
+    *,
+    model: nn.Module,
+    temperature: float,
+    aggregation: str,
+    loss_kwargs: tuple[tuple[str, object], ...] = (),
+    max_length: int | None = None,
+):
+    """The GRPO family's clipped policy-gradient loss (`losses.policy_gradient_loss`) on a mini-batch of
+    sampled completions, exact under gradient accumulation.
+
+    The batch holds the rows (`tokens`, `targets`, `loss_mask`, `segment_ids`), `old_logps` [B, T] (at
+    sampling time), `advantages` [B], optionally `reference_logps` [B, T] (the KL term's), and two
+    normalisers written by the online loop for the whole mini-batch: `token_normalizer` [B] (its masked
+    token count, every row the same) and `row_fraction` [B] (1 / its row count). The returned loss is
+    that of the whole mini-batch restricted to these rows, so micro-batches sum to it exactly (the
+    trainer's `weight_fn` is then 1): "dapo" and "bnpo" divide the masked token sum by the global
+    count, "grpo" and "dr_grpo" scale their per-micro-batch value by its share of the rows.
+    `reference_params` is unused (reference log-probs come precomputed).
+    """
+    del reference_params
+    logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
+    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+    mask_BT = batch["loss_mask"]
+    share = jnp.sum(batch["row_fraction"])  # rows of this micro-batch / rows of the mini-batch
+    token_normalizer = batch["token_normalizer"][0]
+    kw = dict(loss_kwargs)
+    inputs = dict(
+        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], advantages_B=batch["advantages"], mask_BT=mask_BT,
+        reference_logps_BT=batch.get("reference_logps"),
+    )  # fmt: skip
+    if aggregation in ("dapo", "bnpo"):  # masked token sum over the mini-batch's token count
+        loss = losses.policy_gradient_loss(
+            **inputs, **kw, aggregation="dapo", token_normalizer=token_normalizer
+        )
+    else:
+        loss = share * losses.policy_gradient_loss(
+            **inputs, **kw, aggregation=aggregation, max_length=max_length
+        )
+    metric_kw = {k: v for k, v in kw.items() if k in ("epsilon_low", "epsilon_high")}
+    means = losses.policy_gradient_metrics(
+        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], advantages_B=batch["advantages"], mask_BT=mask_BT,
+        reference_logps_BT=batch.get("reference_logps"), **metric_kw,
+    )  # fmt: skip
+    token_share = jnp.sum(mask_BT) / jnp.maximum(token_normalizer, 1.0)
+    # The policy's entropy at the sampled positions (logged only; DAPO's clip-higher claim is about it).
+    logq_BTV = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BTV).astype(jnp.float32), axis=-1)
+    entropy_BT = -jnp.sum(jnp.exp(logq_BTV) * logq_BTV, axis=-1)
+    entropy = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(token_normalizer, 1.0)
+    sums = {"loss": loss, "weight": share, "entropy": entropy}
+    sums.update({k: token_share * share_free for k, share_free in means.items()})
+    # `weight` sums to 1 over the micro-batches, so `finalize` leaves these sums as they are.
+    return loss, sums
+
+
 # ----------------------------------------------------------------------------------------------------
 # Steps.
 

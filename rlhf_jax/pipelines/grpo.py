@@ -1,0 +1,404 @@
+"""Online RL with verifiable rewards: the GRPO family (GRPO, Dr. GRPO, DAPO, RLOO), one loop.
+
+    python -m launch.train --experiment=grpo_arith           # SFT → GRPO on the synthetic math task
+
+Per iteration i (Shao et al. 2024, DeepSeekMath, Algorithm 1; DAPO, Yu et al. 2025, Algorithm 1):
+
+  1. P prompts, drawn from a stream that depends on (seed, i, draw) only, so a resumed run draws the
+     same prompts without any saved iterator;
+  2. G samples of each from the current policy with the KV-cached sampler (temperature, top-k), each
+     (prompt, sample) with its own key, fold_in(key(seed), i, draw);
+  3. rewards on the host (`rlhf_jax.rewards`, weighted), advantages per group
+     (`losses.group_advantages`); with dynamic sampling (DAPO), groups whose rewards are all equal are
+     dropped and further prompts drawn until P groups are kept or `max_draws` draws are spent (the
+     count is logged; a short batch is filled with dropped groups, which carry zero advantage);
+  4. the old per-token log-probs of every sample under the sampling policy (softmax(logits / T), as
+     TRL) and, when β > 0, the frozen reference's, computed once at sampling time;
+  5. μ = `num_iterations` passes over the P·G rows in shuffled mini-batches of `train.batch_size` rows,
+     each an optimizer step of `losses.policy_gradient_loss` (`steps.policy_gradient_objective`, jitted
+     once by `trainer.make_train_step`); at the first step of an iteration the ratio is 1.
+
+One record per iteration in `metrics.jsonl` (at the iteration's last optimizer step): `loss`,
+`reward_mean`, `reward_std`, `frac_zero_std_groups`, `groups_dropped`, `clip_frac_low`,
+`clip_frac_high`, `kl`, `entropy`, `response_length`, `truncated_frac`, `generation_s`, `train_s`, plus
+each reward's mean. Checkpoints at iteration ends hold the train state; with the prompt stream and the
+keys functions of (seed, i), rerunning resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from rlhf_jax import losses, models, sampling, scoring, sharding
+from rlhf_jax.data import pipeline
+from rlhf_jax.pipelines import training
+from rlhf_jax.pipelines import workdir as workdir_io
+from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.train import metrics, steps
+from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.preemption import Preempted, PreemptionWatch
+
+log = logging.getLogger("rlhf_jax")
+
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """The online loop's settings (the optimizer and mini-batch size are the `train` section's).
+
+    Attributes:
+      iterations: outer iterations (sample, score, update).
+      num_prompts: P, prompts per iteration.
+      group_size: G, samples per prompt.
+      num_iterations: μ, passes over each iteration's samples (TRL's `num_iterations`).
+      estimator, scale: `losses.group_advantages`'s.
+      aggregation, epsilon_low, epsilon_high, delta, beta, importance_level: `losses.policy_gradient_loss`'s
+        (epsilon_high 0: equal to epsilon_low; delta 0: no cap).
+      temperature, top_k, max_new_tokens: the sampling policy.
+      mask_truncated: samples cut at max_new_tokens carry no loss (DAPO's overlong filtering).
+      dynamic_sampling: drop groups with equal rewards and draw more prompts (DAPO).
+      max_draws: the most prompt draws per iteration with dynamic sampling.
+      rewards: (name, weight) pairs summed into the reward (`rlhf_jax.rewards`).
+    """
+
+    iterations: int = 20
+    num_prompts: int = 16
+    group_size: int = 8
+    num_iterations: int = 1
+    estimator: str = "grpo"
+    scale: str = "group"
+    aggregation: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.0
+    delta: float = 0.0
+    beta: float = 0.0
+    importance_level: str = "token"
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    mask_truncated: bool = False
+    dynamic_sampling: bool = False
+    max_draws: int = 4
+    rewards: tuple[tuple[str, float], ...] = (("gsm8k", 1.0),)
+
+    def __post_init__(self):
+        checks = (
+            ("iterations", self.iterations >= 1, ">= 1"),
+            ("num_prompts", self.num_prompts >= 1, ">= 1"),
+            ("group_size", self.group_size >= 2, ">= 2 (advantages compare samples of a group)"),
+            ("num_iterations", self.num_iterations >= 1, ">= 1"),
+            ("estimator", self.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
+            ("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+            ("epsilon_low", 0 < self.epsilon_low < 1, "in (0, 1)"),
+            ("epsilon_high", self.epsilon_high >= 0, ">= 0 (0: equal to epsilon_low)"),
+            ("delta", self.delta == 0 or self.delta > 1, "0 (off) or > 1"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("max_draws", self.max_draws >= 1, ">= 1"),
+            ("rewards", len(self.rewards) >= 1, "at least one (name, weight)"),
+        )
+        for field, ok, want in checks:
+            if not ok:
+                raise ValueError(f"grpo.{field} must be {want}, got {getattr(self, field)!r}")
+
+    def loss_kwargs(self) -> tuple[tuple[str, object], ...]:
+        kw = dict(epsilon_low=self.epsilon_low, beta=self.beta, importance_level=self.importance_level)
+        if self.epsilon_high:
+            kw["epsilon_high"] = self.epsilon_high
+        if self.delta:
+            kw["delta"] = self.delta
+        return tuple(sorted(kw.items()))
+
+    def sampling(self) -> sampling.SamplingConfig:
+        return sampling.SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RLTask:
+    """What the online loop trains on: prompts with their dataset columns (e.g. `answer`), and the
+    reward, `reward(prompts=, completions=, **columns) -> (total [N], {name: [N]})`."""
+
+    prompts: list[str]
+    columns: dict[str, list]
+    reward: Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+def prompt_stream(num_prompts: int, *, seed: int, iteration: int, draw: int, count: int) -> np.ndarray:
+    """Indices of the `count` prompts of draw `draw` of iteration `iteration`: a permutation of the
+    prompts seeded by (seed, iteration, draw), cycled if `count` exceeds their number."""
+    order = np.random.default_rng([seed, 23, iteration, draw]).permutation(num_prompts)
+    return np.resize(order, count)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and scoring one iteration's groups.
+
+
+def _rows_logps(model, params, rows: dict, *, temperature: float, mesh, batch_size: int) -> np.ndarray:
+    """Per-token log-probs [R, T] of the rows' targets under softmax(logits / temperature)."""
+    fn = _jitted_token_logps(model, temperature)
+    return np.asarray(
+        scoring.map_chunks(
+            lambda chunk: fn(params, chunk),
+            {k: rows[k] for k in scoring.LOGP_KEYS},
+            batch_size=batch_size,
+            mesh=mesh,
+            fill=0,
+        )  # fmt: skip
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_token_logps(model, temperature: float):
+    return jax.jit(lambda p, b: steps.token_logps(model, p, b, temperature=temperature))
+
+
+def sample_groups(
+    model,
+    params,
+    tokenizer,
+    task: RLTask,
+    grpo: GRPOConfig,
+    *,
+    iteration: int,
+    seed: int,
+    max_prompt_len: int,
+) -> dict:
+    """One iteration's P groups of G samples (module docstring, steps 1-3), as host arrays.
+
+    Returns:
+      dict with `prompt_tokens` [P, Tp], `prompt_lengths` [P], `tokens` [P, G, Tc], `lengths` [P, G],
+      `finished` [P, G], `rewards` [P, G], `advantages` [P, G], per-reward means (`reward/<name>`), and
+      counts: `draws`, `groups_dropped`, `groups_short` (kept groups missing after `max_draws`).
+    """
+    P, G = grpo.num_prompts, grpo.group_size
+    kept, dropped, draws = [], [], 0
+    per_reward: dict[str, list] = {}
+    while len(kept) < P and draws < (grpo.max_draws if grpo.dynamic_sampling else 1):
+        idx = prompt_stream(len(task.prompts), seed=seed, iteration=iteration, draw=draws, count=P)
+        prompts = [task.prompts[i] for i in idx]
+        tokenized = pipeline.tokenize_prompts(prompts, tokenizer, max_prompt_len)
+        pb = tokenized.batch(np.arange(P), max_prompt_len)
+        out = sampling.sample(
+            model, params, pb["prompt_tokens"], pb["prompt_lengths"], config=grpo.sampling(), num_samples=G,
+            rng=jax.random.fold_in(jax.random.key(seed + 31), iteration * 1000 + draws),
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=np.arange(P),
+        )  # fmt: skip
+        draws += 1
+        texts = [
+            _decode(tokenizer, out.tokens_PNT[p, g, : out.lengths_PN[p, g]])
+            for p in range(P)
+            for g in range(G)
+        ]
+        columns = {k: [v[i] for i in idx for _ in range(G)] for k, v in task.columns.items()}
+        columns["completion_lengths"] = [int(n) for n in out.lengths_PN.reshape(-1)]
+        total, parts = task.reward(
+            prompts=[p for p in prompts for _ in range(G)], completions=texts, **columns
+        )
+        rewards_PG = np.asarray(total, np.float32).reshape(P, G)
+        for name, values in parts.items():
+            per_reward.setdefault(name, []).append(np.asarray(values, np.float32))
+        for p in range(P):
+            group = {
+                "prompt_tokens": pb["prompt_tokens"][p], "prompt_lengths": pb["prompt_lengths"][p],
+                "tokens": out.tokens_PNT[p], "lengths": out.lengths_PN[p], "finished": out.finished_PN[p],
+                "rewards": rewards_PG[p],
+            }  # fmt: skip
+            varied = rewards_PG[p].max() > rewards_PG[p].min()
+            (kept if varied or not grpo.dynamic_sampling else dropped).append(group)
+    short = max(0, P - len(kept))
+    groups = (kept + dropped[:short])[:P]
+    out = {k: np.stack([g[k] for g in groups]) for k in groups[0]}
+    out["advantages"] = np.asarray(
+        losses.group_advantages(rewards_PG=out["rewards"], estimator=grpo.estimator, scale=grpo.scale),
+        np.float32,
+    )
+    if grpo.dynamic_sampling and short:  # filled with equal-reward groups: no signal, by construction
+        out["advantages"][len(kept) :] = 0.0
+    out.update(draws=draws, groups_dropped=len(dropped), groups_short=short)
+    for name, values in per_reward.items():
+        out[f"reward/{name}"] = float(np.mean(np.concatenate(values)))
+    return out
+
+
+def _decode(tokenizer, ids) -> str:
+    drop = (tokenizer.eos_id, tokenizer.bos_id)
+    return tokenizer.decode([int(t) for t in ids if t not in drop and 0 <= t < tokenizer.vocab_size])
+
+
+def training_rows(groups: dict, *, pad_id: int, mask_truncated: bool) -> dict:
+    """The P·G samples as training rows (`scoring.completions_to_batch`) with `advantages` [R]."""
+    rows = scoring.completions_to_batch(
+        groups["prompt_tokens"], groups["prompt_lengths"], groups["tokens"], groups["lengths"], pad_id=pad_id
+    )
+    if mask_truncated:
+        rows["loss_mask"] = rows["loss_mask"] * groups["finished"].reshape(-1, 1).astype(np.float32)
+    rows["advantages"] = groups["advantages"].reshape(-1)
+    rows["truncated"] = ~groups["finished"].reshape(-1)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _mean_of(records: list[dict], key: str) -> float:
+    return float(np.mean([float(r[key]) for r in records]))
+
+
+def _minibatch(rows: dict, idx: np.ndarray) -> dict:
+    """Mini-batch `idx` of the rows with its normalisers (`steps.policy_gradient_objective`)."""
+    keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
+    keys += ("reference_logps",) if "reference_logps" in rows else ()
+    batch = {k: rows[k][idx] for k in keys}
+    n = len(idx)
+    batch["token_normalizer"] = np.full(n, np.float32(batch["loss_mask"].sum()), np.float32)
+    batch["row_fraction"] = np.full(n, 1.0 / n, np.float32)
+    return batch
+
+
+def run(
+    cfg: StageConfig,
+    workdir: str,
+    *,
+    grpo: GRPOConfig,
+    task: RLTask,
+    tokenizer,
+    name: str = "grpo",
+) -> dict:
+    """Trains (or resumes) the policy from `cfg.init_from` (an SFT stage) with online RL in `workdir`.
+
+    Returns the stage's results (the last iteration's metrics); evaluation is the pipeline's.
+    """
+    if not cfg.init_from:
+        raise ValueError("online RL needs init_from: the workdir of a finished SFT stage")
+    os.makedirs(workdir, exist_ok=True)
+    if workdir_io.stage_done(workdir):
+        return workdir_io.read_results(workdir)
+    rows_per_iteration = grpo.num_prompts * grpo.group_size
+    if rows_per_iteration % cfg.train.batch_size:
+        raise ValueError(
+            f"grpo.num_prompts * grpo.group_size = {rows_per_iteration} rows per iteration do not split into "
+            f"mini-batches of train.batch_size={cfg.train.batch_size}"
+        )
+    steps_per_iteration = grpo.num_iterations * rows_per_iteration // cfg.train.batch_size
+    total_steps = grpo.iterations * steps_per_iteration
+
+    # Mesh, model, params, reference.
+    mesh = sharding.make_mesh(cfg.mesh)
+    saved = workdir_io.load_model_json(cfg.init_from)
+    saved.pop("kind")
+    model_cfg = models.ModelConfig(**saved)
+    model = models.Transformer(model_cfg, mesh=mesh)
+    params = training.init_lm_params(model, jax.random.key(cfg.seed), init_from=cfg.init_from)
+    reference = jax.tree.map(lambda x: x.copy(), params) if grpo.beta > 0 else None
+    training.log_startup(
+        f"{name} ({grpo.estimator}/{grpo.aggregation})", mesh, model_cfg, cfg.train.batch_size
+    )
+
+    # Optimizer, state, step.
+    objective = functools.partial(
+        steps.policy_gradient_objective, model=model, temperature=grpo.temperature,
+        aggregation=grpo.aggregation, loss_kwargs=grpo.loss_kwargs(),
+        max_length=grpo.max_new_tokens,  # Dr. GRPO: the completion budget (TRL: max_completion_length)
+    )  # fmt: skip
+    train_cfg = dataclasses.replace(cfg.train, steps=total_steps)
+    step_fn, state = training.setup(
+        cfg.optim, train_cfg, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+        weight_fn=lambda batch: np.float32(1.0),
+    )  # fmt: skip
+    del params
+
+    # Restore (an iteration's end; the prompts and keys of the next follow from its number).
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
+                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)  # fmt: skip
+    if ckpt.latest_step() is not None:
+        _, state = ckpt.restore(None, state)
+    start_step = int(jax.device_get(state.step))
+    if start_step % steps_per_iteration:
+        raise ValueError(f"{workdir}: checkpoint at step {start_step}, not an iteration's end")
+    writer = metrics.MetricsWriter(workdir, resume_step=start_step)
+    preemption = PreemptionWatch()
+    place = functools.partial(sharding.shard_batch, mesh=mesh)
+    bs = cfg.train.eval_batch_size
+    record = {}
+    try:
+        for it in range(start_step // steps_per_iteration, grpo.iterations):
+            # Sample, score, advantages, old (and reference) log-probs.
+            t0 = time.perf_counter()
+            groups = sample_groups(model, state.params, tokenizer, task, grpo, iteration=it, seed=cfg.seed,
+                                   max_prompt_len=cfg.data.max_prompt_len)  # fmt: skip
+            rows = training_rows(groups, pad_id=tokenizer.pad_id, mask_truncated=grpo.mask_truncated)
+            kw = dict(temperature=grpo.temperature, mesh=mesh, batch_size=bs)
+            rows["old_logps"] = _rows_logps(model, state.params, rows, **kw)
+            if reference is not None:
+                rows["reference_logps"] = _rows_logps(model, reference, rows, **kw)
+            generation_s = time.perf_counter() - t0
+
+            # μ passes of mini-batch updates.
+            t0 = time.perf_counter()
+            step_metrics = []
+            for epoch in range(grpo.num_iterations):
+                order = np.random.default_rng([cfg.seed, 29, it, epoch]).permutation(rows_per_iteration)
+                for start in range(0, rows_per_iteration, cfg.train.batch_size):
+                    batch = place(_minibatch(rows, order[start : start + cfg.train.batch_size]))
+                    with jax.transfer_guard("disallow"):
+                        state, m = step_fn(state, batch, None)
+                    step_metrics.append(m)
+            step_metrics = jax.device_get(step_metrics)
+            train_s = time.perf_counter() - t0
+            step = (it + 1) * steps_per_iteration
+            skipped = int(step_metrics[-1]["nonfinite_steps"])
+            if skipped and cfg.train.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"{name}: non-finite loss or gradient in iteration {it + 1} (step {step})"
+                )
+
+            # Log the iteration.
+            mean = functools.partial(_mean_of, step_metrics)
+            rewards_PG = groups["rewards"]
+            record = {
+                "loss": mean("loss"), "grad_norm": mean("grad_norm"), "learning_rate": mean("learning_rate"),
+                "reward_mean": float(rewards_PG.mean()), "reward_std": float(rewards_PG.std()),
+                "frac_zero_std_groups": float(np.mean(rewards_PG.max(1) == rewards_PG.min(1))),
+                "groups_dropped": groups["groups_dropped"], "groups_short": groups["groups_short"],
+                "draws": groups["draws"], "clip_frac_low": mean("clip_frac_low"),
+                "clip_frac_high": mean("clip_frac_high"), "kl": mean("kl") if grpo.beta > 0 else 0.0,
+                "entropy": mean("entropy"), "response_length": float(groups["lengths"].mean()),
+                "truncated_frac": float(rows["truncated"].mean()), "generation_s": generation_s,
+                "train_s": train_s, "nonfinite_steps": skipped,
+                **{k: v for k, v in groups.items() if k.startswith("reward/")},
+            }  # fmt: skip
+            writer.write(step, record)
+            if workdir_io.is_main() and cfg.progress:
+                print(f"[{name}] iteration {it + 1}/{grpo.iterations}: reward {record['reward_mean']:.3f}, "
+                      f"loss {record['loss']:.4f}, length {record['response_length']:.1f}",
+                      flush=True)  # fmt: skip
+            last = it + 1 == grpo.iterations
+            if last or ckpt.should_save(step):
+                ckpt.save(step, state, force=True)
+            if preemption.reached(step):
+                ckpt.save(step, state, force=True)
+                ckpt.wait()
+                raise Preempted(step=step, stage=name, checkpoint_dir=ckpt.directory)
+    finally:
+        preemption.close()
+        writer.close()
+        ckpt.close()
+    results = {"stage": name, "iterations": grpo.iterations, "steps": total_steps, **record}
+    workdir_io.write_json(os.path.join(workdir, "results.json"), results)
+    metrics.plot_curves(workdir, ("reward_mean", "loss", "entropy", "response_length"))
+    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    return results
