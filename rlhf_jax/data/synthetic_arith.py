@@ -19,9 +19,9 @@ of it. Every count is a whole number in [1, max_value] (divisions are exact, sub
 
 Difficulty knobs (`ArithConfig`): the number of steps, drawn uniformly from [min_steps, max_steps];
 added and subtracted amounts and starting counts up to `max_operand`; multipliers and divisors in
-[2, max_factor]; counts up to `max_value`; the operations allowed (`ops`); defaults 1-3 steps, 12, 5, 99
-and all four operations, with `error_rate` 0.2 (below). More steps and larger ranges
-make problems harder (more lines to get right, more digits per line); `meta["steps"]` lets an evaluation
+[2, max_factor]; counts up to `max_value`; the operations allowed (`ops`). The defaults are 1-3 steps,
+12, 5 and 99, all four operations, and `error_rate` 0.2 (below). More steps and larger ranges make
+problems harder (more lines to get right, more digits per line); `meta["steps"]` lets an evaluation
 break accuracy down by steps. Accuracy is not calibrated here: choose the knobs by training.
 
 Slipped demonstrations. With `error_rate` p, each SFT demonstration independently (probability p) carries
