@@ -1,19 +1,21 @@
 """Loading examples from files: read, detect the format, parse, skip and count bad records.
 
-Each file's format is detected from the first record whose keys identify one (see `formats.py`), or
-taken from `format=`. A bad record (malformed line, a line that is not UTF-8, a string holding a lone
-surrogate, missing field, wrong type, empty response, chosen identical to rejected, failed HH split) is
-skipped and counted by reason in the file's `FileStats`; with `strict=True` it raises `DataError` naming
-the file, the 1-based line (row, for Parquet and JSON arrays) and the field instead. A file that cannot be
-read to its end (truncated or corrupt gzip, corrupt Parquet, unreadable) raises `DataError` naming it in
-both modes (see `readers.py`). The load's one-line summary is logged at INFO.
+`load_preference` and `load_sft` read the formats of `formats.py`, `load_math` those of `math_formats.py`
+(GSM8K and MATH-style problems with gold answers). Each file's format is detected from the first record
+whose keys identify one, or taken from `format=`. A bad record (malformed line, a line that is not UTF-8,
+a string holding a lone surrogate, missing field, wrong type, empty response, chosen identical to
+rejected, failed HH split, a math solution without a final answer) is skipped and counted by reason in
+the file's `FileStats`; with `strict=True` it raises `DataError` naming the file, the 1-based line (row,
+for Parquet and JSON arrays) and the field instead. A file that cannot be read to its end (truncated or
+corrupt gzip, corrupt Parquet, unreadable) raises `DataError` naming it in both modes (see `readers.py`).
+The load's one-line summary is logged at INFO.
 """
 
 from __future__ import annotations
 
 import logging
 
-from rlhf_jax.data import formats, readers
+from rlhf_jax.data import formats, math_formats, readers
 from rlhf_jax.data import records as rec
 
 _log = logging.getLogger(__name__)
@@ -46,6 +48,12 @@ def load_file(
     format_name = format or _detect(path, records)
     kind = formats.kind_of(format_name)
     parse = formats.parse_preference if kind == "preference" else formats.parse_sft
+    return _parse_records(path, records, parse, format_name, kind, strict)
+
+
+def _parse_records(path: str, records: list, parse, format_name: str, kind: str, strict: bool):
+    """Parses one file's `(line, record)` pairs with `parse(record, format_name)`: bad records are
+    skipped and counted, or (strict) raise `DataError` naming the file, line and field."""
     stats = rec.FileStats(path=path, format=format_name, kind=kind, records=len(records))
     examples = []
     for line, record in records:
@@ -94,6 +102,46 @@ def load_sft(
     return _load(paths, "sft", format, strict)
 
 
+def load_math(
+    paths: readers.PathsLike, *, format: str | None = None, strict: bool = False
+) -> tuple[list[rec.MathExample], rec.LoadStats]:
+    """Loads math problems (GSM8K or MATH-style records, see `math_formats.py`) with gold answers.
+
+    Args:
+      paths: a file, a glob, a comma-separated list, or a list of these (JSONL, JSONL.gz, JSON arrays,
+        Parquet).
+      format: "gsm8k" or "math" for every file, or None to detect each file's from its keys.
+      strict: raise `DataError` on the first bad record instead of skipping and counting it.
+
+    Returns:
+      The problems, in file order, and the load statistics (files of kind "math").
+
+    Raises:
+      DataError: a file's format cannot be detected, it cannot be read to its end (in either mode), or
+        (strict) a record is bad.
+      FileNotFoundError: a path or glob matches nothing.
+      ValueError: `format` is not a math format.
+    """
+    if format is not None and format not in math_formats.MATH_FORMATS:
+        raise ValueError(f"unknown math format {format!r}; known: {', '.join(math_formats.MATH_FORMATS)}")
+    stats = rec.LoadStats()
+    examples = []
+    for path in readers.expand_paths(paths):
+        records = list(readers.iter_records(path))
+        if not records:
+            _log.warning("%s: no records", path)
+            stats.files.append(rec.FileStats(path=path, format=format or "empty", kind="math"))
+            continue
+        format_name = format or _detect(path, records, math_formats.detect_format, math_formats.MATH_FORMATS)
+        file_examples, file_stats = _parse_records(
+            path, records, math_formats.parse, format_name, "math", strict
+        )
+        examples.extend(file_examples)
+        stats.files.append(file_stats)
+    _log.info("loaded math data: %s", stats.summary())
+    return examples, stats
+
+
 def _load(paths: readers.PathsLike, kind: str, format: str | None, strict: bool):
     if format is not None and formats.kind_of(format) != kind:
         raise ValueError(f"format {format!r} holds {formats.kind_of(format)} examples, not {kind}")
@@ -115,15 +163,15 @@ def _load(paths: readers.PathsLike, kind: str, format: str | None, strict: bool)
     return examples, stats
 
 
-def _detect(path: str, records: list) -> str:
+def _detect(path: str, records: list, detect=formats.detect_format, known=formats.FORMATS) -> str:
     for _, record in records[:_DETECT_WINDOW]:
-        format_name = formats.detect_format(_decoded(record))
+        format_name = detect(_decoded(record))
         if format_name is not None:
             return format_name
     first = next((_decoded(r) for _, r in records if isinstance(_decoded(r), dict)), None)
     keys = sorted(first) if first is not None else "no JSON objects"
     raise rec.DataError(
-        path, None, None, f"cannot detect the format from keys {keys}; pass format= one of {formats.FORMATS}"
+        path, None, None, f"cannot detect the format from keys {keys}; pass format= one of {known}"
     )
 
 

@@ -25,6 +25,7 @@ EMPTY_RESPONSE = "empty_response"  # a response is empty after cleaning (HH has 
 IDENTICAL = "identical_responses"  # chosen == rejected after cleaning (HH has a few)
 SPLIT_FAILED = "split_failed"  # an HH pair shares no prefix ending at an Assistant turn
 UNPARSED_PROMPT = "unparsed_prompt"  # a TL;DR prompt without SUBREDDIT/TITLE/POST fields
+NO_FINAL_ANSWER = "no_final_answer"  # a math solution without a `#### N` line or a `\boxed{}` answer
 SKIP_REASONS = (
     MALFORMED,
     INVALID_UTF8,
@@ -36,6 +37,7 @@ SKIP_REASONS = (
     IDENTICAL,
     SPLIT_FAILED,
     UNPARSED_PROMPT,
+    NO_FINAL_ANSWER,
 )
 
 
@@ -64,6 +66,27 @@ class SFTExample:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class MathExample:
+    """One math problem: `prompt` (the rendered question), a worked `solution` and the gold `answer`.
+
+    `solution` follows the joining convention (it starts with the space that joins it to the prompt) and
+    ends with its final answer (a `#### N` line, or a `\\boxed{}`); `answer` is the gold final answer as
+    text (a number without commas for GSM8K and the arithmetic task, the boxed LaTeX for MATH). A
+    demonstration with a deliberate slip has a solution whose final answer differs from `answer`. `meta`
+    carries extras (e.g. the raw `question`, the number of steps); it is not compared or hashed.
+    """
+
+    prompt: str
+    solution: str
+    answer: str
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def to_sft(self) -> SFTExample:
+        """The supervised view: learn `solution` given `prompt`."""
+        return SFTExample(prompt=self.prompt, completion=self.solution, meta=self.meta)
+
+
 class DataError(ValueError):
     """Bad input data, naming the file, the 1-based line (or row) and the field."""
 
@@ -80,7 +103,7 @@ class FileStats:
 
     path: str
     format: str
-    kind: str  # "preference" or "sft"
+    kind: str  # "preference", "sft" or "math"
     records: int = 0
     kept: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
