@@ -19,7 +19,9 @@ class DataConfig:
     """Where the data comes from and how it is shaped.
 
     Attributes:
-      task: "tldr" (synthetic task when no path is given) or "hh" (paths required).
+      task: "tldr" (synthetic task when no path is given), "hh" (paths required), "arith" (the synthetic
+        math task, `data.synthetic_arith`) or "math" (GSM8K / MATH-style problem files: `path` holds
+        the training problems, `eval_path` the held-out ones; `rlhf_jax.data.load_math`).
       tokenizer: a sentencepiece .model; empty: train one on the training text (cached in the workdir).
       path: the user's preference file(s): shorthand for `preference_path` (SFT examples then come from
         the pairs' prompts and chosen responses unless `sft_path` is given).
@@ -31,6 +33,9 @@ class DataConfig:
       synthetic_seed, num_sft, num_pref, num_eval: synthetic task generation.
       flip_rate: fraction of preference labels flipped (robustness studies; applied to any data).
       eval_fraction: share of the preference data held out for evaluation when no eval_path is given.
+      num_train: RL training problems of the synthetic math task.
+      arith_max_steps, arith_error_rate: the synthetic math task's difficulty (most steps per problem)
+        and the share of SFT demonstrations with an arithmetic slip (`synthetic_arith`).
       vary_with_seed: tie the data to the run's `seed`: the synthetic task is generated from
         (synthetic_seed, seed) instead of synthetic_seed alone (so its pairs and held-out evaluation
         prompts change with the seed), and the prompts of an `eval_path` are evaluated in a seeded
@@ -57,6 +62,9 @@ class DataConfig:
     flip_rate: float = 0.0
     eval_fraction: float = 0.05
     vary_with_seed: bool = False
+    num_train: int = 2048
+    arith_max_steps: int = 3
+    arith_error_rate: float = 0.2
 
     def __post_init__(self):
         if self.path:
@@ -66,8 +74,10 @@ class DataConfig:
                     f"{self.preference_path!r}: give one of them"
                 )
             object.__setattr__(self, "preference_path", self.path)
-        if self.task not in ("tldr", "hh"):
-            raise ValueError(f"data.task must be 'tldr' or 'hh', got {self.task!r}")
+        if self.task not in ("tldr", "hh", "arith", "math"):
+            raise ValueError(f"data.task must be 'tldr', 'hh', 'arith' or 'math', got {self.task!r}")
+        if self.task == "math" and not self.preference_path:
+            raise ValueError("data.task='math' needs --config.data.path=PROBLEMS.jsonl (GSM8K or MATH-style)")
         if not 0 < self.max_prompt_len < self.max_len:
             raise ValueError(
                 f"need 0 < data.max_prompt_len ({self.max_prompt_len}) < data.max_len ({self.max_len})"

@@ -1,5 +1,7 @@
 """Online RL with verifiable rewards: the GRPO family (GRPO, Dr. GRPO, DAPO, RLOO), one loop.
 
+(Over 400 lines: the loop, its sampling of groups with dynamic sampling, and its pipeline read together.)
+
     python -m launch.train --experiment=grpo_arith           # SFT → GRPO on the synthetic math task
 
 Per iteration i (Shao et al. 2024, DeepSeekMath, Algorithm 1; DAPO, Yu et al. 2025, Algorithm 1):
@@ -37,11 +39,12 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from rlhf_jax import losses, models, sampling, scoring, sharding
+from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline
-from rlhf_jax.pipelines import training
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.pipelines import fingerprints, math_eval, sft, tasks, training
 from rlhf_jax.pipelines import workdir as workdir_io
-from rlhf_jax.pipelines.config import StageConfig
+from rlhf_jax.pipelines.config import StageConfig, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.preemption import Preempted, PreemptionWatch
@@ -68,7 +71,7 @@ class GRPOConfig:
       mask_truncated: samples cut at max_new_tokens carry no loss (DAPO's overlong filtering).
       dynamic_sampling: drop groups with equal rewards and draw more prompts (DAPO).
       max_draws: the most prompt draws per iteration with dynamic sampling.
-      rewards: (name, weight) pairs summed into the reward (`rlhf_jax.rewards`).
+      rewards: (name, weight, hyperparameters) summed into the reward (`rlhf_jax.rewards`).
     """
 
     iterations: int = 20
@@ -89,7 +92,7 @@ class GRPOConfig:
     mask_truncated: bool = False
     dynamic_sampling: bool = False
     max_draws: int = 4
-    rewards: tuple[tuple[str, float], ...] = (("gsm8k", 1.0),)
+    rewards: tuple[tuple[str, float, tuple], ...] = (("gsm8k", 1.0, ()),)
 
     def __post_init__(self):
         checks = (
@@ -285,6 +288,7 @@ def run(
     if not cfg.init_from:
         raise ValueError("online RL needs init_from: the workdir of a finished SFT stage")
     os.makedirs(workdir, exist_ok=True)
+    fingerprints.claim(workdir, spec(cfg, grpo), name)
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
     rows_per_iteration = grpo.num_prompts * grpo.group_size
@@ -325,7 +329,9 @@ def run(
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)  # fmt: skip
     if ckpt.latest_step() is not None:
-        _, state = ckpt.restore(None, state)
+        restored, state = ckpt.restore(None, state)
+        if workdir_io.is_main():
+            print(f"resuming from the checkpoint at step {restored} in {ckpt.directory}", flush=True)
     start_step = int(jax.device_get(state.step))
     if start_step % steps_per_iteration:
         raise ValueError(f"{workdir}: checkpoint at step {start_step}, not an iteration's end")
@@ -379,6 +385,7 @@ def run(
                 "entropy": mean("entropy"), "response_length": float(groups["lengths"].mean()),
                 "truncated_frac": float(rows["truncated"].mean()), "generation_s": generation_s,
                 "train_s": train_s, "nonfinite_steps": skipped,
+                **{k: mean(k) for k in ("ratio_mean",) if k in step_metrics[0]},
                 **{k: v for k, v in groups.items() if k.startswith("reward/")},
             }  # fmt: skip
             writer.write(step, record)
@@ -401,4 +408,142 @@ def run(
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("reward_mean", "loss", "entropy", "response_length"))
     workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `grpo` pipeline: SFT → online RL → evaluation against the SFT policy.
+
+
+def task_reward(specs: tuple[tuple[str, float, tuple], ...]):
+    """The weighted sum of `rlhf_jax.rewards` by (name, weight, hyperparameters), and each part.
+
+    Returns:
+      `reward(prompts=, completions=, **columns) -> (total [N] float32, {name: [N]})`.
+    """
+    fns = [(name, weight, rewards.make(name, **dict(hparams))) for name, weight, hparams in specs]
+
+    def reward(*, prompts, completions, **columns):
+        parts = {name: np.asarray(fn(prompts=prompts, completions=completions, **columns), np.float32)
+                 for name, _, fn in fns}  # fmt: skip
+        total = np.zeros(len(completions), np.float32)
+        for name, weight, _ in fns:
+            total = total + np.float32(weight) * parts[name]
+        return total, parts
+
+    return reward
+
+
+def rl_task(task: tasks.TaskData, specs) -> RLTask:
+    """The online loop's view of a math task: its training problems, their `answer` column, the reward."""
+    return RLTask(
+        prompts=[p.prompt for p in task.problems],
+        columns={"answer": [p.answer for p in task.problems]},
+        reward=task_reward(specs),
+    )
+
+
+def spec(cfg: StageConfig, grpo: GRPOConfig) -> dict:
+    """What the online RL stage's output depends on (its fingerprint's input)."""
+    return {
+        **fingerprints.trainer_spec(cfg, kind="grpo", loss=False),
+        "grpo": grpo,
+        "sft": fingerprints.stage_input(cfg.init_from),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The `grpo` pipeline's stage configs: SFT, the online RL stage (`main`, its optimizer and
+    mini-batch size; `grpo` the loop's settings) and the evaluation (`eval`, with the answer checker
+    `eval_reward`)."""
+
+    sft: StageConfig
+    main: StageConfig
+    grpo: GRPOConfig
+    eval: math_eval.MathEvalConfig
+    eval_reward: str
+
+
+def _reward_specs(section) -> tuple:
+    """`config.rewards` ({name: {weight, hyperparameters...}}) as (name, weight, hyperparameters)."""
+    out = []
+    for name in sorted(section):
+        entry = dict(section[name])
+        weight = float(entry.pop("weight", 1.0))
+        rewards.make(name, **entry)  # validates the name and hyperparameters now, naming them
+        out.append((name, weight, tuple(sorted(entry.items()))))
+    if not out:
+        raise ValueError("config.rewards is empty: give at least one reward, e.g. rewards.gsm8k.weight=1.0")
+    return tuple(out)
+
+
+def plan(config) -> Plan:
+    """Validates an experiment's ConfigDict into the `grpo` pipeline's stage configs."""
+    section = dict(config.grpo)
+    eval_reward = section.pop("eval_reward", "gsm8k")
+    grpo = _in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
+    rewards.make(eval_reward)
+    return Plan(
+        sft=stage_config(config, "sft"),
+        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        grpo=grpo,
+        eval=section_config(math_eval.MathEvalConfig, config, "eval"),
+        eval_reward=eval_reward,
+    )
+
+
+def _in_section(name, cls, **kwargs):
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"config.{name}: {e}") from e
+
+
+def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
+    """Runs SFT → online RL → evaluation, each stage in WORKDIR/{stage}/{fingerprint}/; writes
+    results.json (`math_eval.RESULT_KEYS` first) and prints the table."""
+    start = time.perf_counter()
+    locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
+    ran = [sft.run_stage(plan.sft, locate)]
+    sft_dir = ran[-1].dir
+    cfg = dataclasses.replace(plan.main, init_from=plan.main.init_from or sft_dir)
+    ran.append(locate("policy", spec(cfg, plan.grpo), done=workdir_io.stage_done))
+    policy_dir = ran[-1].dir
+    task = tasks.load_task(cfg.data, cfg.seed)
+    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    if not task.problems:
+        raise ValueError(
+            f"data.task={cfg.data.task!r} has no problems: online RL needs data.task arith or math"
+        )
+    stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl_task(task, plan.grpo.rewards),
+                        tokenizer=tokenizer)  # fmt: skip
+
+    # Evaluate the policy and the SFT policy on the held-out problems.
+    evaluation_path = os.path.join(policy_dir, "evaluation.json")
+    if os.path.exists(evaluation_path):
+        ev = workdir_io.read_json(evaluation_path)
+    else:
+        mesh = sharding.make_mesh(cfg.mesh)
+        model, policy_params = workdir_io.load_lm(policy_dir, mesh)
+        sft_params = workdir_io.load_params(sft_dir, policy_params)
+        ev = math_eval.evaluate_math(
+            model=model, policy_params=policy_params, sft_params=sft_params, tokenizer=tokenizer,
+            problems=task.eval_problems, correct=rewards.make(plan.eval_reward), config=plan.eval,
+            seed=cfg.seed, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+        )  # fmt: skip
+        workdir_io.write_json(evaluation_path, ev)
+    results = {
+        **{k: ev.get(k) for k in math_eval.RESULT_KEYS if k != "wall_time_s"},
+        **ev,
+        "method": f"{plan.grpo.estimator}/{plan.grpo.aggregation}"
+        + ("+dynamic" if plan.grpo.dynamic_sampling else ""),
+        "grpo": dataclasses.asdict(plan.grpo),
+        "training": stage_results,
+        "sft": workdir_io.read_results(sft_dir),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    results = fingerprints.finish(workdir, results, ran, final="policy")
+    if workdir_io.is_main():
+        print("\n" + math_eval.format_table(results, f"Online RL on {cfg.data.task}: {results['method']}"))
     return results

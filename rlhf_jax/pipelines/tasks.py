@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from rlhf_jax.data import loading, pipeline, synthetic_tldr
+from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_tldr
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.tokenizer import Tokenizer, get_or_train_tokenizer
 from rlhf_jax.pipelines import workdir as workdir_io
@@ -29,6 +29,8 @@ class TaskData:
     eval_prompts: list[rec.SFTExample]
     synthetic: bool
     stats: dict
+    problems: list[rec.MathExample] = dataclasses.field(default_factory=list)  # math tasks: RL prompts
+    eval_problems: list[rec.MathExample] = dataclasses.field(default_factory=list)  # and held-out ones
 
 
 def _flip(pairs: list[rec.PreferenceExample], rate: float, seed: int) -> list[rec.PreferenceExample]:
@@ -54,6 +56,8 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     Raises:
       ValueError: for an HH experiment without a data path (naming the key to set).
     """
+    if data.task in ("arith", "math"):
+        return _load_math_task(data, seed)
     fmt = data.format or None
     if not (data.sft_path or data.preference_path):
         if data.task == "hh":
@@ -126,9 +130,60 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     )
 
 
+def _load_math_task(data: DataConfig, seed: int) -> TaskData:
+    """A math task: the synthetic `arith` problems, or GSM8K / MATH-style files (`data.path`, with
+    `eval_path` or a seeded `eval_fraction` held out); SFT demonstrations are the training problems'
+    solutions unless `sft_path` (problem files too) is given."""
+    if data.task == "arith":
+        task_seed = data.synthetic_seed
+        if data.vary_with_seed:
+            task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
+        splits = synthetic_arith.generate_splits(
+            seed=task_seed, num_sft=data.num_sft, num_train=data.num_train, num_eval=data.num_eval,
+            error_rate=data.arith_error_rate,
+            config=synthetic_arith.ArithConfig(max_steps=data.arith_max_steps),
+        )  # fmt: skip
+        sft, problems, eval_problems = splits.sft, splits.train, splits.eval
+        stats = {
+            "source": "synthetic_arith",
+            "sft": len(sft),
+            "train": len(problems),
+            "eval": len(eval_problems),
+        }
+    else:
+        fmt = data.format or None
+        problems, s = loading.load_math(data.preference_path, format=fmt, strict=data.strict)
+        stats = {"problems": s.summary()}
+        if data.eval_path:
+            eval_problems, s = loading.load_math(data.eval_path, format=fmt, strict=data.strict)
+            stats["eval"] = s.summary()
+        else:
+            order = np.random.default_rng([seed, 3]).permutation(len(problems))
+            held = max(1, int(len(problems) * data.eval_fraction))
+            eval_problems = [problems[i] for i in order[:held]]
+            problems = [problems[i] for i in order[held:]]
+        sft = problems
+        if data.sft_path:
+            sft, s = loading.load_math(data.sft_path, format=fmt, strict=data.strict)
+            stats["sft"] = s.summary()
+        if not problems:
+            raise ValueError(f"no usable problems in {data.preference_path!r}; see the skipped counts above")
+    return TaskData(
+        sft=[p.to_sft() for p in sft],
+        preference=[],
+        eval_preference=[],
+        eval_prompts=[p.to_sft() for p in eval_problems],
+        synthetic=data.task == "arith",
+        stats=stats,
+        problems=problems,
+        eval_problems=eval_problems,
+    )
+
+
 def corpus(task: TaskData) -> list[str]:
     """Training texts for a tokenizer trained from scratch (evaluation texts excluded)."""
     texts = [t for ex in task.sft for t in (ex.prompt, ex.completion)]
+    texts += [ex.prompt for ex in task.problems]
     return texts + [t for ex in task.preference for t in (ex.prompt, ex.chosen, ex.rejected)]
 
 

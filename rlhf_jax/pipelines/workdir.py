@@ -63,6 +63,11 @@ def stage_done(workdir: str) -> bool:
     return os.path.isdir(params_dir(workdir))
 
 
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_results(workdir: str) -> dict:
     """A finished stage's results.json ({} if absent)."""
     path = os.path.join(workdir, "results.json")

@@ -1,0 +1,149 @@
+"""The online RL loop (`rlhf_jax.pipelines.grpo`): dynamic sampling, the first step's ratio, the
+`grpo_arith:smoke` run through the command line, and its exact resume after SIGTERM."""
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.data import synthetic_arith
+from rlhf_jax.pipelines import grpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    splits = synthetic_arith.generate_splits(seed=0, num_sft=64, num_train=32, num_eval=4)
+    tok = synthetic_arith.get_tokenizer(splits, str(tmp_path_factory.mktemp("tok")), vocab_size=400)
+    cfg = models.preset("tiny", vocab_size=tok.vocab_size, max_len=96)
+    model = models.Transformer(cfg)
+    return splits, tok, model, models.init_params(model, jax.random.key(0))
+
+
+def _task(splits, reward_of):
+    def reward(*, prompts, completions, **columns):
+        total = np.asarray([reward_of(p, c) for p, c in zip(prompts, completions, strict=True)], np.float32)
+        return total, {"test": total}
+
+    return grpo.RLTask(
+        prompts=[p.prompt for p in splits.train], columns={"answer": [p.answer for p in splits.train]},
+        reward=reward,
+    )  # fmt: skip
+
+
+@pytest.mark.xdist_group("grpo_tiny")
+def test_dynamic_sampling_drops_equal_reward_groups_and_draws_more(tiny):
+    splits, tok, model, params = tiny
+    flat = {p.prompt for p in splits.train[::2]}  # half the prompts: the same reward for every sample
+    reward_of = lambda prompt, completion: 0.5 if prompt in flat else float(zlib.crc32(completion.encode()) % 7)
+    config = grpo.GRPOConfig(
+        num_prompts=4, group_size=4, max_new_tokens=8, dynamic_sampling=True, max_draws=6
+    )
+    out = grpo.sample_groups(model, params, tok, _task(splits, reward_of), config, iteration=0, seed=0,
+                             max_prompt_len=48)  # fmt: skip
+    rewards_PG = out["rewards"]
+    assert rewards_PG.shape == (4, 4) and out["advantages"].shape == (4, 4)
+    varied = rewards_PG.max(1) > rewards_PG.min(1)
+    # Every kept group has a reward signal; the flat ones drawn were counted as dropped.
+    stream = lambda d: grpo.prompt_stream(len(splits.train), seed=0, iteration=0, draw=d, count=4)
+    drawn = [splits.train[i].prompt for d in range(out["draws"]) for i in stream(d)]
+    assert out["groups_dropped"] == sum(p in flat for p in drawn) > 0
+    assert varied[: 4 - out["groups_short"]].all()
+    # Without dynamic sampling nothing is dropped and one draw is made.
+    plain = grpo.sample_groups(model, params, tok, _task(splits, reward_of),
+                               grpo.GRPOConfig(num_prompts=4, group_size=4, max_new_tokens=8), iteration=0,
+                               seed=0, max_prompt_len=48)  # fmt: skip
+    assert plain["draws"] == 1 and plain["groups_dropped"] == 0
+    # Every group flat: all draws spent, the batch filled with zero-advantage groups.
+    flat_all = grpo.sample_groups(model, params, tok, _task(splits, lambda p, c: 1.0), config, iteration=0,
+                                  seed=0, max_prompt_len=48)  # fmt: skip
+    assert flat_all["draws"] == 6 and flat_all["groups_short"] == 4
+    assert np.all(flat_all["advantages"] == 0.0)
+
+
+def test_prompt_stream_depends_on_seed_iteration_and_draw_only():
+    a = grpo.prompt_stream(50, seed=1, iteration=3, draw=0, count=10)
+    assert np.array_equal(a, grpo.prompt_stream(50, seed=1, iteration=3, draw=0, count=10))
+    assert len(set(a.tolist())) == 10
+    for other in (dict(seed=2, iteration=3, draw=0), dict(seed=1, iteration=4, draw=0),
+                  dict(seed=1, iteration=3, draw=1)):  # fmt: skip
+        assert not np.array_equal(a, grpo.prompt_stream(50, count=10, **other))
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return [sys.executable, "-m", "launch.train", *args], dict(cwd=ROOT, env=env, **kw)
+
+
+def _records(workdir):
+    paths = glob.glob(os.path.join(workdir, "policy", "*", "metrics.jsonl"))
+    if not paths:
+        return []
+    with open(paths[0], encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+SMOKE = ["--experiment=grpo_arith:smoke", "--config.progress=false"]
+KEYS = ("loss", "reward_mean", "reward_std", "frac_zero_std_groups", "groups_dropped", "clip_frac_low",
+        "clip_frac_high", "kl", "entropy", "response_length", "truncated_frac", "generation_s",
+        "train_s")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grpo_arith_smoke_runs_and_reports(tmp_path):
+    # One mini-batch per iteration (16 rows) and μ = 1: every update is at the sampling policy, ratio 1.
+    cmd, kw = _cli([*SMOKE, f"--workdir={tmp_path}", "--config.grpo.beta=0.04"])
+    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    for key in ("accuracy", "accuracy_ci95", "accuracy_sft", "pass_at_k", "mean_response_length", "kl_to_sft",
+                "wall_time_s"):  # fmt: skip
+        assert key in results, key
+    assert 0 <= results["accuracy"] <= 1 and "Online RL on arith: grpo/dapo" in out.stdout
+    records = _records(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(k in r for k in KEYS), sorted(r)
+        assert r["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # old log-probs are the sampling policy's
+        assert r["clip_frac_low"] == r["clip_frac_high"] == 0.0
+
+
+@pytest.mark.slow
+def test_grpo_resumes_exactly_after_sigterm(tmp_path):
+    args = [*SMOKE, "--config.grpo.iterations=6", "--config.checkpoint.every_steps=1000"]
+    cmd, kw = _cli([*args, f"--workdir={tmp_path / 'full'}"])
+    full = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert full.returncode == 0, full.stderr[-3000:]
+    workdir = tmp_path / "preempted"
+    cmd, kw = _cli([*args, f"--workdir={workdir}"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(_records(str(workdir))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, (
+        "the run ended before SIGTERM could be sent:\n" + proc.communicate()[1][-3000:]
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    step = int(re.search(r"preempted by SIGTERM at step (\d+) of stage grpo", err).group(1))
+    assert 2 <= step < 6
+    before = _records(str(workdir))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {step}" in rerun.stdout
+    after = _records(str(workdir))
+    assert after[:step] == before  # resumed, not restarted
+    same = lambda records: [(r["step"], r["loss"], r["reward_mean"], r["response_length"]) for r in records]
+    assert same(after) == same(_records(str(tmp_path / "full")))  # prompts, keys, params, optimizer: exact
