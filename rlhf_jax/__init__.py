@@ -18,7 +18,8 @@ Arrays carry their shape in their name, so shapes never live in comments: ``logi
   D: model width (embedding dimension)
   V: vocabulary
   H: attention (query) heads
-  G: key/value heads (grouped-query attention)
+  G: key/value heads (grouped-query attention); in the policy-gradient losses' pinned names
+     (``rewards_PG``, ``advantages_PG``) the group of samples of one prompt (= N there)
   Q: query heads per key/value head (H = G·Q)
   K: head dimension; k: half of it, the rotary frequencies (K/2)
   F: MLP hidden width

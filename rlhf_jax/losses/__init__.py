@@ -12,6 +12,9 @@ Every pairwise loss is keyword-only, takes summed log-probs [B] (float32 or bflo
 float32, and returns the per-example loss [B]; see each docstring for the formula and the paper. The
 log-probs come from `sequence_logps_from_hidden` (what the trainer uses: the LM head fused in, only
 the loss-masked rows computed), `sequence_logps` or `token_logps`.
+
+The policy-gradient family (`group_advantages`, `policy_gradient_loss`, `policy_gradient_metrics`)
+works on per-token log-probs [B, T] of sampled groups instead; it is not in the pairwise registry.
 """
 
 # The registry of pairwise losses by name, as a namespace: `losses.registry.make("dpo", beta=0.1)`.
@@ -35,6 +38,9 @@ from rlhf_jax.losses._pairwise import (
     simpo,
     slic,
 )
+
+# Policy-gradient losses and advantages (GRPO, Dr. GRPO, DAPO, RLOO, GSPO): online RL on sampled groups.
+from rlhf_jax.losses._policy_gradient import group_advantages, policy_gradient_loss, policy_gradient_metrics
 
 # Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
@@ -94,6 +100,10 @@ __all__ = [
     "exo_pair",
     "nca_pair",
     "sppo_hard",
+    # policy-gradient losses and advantages
+    "group_advantages",
+    "policy_gradient_loss",
+    "policy_gradient_metrics",
     # reward-model losses and metrics
     "bradley_terry",
     "preference_metrics",
