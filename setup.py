@@ -20,6 +20,7 @@ _RUNTIME = [
     "pyarrow>=16.0",  # Parquet preference files.
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
     "matplotlib>=3.8",  # training-curve and study plots (PNG, Agg backend).
+    "math-verify>=0.9.0",  # the `math` reward's answer equivalence (imported when that reward is made).
 ]
 
 _TEST = [

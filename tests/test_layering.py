@@ -8,7 +8,9 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = ("losses", "models", "sharding", "sampling", "scoring", "train", "rejection", "data", "interop")
+LIBRARY = (
+    "losses", "models", "sharding", "sampling", "scoring", "train", "rejection", "data", "interop", "rewards",
+)  # fmt: skip
 UPPER = ("rlhf_jax.pipelines", "launch", "experiments", "bench")
 
 
