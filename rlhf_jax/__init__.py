@@ -45,6 +45,7 @@ Public modules:
   ``rlhf_jax.scoring``    scoring sampled completions: training rows, reward and ranking scores,
                           padded-chunk runner
   ``rlhf_jax.rejection``  RSO's statistical rejection sampling and pair ranking
+  ``rlhf_jax.rewards``    rewards for online RL: answer checks, format, length, reward models, combine
   ``rlhf_jax.data``       readers, record formats, tokenizer, grain pipelines, the synthetic TL;DR task
   ``rlhf_jax.train``      the jitted train step, loop, optimizers, checkpoints, metrics
   ``rlhf_jax.interop``    HuggingFace checkpoints in and out

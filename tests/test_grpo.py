@@ -46,7 +46,8 @@ def _task(splits, reward_of):
 def test_dynamic_sampling_drops_equal_reward_groups_and_draws_more(tiny):
     splits, tok, model, params = tiny
     flat = {p.prompt for p in splits.train[::2]}  # half the prompts: the same reward for every sample
-    reward_of = lambda prompt, completion: 0.5 if prompt in flat else float(zlib.crc32(completion.encode()) % 7)
+    scrambled = lambda text: float(zlib.crc32(text.encode()) % 7)
+    reward_of = lambda prompt, completion: 0.5 if prompt in flat else scrambled(completion)
     config = grpo.GRPOConfig(
         num_prompts=4, group_size=4, max_new_tokens=8, dynamic_sampling=True, max_draws=6
     )

@@ -416,22 +416,13 @@ def run(
 
 
 def task_reward(specs: tuple[tuple[str, float, tuple], ...]):
-    """The weighted sum of `rlhf_jax.rewards` by (name, weight, hyperparameters), and each part.
-
-    Returns:
-      `reward(prompts=, completions=, **columns) -> (total [N] float32, {name: [N]})`.
-    """
-    fns = [(name, weight, rewards.make(name, **dict(hparams))) for name, weight, hparams in specs]
-
-    def reward(*, prompts, completions, **columns):
-        parts = {name: np.asarray(fn(prompts=prompts, completions=completions, **columns), np.float32)
-                 for name, _, fn in fns}  # fmt: skip
-        total = np.zeros(len(completions), np.float32)
-        for name, weight, _ in fns:
-            total = total + np.float32(weight) * parts[name]
-        return total, parts
-
-    return reward
+    """The weighted sum of `rlhf_jax.rewards` given as (name, weight, hyperparameters), and each part
+    (`rewards.combine`): `reward(prompts=, completions=, **columns) -> (total [N], {name: [N]})`."""
+    combined = rewards.combine(
+        {name: weight for name, weight, _ in specs},
+        {name: rewards.make(name, **dict(hparams)) for name, _, hparams in specs},
+    )
+    return combined.evaluate
 
 
 def rl_task(task: tasks.TaskData, specs) -> RLTask:
