@@ -224,7 +224,7 @@ def sample_groups(
     short = max(0, P - len(kept))
     groups = (kept + dropped[:short])[:P]
     out = {k: np.stack([g[k] for g in groups]) for k in groups[0]}
-    out["advantages"] = np.asarray(
+    out["advantages"] = np.array(  # a writable host copy
         losses.group_advantages(rewards_PG=out["rewards"], estimator=grpo.estimator, scale=grpo.scale),
         np.float32,
     )
