@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import sys
 
 import ml_collections
@@ -91,6 +92,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         if key in RENAMED and key not in known and RENAMED[key] in known:
             print(f"warning: --config.{key} is deprecated; it sets --config.{RENAMED[key]}", file=sys.stderr)
             key = RENAMED[key]
+        if key.startswith("rewards.") and key not in known and "rewards" in config:
+            known[key] = _reward_default(config, key)
         if key.startswith("loss.") and key not in known and "loss" in config:
             known[key] = _loss_default(config.loss.name, key[len("loss.") :])
             config.loss[key[len("loss.") :]] = known[key]
@@ -164,3 +167,26 @@ def _model_default(preset: str, field: str):
     if cfg is None or field not in {f.name for f in dataclasses.fields(cfg)}:
         return _MISSING
     return getattr(cfg, field)
+
+
+def _reward_default(config: ml_collections.ConfigDict, key: str):
+    """Adds a reward (`rewards.NAME.weight`, weight 1 until set) or one of its hyperparameters
+    (`rewards.NAME.HPARAM`, its default) to `config.rewards`; returns the key's current value."""
+    from rlhf_jax import rewards
+
+    parts = key.split(".")
+    if len(parts) != 3:
+        raise ConfigError(f"--config.{key}: reward keys look like rewards.NAME.weight or rewards.NAME.HPARAM")
+    _, name, field = parts
+    if name not in rewards.names():
+        raise ConfigError(f"--config.{key}: unknown reward {name!r}; rewards: {', '.join(rewards.names())}")
+    hparams = rewards.hyperparameters(name)
+    if field != "weight" and field not in hparams:
+        valid = ", ".join(["weight", *hparams])
+        raise ConfigError(f"--config.{key}: reward {name!r} has no {field!r}; its keys: {valid}")
+    if name not in config.rewards:
+        config.rewards[name] = ml_collections.ConfigDict({"weight": 1.0}, type_safe=False)
+    if field not in config.rewards[name]:
+        default = hparams[field]
+        config.rewards[name][field] = None if default is inspect.Parameter.empty else default
+    return config.rewards[name][field]

@@ -150,3 +150,25 @@ def test_grpo_arith_smoke_reports_and_resumes_exactly_after_sigterm(tmp_path):
     assert after[:step] == before  # resumed, not restarted
     same = lambda rs: [(r["step"], r["loss"], r["reward_mean"], r["response_length"], r["kl"]) for r in rs]
     assert same(after) == same(records)
+
+
+def test_rewards_are_added_and_validated_from_the_command_line():
+    from launch import overrides, train
+
+    config = train.resolve_config(
+        "grpo_arith:smoke",
+        ["--config.rewards.soft_overlong.weight=0.5", "--config.rewards.soft_overlong.max_length=16",
+         "--config.rewards.soft_overlong.cache=4"],
+    )  # fmt: skip
+    plan = train.build_plan(config)
+    assert plan.grpo.rewards == (
+        ("gsm8k", 1.0, ()),
+        ("soft_overlong", 0.5, (("cache", 4), ("max_length", 16))),
+    )
+    with pytest.raises(overrides.ConfigError, match="unknown reward 'nope'"):
+        train.resolve_config("grpo_arith:smoke", ["--config.rewards.nope.weight=1"])
+    with pytest.raises(overrides.ConfigError, match="reward 'gsm8k' has no 'cache'"):
+        train.resolve_config("grpo_arith:smoke", ["--config.rewards.gsm8k.cache=1"])
+    missing = train.resolve_config("grpo_arith:smoke", ["--config.rewards.soft_overlong.weight=1"])
+    with pytest.raises(ValueError, match="soft_overlong"):  # max_length and cache are required
+        train.build_plan(missing)
