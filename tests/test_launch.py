@@ -345,6 +345,7 @@ RM_LEARNS = ["--config.train.steps=60", "--config.train.learning_rate=3e-3", "--
     [("rm_tldr:smoke", ["--config.rm.kind=pairwise"]),
      ("rm_tldr:smoke", RM_LEARNS),
      ("dpo_hh:smoke", ["--config.train.reference=precomputed"]), ("rso_hh:smoke", []), ("inpo_hh:smoke", []),
+     ("dapo_arith:smoke", []),
      ("rso_tldr:smoke", ["--config.rm.kind=pairwise", "--config.rso.ranking=tournament",
                          "--config.rso.pairs=sft_sample_rank"])],
 )  # fmt: skip
