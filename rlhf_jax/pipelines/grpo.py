@@ -47,7 +47,7 @@ from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.preemption import Preempted, PreemptionWatch
+from rlhf_jax.train.preemption import NonFiniteError, Preempted, PreemptionWatch
 
 log = logging.getLogger("rlhf_jax")
 
@@ -368,8 +368,9 @@ def run(
             step = (it + 1) * steps_per_iteration
             skipped = int(step_metrics[-1]["nonfinite_steps"])
             if skipped and cfg.train.nonfinite == "stop":
-                raise FloatingPointError(
-                    f"{name}: non-finite loss or gradient in iteration {it + 1} (step {step})"
+                raise NonFiniteError(
+                    f"{name}: non-finite loss or gradient in iteration {it + 1} (update not applied; last "
+                    f"checkpoint: step {ckpt.latest_step()}). Set --config.train.nonfinite=skip to skip them."
                 )
 
             # Log the iteration.
