@@ -34,7 +34,7 @@ def get_config(arg=None):
             iterations=30, num_prompts=16, group_size=8, num_iterations=1, estimator="grpo", scale="group",
             aggregation="dapo", epsilon_low=0.2, epsilon_high=0.0, delta=0.0, beta=0.0, importance_level="token",
             temperature=1.0, top_k=0, max_new_tokens=56, mask_truncated=False, dynamic_sampling=False,
-            max_draws=4, eval_reward="gsm8k",
+            max_draws=4, max_prompts=0, eval_reward="gsm8k",
         )
     )  # fmt: skip
     c.rewards = ml_collections.ConfigDict({"gsm8k": {"weight": 1.0}})

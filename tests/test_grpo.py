@@ -128,6 +128,15 @@ def test_grpo_arith_smoke_reports_and_resumes_exactly_after_sigterm(tmp_path):
         assert r["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
         assert r["clip_frac_low"] == r["clip_frac_high"] == 0.0
 
+    # Another evaluation config on the reused stages: evaluated anew, never the cached one's numbers.
+    cmd, kw = _cli([*args, f"--workdir={tmp_path / 'full'}", "--config.eval.num_problems=4"])
+    again = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reused policy/" in again.stdout
+    assert (
+        json.load(open(tmp_path / "full" / "results.json"))["eval_problems"] == 4 != results["eval_problems"]
+    )
+
     workdir = tmp_path / "preempted"
     cmd, kw = _cli([*args, f"--workdir={workdir}"])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

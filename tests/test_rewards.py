@@ -2,8 +2,8 @@
 reward model as a reward against the model applied row by row.
 
 Values are derived by hand (a cosine at 0, π/2, 3π/4 and π; DAPO's ramp at its three regimes). Three
-real GSM8K training records (MIT licence, OpenAI) are copied in as literals: the tests never read
-../shared.
+real GSM8K training records (MIT licence, OpenAI) are copied in as literals: the tests never read the
+project's shared sample data.
 """
 
 import math

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from rlhf_jax import losses, models, sharding
+from rlhf_jax.pipelines import fingerprints
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.trainer import LoopConfig
 
@@ -91,6 +92,13 @@ class DataConfig:
             )
         if not 0.0 <= self.flip_rate < 1.0:
             raise ValueError(f"data.flip_rate must be in [0, 1), got {self.flip_rate}")
+        if not 0.0 <= self.arith_error_rate <= 1.0:
+            raise ValueError(f"data.arith_error_rate must be in [0, 1], got {self.arith_error_rate}")
+        if self.arith_max_steps < 1 or self.num_train < 1:
+            raise ValueError(
+                f"data.arith_max_steps ({self.arith_max_steps}) and data.num_train ({self.num_train}) "
+                "must be >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,11 +266,11 @@ def model_config(section) -> models.ModelConfig:
     return models.preset(preset, **given)
 
 
-def _in_section(section: str, cls, /, **kwargs):
+def in_section(section: str, cls, /, **kwargs):
     """`cls(**kwargs)`, with a validation error prefixed by the config section it came from."""
     try:
         return cls(**kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ValueError(f"config.{section}.{e}") from e
 
 
@@ -281,7 +289,7 @@ def rm_kind(config) -> str:
 def section_config(cls, config, name: str):
     """`cls` (a frozen config dataclass) from the ConfigDict section `config.<name>`, rejecting unknown
     keys; a validation error is prefixed with the section (`config.rso.…`)."""
-    return _in_section(name, cls, **section_fields(cls, config[name], name))
+    return in_section(name, cls, **section_fields(cls, config[name], name))
 
 
 def stage_config(config, train_section: str = "train", *, init_from: str | None = None) -> StageConfig:
@@ -292,7 +300,8 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
       train_section: which section holds this stage's train/optimizer settings (e.g. "sft" for the
         SFT stage of a preference experiment); it has the keys of TrainConfig and OptimConfig (and, in
         the `rm` section, the reward model's `kind`, read by `rm_kind`).
-      init_from: the stage's `init_from` (default `config.init_from`).
+      init_from: the stage's `init_from` (default `config.init_from`; a run's workdir there means its
+        final stage, `fingerprints.resolve_init_from`).
     """
     section = dict(config[train_section])
     if train_section == "rm":
@@ -305,13 +314,13 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
         raise ValueError(
             f"config.{train_section} has unknown keys {unknown}; known: {sorted(optim_keys | train_keys)}"
         )
-    optim = _in_section(
+    optim = in_section(
         train_section,
         OptimConfig,
         **{k: v for k, v in section.items() if k in optim_keys and k != "optimizer"},
         name=section.get("optimizer", "adamw"),
     )
-    train = _in_section(train_section, TrainConfig, **{k: v for k, v in section.items() if k in train_keys})
+    train = in_section(train_section, TrainConfig, **{k: v for k, v in section.items() if k in train_keys})
     loss_section = dict(config.get("loss", {"name": "dpo"}))
     loss = LossConfig(name=loss_section.pop("name"), hparams=tuple(sorted(loss_section.items())))
     return StageConfig(
@@ -321,13 +330,15 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
         train=train,
         loss=loss,
         mesh=sharding.MeshConfig(**section_fields(sharding.MeshConfig, config.mesh, "mesh")),
-        checkpoint=_in_section(
+        checkpoint=in_section(
             "checkpoint",
             CheckpointConfig,
             **section_fields(CheckpointConfig, config.checkpoint, "checkpoint"),
         ),
         data=DataConfig(**section_fields(DataConfig, config.data, "data")),
-        init_from=str(config.get("init_from", "")) if init_from is None else init_from,
+        init_from=fingerprints.resolve_init_from(str(config.get("init_from", "")))
+        if init_from is None
+        else init_from,
         init_from_hf=str(config.model.get("init_from_hf", "") or ""),
         progress=bool(config.get("progress", True)),
     )

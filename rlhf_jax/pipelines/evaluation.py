@@ -24,6 +24,7 @@ of its inputs with a response cut to fit its layout).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -204,16 +205,24 @@ def evaluate_against_sft(
     return out
 
 
+def format_value(results: dict, key: str) -> str:
+    """`results[key]` to 3 decimals with its `_ci95` interval when it has one ("n/a" when absent)."""
+    v = results.get(key)
+    if v is None:
+        return "n/a"
+    ci = results.get(key + "_ci95")
+    return f"{v:.3f}" + (f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def render_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A titled plain-text table of (label, value) rows."""
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([title, "-" * (width + 30)] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+
+
 def format_table(results: dict, title: str) -> str:
     """A plain-text table of the headline numbers."""
-
-    def fmt(key):
-        v = results.get(key)
-        if v is None:
-            return "n/a"
-        ci = results.get(key + "_ci95")
-        return f"{v:.3f}" + (f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
+    fmt = functools.partial(format_value, results)
     rows = [
         ("win rate vs SFT (gold reward)", fmt("win_rate_vs_sft_gold")),
         ("win rate vs SFT (proxy reward model)", fmt("win_rate_vs_sft_proxy")),
@@ -231,6 +240,4 @@ def format_table(results: dict, title: str) -> str:
         ("KL(policy || SFT), nats per response", fmt("kl_to_sft")),
         ("wall time (s)", fmt("wall_time_s")),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [title, "-" * (width + 30)] + [f"{k.ljust(width)}  {v}" for k, v in rows]
-    return "\n".join(lines)
+    return render_table(title, rows)

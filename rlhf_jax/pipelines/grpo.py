@@ -42,9 +42,9 @@ import numpy as np
 from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import fingerprints, math_eval, sft, tasks, training
+from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, sft, tasks, training
 from rlhf_jax.pipelines import workdir as workdir_io
-from rlhf_jax.pipelines.config import StageConfig, section_config, stage_config
+from rlhf_jax.pipelines.config import StageConfig, in_section, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.preemption import NonFiniteError, Preempted, PreemptionWatch
@@ -72,6 +72,8 @@ class GRPOConfig:
       dynamic_sampling: drop groups with equal rewards and draw more prompts (DAPO).
       max_draws: the most prompt draws per iteration with dynamic sampling.
       rewards: (name, weight, hyperparameters) summed into the reward (`rlhf_jax.rewards`).
+      max_prompts: train on the task's first this many training prompts only (0: all); a small fixed
+        pool checks that the update raises the reward on the prompts it trains on.
     """
 
     iterations: int = 20
@@ -93,6 +95,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     max_draws: int = 4
     rewards: tuple[tuple[str, float, tuple], ...] = (("gsm8k", 1.0, ()),)
+    max_prompts: int = 0
 
     def __post_init__(self):
         checks = (
@@ -108,6 +111,7 @@ class GRPOConfig:
             ("beta", self.beta >= 0, ">= 0"),
             ("temperature", self.temperature > 0, "> 0"),
             ("max_draws", self.max_draws >= 1, ">= 1"),
+            ("max_prompts", self.max_prompts >= 0, ">= 0 (0: all)"),
             ("rewards", len(self.rewards) >= 1, "at least one (name, weight)"),
         )
         for field, ok, want in checks:
@@ -201,7 +205,7 @@ def sample_groups(
         )  # fmt: skip
         draws += 1
         texts = [
-            _decode(tokenizer, out.tokens_PNT[p, g, : out.lengths_PN[p, g]])
+            evaluation.decode_text(tokenizer, out.tokens_PNT[p, g, : out.lengths_PN[p, g]])
             for p in range(P)
             for g in range(G)
         ]
@@ -234,11 +238,6 @@ def sample_groups(
     for name, values in per_reward.items():
         out[f"reward/{name}"] = float(np.mean(np.concatenate(values)))
     return out
-
-
-def _decode(tokenizer, ids) -> str:
-    drop = (tokenizer.eos_id, tokenizer.bos_id)
-    return tokenizer.decode([int(t) for t in ids if t not in drop and 0 <= t < tokenizer.vocab_size])
 
 
 def training_rows(groups: dict, *, pad_id: int, mask_truncated: bool) -> dict:
@@ -426,12 +425,14 @@ def task_reward(specs: tuple[tuple[str, float, tuple], ...]):
     return combined.evaluate
 
 
-def rl_task(task: tasks.TaskData, specs) -> RLTask:
-    """The online loop's view of a math task: its training problems, their `answer` column, the reward."""
+def rl_task(task: tasks.TaskData, grpo: GRPOConfig) -> RLTask:
+    """The online loop's view of a math task: its training problems (the first `grpo.max_prompts`, if
+    set), their `answer` column, and the reward `grpo.rewards`."""
+    problems = task.problems[: grpo.max_prompts] if grpo.max_prompts else task.problems
     return RLTask(
-        prompts=[p.prompt for p in task.problems],
-        columns={"answer": [p.answer for p in task.problems]},
-        reward=task_reward(specs),
+        prompts=[p.prompt for p in problems],
+        columns={"answer": [p.answer for p in problems]},
+        reward=task_reward(grpo.rewards),
     )
 
 
@@ -474,22 +475,15 @@ def plan(config) -> Plan:
     """Validates an experiment's ConfigDict into the `grpo` pipeline's stage configs."""
     section = dict(config.grpo)
     eval_reward = section.pop("eval_reward", "gsm8k")
-    grpo = _in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
+    grpo = in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
     rewards.make(eval_reward)
     return Plan(
         sft=stage_config(config, "sft"),
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        main=stage_config(config, "train"),
         grpo=grpo,
         eval=section_config(math_eval.MathEvalConfig, config, "eval"),
         eval_reward=eval_reward,
     )
-
-
-def _in_section(name, cls, **kwargs):
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"config.{name}: {e}") from e
 
 
 def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
@@ -508,11 +502,15 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         raise ValueError(
             f"data.task={cfg.data.task!r} has no problems: online RL needs data.task arith or math"
         )
-    stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl_task(task, plan.grpo.rewards),
+    stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl_task(task, plan.grpo),
                         tokenizer=tokenizer)  # fmt: skip
 
     # Evaluate the policy and the SFT policy on the held-out problems.
-    evaluation_path = os.path.join(policy_dir, "evaluation.json")
+    # Cached beside the policy under the fingerprint of what it depends on beyond the policy: another
+    # evaluation config (or SFT stage) on a reused policy is evaluated anew, never served the old one.
+    eval_spec = {"eval": plan.eval, "eval_reward": plan.eval_reward, "sft": fingerprints.stage_input(sft_dir),
+                 "seed": cfg.seed, "data": fingerprints.data_spec(cfg.data)}  # fmt: skip
+    evaluation_path = os.path.join(policy_dir, f"evaluation_{fingerprints.fingerprint(eval_spec)[:12]}.json")
     if os.path.exists(evaluation_path):
         ev = workdir_io.read_json(evaluation_path)
     else:

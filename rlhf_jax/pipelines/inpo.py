@@ -210,7 +210,7 @@ def plan(config) -> Plan:
     return Plan(
         sft=stage_config(config, "sft"),
         rm=stage_config(config, "rm"),
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        main=stage_config(config, "train"),
         inpo=section_config(INPOConfig, config, "inpo"),
         eval=section_config(evaluation.EvalConfig, config, "eval"),
         rm_kind=rm_kind(config),

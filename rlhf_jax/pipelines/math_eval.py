@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 from rlhf_jax import sampling, scoring
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import records as rec
-from rlhf_jax.pipelines.evaluation import bootstrap_ci, decode_completions
+from rlhf_jax.pipelines.evaluation import bootstrap_ci, decode_completions, format_value, render_table
 
 RESULT_KEYS = (
     "accuracy",
@@ -116,22 +117,16 @@ def evaluate_math(
 
 def format_table(results: dict, title: str) -> str:
     """A plain-text table of the headline numbers."""
-
-    def fmt(key):
-        v = results.get(key)
-        if v is None:
-            return "n/a"
-        ci = results.get(key + "_ci95")
-        return f"{v:.3f}" + (f"  [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    rows = [
-        ("held-out accuracy, greedy (policy)", fmt("accuracy")),
-        ("held-out accuracy, greedy (SFT)", fmt("accuracy_sft")),
-        ("accuracy gain over SFT (paired)", fmt("accuracy_gain")),
-        (f"pass@{results.get('k', 'k')} (policy)", fmt("pass_at_k")),
-        ("mean response length (tokens)", fmt("mean_response_length")),
-        ("KL(policy || SFT), nats per response", fmt("kl_to_sft")),
-        ("wall time (s)", fmt("wall_time_s")),
-    ]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join([title, "-" * (width + 30)] + [f"{k.ljust(width)}  {v}" for k, v in rows])
+    fmt = functools.partial(format_value, results)
+    return render_table(
+        title,
+        [
+            ("held-out accuracy, greedy (policy)", fmt("accuracy")),
+            ("held-out accuracy, greedy (SFT)", fmt("accuracy_sft")),
+            ("accuracy gain over SFT (paired)", fmt("accuracy_gain")),
+            (f"pass@{results.get('k', 'k')} (policy)", fmt("pass_at_k")),
+            ("mean response length (tokens)", fmt("mean_response_length")),
+            ("KL(policy || SFT), nats per response", fmt("kl_to_sft")),
+            ("wall time (s)", fmt("wall_time_s")),
+        ],
+    )

@@ -31,7 +31,6 @@ from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 
-REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 # The loss inputs every batch provides (the rest come from `ExtraInputs`).
 BATCH_INPUTS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
                 "reference_rejected_logps", "chosen_lengths", "rejected_lengths")  # fmt: skip
@@ -333,7 +332,7 @@ class Plan:
 def plan(config) -> Plan:
     """Validates an experiment's ConfigDict into the `preference` pipeline's stage configs."""
     return Plan(
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        main=stage_config(config, "train"),
         sft=stage_config(config, "sft") if "sft" in config else None,
         eval=section_config(evaluation.EvalConfig, config, "eval") if "eval" in config else None,
     )

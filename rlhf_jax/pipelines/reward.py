@@ -298,7 +298,7 @@ class Plan:
 def plan(config) -> Plan:
     """Validates an experiment's ConfigDict into the `reward` pipeline's stage configs."""
     return Plan(
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        main=stage_config(config, "train"),
         sft=stage_config(config, "sft") if "sft" in config else None,
         rm_kind=rm_kind(config),
     )

@@ -263,7 +263,7 @@ def plan(config) -> Plan:
     return Plan(
         sft=stage_config(config, "sft"),
         rm=stage_config(config, "rm"),
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from)),
+        main=stage_config(config, "train"),
         rso=section_config(RSOConfig, config, "rso"),
         eval=section_config(evaluation.EvalConfig, config, "eval"),
         rm_kind=rm_kind(config),

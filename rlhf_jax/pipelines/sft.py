@@ -110,9 +110,7 @@ class Plan:
 
 def plan(config) -> Plan:
     """Validates an experiment's ConfigDict into the `sft` pipeline's stage config."""
-    return Plan(
-        main=stage_config(config, "train", init_from=fingerprints.resolve_init_from(config.init_from))
-    )
+    return Plan(main=stage_config(config, "train"))
 
 
 def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
