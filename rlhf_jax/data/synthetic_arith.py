@@ -34,6 +34,22 @@ a wrong answer, and SFT alone imitates them and leaves headroom for RL on the ex
 Problems and slips come from separate random streams, so the demonstrations are the same problems at
 every p, and the slipped ones at p are a subset of those at any larger p.
 
+Random slips move no step's most likely line: at p = 0.2 a given step is slipped in a few percent of the
+demonstrations, each time by a different d, so the greedy SFT policy writes the correct line wherever
+the model can compute it, and its greedy errors are the model's own. An RL update that rewards correct
+answers then has little to move in the greedy answer (measured in the README: +0.01 at p = 0.2).
+
+Misread subtractions. With `misread_rate` q, each subtraction step of a demonstration independently
+(probability q) is misread as an addition: the line reads `x + b = x+b` where the problem takes b away
+("loses", "gives away", "sells", "had ... and lost"), and the later steps compute from that value. This
+is a systematic demonstrator error, the kind that SFT copies into its greedy policy once q > 1/2: the
+SFT model then adds where it should subtract, on every held-out problem with a subtraction, while the
+correct line keeps probability about 1 - q when sampling, which is the signal an exact-answer reward
+finds. Only subtractions after which no division follows are misread (so later lines stay whole-number
+arithmetic; the misread count may exceed `max_value`). Misreads come from a fourth random stream, drawn
+for every subtraction, so the misread steps at q are a subset of those at any larger q; a demonstration
+may carry both a slip and misreads.
+
 Splits. `generate_splits` returns SFT demonstrations (prompt -> solution, slipped at `error_rate`), RL
 training prompts and held-out evaluation prompts, each a `records.MathExample` with the gold `answer`
 (the problem's true result; training and evaluation solutions are always correct references). Every
@@ -162,14 +178,16 @@ class Problem:
     def answer(self) -> int:
         return _run(self.steps)[-1]
 
-    def solution(self, slip: tuple[int, int] | None = None) -> str:
+    def solution(self, slip: tuple[int, int] | None = None, misread: Sequence[int] = ()) -> str:
         """The solution text (leading space, one line per step, `#### N`); `slip` = (step, d) adds d to
-        that step's result and carries it through the later steps."""
-        values = _run(self.steps, slip)
+        that step's result and carries it through the later steps; the subtraction steps in `misread`
+        are written and computed as additions."""
+        values = _run(self.steps, slip, misread)
         lines, x = [], None
-        for step, y in zip(self.steps, values, strict=True):
+        for i, (step, y) in enumerate(zip(self.steps, values, strict=True)):
             x = step.start if x is None else x
-            lines.append(step.line.format(x=x, b=step.operand, y=y))
+            line = step.line.replace(" - {b}", " + {b}") if i in misread else step.line
+            lines.append(line.format(x=x, b=step.operand, y=y))
             x = y
         return " " + "\n".join(lines + [f"#### {values[-1]}"])
 
@@ -222,6 +240,7 @@ def generate_splits(
     num_train: int = 2048,
     num_eval: int = 256,
     error_rate: float = 0.2,
+    misread_rate: float = 0.0,
     config: ArithConfig = ArithConfig(),
 ) -> Splits:
     """Generates the task's splits (module docstring); the same arguments give the same splits.
@@ -232,24 +251,33 @@ def generate_splits(
       num_train: RL training prompts with gold answers (and correct reference solutions).
       num_eval: held-out evaluation prompts with gold answers (and correct reference solutions).
       error_rate: the probability that a demonstration carries one propagated arithmetic slip.
+      misread_rate: the probability that a subtraction step of a demonstration (one after which no
+        division follows) is misread as an addition (module docstring).
       config: the difficulty knobs.
 
     Returns:
-      The splits; every prompt occurs once across them. Examples carry `meta` with "question", "steps"
-      and "slip" (None, or (step index, d) for a slipped demonstration).
+      The splits; every prompt occurs once across them. Examples carry `meta` with "question", "steps",
+      "slip" (None, or (step index, d) for a slipped demonstration) and "misread" (the indices of the
+      misread subtraction steps; empty outside SFT).
 
     Raises:
-      ValueError: `error_rate` is not in [0, 1], or the knobs allow too few distinct problems.
+      ValueError: `error_rate` or `misread_rate` is not in [0, 1], or the knobs allow too few distinct
+        problems.
     """
-    if not 0.0 <= error_rate <= 1.0:
-        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-    rng_sft, rng_train, rng_eval, rng_slip = (np.random.default_rng([seed, i]) for i in range(4))
+    for name, rate in (("error_rate", error_rate), ("misread_rate", misread_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    rng_sft, rng_train, rng_eval, rng_slip, rng_misread = (
+        np.random.default_rng([seed, i]) for i in range(5)
+    )
     seen: set[str] = set()
     sft = []
     for problem in _distinct(rng_sft, num_sft, seen, config):
-        # Drawn for every demonstration, so the slipped ones at a rate are a subset of those at a higher one.
+        # Drawn for every demonstration (and subtraction), so the slipped (misread) ones at a rate are a
+        # subset of those at a higher one.
         u, slip = rng_slip.random(), _draw_slip(rng_slip, problem)
-        sft.append(_example(problem, slip if u < error_rate else None))
+        misread = tuple(i for i in _misreadable(problem) if rng_misread.random() < misread_rate)
+        sft.append(_example(problem, slip if u < error_rate else None, misread))
     train = [_example(p) for p in _distinct(rng_train, num_train, seen, config)]
     evaluation = [_example(p) for p in _distinct(rng_eval, num_eval, seen, config)]
     return Splits(sft, train, evaluation)
@@ -288,9 +316,18 @@ def write_jsonl(splits: Splits, out_dir: str) -> dict[str, str]:
     return paths
 
 
-def _example(problem: Problem, slip: tuple[int, int] | None = None) -> rec.MathExample:
-    meta = {"question": problem.question, "steps": len(problem.steps), "slip": slip}
-    return rec.MathExample(problem.prompt, problem.solution(slip), str(problem.answer), meta)
+def _example(
+    problem: Problem, slip: tuple[int, int] | None = None, misread: tuple[int, ...] = ()
+) -> rec.MathExample:
+    meta = {"question": problem.question, "steps": len(problem.steps), "slip": slip, "misread": misread}
+    return rec.MathExample(problem.prompt, problem.solution(slip, misread), str(problem.answer), meta)
+
+
+def _misreadable(problem: Problem) -> list[int]:
+    """The subtraction steps after which no division follows (module docstring)."""
+    divisions = [i for i, s in enumerate(problem.steps) if s.op == "div"]
+    after = divisions[-1] + 1 if divisions else 0
+    return [i for i, s in enumerate(problem.steps) if s.op == "sub" and i >= after]
 
 
 def _distinct(rng: np.random.Generator, n: int, seen: set[str], config: ArithConfig) -> list[Problem]:
@@ -322,11 +359,15 @@ def _draw_slip(rng: np.random.Generator, problem: Problem) -> tuple[int, int]:
     return step, d
 
 
-def _run(steps: Sequence[Step], slip: tuple[int, int] | None = None) -> list[int]:
-    """The count after each step, with an optional slip (step, d) carried forward."""
+def _run(
+    steps: Sequence[Step], slip: tuple[int, int] | None = None, misread: Sequence[int] = ()
+) -> list[int]:
+    """The count after each step, with an optional slip (step, d) and misread subtractions (computed as
+    additions) carried forward."""
     values, x = [], None
     for i, step in enumerate(steps):
-        x = _apply(step.op, step.start if x is None else x, step.operand)
+        op = "add" if i in misread else step.op
+        x = _apply(op, step.start if x is None else x, step.operand)
         if slip is not None and i == slip[0]:
             x += slip[1]
         values.append(x)
@@ -392,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_train", type=int, default=2048)
     parser.add_argument("--num_eval", type=int, default=256)
     parser.add_argument("--error_rate", type=float, default=0.2)
+    parser.add_argument("--misread_rate", type=float, default=0.0)
     parser.add_argument("--min_steps", type=int, default=1)
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--vocab_size", type=int, default=1536)
@@ -404,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_train=args.num_train,
         num_eval=args.num_eval,
         error_rate=args.error_rate,
+        misread_rate=args.misread_rate,
         config=config,
     )
     generated = time.perf_counter()

@@ -35,8 +35,10 @@ class DataConfig:
       flip_rate: fraction of preference labels flipped (robustness studies; applied to any data).
       eval_fraction: share of the preference data held out for evaluation when no eval_path is given.
       num_train: RL training problems of the synthetic math task.
-      arith_max_steps, arith_error_rate: the synthetic math task's difficulty (most steps per problem)
-        and the share of SFT demonstrations with an arithmetic slip (`synthetic_arith`).
+      arith_max_steps, arith_error_rate, arith_misread_rate: the synthetic math task's difficulty (most
+        steps per problem), the share of SFT demonstrations with an arithmetic slip, and the
+        probability that a demonstration's subtraction step is misread as an addition
+        (`synthetic_arith`).
       vary_with_seed: tie the data to the run's `seed`: the synthetic task is generated from
         (synthetic_seed, seed) instead of synthetic_seed alone (so its pairs and held-out evaluation
         prompts change with the seed), and the prompts of an `eval_path` are evaluated in a seeded
@@ -66,6 +68,7 @@ class DataConfig:
     num_train: int = 2048
     arith_max_steps: int = 3
     arith_error_rate: float = 0.2
+    arith_misread_rate: float = 0.0
 
     def __post_init__(self):
         if self.path:
@@ -92,8 +95,9 @@ class DataConfig:
             )
         if not 0.0 <= self.flip_rate < 1.0:
             raise ValueError(f"data.flip_rate must be in [0, 1), got {self.flip_rate}")
-        if not 0.0 <= self.arith_error_rate <= 1.0:
-            raise ValueError(f"data.arith_error_rate must be in [0, 1], got {self.arith_error_rate}")
+        for key in ("arith_error_rate", "arith_misread_rate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.arith_max_steps < 1 or self.num_train < 1:
             raise ValueError(
                 f"data.arith_max_steps ({self.arith_max_steps}) and data.num_train ({self.num_train}) "

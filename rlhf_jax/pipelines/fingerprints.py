@@ -106,7 +106,7 @@ def data_spec(data) -> dict:
     spec = _canonical(data)
     spec.pop("path", None)  # shorthand for preference_path, already folded into it
     if data.task not in ("arith", "math"):  # math-only fields: the other tasks' fingerprints predate them
-        for key in ("num_train", "arith_max_steps", "arith_error_rate"):
+        for key in ("num_train", "arith_max_steps", "arith_error_rate", "arith_misread_rate"):
             spec.pop(key, None)
     for key in ("sft_path", "preference_path", "eval_path"):
         spec[key] = files_digest(getattr(data, key))

@@ -140,7 +140,7 @@ def _load_math_task(data: DataConfig, seed: int) -> TaskData:
             task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
         splits = synthetic_arith.generate_splits(
             seed=task_seed, num_sft=data.num_sft, num_train=data.num_train, num_eval=data.num_eval,
-            error_rate=data.arith_error_rate,
+            error_rate=data.arith_error_rate, misread_rate=data.arith_misread_rate,
             config=synthetic_arith.ArithConfig(max_steps=data.arith_max_steps),
         )  # fmt: skip
         sft, problems, eval_problems = splits.sft, splits.train, splits.eval
