@@ -26,7 +26,7 @@ def get_config(arg=None):
                        arith_max_steps=3, arith_error_rate=0.0, arith_misread_rate=0.7))  # fmt: skip
     c.sft = _base.train_section(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.train = _base.train_section(
-        steps=0, batch_size=64, learning_rate=2e-5, warmup_steps=0, schedule="constant"
+        steps=0, batch_size=64, learning_rate=5e-5, warmup_steps=0, schedule="constant"
     )
     c.train.grad_clip_norm = 1.0
     c.grpo = ml_collections.ConfigDict(

@@ -61,6 +61,8 @@ METRIC_RANGES = (
     ("*accuracy*", (0.0, 1.0)),
     ("kl*", (0.0, math.inf)),
     ("*length*", (0.0, math.inf)),
+    ("entropy*", (0.0, math.inf)),
+    ("samples*", (0.0, math.inf)),
     ("wall_time*", (0.0, math.inf)),
 )
 

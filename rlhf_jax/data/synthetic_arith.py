@@ -267,9 +267,7 @@ def generate_splits(
     for name, rate in (("error_rate", error_rate), ("misread_rate", misread_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {rate}")
-    rng_sft, rng_train, rng_eval, rng_slip, rng_misread = (
-        np.random.default_rng([seed, i]) for i in range(5)
-    )
+    rng_sft, rng_train, rng_eval, rng_slip, rng_misread = (np.random.default_rng([seed, i]) for i in range(5))
     seen: set[str] = set()
     sft = []
     for problem in _distinct(rng_sft, num_sft, seen, config):

@@ -415,6 +415,28 @@ def run(
 # The `grpo` pipeline: SFT → online RL → evaluation against the SFT policy.
 
 
+SUMMARY_WINDOW = 5  # iterations averaged by `training_summary`
+
+
+def training_summary(policy_dir: str, grpo: GRPOConfig) -> dict:
+    """Whole-run numbers of a finished online stage, from its `metrics.jsonl` (so a resumed run counts
+    every iteration): `samples_generated` (P·G per prompt draw, dynamic sampling's extra draws
+    included), and the mean over the last `SUMMARY_WINDOW` iterations of the entropy, the reward and the
+    response length (`entropy_final`, `reward_final`, `response_length_final`)."""
+    records = metrics.read_metrics(policy_dir)
+    last = records[-SUMMARY_WINDOW:]
+
+    def final(key):
+        return float(np.mean([r[key] for r in last])) if last else None
+
+    return {
+        "samples_generated": int(sum(r["draws"] for r in records)) * grpo.num_prompts * grpo.group_size,
+        "entropy_final": final("entropy"),
+        "reward_final": final("reward_mean"),
+        "response_length_final": final("response_length"),
+    }
+
+
 def task_reward(specs: tuple[tuple[str, float, tuple], ...]):
     """The weighted sum of `rlhf_jax.rewards` given as (name, weight, hyperparameters), and each part
     (`rewards.combine`): `reward(prompts=, completions=, **columns) -> (total [N], {name: [N]})`."""
@@ -526,6 +548,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
     results = {
         **{k: ev.get(k) for k in math_eval.RESULT_KEYS if k != "wall_time_s"},
         **ev,
+        **training_summary(policy_dir, plan.grpo),
         "method": f"{plan.grpo.estimator}/{plan.grpo.aggregation}"
         + ("+dynamic" if plan.grpo.dynamic_sampling else ""),
         "grpo": dataclasses.asdict(plan.grpo),

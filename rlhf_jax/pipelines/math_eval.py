@@ -7,7 +7,11 @@
 * `pass_at_k`: the share of problems with at least one accepted answer among k samples at the
   evaluation temperature (with n = k samples this is the unbiased estimator of Chen et al. 2021);
 * `mean_response_length` (greedy, tokens incl. EOS) and `kl_to_sft`, the mean of
-  log π(y|x) - log π_sft(y|x) over samples of the policy at temperature 1.
+  log π(y|x) - log π_sft(y|x) over samples of the policy at temperature 1;
+* `mean_length_correct`, `mean_length_wrong`: the mean length (tokens incl. EOS) of the policy's k
+  samples at the evaluation temperature that the checker accepts / rejects (None when there are none),
+  the quantity of Dr. GRPO's claim (Liu et al. 2025, Sec. 3.1) that GRPO's per-sequence normalisation
+  lengthens wrong answers.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def evaluate_math(
     _, sft_text = _answers(model, sft_params, tokenizer, pb, greedy, 1, seed)
     acc_P, acc_sft_P = score(pol_text, 1)[:, 0], score(sft_text, 1)[:, 0]
     tempered = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    _, many_text = _answers(model, policy_params, tokenizer, pb, tempered, k, seed + 1)
+    many, many_text = _answers(model, policy_params, tokenizer, pb, tempered, k, seed + 1)
+    many_ok_PN = score(many_text, k) > 0
     plain = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens)
     kl, _ = _answers(model, policy_params, tokenizer, pb, plain, k, seed + 2)
     rows = scoring.completions_to_batch(
@@ -108,11 +113,17 @@ def evaluate_math(
         "accuracy_sft_ci95": bootstrap_ci(acc_sft_P, resamples=config.bootstrap, seed=seed),
         "accuracy_gain": float((acc_P - acc_sft_P).mean()),
         "accuracy_gain_ci95": bootstrap_ci(acc_P - acc_sft_P, resamples=config.bootstrap, seed=seed),
-        "pass_at_k": float((score(many_text, k).max(axis=1) > 0).mean()),
+        "pass_at_k": float(many_ok_PN.any(axis=1).mean()),
+        "mean_length_correct": _mean_or_none(many.lengths_PN[many_ok_PN]),
+        "mean_length_wrong": _mean_or_none(many.lengths_PN[~many_ok_PN]),
         "k": k,
         "mean_response_length": float(pol.lengths_PN.mean()),
         "kl_to_sft": float(np.mean(kl.logps_PN - sft_logps)),
     }
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
 
 
 def format_table(results: dict, title: str) -> str:
@@ -126,6 +137,10 @@ def format_table(results: dict, title: str) -> str:
             ("accuracy gain over SFT (paired)", fmt("accuracy_gain")),
             (f"pass@{results.get('k', 'k')} (policy)", fmt("pass_at_k")),
             ("mean response length (tokens)", fmt("mean_response_length")),
+            (
+                "  of sampled correct / wrong answers",
+                " / ".join(map(fmt, ("mean_length_correct", "mean_length_wrong"))),
+            ),
             ("KL(policy || SFT), nats per response", fmt("kl_to_sft")),
             ("wall time (s)", fmt("wall_time_s")),
         ],
