@@ -106,6 +106,37 @@ def test_error_rate_slips_one_step_and_the_final_answer(splits):
     assert all(sa.answer_of(e.solution) == e.answer for e in none)
 
 
+def test_misread_rate_turns_subtractions_into_additions():
+    def sft(rate):
+        return sa.generate_splits(seed=0, num_sft=1500, num_train=0, num_eval=0, error_rate=0.0,
+                                  misread_rate=rate).sft  # fmt: skip
+
+    clean, high, low = sft(0.0), sft(0.7), sft(0.3)
+    assert [e.prompt for e in clean] == [e.prompt for e in high] == [e.prompt for e in low]
+    eligible = misread = 0
+    for ref, ex in zip(clean, high, strict=True):
+        ref_steps, _ = parse_solution(ref.solution)
+        steps, final = parse_solution(ex.solution)
+        # Misreadable: a subtraction line with no division line after it.
+        later_div = [i for i, s in enumerate(ref_steps) if s[1] == "/"]
+        can = [i for i, s in enumerate(ref_steps) if s[1] == "-" and i > (later_div[-1] if later_div else -1)]
+        flipped = [i for i, (r, s) in enumerate(zip(ref_steps, steps, strict=True)) if r[1] != s[1]]
+        assert flipped == list(ex.meta["misread"]) and set(flipped) <= set(can), (ref.solution, ex.solution)
+        assert all(steps[i][1] == "+" and steps[i][2] == ref_steps[i][2] for i in flipped)
+        # Every line is right arithmetic and starts from the previous line's (misread) result.
+        assert not wrong_lines(steps) and chained(steps)
+        assert (final != int(ex.answer)) == bool(flipped) and ref.answer == ex.answer
+        eligible, misread = eligible + len(can), misread + len(flipped)
+    # Binomial(eligible, 0.7) with eligible in the hundreds: four sd either side.
+    assert eligible > 300
+    assert abs(misread - 0.7 * eligible) < 4 * math.sqrt(eligible * 0.7 * 0.3)
+    # Coupled across rates: the misread steps at 0.3 are a subset of those at 0.7.
+    pairs = {(i, j) for i, e in enumerate(low) for j in e.meta["misread"]}
+    assert pairs < {(i, j) for i, e in enumerate(high) for j in e.meta["misread"]} and len(pairs) > 50
+    with pytest.raises(ValueError, match="misread_rate"):
+        sa.generate_splits(num_sft=1, misread_rate=-0.1)
+
+
 def test_token_lengths_with_a_tokenizer_trained_on_the_corpus(splits):
     tok = train_tokenizer(sa.corpus(splits), vocab_size=1536)
     examples = splits.sft + splits.train + splits.eval

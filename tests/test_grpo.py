@@ -73,6 +73,17 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_draws_more(tiny):
     assert np.all(flat_all["advantages"] == 0.0)
 
 
+def test_a_non_finite_reward_stops_with_the_reward_prompt_and_completion(tiny):
+    splits, tok, model, params = tiny
+    nan_for = splits.train[0].prompt
+    task = _task(splits, lambda prompt, completion: float("nan") if prompt == nan_for else 1.0)
+    config = grpo.GRPOConfig(num_prompts=len(splits.train), group_size=2, max_new_tokens=4)
+    with pytest.raises(
+        ValueError, match=r"reward test: non-finite value for 2 of \d+ completions in iteration 0"
+    ):
+        grpo.sample_groups(model, params, tok, task, config, iteration=0, seed=0, max_prompt_len=48)
+
+
 def test_prompt_stream_depends_on_seed_iteration_and_draw_only():
     a = grpo.prompt_stream(50, seed=1, iteration=3, draw=0, count=10)
     assert np.array_equal(a, grpo.prompt_stream(50, seed=1, iteration=3, draw=0, count=10))
@@ -120,6 +131,9 @@ def test_grpo_arith_smoke_reports_and_resumes_exactly_after_sigterm(tmp_path):
                 "wall_time_s"):  # fmt: skip
         assert key in results, key
     assert 0 <= results["accuracy"] <= 1 and "Online RL on arith: grpo/dapo" in full.stdout
+    assert results["samples_generated"] == 5 * 4 * 4  # iterations × P × G (no dynamic sampling)
+    lengths = [results[k] for k in ("mean_length_correct", "mean_length_wrong") if results[k] is not None]
+    assert lengths and all(1 <= n <= 16 for n in lengths)  # tokens, EOS included; budget 16
     records = _records(str(tmp_path / "full"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     for r in records:
@@ -159,6 +173,21 @@ def test_grpo_arith_smoke_reports_and_resumes_exactly_after_sigterm(tmp_path):
     assert after[:step] == before  # resumed, not restarted
     same = lambda rs: [(r["step"], r["loss"], r["reward_mean"], r["response_length"], r["kl"]) for r in rs]
     assert same(after) == same(records)
+    resumed = json.load(open(workdir / "results.json"))  # whole-run numbers count the first run's part too
+    for key in ("samples_generated", "entropy_final", "reward_final", "accuracy", "mean_length_wrong"):
+        assert resumed[key] == results[key], key
+
+
+def test_training_summary_counts_every_draw_and_averages_the_last_iterations(tmp_path):
+    cfg = grpo.GRPOConfig(num_prompts=4, group_size=2, dynamic_sampling=True)
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for i, draws in enumerate([1, 3, 2, 1, 1, 4, 1]):
+            f.write(json.dumps({"step": i + 1, "draws": draws, "entropy": float(i), "reward_mean": 0.1 * i,
+                                "response_length": 10.0 + i}) + "\n")  # fmt: skip
+    s = grpo.training_summary(str(tmp_path), cfg)
+    assert s["samples_generated"] == 13 * 4 * 2
+    assert s["entropy_final"] == pytest.approx(np.mean([2, 3, 4, 5, 6]))  # the last five iterations
+    assert s["reward_final"] == pytest.approx(0.4) and s["response_length_final"] == pytest.approx(14.0)
 
 
 def test_rewards_are_added_and_validated_from_the_command_line():

@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline
@@ -52,6 +53,8 @@ from rlhf_jax.train.preemption import NonFiniteError, Preempted, PreemptionWatch
 log = logging.getLogger("rlhf_jax")
 
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Rewards whose mean over the samples is their accuracy (shown as `acc` in the progress bar).
+ACCURACY_REWARDS = ("gsm8k", "math", "exact_match")
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 
@@ -215,6 +218,14 @@ def sample_groups(
             prompts=[p for p in prompts for _ in range(G)], completions=texts, **columns
         )
         rewards_PG = np.asarray(total, np.float32).reshape(P, G)
+        if not np.isfinite(rewards_PG).all():
+            bad = np.flatnonzero(~np.isfinite(rewards_PG))
+            names = [n for n, v in parts.items() if not np.isfinite(np.asarray(v, np.float32)).all()]
+            raise ValueError(
+                f"reward {', '.join(names) or 'total'}: non-finite value for {bad.size} of {P * G} "
+                f"completions in iteration {iteration} (first: prompt {prompts[bad[0] // G]!r}, completion "
+                f"{texts[bad[0]]!r}); a reward must return finite float32 values"
+            )
         for name, values in parts.items():
             per_reward.setdefault(name, []).append(np.asarray(values, np.float32))
         for p in range(P):
@@ -339,8 +350,12 @@ def run(
     place = functools.partial(sharding.shard_batch, mesh=mesh)
     bs = cfg.train.eval_batch_size
     record = {}
+    first = start_step // steps_per_iteration
+    bar = tqdm(
+        total=grpo.iterations, initial=first, desc=name, disable=not (cfg.progress and workdir_io.is_main())
+    )
     try:
-        for it in range(start_step // steps_per_iteration, grpo.iterations):
+        for it in range(first, grpo.iterations):
             # Sample, score, advantages, old (and reference) log-probs.
             t0 = time.perf_counter()
             groups = sample_groups(model, state.params, tokenizer, task, grpo, iteration=it, seed=cfg.seed,
@@ -371,6 +386,14 @@ def run(
                     f"{name}: non-finite loss or gradient in iteration {it + 1} (update not applied; last "
                     f"checkpoint: step {ckpt.latest_step()}). Set --config.train.nonfinite=skip to skip them."
                 )
+            limit = cfg.train.max_nonfinite_fraction * total_steps
+            if skipped > limit:  # nonfinite="skip": skipped updates are counted over the whole run
+                raise NonFiniteError(
+                    f"{name}: {skipped} of {total_steps} updates were skipped for a non-finite loss or "
+                    f"gradient by iteration {it + 1}, more than train.max_nonfinite_fraction="
+                    f"{cfg.train.max_nonfinite_fraction} allows ({limit:g}); last checkpoint: step "
+                    f"{ckpt.latest_step()}. Lower the learning rate, or raise the limit."
+                )
 
             # Log the iteration.
             mean = functools.partial(_mean_of, step_metrics)
@@ -389,10 +412,13 @@ def run(
                 **{k: v for k, v in groups.items() if k.startswith("reward/")},
             }  # fmt: skip
             writer.write(step, record)
-            if workdir_io.is_main() and cfg.progress:
-                print(f"[{name}] iteration {it + 1}/{grpo.iterations}: reward {record['reward_mean']:.3f}, "
-                      f"loss {record['loss']:.4f}, length {record['response_length']:.1f}",
-                      flush=True)  # fmt: skip
+            accuracy = next(
+                (record[f"reward/{k}"] for k in ACCURACY_REWARDS if f"reward/{k}" in record), None
+            )
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                            **({"acc": f"{accuracy:.3f}"} if accuracy is not None else {}),
+                            len=f"{record['response_length']:.1f}", refresh=False)  # fmt: skip
+            bar.update(1)
             last = it + 1 == grpo.iterations
             if last or ckpt.should_save(step):
                 ckpt.save(step, state, force=True)
@@ -401,6 +427,7 @@ def run(
                 ckpt.wait()
                 raise Preempted(step=step, stage=name, checkpoint_dir=ckpt.directory)
     finally:
+        bar.close()
         preemption.close()
         writer.close()
         ckpt.close()
