@@ -89,8 +89,8 @@ class TestOverrides:
             assert name in module.__doc__ and "python -m launch.train" in module.__doc__
             for variant in (None, "smoke"):
                 config = module.get_config(variant)
-                if config.data.task == "hh":
-                    config.data.preference_path = "hh.jsonl"
+                if config.data.task in ("hh", "math"):  # the experiments that need the user's files
+                    config.data.preference_path = "data.jsonl"
                 train.build_plan(config)
 
 
