@@ -1,6 +1,7 @@
 """The online RL loop (`rlhf_jax.pipelines.grpo`): dynamic sampling, the first step's ratio, the
 `grpo_arith:smoke` run through the command line, and its exact resume after SIGTERM."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -82,6 +83,32 @@ def test_a_non_finite_reward_stops_with_the_reward_prompt_and_completion(tiny):
         ValueError, match=r"reward test: non-finite value for 2 of \d+ completions in iteration 0"
     ):
         grpo.sample_groups(model, params, tok, task, config, iteration=0, seed=0, max_prompt_len=48)
+
+
+def test_math_eval_batches_prompts_without_changing_the_samples(tiny):
+    """`eval.prompts_per_batch` bounds the KV cache; each problem's samples are seeded by its index, so
+    evaluating 4 problems 2 at a time gives the numbers of all 4 at once. The lengths split by the
+    checker: a checker accepting every answer leaves no wrong ones."""
+    from rlhf_jax.pipelines import math_eval
+
+    splits, tok, model, params = tiny
+    perturbed = jax.tree.map(lambda x: x * 1.01, params)
+    parity = lambda *, prompts, completions, answer: np.array([len(c) % 2 for c in completions], np.float32)
+    kw = dict(model=model, policy_params=perturbed, sft_params=params, tokenizer=tok, problems=splits.eval[:4], correct=parity, seed=3, max_prompt_len=48)  # fmt: skip
+    config = math_eval.MathEvalConfig(num_problems=0, k=3, max_new_tokens=8, bootstrap=50)
+    whole = math_eval.evaluate_math(config=config, **kw)
+    chunked = math_eval.evaluate_math(config=dataclasses.replace(config, prompts_per_batch=2), **kw)
+    assert whole["eval_problems"] == 4
+    for key in ("accuracy", "accuracy_sft", "pass_at_k", "mean_response_length", "mean_length_correct",
+                "mean_length_wrong"):  # fmt: skip
+        assert chunked[key] == whole[key], key
+    assert chunked["kl_to_sft"] == pytest.approx(whole["kl_to_sft"], abs=1e-5)
+    everything = math_eval.evaluate_math(
+        config=config, **{**kw, "correct": lambda *, prompts, completions, answer: np.ones(len(completions))}
+    )
+    assert everything["mean_length_wrong"] is None and 1 <= everything["mean_length_correct"] <= 8
+    with pytest.raises(ValueError, match="prompts_per_batch"):
+        math_eval.MathEvalConfig(prompts_per_batch=-1)
 
 
 def test_prompt_stream_depends_on_seed_iteration_and_draw_only():

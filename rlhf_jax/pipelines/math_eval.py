@@ -42,20 +42,46 @@ RESULT_KEYS = (
 @dataclasses.dataclass(frozen=True)
 class MathEvalConfig:
     """Attributes: num_problems (held-out problems used, 0 = all), k (samples for pass@k and the KL),
-    temperature (of those samples), max_new_tokens, bootstrap resamples."""
+    temperature (of those samples), max_new_tokens, bootstrap resamples, prompts_per_batch (problems
+    sampled in one call, bounding the KV cache at prompts_per_batch · k rows; 0 = all at once). Every
+    problem's samples are seeded by its index, so the batching does not change which samples are drawn."""
 
     num_problems: int = 256
     k: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 48
     bootstrap: int = 1000
+    prompts_per_batch: int = 0
+
+    def __post_init__(self):
+        if self.num_problems < 0 or self.prompts_per_batch < 0 or self.k < 1:
+            raise ValueError(
+                f"eval: need num_problems >= 0, prompts_per_batch >= 0 and k >= 1, got {self.num_problems}, "
+                f"{self.prompts_per_batch}, {self.k}"
+            )
 
 
-def _answers(model, params, tokenizer, pb, config: sampling.SamplingConfig, n: int, seed: int):
-    out = sampling.sample(
-        model, params, pb["prompt_tokens"], pb["prompt_lengths"], config=config, num_samples=n,
-        rng=jax.random.key(seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-    )  # fmt: skip
+def _answers(model, params, tokenizer, pb, config: sampling.SamplingConfig, n: int, seed: int, chunk: int):
+    """n samples of every prompt of `pb`, `chunk` prompts per sampling call (0: all), each prompt seeded
+    by its index; returns the `SampleOutput` and the decoded texts [P][n]."""
+    P = len(pb["prompt_lengths"])
+    chunk = chunk or P
+    parts = [
+        sampling.sample(
+            model,
+            params,
+            pb["prompt_tokens"][i : i + chunk],
+            pb["prompt_lengths"][i : i + chunk],
+            config=config,
+            num_samples=n,
+            rng=jax.random.key(seed),
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            prompt_ids=np.arange(i, min(i + chunk, P)),
+        )  # fmt: skip
+        for i in range(0, P, chunk)
+    ]
+    out = sampling.SampleOutput(*(np.concatenate(xs) for xs in zip(*parts, strict=True)))
     return out, decode_completions(tokenizer, out.tokens_PNT, out.lengths_PN)
 
 
@@ -93,14 +119,15 @@ def evaluate_math(
         ).reshape(P, n)
 
     greedy = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens, greedy=True)
-    pol, pol_text = _answers(model, policy_params, tokenizer, pb, greedy, 1, seed)
-    _, sft_text = _answers(model, sft_params, tokenizer, pb, greedy, 1, seed)
+    draw = functools.partial(_answers, model, tokenizer=tokenizer, pb=pb, chunk=config.prompts_per_batch)
+    pol, pol_text = draw(policy_params, config=greedy, n=1, seed=seed)
+    _, sft_text = draw(sft_params, config=greedy, n=1, seed=seed)
     acc_P, acc_sft_P = score(pol_text, 1)[:, 0], score(sft_text, 1)[:, 0]
     tempered = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    many, many_text = _answers(model, policy_params, tokenizer, pb, tempered, k, seed + 1)
+    many, many_text = draw(policy_params, config=tempered, n=k, seed=seed + 1)
     many_ok_PN = score(many_text, k) > 0
     plain = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens)
-    kl, _ = _answers(model, policy_params, tokenizer, pb, plain, k, seed + 2)
+    kl, _ = draw(policy_params, config=plain, n=k, seed=seed + 2)
     rows = scoring.completions_to_batch(
         pb["prompt_tokens"], pb["prompt_lengths"], kl.tokens_PNT, kl.lengths_PN, pad_id=tokenizer.pad_id
     )
