@@ -71,7 +71,8 @@ def get_config(arg=None):
     # The math evaluation (`pipelines.math_eval.MathEvalConfig`), set after `shrink` (which sizes the
     # preference experiments' evaluation section).
     c.eval = ml_collections.ConfigDict(
-        dict(num_problems=8, k=2, temperature=1.0, max_new_tokens=32, bootstrap=200) if smoke
-        else dict(num_problems=0, k=4, temperature=1.0, max_new_tokens=384, bootstrap=1000)
+        dict(num_problems=8, k=2, temperature=1.0, max_new_tokens=32, bootstrap=200, prompts_per_batch=4)
+        if smoke
+        else dict(num_problems=0, k=4, temperature=1.0, max_new_tokens=384, bootstrap=1000, prompts_per_batch=32)
     )  # fmt: skip
     return c
