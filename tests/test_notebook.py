@@ -1,4 +1,4 @@
-"""notebooks/rso_tldr_colab.ipynb: committed without outputs, and it runs headless (smoke setting)."""
+"""notebooks/*_colab.ipynb: committed without outputs, and each runs headless (smoke setting)."""
 
 import importlib.util
 import json
@@ -6,16 +6,20 @@ import os
 
 import pytest
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "rso_tldr_colab.ipynb")
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+RSO = os.path.join(NOTEBOOKS, "rso_tldr_colab.ipynb")
+GRPO = os.path.join(NOTEBOOKS, "grpo_arith_colab.ipynb")
+ALL = pytest.mark.parametrize("notebook", [RSO, GRPO], ids=os.path.basename)
 
 
-def _load_json():
-    with open(NOTEBOOK, encoding="utf-8") as f:
+def _load_json(notebook):
+    with open(notebook, encoding="utf-8") as f:
         return json.load(f)
 
 
-def test_committed_notebook_has_no_outputs():
-    nb = _load_json()
+@ALL
+def test_committed_notebook_has_no_outputs(notebook):
+    nb = _load_json(notebook)
     assert nb["nbformat"] == 4
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code, "the notebook has no code cells"
@@ -26,37 +30,69 @@ def test_committed_notebook_has_no_outputs():
     assert len(tagged) == 1, "exactly one code cell should be tagged 'parameters'"
 
 
-def test_notebook_is_valid_nbformat():
+@ALL
+def test_notebook_is_valid_nbformat(notebook):
     nbformat = pytest.importorskip("nbformat")
-    nbformat.validate(nbformat.read(NOTEBOOK, as_version=4))
+    nbformat.validate(nbformat.read(notebook, as_version=4))
 
 
-@pytest.mark.slow
-def test_notebook_runs_headless(tmp_path, monkeypatch):
+def _execute(notebook, tmp_path, monkeypatch, workdir):
+    """Runs `notebook` headless in the smoke setting, writing to `workdir`; returns its code outputs."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     if importlib.util.find_spec("ipykernel") is None:
         pytest.fail(
             "executing the notebook needs a Jupyter kernel: pip install ipykernel (in the test extra)"
         )
-    workdir = tmp_path / "rso"
     # The kernel inherits this environment (and conftest's 8 simulated CPU devices).
     monkeypatch.setenv("RLHF_JAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("RLHF_JAX_NOTEBOOK_WORKDIR", str(workdir))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(notebook, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
-
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def _stream_text(outputs) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def _displayed(outputs) -> list[dict]:
+    return [o.get("data", {}) for o in outputs if o.output_type in ("display_data", "execute_result")]
+
+
+@pytest.mark.slow
+def test_notebook_runs_headless(tmp_path, monkeypatch):
+    workdir = tmp_path / "rso"
+    outputs = _execute(RSO, tmp_path, monkeypatch, workdir)
     with open(workdir / "results.json", encoding="utf-8") as f:
         results = json.load(f)
     assert results.get("win_rate_vs_sft_gold") is not None
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    text = _stream_text(outputs)
     assert "win rate vs SFT (gold reward)" in text  # the format_table printout
     assert "--- pair 1 ---" in text and "--- prompt 1 ---" in text  # pairs and policy-vs-SFT samples
-    data = [o.get("data", {}) for o in outputs if o.output_type in ("display_data", "execute_result")]
+    data = _displayed(outputs)
     assert any("text/markdown" in d for d in data), "the key-numbers table was not displayed"
+    assert any("image/png" in d for d in data), "the training curves were not plotted inline"
+
+
+@pytest.mark.slow
+def test_grpo_notebook_runs_headless(tmp_path, monkeypatch):
+    workdir = tmp_path / "grpo"
+    outputs = _execute(GRPO, tmp_path, monkeypatch, workdir)
+    with open(workdir / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results.get("accuracy") is not None
+    text = _stream_text(outputs)
+    assert "held-out accuracy, greedy (policy)" in text  # math_eval.format_table's printout
+    for i in (1, 2, 3):  # the policy-vs-SFT greedy answers, each judged by the checker
+        assert f"--- problem {i} ---" in text
+    assert text.count("by gsm8k") == 6, "each problem should show both policies' answers, judged by gsm8k"
+    data = _displayed(outputs)
+    markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
+    assert any("accuracy gain over SFT" in m for m in markdown), "the headline table was not displayed"
     assert any("image/png" in d for d in data), "the training curves were not plotted inline"
