@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -41,11 +42,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, sft, tasks, training
+from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, reward, sft, tasks, training
 from rlhf_jax.pipelines import workdir as workdir_io
-from rlhf_jax.pipelines.config import StageConfig, in_section, section_config, stage_config
+from rlhf_jax.pipelines.config import StageConfig, in_section, rm_kind, section_config, stage_config
 from rlhf_jax.train import metrics, steps
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.preemption import NonFiniteError, Preempted, PreemptionWatch
@@ -290,15 +291,31 @@ def run(
     task: RLTask,
     tokenizer,
     name: str = "grpo",
+    rm_dir: str = "",
+    curve_spec: dict | None = None,
+    evaluate: Callable[[object], dict] | None = None,
 ) -> dict:
     """Trains (or resumes) the policy from `cfg.init_from` (an SFT stage) with online RL in `workdir`.
+
+    Args:
+      cfg, grpo, task, tokenizer: the stage's config, the loop's settings, the prompts and reward, and
+        the tokenizer.
+      name: label for logs.
+      rm_dir: the reward-model stage behind `task.reward`, if any (in the fingerprint).
+      curve_spec: what the curve's evaluation depends on (in the fingerprint), with `evaluate`.
+      evaluate: if given with `cfg.train.eval_every` > 0, `evaluate(params) -> dict` runs at the end of
+        every iteration that crosses a multiple of `eval_every` optimizer steps, at the last one and
+        before the first (step 0, the initial policy), and its numbers (`CURVE_KEYS`, with the
+        iteration's training reward means) are appended to `eval_curve.jsonl` with `step` and
+        `iteration`: the over-optimisation curve of a learned reward (gold reward and KL against the
+        proxy's reward).
 
     Returns the stage's results (the last iteration's metrics); evaluation is the pipeline's.
     """
     if not cfg.init_from:
         raise ValueError("online RL needs init_from: the workdir of a finished SFT stage")
     os.makedirs(workdir, exist_ok=True)
-    fingerprints.claim(workdir, spec(cfg, grpo), name)
+    fingerprints.claim(workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec), name)
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
     rows_per_iteration = grpo.num_prompts * grpo.group_size
@@ -346,6 +363,21 @@ def run(
     if start_step % steps_per_iteration:
         raise ValueError(f"{workdir}: checkpoint at step {start_step}, not an iteration's end")
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
+    curve_path = os.path.join(workdir, CURVE_FILE)
+    every = cfg.train.eval_every if evaluate is not None else 0
+    if every:
+        metrics.keep_records_up_to(curve_path, start_step)  # a killed run's later points are redone
+
+    def curve_point(step: int, iteration: int, record: dict) -> None:
+        ev = evaluate(state.params)
+        point = {"step": step, "iteration": iteration, **{k: ev.get(k) for k in CURVE_KEYS}}
+        point.update({k: record[k] for k in ("reward_mean", *CURVE_TRAIN_KEYS) if k in record})
+        if workdir_io.is_main():
+            with open(curve_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(point) + "\n")
+
+    if every and start_step == 0:
+        curve_point(0, 0, {})  # the SFT policy: the curve's origin
     preemption = PreemptionWatch()
     place = functools.partial(sharding.shard_batch, mesh=mesh)
     bs = cfg.train.eval_batch_size
@@ -415,11 +447,16 @@ def run(
             accuracy = next(
                 (record[f"reward/{k}"] for k in ACCURACY_REWARDS if f"reward/{k}" in record), None
             )
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                            **({"acc": f"{accuracy:.3f}"} if accuracy is not None else {}),
+            shown = {"acc": accuracy} if accuracy is not None else {}
+            if "reward/tldr_gold" in record:  # logged beside a learned reward: the gold reward
+                shown["gold"] = record["reward/tldr_gold"]
+            shown = {k: f"{v:.3f}" for k, v in shown.items()}
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", **shown,
                             len=f"{record['response_length']:.1f}", refresh=False)  # fmt: skip
             bar.update(1)
             last = it + 1 == grpo.iterations
+            if every and (last or step // every > (step - steps_per_iteration) // every):
+                curve_point(step, it + 1, record)
             if last or ckpt.should_save(step):
                 ckpt.save(step, state, force=True)
             if preemption.reached(step):
@@ -443,6 +480,12 @@ def run(
 
 
 SUMMARY_WINDOW = 5  # iterations averaged by `training_summary`
+CURVE_FILE = "eval_curve.jsonl"
+# The held-out numbers of each curve point (`evaluation.evaluate_against_sft`), and the training
+# iteration's reward parts it also records.
+CURVE_KEYS = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy", "proxy_reward_policy",
+              "kl_to_sft", "mean_response_length")  # fmt: skip
+CURVE_TRAIN_KEYS = ("reward/reward_model", "reward/tldr_gold")
 
 
 def training_summary(policy_dir: str, grpo: GRPOConfig) -> dict:
@@ -464,47 +507,100 @@ def training_summary(policy_dir: str, grpo: GRPOConfig) -> dict:
     }
 
 
-def task_reward(specs: tuple[tuple[str, float, tuple], ...]):
+def task_reward(specs: tuple[tuple[str, float, tuple], ...], *, reward_model: Callable | None = None):
     """The weighted sum of `rlhf_jax.rewards` given as (name, weight, hyperparameters), and each part
-    (`rewards.combine`): `reward(prompts=, completions=, **columns) -> (total [N], {name: [N]})`."""
-    combined = rewards.combine(
-        {name: weight for name, weight, _ in specs},
-        {name: rewards.make(name, **dict(hparams)) for name, _, hparams in specs},
-    )
-    return combined.evaluate
+    (`rewards.combine`): `reward(prompts=, completions=, **columns) -> (total [N], {name: [N]})`.
+    `reward_model`: the factory `rewards.reward_model` with the model, parameters, tokenizer and layout
+    bound, required when a spec names "reward_model" (its hyperparameters are the spec's)."""
+    fns = {}
+    for name, _, hparams in specs:
+        if name == "reward_model":
+            if reward_model is None:
+                raise ValueError("the reward 'reward_model' needs a trained reward model (the rm stage)")
+            fns[name] = reward_model(**dict(hparams))
+        else:
+            fns[name] = rewards.make(name, **dict(hparams))
+    return rewards.combine({name: weight for name, weight, _ in specs}, fns).evaluate
 
 
-def rl_task(task: tasks.TaskData, grpo: GRPOConfig) -> RLTask:
-    """The online loop's view of a math task: its training problems (the first `grpo.max_prompts`, if
-    set), their `answer` column, and the reward `grpo.rewards`."""
-    problems = task.problems[: grpo.max_prompts] if grpo.max_prompts else task.problems
+def rl_task(task: tasks.TaskData, grpo: GRPOConfig, *, reward_model: Callable | None = None) -> RLTask:
+    """The online loop's view of a task.
+
+    A math task: its training problems (the first `grpo.max_prompts`, if set) with their `answer`
+    column. Any other task (the synthetic TL;DR task, preference files): the distinct prompts of its
+    training pairs (of its SFT examples when it has no pairs), in order of first appearance, with the
+    column `reference_completions` (the first chosen response, or SFT completion, of each prompt), for
+    `reward_model`'s relative form. The reward is `grpo.rewards` (`task_reward`).
+    """
+    if task.problems:
+        problems = task.problems[: grpo.max_prompts] if grpo.max_prompts else task.problems
+        prompts, columns = [p.prompt for p in problems], {"answer": [p.answer for p in problems]}
+    else:
+        pairs = [(p.prompt, p.chosen) for p in task.preference] or [
+            (e.prompt, e.completion) for e in task.sft
+        ]
+        first = dict(reversed(pairs))  # prompt -> its first response (reversed: the first one wins)
+        prompts = list(dict.fromkeys(p for p, _ in pairs))
+        prompts = prompts[: grpo.max_prompts] if grpo.max_prompts else prompts
+        columns = {"reference_completions": [first[p] for p in prompts]}
+        if not prompts:
+            raise ValueError(
+                "online RL: the task has no training prompts (no preference pairs or SFT examples)"
+            )
     return RLTask(
-        prompts=[p.prompt for p in problems],
-        columns={"answer": [p.answer for p in problems]},
-        reward=task_reward(grpo.rewards),
+        prompts=prompts, columns=columns, reward=task_reward(grpo.rewards, reward_model=reward_model)
     )
 
 
-def spec(cfg: StageConfig, grpo: GRPOConfig) -> dict:
-    """What the online RL stage's output depends on (its fingerprint's input)."""
-    return {
+def spec(cfg: StageConfig, grpo: GRPOConfig, *, rm_dir: str = "", curve: dict | None = None) -> dict:
+    """What the online RL stage's output depends on (its fingerprint's input): with a learned reward,
+    the reward-model stage; with a periodic evaluation, what its curve depends on."""
+    out = {
         **fingerprints.trainer_spec(cfg, kind="grpo", loss=False),
         "grpo": grpo,
         "sft": fingerprints.stage_input(cfg.init_from),
     }
+    if rm_dir:
+        out["reward_model"] = fingerprints.stage_input(rm_dir)
+    if curve:
+        out["curve"] = curve
+    return out
+
+
+MATH_TASKS = ("arith", "math")
+REWARD_MODEL_HPARAMS = {"batch_size": int, "relative": bool}  # `rewards.reward_model`'s, from the config
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The `grpo` pipeline's stage configs: SFT, the online RL stage (`main`, its optimizer and
-    mini-batch size; `grpo` the loop's settings) and the evaluation (`eval`, with the answer checker
-    `eval_reward`)."""
+    """The `grpo` pipeline's stage configs: SFT, the reward model (`rm`, when a reward is
+    "reward_model"), the online RL stage (`main`, its optimizer and mini-batch size; `grpo` the loop's
+    settings) and the evaluation: on a math task `math_eval.MathEvalConfig` with the answer checker
+    `eval_reward`, on any other `evaluation.EvalConfig` (win rates against the SFT policy)."""
 
     sft: StageConfig
     main: StageConfig
     grpo: GRPOConfig
-    eval: math_eval.MathEvalConfig
+    eval: math_eval.MathEvalConfig | evaluation.EvalConfig
     eval_reward: str
+    rm: StageConfig | None = None
+
+    @property
+    def math(self) -> bool:
+        return self.main.data.task in MATH_TASKS
+
+
+def _reward_model_hparams(entry: dict) -> None:
+    for key, value in entry.items():
+        want = REWARD_MODEL_HPARAMS.get(key)
+        if want is None:
+            raise ValueError(
+                f"config.rewards.reward_model.{key}: unknown; the reward model reward takes weight and "
+                f"{', '.join(REWARD_MODEL_HPARAMS)} (the model is the run's rm stage)"
+            )
+        if type(value) is not want or (key == "batch_size" and value < 1):
+            raise ValueError(f"config.rewards.reward_model.{key} must be {want.__name__}"
+                             f"{' >= 1' if want is int else ''}, got {value!r}")  # fmt: skip
 
 
 def _reward_specs(section) -> tuple:
@@ -513,7 +609,10 @@ def _reward_specs(section) -> tuple:
     for name in sorted(section):
         entry = dict(section[name])
         weight = float(entry.pop("weight", 1.0))
-        rewards.make(name, **entry)  # validates the name and hyperparameters now, naming them
+        if name == "reward_model":
+            _reward_model_hparams(entry)
+        else:
+            rewards.make(name, **entry)  # validates the name and hyperparameters now, naming them
         out.append((name, weight, tuple(sorted(entry.items()))))
     if not out:
         raise ValueError("config.rewards is empty: give at least one reward, e.g. rewards.gsm8k.weight=1.0")
@@ -525,55 +624,138 @@ def plan(config) -> Plan:
     section = dict(config.grpo)
     eval_reward = section.pop("eval_reward", "gsm8k")
     grpo = in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
-    rewards.make(eval_reward)
+    math = config.data.task in MATH_TASKS
+    learned = any(name == "reward_model" for name, _, _ in grpo.rewards)
+    rm = None
+    if learned:
+        if math:
+            raise ValueError(
+                f"config.rewards.reward_model: data.task={config.data.task!r} has no preference pairs to "
+                "train a reward model on; use a verifiable reward (gsm8k, math, exact_match)"
+            )
+        if "rm" not in config:
+            raise ValueError("config.rewards.reward_model needs an rm section (the reward-model stage)")
+        if rm_kind(config) != "pointwise":
+            raise ValueError("config.rm.kind must be 'pointwise' for the reward model reward r(x, y)")
+        rm = stage_config(config, "rm")
+    if math:
+        rewards.make(eval_reward)
+        eval_config = section_config(math_eval.MathEvalConfig, config, "eval")
+    else:
+        eval_config = section_config(evaluation.EvalConfig, config, "eval")
     return Plan(
         sft=stage_config(config, "sft"),
         main=stage_config(config, "train"),
         grpo=grpo,
-        eval=section_config(math_eval.MathEvalConfig, config, "eval"),
+        eval=eval_config,
         eval_reward=eval_reward,
+        rm=rm,
     )
 
 
+def _evaluation_path(policy_dir: str, eval_spec: dict) -> str:
+    # Cached beside the policy under the fingerprint of what it depends on beyond the policy: another
+    # evaluation config (or SFT stage) on a reused policy is evaluated anew, never served the old one.
+    return os.path.join(policy_dir, f"evaluation_{fingerprints.fingerprint(eval_spec)[:12]}.json")
+
+
+def read_curve(policy_dir: str) -> list[dict]:
+    """The points of a finished stage's `eval_curve.jsonl` (empty without one)."""
+    path = os.path.join(policy_dir, CURVE_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_curve(points: list[dict]) -> str:
+    """The over-optimisation curve as a plain-text table."""
+    header = f"{'step':>6} {'KL to SFT':>10} {'proxy r':>9} {'gold r':>8} {'gold win vs SFT':>16}"
+    fmt = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'n/a':>{w}}"  # noqa: E731
+    lines = [header] + [
+        f"{p['step']:>6} {fmt(p['kl_to_sft'], 10)} {fmt(p['proxy_reward_policy'], 9)} "
+        f"{fmt(p['gold_reward_policy'], 8)} {fmt(p['win_rate_vs_sft_gold'], 16)}"
+        for p in points
+    ]
+    return "\n".join(lines)
+
+
 def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
-    """Runs SFT → online RL → evaluation, each stage in WORKDIR/{stage}/{fingerprint}/; writes
-    results.json (`math_eval.RESULT_KEYS` first) and prints the table."""
+    """Runs SFT [→ reward model] → online RL → evaluation, each stage in WORKDIR/{stage}/{fingerprint}/;
+    writes results.json (`math_eval.RESULT_KEYS` first on a math task, `evaluation.RESULT_KEYS` on any
+    other) and prints the table (and the curve, with `train.eval_every`)."""
     start = time.perf_counter()
     locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
     ran = [sft.run_stage(plan.sft, locate)]
     sft_dir = ran[-1].dir
+    rm_dir = ""
+    if plan.rm is not None:
+        ran.append(
+            reward.run_stage(dataclasses.replace(plan.rm, init_from=sft_dir), locate, kind="pointwise")
+        )
+        rm_dir = ran[-1].dir
     cfg = dataclasses.replace(plan.main, init_from=plan.main.init_from or sft_dir)
-    ran.append(locate("policy", spec(cfg, plan.grpo), done=workdir_io.stage_done))
-    policy_dir = ran[-1].dir
     task = tasks.load_task(cfg.data, cfg.seed)
     tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
-    if not task.problems:
-        raise ValueError(
-            f"data.task={cfg.data.task!r} has no problems: online RL needs data.task arith or math"
+    if plan.math and not task.problems:
+        raise ValueError(f"data.task={cfg.data.task!r} has no problems: give GSM8K or MATH-style files")
+    mesh = sharding.make_mesh(cfg.mesh)
+    layout = tasks.layout(cfg.data)
+    proxy = reward.load_proxy(rm_dir, mesh, layout) if rm_dir else None
+    reward_model = (
+        functools.partial(
+            rewards.reward_model, model=proxy.model, params=proxy.params, tokenizer=tokenizer, layout=layout
         )
-    stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl_task(task, plan.grpo),
-                        tokenizer=tokenizer)  # fmt: skip
+        if proxy is not None
+        else None
+    )
+    gold = synthetic_tldr.gold_reward if (task.synthetic and not plan.math) else None
+    eval_spec = {"eval": plan.eval, "sft": fingerprints.stage_input(sft_dir), "seed": cfg.seed,
+                 "data": fingerprints.data_spec(cfg.data)}  # fmt: skip
+    if plan.math:
+        eval_spec["eval_reward"] = plan.eval_reward
+    if rm_dir:
+        eval_spec["reward_model"] = fingerprints.stage_input(rm_dir)
 
-    # Evaluate the policy and the SFT policy on the held-out problems.
-    # Cached beside the policy under the fingerprint of what it depends on beyond the policy: another
-    # evaluation config (or SFT stage) on a reused policy is evaluated anew, never served the old one.
-    eval_spec = {"eval": plan.eval, "eval_reward": plan.eval_reward, "sft": fingerprints.stage_input(sft_dir),
-                 "seed": cfg.seed, "data": fingerprints.data_spec(cfg.data)}  # fmt: skip
-    evaluation_path = os.path.join(policy_dir, f"evaluation_{fingerprints.fingerprint(eval_spec)[:12]}.json")
+    def evaluate(model, policy_params, sft_params):
+        if plan.math:
+            return math_eval.evaluate_math(
+                model=model, policy_params=policy_params, sft_params=sft_params, tokenizer=tokenizer,
+                problems=task.eval_problems, correct=rewards.make(plan.eval_reward), config=plan.eval,
+                seed=cfg.seed, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+            )  # fmt: skip
+        return evaluation.evaluate_against_sft(
+            model=model, policy_params=policy_params, sft_params=sft_params, tokenizer=tokenizer,
+            prompts=task.eval_prompts, config=plan.eval, seed=cfg.seed, proxy=proxy, gold=gold,
+            max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
+        )  # fmt: skip
+
+    # The curve (non-math tasks with train.eval_every): the same evaluation as the final one.
+    curve_spec, evaluate_curve = None, None
+    if cfg.train.eval_every and not plan.math:
+        curve_spec = {"every": cfg.train.eval_every, **eval_spec}
+        curve_model, sft_params_for_curve = workdir_io.load_lm(sft_dir, mesh)
+        evaluate_curve = functools.partial(evaluate, curve_model, sft_params=sft_params_for_curve)
+    ran.append(
+        locate("policy", spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec), done=workdir_io.stage_done)
+    )
+    policy_dir = ran[-1].dir
+    rl = rl_task(task, plan.grpo, reward_model=reward_model)
+    stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl, tokenizer=tokenizer, rm_dir=rm_dir,
+                        curve_spec=curve_spec, evaluate=evaluate_curve)  # fmt: skip
+
+    # Evaluate the policy and the SFT policy on the held-out problems or prompts.
+    evaluation_path = _evaluation_path(policy_dir, eval_spec)
     if os.path.exists(evaluation_path):
         ev = workdir_io.read_json(evaluation_path)
     else:
-        mesh = sharding.make_mesh(cfg.mesh)
         model, policy_params = workdir_io.load_lm(policy_dir, mesh)
-        sft_params = workdir_io.load_params(sft_dir, policy_params)
-        ev = math_eval.evaluate_math(
-            model=model, policy_params=policy_params, sft_params=sft_params, tokenizer=tokenizer,
-            problems=task.eval_problems, correct=rewards.make(plan.eval_reward), config=plan.eval,
-            seed=cfg.seed, max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
-        )  # fmt: skip
+        ev = evaluate(model, policy_params, workdir_io.load_params(sft_dir, policy_params))
         workdir_io.write_json(evaluation_path, ev)
+    keys = math_eval.RESULT_KEYS if plan.math else evaluation.RESULT_KEYS
+    curve = read_curve(policy_dir) if curve_spec else []
     results = {
-        **{k: ev.get(k) for k in math_eval.RESULT_KEYS if k != "wall_time_s"},
+        **{k: ev.get(k) for k in keys if k != "wall_time_s"},
         **ev,
         **training_summary(policy_dir, plan.grpo),
         "method": f"{plan.grpo.estimator}/{plan.grpo.aggregation}"
@@ -581,9 +763,18 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         "grpo": dataclasses.asdict(plan.grpo),
         "training": stage_results,
         "sft": workdir_io.read_results(sft_dir),
+        **({"reward_model": workdir_io.read_results(rm_dir)} if rm_dir else {}),
+        **({"curve": curve} if curve else {}),
         "wall_time_s": time.perf_counter() - start,
     }
     results = fingerprints.finish(workdir, results, ran, final="policy")
     if workdir_io.is_main():
-        print("\n" + math_eval.format_table(results, f"Online RL on {cfg.data.task}: {results['method']}"))
+        title = f"Online RL on {cfg.data.task}: {results['method']}"
+        table = (
+            math_eval.format_table(results, title) if plan.math else evaluation.format_table(results, title)
+        )
+        print("\n" + table)
+        if curve:
+            print("\nEvaluation during training (held-out prompts; proxy = the reward being maximised):")
+            print(format_curve(curve))
     return results
