@@ -117,8 +117,9 @@ class TrainConfig:
       eval_batch_size: global batch for evaluation passes.
       nonfinite: "stop" or "skip" (see `rlhf_jax.train.trainer`).
       reference: "online" (reference forward in every step) or "precomputed" (once per dataset).
-      eval_every: preference stages with a sample-based evaluation also run it every this many steps
-        (0: only at the end) and append it to WORKDIR/eval_curve.jsonl.
+      eval_every: preference stages with a sample-based evaluation, and online RL stages on a non-math
+        task, also run it every this many steps (0: only at the end) and append it to the stage's
+        eval_curve.jsonl (online RL: at the end of each iteration that crosses a multiple, and step 0).
       max_nonfinite_fraction: with nonfinite="skip", the run fails once more than this fraction of
         `steps` were skipped (default 0.05: a run that drops more than 1 update in 20 is not the
         configured run; 1.0 never fails).

@@ -3,6 +3,15 @@
 (Over 400 lines: the loop, its sampling of groups with dynamic sampling, and its pipeline read together.)
 
     python -m launch.train --experiment=grpo_arith           # SFT → GRPO on the synthetic math task
+    python -m launch.train --experiment=grpo_tldr            # SFT → reward model → GRPO on it (TL;DR)
+
+On a math task (`data.task` arith or math) the reward is verifiable (`gsm8k`, `math`, ...) and the
+evaluation is held-out accuracy against the SFT policy (`math_eval`). On any other task the reward may
+be a learned one: `rewards.reward_model` makes the pipeline train a pointwise reward model from the SFT
+policy on the task's pairs (the `rm` section) and score samples with it; the evaluation is then win rates
+against the SFT policy (`evaluation.evaluate_against_sft`, by the gold reward where the task has one),
+and `train.eval_every` adds the same evaluation during training (`eval_curve.jsonl`: the
+over-optimisation curve).
 
 Per iteration i (Shao et al. 2024, DeepSeekMath, Algorithm 1; DAPO, Yu et al. 2025, Algorithm 1):
 
