@@ -145,3 +145,40 @@ def test_fsdp_state_is_split_over_devices():
     # Everything but the replicated norm scales (a few hundred bytes) is split 8 ways.
     assert 1 / 8 <= row["params_fraction"] < 1 / 8 + 0.01
     assert 1 / 8 <= row["opt_state_fraction"] < 1 / 8 + 0.01
+
+
+GRPO_ARGS = ["--preset=tiny", "--prompts=2", "--group=4", "--new_tokens=8", "--warmup=1", "--iters=1"]
+
+
+def test_grpo_step_record_and_summary_line(tmp_path, capsys):
+    """bench.grpo_step on the tiny preset: our generation and training both timed, the tokens counted
+    from the workload (2 prompts x 4 samples x 8 new tokens; prompt 8 tokens), the summary line."""
+    from bench import grpo_step
+
+    path = tmp_path / "grpo.json"
+    record = grpo_step.main([*GRPO_ARGS, f"--json={path}"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=na", last), last
+    assert json.loads(path.read_text())["workload"] == {
+        "prompts": 2, "group": 4, "prompt_len": 8, "new_tokens": 8, "warmup": 1, "iters": 1,
+        "dtype": "float32",
+    }  # fmt: skip
+    (ours,) = record["rows"]
+    assert ours["gen_s"] > 0 and ours["train_s"] > 0
+    assert ours["iter_s"] == pytest.approx(ours["gen_s"] + ours["train_s"])
+    assert ours["gen_tok_s"] == pytest.approx(2 * 4 * 8 / ours["gen_s"])
+    assert ours["train_tok_s"] == pytest.approx(2 * 4 * (8 + 8) / ours["train_s"])
+    with pytest.raises(SystemExit):  # 8 prompt + 64 new tokens do not fit the tiny preset's 32 positions
+        grpo_step.main(["--preset=tiny", "--new_tokens=64", "--json="])
+
+
+def test_grpo_step_compares_with_trl_grpo_trainer(capsys):
+    pytest.importorskip("trl")
+    from bench import grpo_step
+
+    record = grpo_step.main([*GRPO_ARGS, "--compare=trl", "--json="])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=[\d.]+", last), last
+    trl_row = record["rows"][1]
+    assert trl_row["impl"] == "trl GRPOTrainer" and trl_row["gen_s"] > 0 and trl_row["train_s"] > 0
+    assert record["ratio_vs_trl"] == pytest.approx(trl_row["iter_s"] / record["iter_s"])

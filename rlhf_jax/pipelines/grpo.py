@@ -166,7 +166,7 @@ def prompt_stream(num_prompts: int, *, seed: int, iteration: int, draw: int, cou
 # Sampling and scoring one iteration's groups.
 
 
-def _rows_logps(model, params, rows: dict, *, temperature: float, mesh, batch_size: int) -> np.ndarray:
+def rows_logps(model, params, rows: dict, *, temperature: float, mesh, batch_size: int) -> np.ndarray:
     """Per-token log-probs [R, T] of the rows' targets under softmax(logits / temperature)."""
     fn = _jitted_token_logps(model, temperature)
     return np.asarray(
@@ -281,7 +281,7 @@ def _mean_of(records: list[dict], key: str) -> float:
     return float(np.mean([float(r[key]) for r in records]))
 
 
-def _minibatch(rows: dict, idx: np.ndarray) -> dict:
+def minibatch(rows: dict, idx: np.ndarray) -> dict:
     """Mini-batch `idx` of the rows with its normalisers (`steps.policy_gradient_objective`)."""
     keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
     keys += ("reference_logps",) if "reference_logps" in rows else ()
@@ -403,9 +403,9 @@ def run(
                                    max_prompt_len=cfg.data.max_prompt_len)  # fmt: skip
             rows = training_rows(groups, pad_id=tokenizer.pad_id, mask_truncated=grpo.mask_truncated)
             kw = dict(temperature=grpo.temperature, mesh=mesh, batch_size=bs)
-            rows["old_logps"] = _rows_logps(model, state.params, rows, **kw)
+            rows["old_logps"] = rows_logps(model, state.params, rows, **kw)
             if reference is not None:
-                rows["reference_logps"] = _rows_logps(model, reference, rows, **kw)
+                rows["reference_logps"] = rows_logps(model, reference, rows, **kw)
             generation_s = time.perf_counter() - t0
 
             # μ passes of mini-batch updates.
@@ -414,7 +414,7 @@ def run(
             for epoch in range(grpo.num_iterations):
                 order = np.random.default_rng([cfg.seed, 29, it, epoch]).permutation(rows_per_iteration)
                 for start in range(0, rows_per_iteration, cfg.train.batch_size):
-                    batch = place(_minibatch(rows, order[start : start + cfg.train.batch_size]))
+                    batch = place(minibatch(rows, order[start : start + cfg.train.batch_size]))
                     with jax.transfer_guard("disallow"):
                         state, m = step_fn(state, batch, None)
                     step_metrics.append(m)
