@@ -17,8 +17,9 @@ KL penalty (β = 0) and a small reward model trained on a few thousand pairs, th
 that curve in minutes: `eval_curve.jsonl` holds, per evaluation, the step, the KL to the SFT policy,
 the proxy and gold rewards of the policy's samples and its gold win rate against the SFT policy.
 `relative=true` scores a completion against the prompt's reference summary, r_φ(x, y) - r_φ(x, y_ref)
-(VLAA-Thinker's form; with group-normalised advantages the shift cancels within a group, so GRPO's
-update is unchanged up to float error: it matters for `estimator=dr_grpo` with `scale=batch`).
+(VLAA-Thinker's form). Every estimator here subtracts the group's mean, in which the per-prompt shift
+cancels, so the update changes only where rewards are scaled across prompts (`grpo.scale=batch`, the
+batch's reward std).
 """
 
 import ml_collections
