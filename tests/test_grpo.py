@@ -94,7 +94,8 @@ def test_math_eval_batches_prompts_without_changing_the_samples(tiny):
     splits, tok, model, params = tiny
     perturbed = jax.tree.map(lambda x: x * 1.01, params)
     parity = lambda *, prompts, completions, answer: np.array([len(c) % 2 for c in completions], np.float32)
-    kw = dict(model=model, policy_params=perturbed, sft_params=params, tokenizer=tok, problems=splits.eval[:4], correct=parity, seed=3, max_prompt_len=48)  # fmt: skip
+    kw = dict(model=model, policy_params=perturbed, sft_params=params, tokenizer=tok,
+              problems=splits.eval[:4], correct=parity, seed=3, max_prompt_len=48)  # fmt: skip
     config = math_eval.MathEvalConfig(num_problems=0, k=3, max_new_tokens=8, bootstrap=50)
     whole = math_eval.evaluate_math(config=config, **kw)
     chunked = math_eval.evaluate_math(config=dataclasses.replace(config, prompts_per_batch=2), **kw)

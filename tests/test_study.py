@@ -39,7 +39,8 @@ def test_unknown_study_lists_the_studies(capsys):
     assert study.main(["--study=nope"]) == 2
     err = capsys.readouterr().err
     listed = err.rpartition("studies: ")[2].strip().split(", ")
-    assert listed == ["grpo_variants", "inpo_iters", "rdpo_noise", "rpo_overopt", "rso_table"]  # not _study, __init__
+    # Not _study, __init__.
+    assert listed == ["grpo_variants", "inpo_iters", "rdpo_noise", "rpo_overopt", "rso_table"]
 
 
 def test_every_study_builds_valid_runs():
