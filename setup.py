@@ -21,6 +21,8 @@ _RUNTIME = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
     "matplotlib>=3.8",  # training-curve and study plots (PNG, Agg backend).
     "math-verify>=0.9.0",  # the `math` reward's answer equivalence (imported when that reward is made).
+    "tokenizers>=0.22",  # HuggingFace tokenizer.json (Llama 3, Qwen2.5), `rlhf_jax.data.hf_tokenizer`.
+    "jinja2>=3.1.6",  # chat templates (`rlhf_jax.data.chat_template`), in transformers' sandbox.
 ]
 
 _TEST = [
@@ -50,7 +52,8 @@ _BENCH = [
 setuptools.setup(
     name="rlhf_jax",
     version="0.1.0",
-    description="Preference optimization of language models in JAX/Flax: DPO-family losses, RSO, INPO.",
+    description="Preference optimization and RL fine-tuning of language models in JAX/Flax: the DPO family, "
+    "RSO, INPO and the GRPO family.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -16,9 +16,8 @@ else a seeded `data.eval_fraction` of the training file is held out.
 
 Model: `model.init_from_hf=DIR`, a Llama, Qwen2 or Gemma (1) checkpoint directory (`rlhf_jax.interop`),
 fixes the architecture and the first SFT params; its `tokenizer.model` (sentencepiece: Llama 2,
-TinyLlama, Gemma) is the tokenizer unless `data.tokenizer` is given. Checkpoints that ship only a
-`tokenizer.json` (Qwen2.5, Llama 3) import, but need a compatible sentencepiece `data.tokenizer`, which
-for those vocabularies does not exist: use a sentencepiece family. Without `init_from_hf` the `small`
+TinyLlama, Gemma), else its `tokenizer.json` (Qwen2.5, Llama 3), is the tokenizer unless `data.tokenizer`
+is given. Prompts are plain text (`Question: ...\nAnswer:`); chat templates are not applied yet. Without `init_from_hf` the `small`
 preset is trained from scratch with a tokenizer trained on the problems (a pipeline check, not a result).
 
 Defaults for a 0.5-1B model on one accelerator (TRL's GRPOTrainer where it has one): prompts up to 256

@@ -136,3 +136,61 @@ def test_smoke_from_a_hf_checkpoint_on_gsm8k_files(tmp_path):
         relative = lambda W, hf_W=hf_W: np.linalg.norm(W - hf_W) / np.linalg.norm(hf_W)
         assert 0 < relative(sft_W) < 0.25, relative(sft_W)  # moved by SFT, from the checkpoint's weights
         assert relative(fresh_W) > 1.0  # what ignoring the checkpoint would give
+
+
+@pytest.mark.slow
+def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
+    """A Qwen2-style checkpoint that ships only `tokenizer.json` (byte-level BPE, no BOS token, EOS
+    `<|im_end|>`, as Qwen2.5): `grpo_gsm8k:smoke` trains SFT → GRPO with that tokenizer (every stage keeps
+    it), prompts start without a BOS, samples stop at `<|im_end|>`, and the result exports with the
+    tokenizer beside it, which `transformers` loads back with the same ids."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from rlhf_jax.data import tokenizer as tokenizer_lib
+    from tests.test_hf_tokenizer import build_tokenizer
+
+    train_rows = _write_gsm8k(tmp_path / "train.jsonl", 24, seed=0)
+    _write_gsm8k(tmp_path / "test.jsonl", 8, seed=1)
+    hf_dir = tmp_path / "hf"
+    texts = [t for r in train_rows for t in (math_formats.prompt(r["question"]), r["answer"])]
+    qwen = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    build_tokenizer(
+        hf_dir,
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        corpus=texts * 4,
+        config=qwen,
+        qwen_style=True,
+    )
+    tok = tokenizer_lib.load_tokenizer(str(hf_dir))
+    assert tok.bos_id is None and not (hf_dir / "tokenizer.model").exists()
+    config = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size + 16, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(hf_dir), safe_serialization=True)
+
+    run = tmp_path / "run"
+    out = _cli([
+        "--experiment=grpo_gsm8k:smoke", f"--workdir={run}", f"--config.data.path={tmp_path / 'train.jsonl'}",
+        f"--config.data.eval_path={tmp_path / 'test.jsonl'}", f"--config.model.init_from_hf={hf_dir}",
+    ])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(run / "results.json"))
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["training"]["iterations"] == 2
+    for stage in ("sft", "policy"):
+        assert not os.path.exists(os.path.join(stage_dir(run, stage), "tokenizer.model"))
+    sft_dir = stage_dir(run, "sft")
+    kept = tokenizer_lib.load_tokenizer(sft_dir)
+    assert (kept.bos_id, kept.eos_id, kept.pad_id) == (None, tok.eos_id, tok.pad_id)
+
+    exported = tmp_path / "exported"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "rlhf_jax.interop", "export", f"--workdir={stage_dir(run, 'policy')}",
+           f"--out={exported}", "--family=qwen2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    question = math_formats.prompt(train_rows[0]["question"])
+    assert theirs(question, add_special_tokens=False)["input_ids"] == tok.encode(question)
+    assert json.load(open(exported / "config.json"))["eos_token_id"] == tok.eos_id

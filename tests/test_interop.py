@@ -243,10 +243,11 @@ def test_mismatched_model_and_extra_tensors_are_errors(hf_dirs, tmp_path):
         interop.export_params({}, interop.load_config(hf_dirs["qwen2"][0]), str(tmp_path), family="llama")
 
 
-def test_tokenizer_json_only_is_a_clear_error(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ValueError, match="tokenizer.json.*sentencepiece"):
+def test_tokenizer_path_prefers_sentencepiece_then_tokenizer_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         interop.tokenizer_path(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert interop.tokenizer_path(str(tmp_path)) == str(tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer.model").write_bytes(b"")
     assert interop.tokenizer_path(str(tmp_path)) == str(tmp_path / "tokenizer.model")
 

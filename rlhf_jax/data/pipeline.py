@@ -478,10 +478,18 @@ def _prompt_ids(
 ) -> list[np.ndarray]:
     unique = list(dict.fromkeys(texts))  # Pairs often share a prompt: encode each distinct one once.
     cache: dict[str, tuple[np.ndarray, bool]] = {}
+    # BOS first when the tokenizer has one (a HF tokenizer may not: Qwen), then the prompt's last pieces.
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    room = max_len - len(bos)
     for text, ids in zip(unique, tokenizer.encode_batch(unique), strict=True):
-        cut = len(ids) > max_len - 1
-        kept = ids[len(ids) - (max_len - 1) :] if cut else ids
-        cache[text] = (np.array([tokenizer.bos_id, *kept], np.int32), cut)
+        cut = len(ids) > room
+        kept = ids[len(ids) - room :] if cut else ids
+        if not bos and not kept:
+            raise ValueError(
+                f"empty prompt {text!r}: the tokenizer has no BOS token, so a prompt needs at least one "
+                "token to predict the response's first token from"
+            )
+        cache[text] = (np.array([*bos, *kept], np.int32), cut)
     _count(stats, "prompt", sum(cache[t][1] for t in texts))
     return [cache[t][0] for t in texts]
 

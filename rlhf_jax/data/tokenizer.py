@@ -45,6 +45,8 @@ class Tokenizer:
         if self.pad_id == self.eos_id:
             raise ValueError(f"tokenizer {path}: pad id {self.pad_id} equals the EOS id")
         self.vocab_size = self._sp.get_piece_size()
+        self.eos_ids = (self.eos_id,)  # the interface of `hf_tokenizer.HFTokenizer` (several stop ids)
+        self.chat_template = None
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
@@ -68,6 +70,42 @@ class Tokenizer:
     def pieces(self, text: str) -> list[str]:
         """Returns the pieces of `text` (for inspection)."""
         return self._sp.encode(text, out_type=str)
+
+    def save(self, directory: str) -> None:
+        """Writes `directory/tokenizer.model` (atomically), for `load_tokenizer(directory)`."""
+        os.makedirs(directory, exist_ok=True)
+        _atomic_write(os.path.join(directory, SPM_FILE), self.model_proto)
+
+
+SPM_FILE = "tokenizer.model"
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at `path`: a sentencepiece `.model` file, a HuggingFace `tokenizer.json` (with the
+    configs beside it), or a directory holding either (`tokenizer.model` first, as a run's stage
+    directories and sentencepiece checkpoints do; else `tokenizer.json`, as Llama 3 and Qwen ship).
+
+    Returns:
+      A `Tokenizer` or a `hf_tokenizer.HFTokenizer` (the same interface: encode, encode_batch, decode,
+      bos_id (None for a tokenizer without BOS), eos_id, eos_ids, pad_id, vocab_size, chat_template,
+      save).
+
+    Raises:
+      FileNotFoundError: naming the path, when it holds no tokenizer.
+    """
+    from rlhf_jax.data import hf_tokenizer
+
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, SPM_FILE)):
+            return Tokenizer.load(os.path.join(path, SPM_FILE))
+        if os.path.exists(os.path.join(path, hf_tokenizer.TOKENIZER_JSON)):
+            return hf_tokenizer.HFTokenizer.from_dir(path)
+        raise FileNotFoundError(f"{path!r} holds no {SPM_FILE} nor {hf_tokenizer.TOKENIZER_JSON}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer file {path!r}")
+    if os.path.basename(path) == hf_tokenizer.TOKENIZER_JSON:
+        return hf_tokenizer.HFTokenizer.from_dir(os.path.dirname(path) or ".")
+    return Tokenizer.load(path)
 
 
 def train_tokenizer(

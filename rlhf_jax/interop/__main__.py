@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -47,18 +46,23 @@ def _export(args) -> int:
     abstract = models.param_shapes(models.Transformer(config))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.abspath(os.path.join(args.workdir, "params")), abstract)
-    extra = {}
-    spm = os.path.join(args.workdir, "tokenizer.model")
-    if not args.source and os.path.exists(spm):
-        from rlhf_jax.data.tokenizer import Tokenizer
+    extra, tok = {}, None
+    if not args.source:  # the stage's own tokenizer (sentencepiece or tokenizer.json), if it kept one
+        from rlhf_jax.data.tokenizer import load_tokenizer
 
-        tok = Tokenizer.load(spm)
-        extra = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        try:
+            tok = load_tokenizer(args.workdir)
+        except FileNotFoundError:
+            tok = None
+    if tok is not None:
+        eos = list(tok.eos_ids) if len(tok.eos_ids) > 1 else tok.eos_id
+        extra = {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
+        extra = {k: v for k, v in extra.items() if v is not None}
     interop.export_params(
         params, config, args.out, family=args.family, dtype=args.dtype, source=args.source, extra_config=extra
     )
-    if extra and jax.process_index() == 0:
-        shutil.copyfile(spm, os.path.join(args.out, "tokenizer.model"))
+    if tok is not None and jax.process_index() == 0:
+        tok.save(args.out)
     print(f"exported {args.workdir} -> {args.out}")
     return 0
 

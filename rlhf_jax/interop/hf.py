@@ -295,21 +295,14 @@ def _write_json(file: str, obj) -> None:
 
 
 def tokenizer_path(path: str) -> str:
-    """The sentencepiece model of the checkpoint in `path`, for `rlhf_jax.data.tokenizer.Tokenizer`.
+    """The tokenizer file of the checkpoint in `path`: its sentencepiece `tokenizer.model` (Llama 2,
+    TinyLlama, Gemma), else its HuggingFace `tokenizer.json` (Llama 3, Qwen2.5); either loads with
+    `rlhf_jax.data.tokenizer.load_tokenizer`.
 
     Raises:
-      ValueError: if there is only a `tokenizer.json` (the HF `tokenizers` BPE of Llama 3 and Qwen2),
-        which our sentencepiece-only Tokenizer cannot read.
-      FileNotFoundError: if there is no tokenizer at all.
+      FileNotFoundError: if there is neither.
     """
-    spm = os.path.join(path, "tokenizer.model")
-    if os.path.exists(spm):
-        return spm
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        raise ValueError(
-            f"{path!r} has only tokenizer.json (a HuggingFace `tokenizers` tokenizer, as Llama 3 and "
-            "Qwen2 ship), but rlhf_jax's Tokenizer reads sentencepiece .model files only; the weights "
-            "import, but training needs a checkpoint with tokenizer.model (Llama 2, TinyLlama, Gemma) "
-            "or --config.data.tokenizer=PATH to a compatible sentencepiece model"
-        )
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
     raise FileNotFoundError(f"{path!r} has no tokenizer.model (nor tokenizer.json)")

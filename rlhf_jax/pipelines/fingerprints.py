@@ -110,7 +110,8 @@ def data_spec(data) -> dict:
             spec.pop(key, None)
     for key in ("sft_path", "preference_path", "eval_path"):
         spec[key] = files_digest(getattr(data, key))
-    spec["tokenizer"] = file_digest(data.tokenizer) if data.tokenizer else ""
+    tok = data.tokenizer
+    spec["tokenizer"] = (dir_digest(tok) if os.path.isdir(tok) else file_digest(tok)) if tok else ""
     return spec
 
 

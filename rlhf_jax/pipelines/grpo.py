@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
-from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, reward, sft, tasks, training
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, in_section, rm_kind, section_config, stage_config
@@ -327,6 +327,8 @@ def run(
     fingerprints.claim(workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec), name)
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
+    if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for export
+        tokenizer.save(workdir)
     rows_per_iteration = grpo.num_prompts * grpo.group_size
     if rows_per_iteration % cfg.train.batch_size:
         raise ValueError(
@@ -705,7 +707,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         rm_dir = ran[-1].dir
     cfg = dataclasses.replace(plan.main, init_from=plan.main.init_from or sft_dir)
     task = tasks.load_task(cfg.data, cfg.seed)
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    tokenizer = load_tokenizer(sft_dir)
     if plan.math and not task.problems:
         raise ValueError(f"data.task={cfg.data.task!r} has no problems: give GSM8K or MATH-style files")
     mesh = sharding.make_mesh(cfg.mesh)

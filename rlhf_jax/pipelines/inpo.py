@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from rlhf_jax import sampling, sharding
-from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import candidates, evaluation, fingerprints, preference, reward, sft, tasks
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, rm_kind, section_config, stage_config
@@ -233,7 +233,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
     response_len = max(inpo.max_new_tokens, eval_config.max_new_tokens)  # the oracle judges these
     ran.append(reward.run_stage(rm_cfg, locate, kind=plan.rm_kind, response_len=response_len, name="oracle"))
     rm_dir = ran[-1].dir
-    tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+    tokenizer = load_tokenizer(sft_dir)
     uses_previous = any(k.startswith("previous_") for k in preference.loss_inputs(policy_cfg.loss.name))
     iterations = []
     prev_dir = sft_dir

@@ -39,7 +39,7 @@ import numpy as np
 
 from rlhf_jax import rejection, sampling, sharding
 from rlhf_jax.data import records as rec
-from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import candidates, evaluation, fingerprints, preference, reward, sft, tasks
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, rm_kind, section_config, stage_config
@@ -306,7 +306,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
                                      out_path=cand_path)  # fmt: skip
             log.info("sampled %s candidates in %.1fs", cand["tokens"].shape[:2], time.perf_counter() - t0)
         seconds["samples"], t0 = time.perf_counter() - t0, time.perf_counter()
-        tokenizer = Tokenizer.load(os.path.join(sft_dir, "tokenizer.model"))
+        tokenizer = load_tokenizer(sft_dir)
         ran.append(locate("pairs", pairs_spec(policy_cfg, rso, samples_dir=ran[-1].dir), done=_pairs_done))
         train_data, pair_stats = build_pairs(
             cand, rso, seed=policy_cfg.seed, pad_id=tokenizer.pad_id, max_len=policy_cfg.data.max_len

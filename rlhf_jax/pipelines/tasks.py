@@ -14,7 +14,8 @@ import numpy as np
 
 from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_tldr
 from rlhf_jax.data import records as rec
-from rlhf_jax.data.tokenizer import Tokenizer, get_or_train_tokenizer
+from rlhf_jax.data.hf_tokenizer import TOKENIZER_JSON
+from rlhf_jax.data.tokenizer import SPM_FILE, get_or_train_tokenizer, load_tokenizer
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import DataConfig
 
@@ -187,32 +188,27 @@ def corpus(task: TaskData) -> list[str]:
     return texts + [t for ex in task.preference for t in (ex.prompt, ex.chosen, ex.rejected)]
 
 
-def tokenizer_for(
-    data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""
-) -> Tokenizer:
-    """The tokenizer: data.tokenizer, else init_from's, else the HF checkpoint's, else trained on the
-    task's text; a copy is kept in the workdir."""
-    dest = os.path.join(workdir, "tokenizer.model")
-    source = data.tokenizer or (
-        os.path.join(init_from, "tokenizer.model")
-        if init_from and os.path.exists(os.path.join(init_from, "tokenizer.model"))
-        else ""
-    )
+def tokenizer_for(data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""):
+    """The tokenizer: data.tokenizer (a sentencepiece `.model`, a `tokenizer.json`, or a directory with
+    either), else init_from's, else the HF checkpoint's (its `tokenizer.model`, else its
+    `tokenizer.json`), else one trained on the task's text; a copy is kept in the workdir
+    (`load_tokenizer(workdir)` loads it)."""
+    source = data.tokenizer
+    if not source and init_from and os.path.isdir(init_from):
+        has = lambda d: any(os.path.exists(os.path.join(d, f)) for f in (SPM_FILE, TOKENIZER_JSON))  # noqa: E731
+        source = init_from if has(init_from) else ""
     if not source and init_from_hf:
-        from rlhf_jax import interop
-
-        source = interop.tokenizer_path(init_from_hf)
+        source = init_from_hf
     if source:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"data.tokenizer: no such file {source!r}")
-        tokenizer = Tokenizer.load(source)
+        try:
+            tokenizer = load_tokenizer(source)
+        except FileNotFoundError as e:
+            key = "data.tokenizer" if data.tokenizer else "model.init_from_hf"
+            raise FileNotFoundError(f"{key}: {e}") from e
     else:
         tokenizer = get_or_train_tokenizer("", corpus(task), data.vocab_size, workdir)
     if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for users
-        os.makedirs(workdir, exist_ok=True)
-        with open(dest + ".tmp", "wb") as f:
-            f.write(tokenizer.model_proto)
-        os.replace(dest + ".tmp", dest)
+        tokenizer.save(workdir)
     return tokenizer
 
 
