@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -229,7 +230,8 @@ def choose(
       state: the current state.
       logits_BV: next-token logits of every row.
       config: the sampling policy.
-      eos_id: the token that ends a sample, or None to always generate `max_new_tokens`.
+      eos_id: the token that ends a sample, or an int array of several (any of them ends it; -1 entries
+        match nothing), or None to always generate `max_new_tokens`.
       pad_id: the filler after EOS.
 
     Returns:
@@ -239,7 +241,11 @@ def choose(
     tokens_B, logps_B, sampling_logps_B = config.next_token(logits_BV, keys_B)
     live_B = ~state.done_B
     tokens_B = jnp.where(live_B, tokens_B, pad_id)
-    done_B = state.done_B if eos_id is None else state.done_B | (tokens_B == eos_id)
+    if eos_id is None:
+        done_B = state.done_B
+    else:  # one id or several (-1 matches no token)
+        eos_E = jnp.atleast_1d(jnp.asarray(eos_id, tokens_B.dtype))
+        done_B = state.done_B | jnp.any(tokens_B[:, None] == eos_E[None, :], axis=-1)
     return state._replace(
         step=state.step + 1,
         tokens_BT=jax.lax.dynamic_update_slice(state.tokens_BT, tokens_B[:, None], (0, state.step)),
@@ -363,7 +369,7 @@ def sample(
     config: SamplingConfig,
     num_samples: int,
     rng: jax.Array,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     pad_id: int,
     prompt_ids=None,
 ) -> SampleOutput:
@@ -381,7 +387,10 @@ def sample(
       config: the sampling policy.
       num_samples: N, samples per prompt.
       rng: a PRNG key.
-      eos_id: the token that ends a sample; None generates exactly `max_new_tokens` tokens.
+      eos_id: the token that ends a sample, or several (a tokenizer's `eos_ids`, e.g. Llama 3 Instruct's
+        `<|eot_id|>` and `<|end_of_text|>`: the first of them to be drawn ends it); None generates
+        exactly `max_new_tokens` tokens. The stop ids are an argument of the compiled program, not a
+        constant: one compilation per number of ids.
       pad_id: the filler after EOS.
       prompt_ids: int [P] ids that seed each prompt's samples (default 0 .. P-1); give stable ids
         (e.g. `example_ids`) for results that do not depend on how prompts are batched.
@@ -408,7 +417,7 @@ def sample(
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     inputs = [prompt_tokens_PT, prompt_lengths_P, prompt_ids_P.astype(np.int32)]
     # EOS is an argument, not a constant, so one compilation serves every EOS id (-1: never stop early).
-    scalars = [rng, np.int32(-1 if eos_id is None else eos_id)]
+    scalars = [rng, np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32))]
     if model.mesh is not None:
         scalars = sharding.put(scalars, sharding.replicated(model.mesh))
     generate = jitted_generate(model, config, num_samples, pad_id)

@@ -232,3 +232,23 @@ def test_decode_loop_stops_when_every_row_is_done(lm):
     assert int(final.step) == NEW
     np.testing.assert_array_equal(final.lengths_B, [1, NEW])
     assert (final.tokens_BT[0] == PAD).all() and (final.tokens_BT[1, 1:] != PAD).any()
+
+
+def test_several_stop_ids_end_a_sample_at_the_first_of_them(lm, prompts, eos_run):
+    """A tokenizer with several EOS ids (Llama 3 Instruct: `<|eot_id|>`, `<|end_of_text|>`): each row stops
+    at the first drawn token that is any of them, and one id given as a list is that id."""
+    model, params = lm
+    free, eos, single = eos_run
+    counts = np.bincount(free.tokens_PNT.ravel())
+    other = int(np.argsort(counts)[-2])  # the second most frequent token
+    kwargs = dict(config=POLICY, num_samples=N, rng=jax.random.key(1), pad_id=PAD)  # eos_run's key
+    both = sampling.sample(model, params, *prompts, eos_id=[eos, other], **kwargs)
+    for p, n in np.ndindex(P, N):
+        row = free.tokens_PNT[p, n]
+        hits = np.flatnonzero((row == eos) | (row == other))
+        want = hits[0] + 1 if len(hits) else NEW
+        assert both.lengths_PN[p, n] == want and both.finished_PN[p, n] == (len(hits) > 0)
+        np.testing.assert_array_equal(both.tokens_PNT[p, n, :want], row[:want])
+    assert (both.lengths_PN <= single.lengths_PN).all() and (both.lengths_PN < single.lengths_PN).any()
+    as_list = sampling.sample(model, params, *prompts, eos_id=[eos], **kwargs)
+    np.testing.assert_array_equal(as_list.tokens_PNT, single.tokens_PNT)

@@ -27,7 +27,8 @@ def draw(model, params, pb: dict, *, num_samples: int, config: sampling.Sampling
         prompt_tokens, prompt_lengths, prompt_ids = chunk
         out = sampling.sample(
             model, params, prompt_tokens, prompt_lengths, config=config, num_samples=num_samples,
-            rng=jax.random.key(seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=prompt_ids,
+            rng=jax.random.key(seed), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+            prompt_ids=prompt_ids,
         )  # fmt: skip
         return out.tokens_PNT, out.lengths_PN, out.logps_PN, out.sampling_logps_PN
 

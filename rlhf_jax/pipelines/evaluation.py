@@ -92,7 +92,7 @@ def bootstrap_ci(per_prompt: np.ndarray, *, resamples: int, seed: int) -> list[f
 def decode_text(tokenizer, ids) -> str:
     """Text of token ids without BOS/EOS; ids past the tokenizer's vocabulary (a pretrained checkpoint's
     embedding can have more rows than its tokenizer has pieces) are dropped."""
-    drop = (tokenizer.eos_id, tokenizer.bos_id)
+    drop = (*tokenizer.eos_ids, tokenizer.bos_id)
     return tokenizer.decode([int(t) for t in ids if t not in drop and 0 <= t < tokenizer.vocab_size])
 
 
@@ -141,7 +141,7 @@ def evaluate_against_sft(
     S = config.samples_per_prompt
     rng = jax.random.key(seed)
     kw = dict(
-        config=config.sampling(), num_samples=S, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id
+        config=config.sampling(), num_samples=S, rng=rng, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id
     )
     pol = sampling.sample(model, policy_params, pb["prompt_tokens"], pb["prompt_lengths"], **kw)
     ref = sampling.sample(model, sft_params, pb["prompt_tokens"], pb["prompt_lengths"], **kw)

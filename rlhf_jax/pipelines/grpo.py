@@ -214,7 +214,7 @@ def sample_groups(
         out = sampling.sample(
             model, params, pb["prompt_tokens"], pb["prompt_lengths"], config=grpo.sampling(), num_samples=G,
             rng=jax.random.fold_in(jax.random.key(seed + 31), iteration * 1000 + draws),
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, prompt_ids=np.arange(P),
+            eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, prompt_ids=np.arange(P),
         )  # fmt: skip
         draws += 1
         texts = [

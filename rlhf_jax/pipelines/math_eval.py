@@ -75,7 +75,7 @@ def _answers(model, params, tokenizer, pb, config: sampling.SamplingConfig, n: i
             config=config,
             num_samples=n,
             rng=jax.random.key(seed),
-            eos_id=tokenizer.eos_id,
+            eos_id=tokenizer.eos_ids,
             pad_id=tokenizer.pad_id,
             prompt_ids=np.arange(i, min(i + chunk, P)),
         )  # fmt: skip
