@@ -194,11 +194,52 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
                 "original_max_position_embeddings": 8192}  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+def test_llama31_rope_scaling_matches_transformers_and_round_trips(tmp_path, layout):
+    """Llama 3.1/3.2's llama3 frequency scaling, with the original context short enough (256) that the
+    tiny head's 8 frequencies fall in all three bands (kept, interpolated, divided by the factor)."""
+    rope = {**LLAMA31_ROPE, "original_max_position_embeddings": 256}
+    hf = transformers.LlamaConfig(**SHAPE, num_key_value_heads=2, rope_theta=500_000.0, rms_norm_eps=1e-5,
+                                  max_position_embeddings=512, rope_scaling=dict(rope))  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf).eval()
+    _randomize(model, "llama")
+    path = str(tmp_path / "llama31")
+    model.save_pretrained(path, safe_serialization=True)
+    if layout == "rope_parameters":  # the transformers 5 layout only
+        _edited(path, tmp_path / "new", rope_scaling=None, rope_parameters={**rope, "rope_theta": 500_000.0})
+        path = str(tmp_path / "new")
+    tokens_BT = np.random.default_rng(0).integers(0, 128, size=(2, 40)).astype(np.int32)
+    config, ours, params = _import(path)
+    assert dict(config.rope_scaling) == rope and config.rope_theta == 500_000.0
+    from rlhf_jax.models import layers
+
+    inv_freq = layers.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    plain = layers.rope_inv_freq(config.head_dim, config.rope_theta)
+    kept, divided = np.isclose(inv_freq, plain), np.isclose(inv_freq, plain / 8)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands are exercised
+    logits = np.asarray(ours.apply({"params": params}, jnp.asarray(tokens_BT)))
+    np.testing.assert_allclose(logits, _torch_logits(model, tokens_BT), atol=LOGITS_ATOL, rtol=0)
+    no_scaling = dataclasses.replace(config, rope_scaling=())
+    other = np.asarray(models.Transformer(no_scaling).apply({"params": params}, jnp.asarray(tokens_BT)))
+    assert np.abs(other - logits).max() > 1e-3  # the scaling changes the logits: the check is not vacuous
+    out = str(tmp_path / "export")
+    interop.export_params(params, config, out, source=path)
+    assert interop.load_config(out) == config
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens_BT), logits, atol=RELOAD_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize(
     "family, changes, named",
     [
-        ("llama", dict(rope_scaling=LLAMA31_ROPE), "rope_scaling"),
-        ("llama", dict(rope_parameters={**LLAMA31_ROPE, "rope_theta": 5e5}), "rope_parameters"),
+        ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+        (
+            "llama",
+            dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}),
+            "rope_parameters",
+        ),
+        ("qwen2", dict(rope_scaling=LLAMA31_ROPE), "rope_scaling"),  # llama3 scaling is Llama's only
         ("llama", dict(attention_bias=True), "attention_bias"),
         ("llama", dict(mlp_bias=True), "mlp_bias"),
         ("llama", dict(hidden_act="gelu"), "hidden_act"),

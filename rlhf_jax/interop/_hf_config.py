@@ -100,25 +100,33 @@ def _supported() -> str:
     return ", ".join(f"{f} ({arch})" for f, (arch, _) in FAMILIES.items())
 
 
-def _rope_theta(hf: dict, theta: float, where: str) -> float:
-    """rope_theta from the old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`) layout."""
-    why = "rlhf_jax.models applies plain RoPE (rope_type 'default', set by rope_theta alone)"
-    scaling = hf.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
-        raise _fail(where, "rope_scaling", scaling, why)
-    params = hf.get("rope_parameters")
-    if params is not None:
-        if params.get("rope_type", params.get("type", "default")) != "default":
-            raise _fail(where, "rope_parameters", params, why)
+def _rope(hf: dict, theta: float, where: str, family: str) -> tuple[float, tuple]:
+    """(rope_theta, rope_scaling) from the old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`)
+    layout: plain RoPE ("default"), or Llama 3.1's "llama3" frequency scaling (Llama family only;
+    `ModelConfig.rope_scaling`)."""
+    why = "rlhf_jax.models applies plain RoPE or Llama 3.1's llama3 scaling (rope_type 'default' / 'llama3')"
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    scaling = ()
+    for field in ("rope_scaling", "rope_parameters"):
+        params = hf.get(field)
+        if params is None:
+            continue
+        kind = params.get("rope_type", params.get("type", "default"))
         extra = set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
-        if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _fail(where, "rope_parameters", params, why)
+        if kind == "llama3" and family == "llama":
+            if any(k not in params for k in keys) or extra - set(keys):
+                raise _fail(where, field, params, f"llama3 scaling needs exactly {list(keys)}")
+            scaling = tuple(sorted({**{k: params[k] for k in keys}, "rope_type": "llama3"}.items()))
+        elif kind != "default" or extra:
+            raise _fail(where, field, params, why)
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _fail(where, field, params, "rotary covers the whole head")
         theta = params.get("rope_theta", theta)
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise _fail(
             where, "partial_rotary_factor", hf["partial_rotary_factor"], "rotary covers the whole head"
         )
-    return float(theta)
+    return float(theta), scaling
 
 
 def parse_config(hf: dict, where: str = "config.json") -> tuple[ModelConfig, str]:
@@ -172,6 +180,7 @@ def parse_config(hf: dict, where: str = "config.json") -> tuple[ModelConfig, str
         raise _fail(where, act_key, c[act_key], f"the gated MLP supports {sorted(_ACTIVATIONS)}")
 
     heads = c["num_attention_heads"]
+    theta, scaling = _rope(hf, c["rope_theta"], where, family)
     config = ModelConfig(
         vocab_size=c["vocab_size"],
         num_layers=c["num_hidden_layers"],
@@ -181,7 +190,8 @@ def parse_config(hf: dict, where: str = "config.json") -> tuple[ModelConfig, str
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         mlp_dim=c["intermediate_size"],
         max_len=c["max_position_embeddings"],
-        rope_theta=_rope_theta(hf, c["rope_theta"], where),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=float(c["rms_norm_eps"]),
         tie_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=family == "qwen2",
@@ -218,6 +228,10 @@ def build_config(
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {_supported()}")
     wants = {"llama": (False, False), "qwen2": (True, False), "gemma": (False, True)}[family]
+    if config.rope_scaling and family != "llama":
+        raise ValueError(
+            f"family {family!r} has no llama3 rope scaling; the model has {dict(config.rope_scaling)}"
+        )
     if (config.attention_bias, config.embed_scale) != wants:
         raise ValueError(
             f"family {family!r} needs attention_bias={wants[0]} and embed_scale={wants[1]}, the model has "
@@ -242,8 +256,8 @@ def build_config(
         rms_norm_eps=c.norm_eps,
         tie_word_embeddings=c.tie_embeddings,
         rope_theta=c.rope_theta,
-        rope_scaling=None,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta, **dict(c.rope_scaling)},
         attention_dropout=0.0,
         torch_dtype=dtype,
         dtype=dtype,

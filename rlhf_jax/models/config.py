@@ -28,6 +28,9 @@ class ModelConfig:
       mlp_dim: F, the hidden width of the gated MLP.
       max_len: longest sequence (prompt + response) the model is used with; the default KV-cache size.
       rope_theta: rotary-embedding base.
+      rope_scaling: () for plain RoPE, or Llama 3.1's frequency scaling as sorted (key, value) pairs:
+        rope_type "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+        (`layers.rope_inv_freq`). A list of pairs (as model.json stores it) is normalised to the tuple.
       norm_eps: RMSNorm epsilon.
       tie_embeddings: the LM head reuses the input embedding (Gemma); otherwise a separate [D, V] kernel.
       param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
@@ -59,6 +62,7 @@ class ModelConfig:
     mlp_dim: int
     max_len: int
     rope_theta: float = 10_000.0
+    rope_scaling: tuple = ()
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     param_dtype: str = "float32"
@@ -72,6 +76,17 @@ class ModelConfig:
     attention_impl: str | None = None
 
     def __post_init__(self):
+        scaling = tuple(
+            sorted((str(k), v) for k, v in (dict(self.rope_scaling) if self.rope_scaling else {}).items())
+        )
+        object.__setattr__(self, "rope_scaling", scaling)
+        if scaling:
+            keys = {k for k, _ in scaling}
+            if dict(scaling).get("rope_type") != "llama3" or keys != set(ROPE_SCALING_KEYS):
+                raise ValueError(
+                    f"ModelConfig.rope_scaling must be () or the llama3 keys {sorted(ROPE_SCALING_KEYS)} "
+                    f"with rope_type 'llama3', got {dict(scaling)}"
+                )
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -100,6 +115,14 @@ class ModelConfig:
             if jnp.dtype(getattr(self, name)) not in (jnp.dtype("float32"), jnp.dtype("bfloat16")):
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be float32 or bfloat16")
 
+
+ROPE_SCALING_KEYS = (
+    "factor",
+    "high_freq_factor",
+    "low_freq_factor",
+    "original_max_position_embeddings",
+    "rope_type",
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU tests. H=8, G=4 (grouped-query) with H*K != D, and every tensor-sharded dimension (V, F, H, G)

@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -41,13 +42,38 @@ class RMSNorm(nn.Module):
         return (x32_BTD * inv_rms_BT1 * scale_11D).astype(self.config.dtype)
 
 
-def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """float32 (sin_BTk, cos_BTk), k = head_dim / 2, of the rotary angles positions * theta^(-2i/K).
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """float32 [K/2] rotary frequencies theta^(-2i/K), with Llama 3.1's scaling when `scaling` is set.
+
+    Llama 3.1 (`rope_type="llama3"`, as `transformers`' `_compute_llama3_parameters`): with wavelength
+    λ_i = 2π / f_i, L = original_max_position_embeddings, low = L / low_freq_factor and
+    high = L / high_freq_factor, a frequency is kept where λ_i < high, divided by `factor` where λ_i > low,
+    and in between interpolated, f_i ((1 - s) / factor + s) with s = (L / λ_i - low_freq_factor) /
+    (high_freq_factor - low_freq_factor). Computed in float64 on the host, then cast.
+    """
+    half = head_dim // 2
+    inv_freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
+    if scaling:
+        c = dict(scaling)
+        factor, low_f, high_f = float(c["factor"]), float(c["low_freq_factor"]), float(c["high_freq_factor"])
+        old_len = float(c["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low_f, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low_f) / (high_f - low_f)
+        medium = (wavelen >= old_len / high_f) & (wavelen <= old_len / low_f)
+        inv_freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(
+    positions_BT: jax.Array, head_dim: int, theta: float, scaling: tuple = ()
+) -> tuple[jax.Array, jax.Array]:
+    """float32 (sin_BTk, cos_BTk), k = head_dim / 2, of the rotary angles positions * f_i
+    (`rope_inv_freq`: theta^(-2i/K), Llama 3.1-scaled when `scaling` is set).
 
     Computed once per forward and shared by every layer.
     """
-    half = head_dim // 2
-    inv_freq_k = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq_k = jnp.asarray(rope_inv_freq(head_dim, theta, scaling))
     angle_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq_k[None, None, :]
     return jnp.sin(angle_BTk), jnp.cos(angle_BTk)
 

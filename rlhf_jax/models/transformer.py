@@ -114,7 +114,9 @@ class Decoder(nn.Module):
         Returns:
           (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
         """
-        rope_BTk = rope_tables(positions_BT, self.config.head_dim, self.config.rope_theta)
+        rope_BTk = rope_tables(
+            positions_BT, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+        )
         if self.config.scan_layers:
             x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv)
         else:

@@ -135,6 +135,21 @@ def read_fingerprint(stage_dir: str) -> dict | None:
         return json.load(f)
 
 
+# ModelConfig fields added after stages were first fingerprinted, with the value that leaves the model as
+# it was: left out of the spec at that value, so those stages are still found and reused.
+_MODEL_FIELDS_SINCE = {"rope_scaling": []}
+
+
+def model_spec(model_config) -> dict:
+    """The fingerprint entry of a `ModelConfig` (fields of `_MODEL_FIELDS_SINCE` at their old value
+    left out)."""
+    spec = _canonical(model_config)
+    for key, old in _MODEL_FIELDS_SINCE.items():
+        if spec.get(key) == old:
+            spec.pop(key)
+    return spec
+
+
 def trainer_spec(cfg, *, kind: str, loss: bool) -> dict:
     """The part of a training stage's `StageConfig` its output depends on.
 
@@ -151,7 +166,7 @@ def trainer_spec(cfg, *, kind: str, loss: bool) -> dict:
     spec = {
         "kind": kind,
         "seed": cfg.seed,
-        "model": _canonical(cfg.model),
+        "model": model_spec(cfg.model),
         "optim": _canonical(cfg.optim),
         "train": train,
         "data": data_spec(cfg.data),
