@@ -61,6 +61,17 @@ def _cli(args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
+def _smoke_from(hf_dir, tmp_path):
+    """`grpo_gsm8k:smoke` from the checkpoint `hf_dir` on tmp_path's train/test files; (workdir, output)."""
+    run = tmp_path / "run"
+    out = _cli([
+        "--experiment=grpo_gsm8k:smoke", f"--workdir={run}", f"--config.data.path={tmp_path / 'train.jsonl'}",
+        f"--config.data.eval_path={tmp_path / 'test.jsonl'}", f"--config.model.init_from_hf={hf_dir}",
+    ])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run, out
+
+
 def test_without_a_data_path_the_error_names_data_path(tmp_path, capsys):
     for variant in ("grpo_gsm8k", "grpo_gsm8k:smoke"):
         assert train.main([f"--experiment={variant}", f"--workdir={tmp_path}"]) == 2
@@ -94,12 +105,7 @@ def test_smoke_from_a_hf_checkpoint_on_gsm8k_files(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(str(hf_dir), safe_serialization=True)
     (hf_dir / "tokenizer.model").write_bytes(tok.model_proto)
 
-    run = tmp_path / "run"
-    out = _cli([
-        "--experiment=grpo_gsm8k:smoke", f"--workdir={run}", f"--config.data.path={tmp_path / 'train.jsonl'}",
-        f"--config.data.eval_path={tmp_path / 'test.jsonl'}", f"--config.model.init_from_hf={hf_dir}",
-    ])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    run, out = _smoke_from(hf_dir, tmp_path)
     assert "Online RL on math: grpo/dapo" in out.stdout
 
     results = json.load(open(run / "results.json"))
@@ -170,12 +176,7 @@ def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(str(hf_dir), safe_serialization=True)
 
-    run = tmp_path / "run"
-    out = _cli([
-        "--experiment=grpo_gsm8k:smoke", f"--workdir={run}", f"--config.data.path={tmp_path / 'train.jsonl'}",
-        f"--config.data.eval_path={tmp_path / 'test.jsonl'}", f"--config.model.init_from_hf={hf_dir}",
-    ])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    run, out = _smoke_from(hf_dir, tmp_path)
     results = json.load(open(run / "results.json"))
     assert 0.0 <= results["accuracy"] <= 1.0 and results["training"]["iterations"] == 2
     for stage in ("sft", "policy"):

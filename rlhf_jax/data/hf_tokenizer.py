@@ -84,7 +84,6 @@ class HFTokenizer:
         self.path = directory
         config = _read_json(os.path.join(directory, TOKENIZER_CONFIG))
         generation = _read_json(os.path.join(directory, GENERATION_CONFIG))
-        self.config = config
         self.special_tokens = {
             key: _token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         }

@@ -44,6 +44,10 @@ RESULT_KEYS = (
     "kl_to_sft",
     "wall_time_s",
 )
+# The numbers of a point of an over-optimisation curve (`eval_curve.jsonl` of the preference and online RL
+# stages with `train.eval_every`).
+CURVE_KEYS = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy", "proxy_reward_policy",
+              "kl_to_sft", "mean_response_length")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

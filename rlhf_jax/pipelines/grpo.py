@@ -492,10 +492,9 @@ def run(
 
 SUMMARY_WINDOW = 5  # iterations averaged by `training_summary`
 CURVE_FILE = "eval_curve.jsonl"
-# The held-out numbers of each curve point (`evaluation.evaluate_against_sft`), and the training
-# iteration's reward parts it also records.
-CURVE_KEYS = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy", "proxy_reward_policy",
-              "kl_to_sft", "mean_response_length")  # fmt: skip
+# The held-out numbers of each curve point (`evaluation.CURVE_KEYS`), and the training iteration's reward
+# parts it also records.
+CURVE_KEYS = evaluation.CURVE_KEYS
 CURVE_TRAIN_KEYS = ("reward/reward_model", "reward/tldr_gold")
 
 
@@ -741,12 +740,14 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
             max_prompt_len=cfg.data.max_prompt_len, batch_size=cfg.train.eval_batch_size,
         )  # fmt: skip
 
+    # The SFT policy, loaded once and only if an evaluation runs (not when both are reused).
+    sft_lm = functools.cache(lambda: workdir_io.load_lm(sft_dir, mesh))
+
     # The curve (non-math tasks with train.eval_every): the same evaluation as the final one.
     curve_spec, evaluate_curve = None, None
     if cfg.train.eval_every and not plan.math:
         curve_spec = {"every": cfg.train.eval_every, **eval_spec}
-        curve_model, sft_params_for_curve = workdir_io.load_lm(sft_dir, mesh)
-        evaluate_curve = functools.partial(evaluate, curve_model, sft_params=sft_params_for_curve)
+        evaluate_curve = lambda params: evaluate(sft_lm()[0], params, sft_lm()[1])  # noqa: E731
     ran.append(
         locate("policy", spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec), done=workdir_io.stage_done)
     )
@@ -761,7 +762,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         ev = workdir_io.read_json(evaluation_path)
     else:
         model, policy_params = workdir_io.load_lm(policy_dir, mesh)
-        ev = evaluate(model, policy_params, workdir_io.load_params(sft_dir, policy_params))
+        ev = evaluate(model, policy_params, sft_lm()[1])
         workdir_io.write_json(evaluation_path, ev)
     keys = math_eval.RESULT_KEYS if plan.math else evaluation.RESULT_KEYS
     curve = read_curve(policy_dir) if curve_spec else []

@@ -145,8 +145,6 @@ def _periodic_evaluation(path: str, *, every: int, last: int, resume_step: int, 
     """A `trainer.fit` hook appending `evaluate(params)`'s curve metrics to `path` (JSONL) every `every`
     steps and at step `last`; records past `resume_step` (from an interrupted run) are dropped first."""
     metrics.keep_records_up_to(path, resume_step)
-    keys = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "gold_reward_policy", "proxy_reward_policy",
-            "kl_to_sft", "mean_response_length")  # fmt: skip
 
     def hook(step, state):
         if step % every and step != last:
@@ -154,7 +152,7 @@ def _periodic_evaluation(path: str, *, every: int, last: int, resume_step: int, 
         ev = evaluate(state.params)
         if workdir_io.is_main():
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **{k: ev.get(k) for k in keys}}) + "\n")
+                f.write(json.dumps({"step": step, **{k: ev.get(k) for k in evaluation.CURVE_KEYS}}) + "\n")
 
     return hook
 
