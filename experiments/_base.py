@@ -32,6 +32,11 @@ def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule=
             max_nonfinite_fraction=0.05,  # with nonfinite="skip": fail once more steps were skipped
             reference="online",
             eval_every=0,
+            # LoRA (`rlhf_jax.lora`): rank > 0 trains adapters on a frozen base (also the reference).
+            lora_rank=0,
+            lora_alpha=16.0,
+            lora_dropout=0.0,
+            lora_targets="q,k,v,o,gate,up,down",
         )
     )
 

@@ -147,6 +147,25 @@ def test_fsdp_state_is_split_over_devices():
     assert 1 / 8 <= row["opt_state_fraction"] < 1 / 8 + 0.01
 
 
+def test_lora_memory_counts_adapters_and_saves_the_reference_copy():
+    """The full-vs-LoRA compile on the tiny preset: LoRA trains the adapters alone (rank r on seven
+    projections of 2 layers), and its arguments lack the full run's reference copy and AdamW moments
+    (bf16 weights: each copy is 2 bytes per parameter, split 8 ways), less the adapters' own state,
+    which at this size is a fifth of the model."""
+    from rlhf_jax import models
+
+    rows = {r["mode"]: r for r in memory.lora_memory(8, 4, preset="tiny", pairs=8, seq_len=32)}
+    full, lora_row = rows["full"], rows["lora r=4"]
+    c = models.preset("tiny")
+    per_layer = 4 * (c.d_model + c.num_heads * c.head_dim) + 2 * 4 * (c.d_model + c.num_kv_heads * c.head_dim)
+    per_layer += 4 * (c.num_heads * c.head_dim + c.d_model) + 3 * 4 * (c.d_model + c.mlp_dim)
+    assert lora_row["trainable_params"] == c.num_layers * per_layer
+    assert full["trainable_params"] == models.param_count(c)
+    copy_gib = 2 * models.param_count(c) / 8 / 2**30
+    assert full["arguments_GiB"] - lora_row["arguments_GiB"] > 1.5 * copy_gib
+    assert lora_row["peak_GiB"] < full["peak_GiB"]
+
+
 GRPO_ARGS = ["--preset=tiny", "--prompts=2", "--group=4", "--new_tokens=8", "--warmup=1", "--iters=1"]
 
 

@@ -2,12 +2,14 @@
 
     python -m rlhf_jax.interop inspect /ckpt/TinyLlama-1.1B
     python -m rlhf_jax.interop export --workdir workdirs/dpo_hh --out /tmp/dpo_hh_hf \
-        [--source /ckpt/TinyLlama-1.1B] [--family llama] [--dtype bfloat16]
+        [--source /ckpt/TinyLlama-1.1B] [--family llama] [--dtype bfloat16] [--peft]
 
 `export` reads WORKDIR/model.json and WORKDIR/params (written when a stage finishes). With `--source`
 (the checkpoint the run started from) its config metadata, tokenizer files and generation config are
 carried over; without it the stage's own `tokenizer.model` is copied and its BOS/EOS/PAD ids are written
-into config.json.
+into config.json. `--peft` exports a LoRA stage's adapters alone in PEFT's format
+(`adapter_model.safetensors`, `adapter_config.json`, for `PeftModel.from_pretrained` on the base
+checkpoint) instead of the merged weights.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def _export(args) -> int:
         raise ValueError(f"{args.workdir} holds a {kind!r} model; only language models (kind 'lm') export")
     config = models.ModelConfig(**saved)
     abstract = models.param_shapes(models.Transformer(config))
+    if args.peft:
+        from rlhf_jax.pipelines import workdir as workdir_io
+
+        adapters, lora = workdir_io.load_adapters(args.workdir, abstract)
+        interop.export_peft(adapters, lora, config, args.out, base_model=args.source or "", dtype=args.dtype)
+        print(f"exported the LoRA adapters of {args.workdir} -> {args.out} (PEFT format)")
+        return 0
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.abspath(os.path.join(args.workdir, "params")), abstract)
     extra, tok = {}, None
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="the HF checkpoint the run started from")
     p.add_argument("--family", default=None, choices=["llama", "qwen2", "gemma"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--peft", action="store_true", help="a LoRA stage's adapters alone, in PEFT's format")
     args = parser.parse_args(argv)
     try:
         return _inspect(args) if args.command == "inspect" else _export(args)

@@ -250,6 +250,35 @@ def _causal_attention_bwd(block, residuals, d_out_BTHK):
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
+def lora_delta(module: nn.Module, kernel: str, x_RI: jax.Array, target: int = 0) -> jax.Array | None:
+    """x_RI A B for the LoRA adapter of `kernel` when the params hold one (`rlhf_jax.lora.attach`), else None.
+
+    A [*in, r] and B (already scaled by α / r) [r, *out] are flattened to [I, r] and [r, O]; with the
+    module's dropout key and rate present (training), x is dropped out per element (inverted scaling)
+    before A, with a key folded from the target index `target`. Computed in the module's compute dtype.
+    """
+    if not module.has_variable("params", kernel + "_lora_a"):
+        return None
+    dtype = module.config.dtype
+    a = module.get_variable("params", kernel + "_lora_a")
+    b = module.get_variable("params", kernel + "_lora_b")
+    r = b.shape[0]
+    x = x_RI
+    if module.has_variable("params", "lora_dropout_key"):
+        key = jax.random.fold_in(
+            jax.random.wrap_key_data(module.get_variable("params", "lora_dropout_key")), target
+        )
+        rate = module.get_variable("params", "lora_dropout_rate").astype(jnp.float32)
+        keep = jax.random.uniform(key, x.shape) >= rate
+        x = jnp.where(keep, x.astype(jnp.float32) / (1.0 - rate), 0.0).astype(x.dtype)
+    h_Rr = jnp.dot(x, a.reshape(-1, r).astype(dtype))
+    return jnp.dot(h_Rr, b.reshape(r, -1).astype(dtype))
+
+
+def _plus(y, delta):
+    return y if delta is None else y + delta
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
@@ -279,9 +308,11 @@ class Attention(nn.Module):
         # operands XLA:CPU transposes activations for the weight gradients.
         B, T, _ = x_BTD.shape
         x_RD = x_BTD.reshape(B * T, D)
-        q_BTHK = jnp.dot(x_RD, w_q.reshape(D, H * K)).reshape(B, T, H, K)
-        k_BTGK = jnp.dot(x_RD, w_k.reshape(D, G * K)).reshape(B, T, G, K)
-        v_BTGK = jnp.dot(x_RD, w_v.reshape(D, G * K)).reshape(B, T, G, K)
+        q_BTHK = _plus(jnp.dot(x_RD, w_q.reshape(D, H * K)), lora_delta(self, "q_kernel", x_RD, 0))
+        k_BTGK = _plus(jnp.dot(x_RD, w_k.reshape(D, G * K)), lora_delta(self, "k_kernel", x_RD, 1))
+        v_BTGK = _plus(jnp.dot(x_RD, w_v.reshape(D, G * K)), lora_delta(self, "v_kernel", x_RD, 2))
+        q_BTHK, k_BTGK = q_BTHK.reshape(B, T, H, K), k_BTGK.reshape(B, T, G, K)
+        v_BTGK = v_BTGK.reshape(B, T, G, K)
         if c.attention_bias:
             zeros = nn.initializers.zeros
             q_BTHK += param("q_bias", ("heads", "head_dim"), (H, K), zeros)[None, None]
@@ -300,7 +331,8 @@ class Attention(nn.Module):
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
             kv = (k_BGSK, v_BGSK)
             out_BTHK = _cached_attention(q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS)
-        out_RD = jnp.dot(out_BTHK.reshape(B * T, H * K), w_o.reshape(H * K, D))
+        out_RI = out_BTHK.reshape(B * T, H * K)
+        out_RD = _plus(jnp.dot(out_RI, w_o.reshape(H * K, D)), lora_delta(self, "o_kernel", out_RI, 3))
         return out_RD.reshape(B, T, D), kv
 
 
@@ -326,8 +358,9 @@ class MLP(nn.Module):
         # weight-gradient matmul, a strided copy (timed in bench/README.md); 2-D, it does not.
         B, T, D = x_BTD.shape
         x_RD = x_BTD.reshape(B * T, D)
-        h_RF = act(jnp.dot(x_RD, w_gate)) * jnp.dot(x_RD, w_up)
-        return jnp.dot(h_RF, w_down).reshape(B, T, D)
+        gate_RF = _plus(jnp.dot(x_RD, w_gate), lora_delta(self, "gate_kernel", x_RD, 4))
+        h_RF = act(gate_RF) * _plus(jnp.dot(x_RD, w_up), lora_delta(self, "up_kernel", x_RD, 5))
+        return _plus(jnp.dot(h_RF, w_down), lora_delta(self, "down_kernel", h_RF, 6)).reshape(B, T, D)
 
 
 class Block(nn.Module):

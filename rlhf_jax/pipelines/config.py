@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.pipelines import fingerprints
 from rlhf_jax.train.optim import OptimConfig
@@ -123,6 +124,11 @@ class TrainConfig:
       max_nonfinite_fraction: with nonfinite="skip", the run fails once more than this fraction of
         `steps` were skipped (default 0.05: a run that drops more than 1 update in 20 is not the
         configured run; 1.0 never fails).
+      lora_rank: > 0 trains LoRA adapters of this rank on a frozen base instead of every weight
+        (`rlhf_jax.lora`; language-model stages: SFT, preference, online RL); the frozen base is then
+        also the reference policy. 0 (the default): full fine-tuning.
+      lora_alpha, lora_dropout, lora_targets: the adapters' α (update scaled by α / rank), input
+        dropout, and projections (any of q, k, v, o, gate, up, down; a tuple or "q,v").
 
     Errors name the field alone; `stage_config` prefixes the config section (`config.sft.log_every`).
     """
@@ -136,8 +142,19 @@ class TrainConfig:
     reference: str = "online"
     eval_every: int = 0
     max_nonfinite_fraction: float = 0.05
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = lora_lib.LoRAConfig.__dataclass_fields__["targets"].default
 
     def __post_init__(self):
+        targets = self.lora_targets
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        object.__setattr__(self, "lora_targets", tuple(targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        self.lora()  # validates alpha, dropout and targets
         checks = (
             ("steps", self.steps >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
@@ -157,6 +174,20 @@ class TrainConfig:
                 f"batch_size={self.batch_size} does not divide into "
                 f"grad_accum_steps={self.grad_accum_steps} micro-batches"
             )
+
+    def lora(self) -> lora_lib.LoRAConfig | None:
+        """The stage's LoRA settings, or None for full fine-tuning (`lora_rank` 0)."""
+        if self.lora_rank == 0:
+            return None
+        try:
+            return lora_lib.LoRAConfig(
+                rank=self.lora_rank,
+                alpha=self.lora_alpha,
+                dropout=self.lora_dropout,
+                targets=self.lora_targets,
+            )
+        except ValueError as e:
+            raise ValueError(f"lora_{str(e).removeprefix('lora ')}") from e
 
     def loop(self, progress: bool = True) -> LoopConfig:
         return LoopConfig(
@@ -326,6 +357,11 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
         name=section.get("optimizer", "adamw"),
     )
     train = in_section(train_section, TrainConfig, **{k: v for k, v in section.items() if k in train_keys})
+    if train_section == "rm" and train.lora_rank:
+        raise ValueError(
+            f"config.rm.lora_rank={train.lora_rank}: LoRA trains the language-model stages (SFT, preference, "
+            "online RL); the reward model trains every weight (set it to 0)"
+        )
     loss_section = dict(config.get("loss", {"name": "dpo"}))
     loss = LossConfig(name=loss_section.pop("name"), hparams=tuple(sorted(loss_section.items())))
     return StageConfig(

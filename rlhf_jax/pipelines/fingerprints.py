@@ -160,6 +160,9 @@ def trainer_spec(cfg, *, kind: str, loss: bool) -> dict:
     """
     train = _canonical(cfg.train)
     train.pop("log_every")  # logging cadence changes metrics.jsonl's rows, not the trained parameters
+    if not cfg.train.lora_rank:  # full fine-tuning: stages fingerprinted before LoRA existed still match
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+            train.pop(key, None)
     if not loss:  # keys only preference stages read
         train.pop("reference")
         train.pop("eval_every")

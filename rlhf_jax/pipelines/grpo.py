@@ -345,7 +345,11 @@ def run(
     model_cfg = models.ModelConfig(**saved)
     model = models.Transformer(model_cfg, mesh=mesh)
     params = training.init_lm_params(model, jax.random.key(cfg.seed), init_from=cfg.init_from)
-    reference = jax.tree.map(lambda x: x.copy(), params) if grpo.beta > 0 else None
+    lora = cfg.train.lora()  # LoRA: the state holds the adapters; `params` stays as the frozen base
+    if lora is not None:
+        reference = params if grpo.beta > 0 else None  # the adapters disabled: no second copy
+    else:
+        reference = jax.tree.map(lambda x: x.copy(), params) if grpo.beta > 0 else None
     training.log_startup(
         f"{name} ({grpo.estimator}/{grpo.aggregation})", mesh, model_cfg, cfg.train.batch_size
     )
@@ -359,9 +363,14 @@ def run(
     train_cfg = dataclasses.replace(cfg.train, steps=total_steps)
     step_fn, state = training.setup(
         cfg.optim, train_cfg, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=lambda batch: np.float32(1.0),
+        weight_fn=lambda batch: np.float32(1.0), lora=lora,
     )  # fmt: skip
+    base = params if lora is not None else None  # full fine-tuning: the state holds the only copy
     del params
+
+    def policy():
+        """The current policy's params (the latest `state`; with LoRA, its adapters on the base)."""
+        return training.policy_params(state.params, base, lora)
 
     # Restore (an iteration's end; the prompts and keys of the next follow from its number).
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
@@ -380,7 +389,7 @@ def run(
         metrics.keep_records_up_to(curve_path, start_step)  # a killed run's later points are redone
 
     def curve_point(step: int, iteration: int, record: dict) -> None:
-        ev = evaluate(state.params)
+        ev = evaluate(policy())
         point = {"step": step, "iteration": iteration, **{k: ev.get(k) for k in CURVE_KEYS}}
         point.update({k: record[k] for k in ("reward_mean", *CURVE_TRAIN_KEYS) if k in record})
         if workdir_io.is_main():
@@ -401,11 +410,11 @@ def run(
         for it in range(first, grpo.iterations):
             # Sample, score, advantages, old (and reference) log-probs.
             t0 = time.perf_counter()
-            groups = sample_groups(model, state.params, tokenizer, task, grpo, iteration=it, seed=cfg.seed,
+            groups = sample_groups(model, policy(), tokenizer, task, grpo, iteration=it, seed=cfg.seed,
                                    max_prompt_len=cfg.data.max_prompt_len)  # fmt: skip
             rows = training_rows(groups, pad_id=tokenizer.pad_id, mask_truncated=grpo.mask_truncated)
             kw = dict(temperature=grpo.temperature, mesh=mesh, batch_size=bs)
-            rows["old_logps"] = rows_logps(model, state.params, rows, **kw)
+            rows["old_logps"] = rows_logps(model, policy(), rows, **kw)
             if reference is not None:
                 rows["reference_logps"] = rows_logps(model, reference, rows, **kw)
             generation_s = time.perf_counter() - t0
@@ -418,7 +427,7 @@ def run(
                 for start in range(0, rows_per_iteration, cfg.train.batch_size):
                     batch = place(minibatch(rows, order[start : start + cfg.train.batch_size]))
                     with jax.transfer_guard("disallow"):
-                        state, m = step_fn(state, batch, None)
+                        state, m = step_fn(state, batch, base)
                     step_metrics.append(m)
             step_metrics = jax.device_get(step_metrics)
             train_s = time.perf_counter() - t0
@@ -482,7 +491,7 @@ def run(
     results = {"stage": name, "iterations": grpo.iterations, "steps": total_steps, **record}
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("reward_mean", "loss", "entropy", "response_length"))
-    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    training.save_policy(workdir, state, base, model_cfg, lora)  # last: marks the stage as done
     return results
 
 

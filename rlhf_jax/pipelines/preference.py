@@ -223,8 +223,16 @@ def run(
     policy = training.init_lm_params(
         model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
     )
+    lora = cfg.train.lora()  # LoRA: the state holds the adapters; `policy` is the frozen base
     if reference_from and os.path.abspath(reference_from) != os.path.abspath(cfg.init_from):
+        if lora is not None:
+            raise ValueError(
+                f"train.lora_rank={lora.rank}: with LoRA the reference policy is the frozen base "
+                f"(init_from={cfg.init_from!r}), but this stage's reference is {reference_from!r}"
+            )
         reference = workdir_io.load_params(reference_from, policy)
+    elif lora is not None:
+        reference = policy  # the adapters disabled: no second copy of the weights
     else:
         reference = jax.tree.map(lambda x: x.copy(), policy)
     objective = functools.partial(
@@ -234,7 +242,7 @@ def run(
     precomputed = cfg.train.reference == "precomputed"
     step_fn, state = training.setup(
         cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=policy, objective=objective,
-        weight_fn=steps.pair_weight,
+        weight_fn=steps.pair_weight, lora=lora,
         reference_shardings=None if precomputed else models.param_shardings(model, mesh),
     )  # fmt: skip
     training.log_startup(f"{name} ({cfg.loss.name})", mesh, model_cfg, cfg.train.batch_size, task.stats)
@@ -245,7 +253,7 @@ def run(
     if precomputed:
         path = os.path.join(workdir, "reference_logps.npz")
         reference_tf = with_logps("reference", *precomputed_logps(path, model, reference, train_data, **kw))
-        step_reference = None
+        step_reference = None if lora is None else policy  # LoRA: the frozen base is still an input
     extra_tf = eval_transform = None
     if extra_inputs is not None:
         extra_tf, eval_transform = extra_inputs.make(
@@ -279,7 +287,8 @@ def run(
         hooks.append(
             _periodic_evaluation(
                 os.path.join(workdir, "eval_curve.jsonl"), every=cfg.train.eval_every, last=cfg.train.steps,
-                resume_step=int(jax.device_get(state.step)), evaluate=lambda p: evaluate_samples(p, proxy),
+                resume_step=int(jax.device_get(state.step)),
+                evaluate=lambda p: evaluate_samples(training.policy_params(p, policy, lora), proxy),
             )
         )  # fmt: skip
 
@@ -291,8 +300,8 @@ def run(
 
     # Evaluate: the loss and implicit-reward metrics on held-out pairs, reference computed online.
     ev = training.evaluate_objective(
-        objective, state.params, reference, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
-        transform=eval_transform,
+        objective, training.policy_params(state.params, policy, lora), reference, eval_data, mesh=mesh,
+        batch_size=cfg.train.eval_batch_size, transform=eval_transform,
     )  # fmt: skip
     results = {
         "stage": name,
@@ -306,10 +315,10 @@ def run(
     }
     if eval_config is not None:
         proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
-        results.update(evaluate_samples(state.params, proxy))
+        results.update(evaluate_samples(training.policy_params(state.params, policy, lora), proxy))
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "reward_accuracy", "reward_margin", "kl_to_reference"))
-    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    training.save_policy(workdir, state, policy, model_cfg, lora)  # last: marks the stage as done
     return results
 
 

@@ -56,10 +56,13 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
         model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
     )
     objective = functools.partial(steps.sft_objective, model=model)
+    lora = cfg.train.lora()  # LoRA: the state holds the adapters, `params` stays the frozen base
     step_fn, state = training.setup(
         cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=steps.sft_weight,
+        weight_fn=steps.sft_weight, lora=lora,
     )  # fmt: skip
+    base = params if lora is not None else None  # full fine-tuning: the state holds the only copy
+    del params
     training.log_startup(name, mesh, model_cfg, cfg.train.batch_size, task.stats)
 
     # Restore.
@@ -68,13 +71,14 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     # Loop.
     state = training.fit(
         workdir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
-        data_iter=data_iter, name=name,
+        data_iter=data_iter, reference_params=base, name=name,
     )  # fmt: skip
 
     # Evaluate.
     ev = training.evaluate_objective(
-        objective, state.params, None, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size
-    )
+        objective, training.policy_params(state.params, base, lora), None, eval_data, mesh=mesh,
+        batch_size=cfg.train.eval_batch_size,
+    )  # fmt: skip
     results = {
         "stage": name,
         "steps": cfg.train.steps,
@@ -85,7 +89,7 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     }
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("loss", "grad_norm"))
-    workdir_io.save_params(workdir, state.params, model_cfg, "lm")  # last: marks the stage as done
+    training.save_policy(workdir, state, base, model_cfg, lora)  # last: marks the stage as done
     return results
 
 

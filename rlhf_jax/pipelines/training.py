@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from rlhf_jax import lora as lora_lib
 from rlhf_jax import models, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
@@ -105,17 +106,31 @@ def setup(
     objective: steps.Objective,
     weight_fn: Callable,
     reference_shardings=None,
+    lora: lora_lib.LoRAConfig | None = None,
 ):
     """The stage's jitted, donating train step and its fresh, sharded train state.
+
+    With `lora`, the state holds only the adapters (`rlhf_jax.lora`, initialised from the seed) and
+    their optimizer state; the step's read-only input is then the frozen base `params` (also the
+    reference policy: pass `reference_params=params` to `fit`), whatever `reference_shardings` says.
 
     Returns:
       (step_fn, state): `step_fn(state, batch, reference_params) -> (state, metrics)`.
     """
     tx = optim.make_optimizer(optim_config, train.steps)
     schedule = optim.make_schedule(optim_config, train.steps)
-    state, state_sh = trainer.init_state(
-        params, tx, seed=seed, mesh=mesh, param_shardings=models.param_shardings(model, mesh)
-    )
+    param_sh = models.param_shardings(model, mesh)
+    if lora is not None:
+        objective = lora_lib.objective(objective, lora)
+        reference_shardings = param_sh
+        param_sh = lora_lib.shardings(models.param_logical_axes(model), lora, mesh, model.rules)
+        rng = jax.random.fold_in(jax.random.key(seed), 0x10A)
+        params = jax.jit(lambda p: lora_lib.init(p, lora, rng), out_shardings=param_sh)(params)
+        if workdir_io.is_main():
+            n, total = lora_lib.trainable_count(params), models.param_count(model.config)
+            what = f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {','.join(lora.targets)}"
+            print(f"{what}: {n:,} trainable parameters ({100 * n / total:.2f}% of {total:,})", flush=True)
+    state, state_sh = trainer.init_state(params, tx, seed=seed, mesh=mesh, param_shardings=param_sh)
     step_fn = trainer.make_train_step(
         objective, weight_fn=weight_fn, tx=tx, schedule=schedule, accum_steps=train.grad_accum_steps,
         mesh=mesh, state_shardings=state_sh, reference_shardings=reference_shardings,
@@ -183,6 +198,23 @@ def fit(
     finally:
         writer.close()
         checkpointer.close()
+
+
+def policy_params(trained, base, lora: lora_lib.LoRAConfig | None):
+    """The trained policy's params for a forward pass: the trained params (`state.params`), or with LoRA
+    the frozen base with those adapters attached (nothing merged or copied)."""
+    return trained if lora is None else lora_lib.attach(base, trained, lora)
+
+
+def save_policy(workdir: str, state, base, model_cfg: models.ModelConfig, lora: lora_lib.LoRAConfig | None):
+    """Writes the stage's final LM params (last: marks the stage as done). With LoRA, the adapters and
+    `lora.json` first (for `python -m rlhf_jax.interop export --peft`), then the merged params, so every
+    later stage, evaluation and plain export reads an ordinary parameter tree."""
+    if lora is None:
+        workdir_io.save_params(workdir, state.params, model_cfg, "lm")
+        return
+    workdir_io.save_adapters(workdir, state.params, lora)
+    workdir_io.save_params(workdir, lora_lib.merge(base, state.params, lora), model_cfg, "lm")
 
 
 # ----------------------------------------------------------------------------------------------------

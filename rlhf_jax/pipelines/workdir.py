@@ -3,7 +3,8 @@
 A training stage's directory holds `fingerprint.json` (`rlhf_jax.pipelines.fingerprints`),
 `tokenizer.model`, `model.json`, `checkpoints/` (Orbax, resumable), `metrics.jsonl`, `tensorboard/`,
 `curves.png`, `results.json` and, once it has finished, `params/` (the final parameters, which
-`init_from` reads and whose presence marks the stage as done). Only process 0 writes.
+`init_from` reads and whose presence marks the stage as done). A LoRA stage also keeps its adapters
+(`adapters/`, `lora.json`; `params/` then holds the merged weights). Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def write_jsonl(path: str, rows) -> None:
     os.replace(path + ".tmp", path)
 
 
+ADAPTERS_DIR, LORA_JSON = "adapters", "lora.json"
+
+
 def params_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "params")
 
@@ -85,6 +89,39 @@ def save_params(workdir: str, params, model: models.ModelConfig, kind: str) -> N
     write_json(os.path.join(workdir, "model.json"), {"kind": kind, **dataclasses.asdict(model)})
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir(workdir), params, force=True)
+
+
+def save_adapters(workdir: str, adapters, lora_config) -> None:
+    """Writes a LoRA stage's adapters (Orbax, WORKDIR/adapters) and `lora.json` (their `LoRAConfig`)."""
+    write_json(os.path.join(workdir, LORA_JSON), dataclasses.asdict(lora_config))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(os.path.abspath(workdir), ADAPTERS_DIR), adapters, force=True)
+
+
+def load_adapters(workdir: str, base, shardings=None):
+    """(adapters, LoRAConfig) of a finished LoRA stage, shaped for the params `base` (arrays or shapes),
+    placed by `shardings` (a tree like the adapters; default: whole on the first device).
+
+    Raises:
+      FileNotFoundError: the stage trained every weight (no lora.json / adapters there).
+    """
+    from rlhf_jax import lora
+
+    path = os.path.join(os.path.abspath(workdir), ADAPTERS_DIR)
+    if not os.path.exists(os.path.join(workdir, LORA_JSON)) or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{workdir}: no LoRA adapters ({LORA_JSON}, {ADAPTERS_DIR}/); was it a LoRA stage?"
+        )
+    config = lora.LoRAConfig(**read_json(os.path.join(workdir, LORA_JSON)))
+    shapes = lora.adapter_shapes(base, config)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, abstract), config
 
 
 def load_model_json(workdir: str) -> dict:

@@ -269,12 +269,19 @@ def _micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(objective: Objective, params, batch, reference_params, *, weight_fn, accum_steps: int = 1):
-    """Mean loss, metric sums and gradients of the full batch, over `accum_steps` micro-batches."""
+def loss_and_grads(
+    objective: Objective, params, batch, reference_params, *, weight_fn, accum_steps: int = 1, rng=None
+):
+    """Mean loss, metric sums and gradients of the full batch, over `accum_steps` micro-batches.
+
+    With `rng` (a key), the objective is called with `rng=` a key folded with the micro-batch index
+    (LoRA dropout, `rlhf_jax.lora.objective`).
+    """
     total_weight = jnp.maximum(weight_fn(batch), 1e-9)
 
-    def scaled(p, micro):
-        loss_sum, sums = objective(p, micro, reference_params)
+    def scaled(p, micro, i=0):
+        kw = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
+        loss_sum, sums = objective(p, micro, reference_params, **kw)
         return loss_sum / total_weight, sums
 
     grad_fn = jax.value_and_grad(scaled, has_aux=True)
@@ -287,7 +294,7 @@ def loss_and_grads(objective: Objective, params, batch, reference_params, *, wei
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(i, carry):
-        (loss, sums), grads = grad_fn(params, take(i))
+        (loss, sums), grads = grad_fn(params, take(i), i)
         return jax.tree.map(jnp.add, carry, ((loss, sums), grads))
 
     (loss, sums), grads = jax.lax.fori_loop(0, accum_steps, body, zeros)
@@ -336,13 +343,20 @@ def train_step(
 ):
     """One optimizer step: gradients of the batch's mean loss, clipped and applied if finite.
 
+    An objective with a true `takes_rng` attribute (LoRA with dropout) gets a key per step and
+    micro-batch, folded from the state's key and step number (so a resumed run draws the same masks).
+
     Returns:
       (new_state, metrics): metrics hold the objective's means plus `grad_norm`, `learning_rate`,
       `finite` (1.0 if this step was applied) and `nonfinite_steps` (running count).
     """
+    rng = None
+    if getattr(objective, "takes_rng", False):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, sums, grads = loss_and_grads(
-        objective, state.params, batch, reference_params, weight_fn=weight_fn, accum_steps=accum_steps
-    )
+        objective, state.params, batch, reference_params, weight_fn=weight_fn, accum_steps=accum_steps,
+        rng=rng,
+    )  # fmt: skip
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = apply_gradients(state, grads, tx, ok=ok)
