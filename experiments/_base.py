@@ -85,6 +85,8 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
             eval_path="",
             format="",
             strict=False,
+            chat_template="auto",
+            chat_template_kwargs="",
             max_len=128,
             max_prompt_len=100,
             vocab_size=1536,

@@ -1,8 +1,9 @@
 """Data layer: record formats and loaders, the sentencepiece tokenizer, grain pipelines, synthetic tasks.
 
 Modules: `formats` (record formats and their canonical text), `math_formats` (GSM8K and MATH-style
-problems), `readers` (JSONL, JSONL.gz, JSON arrays, Parquet, globs), `loading` (`load_preference`,
-`load_sft`, `load_math`), `tokenizer` (`Tokenizer`), `pipeline` (tokenisation to fixed shapes, grain
+problems), `chat_template` and `conversations` (message lists through a checkpoint's chat template),
+`readers` (JSONL, JSONL.gz, JSON arrays, Parquet, globs), `loading` (`load_preference`, `load_sft`,
+`load_math`), `tokenizer` (`Tokenizer`), `pipeline` (tokenisation to fixed shapes, grain
 batches, resumable iterators), `synthetic_tldr` (the embedded default task and its gold reward),
 `synthetic_arith` (the embedded math task). Command lines: `python -m rlhf_jax.data.inspect FILE...`,
 `python -m rlhf_jax.data.tokenizer train ...`, `python -m rlhf_jax.data.synthetic_tldr --out DIR`,

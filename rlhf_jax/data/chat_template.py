@@ -10,13 +10,19 @@ sandboxed Jinja environment with `trim_blocks` and `lstrip_blocks`, the `loopcon
 `strftime_now`. The template sees `messages`, `add_generation_prompt`, the special tokens by name
 (`bos_token`, `eos_token`, ...) and any extra keyword (e.g. `enable_thinking` for Qwen3). A template
 that calls `raise_exception` (Gemma's, for a system turn) raises ValueError with its message.
+
+`ChatTemplate` binds a template to a tokenizer's special tokens and the run's extra variables, for the
+loaders (`conversations.py`): `ChatTemplate.of(tokenizer)` is the tokenizer's own template.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
+from collections.abc import Mapping
+from typing import Any
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,3 +80,40 @@ def render(
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template with what it is rendered with.
+
+    Attributes:
+      source: the Jinja source.
+      special_tokens: (name, token) pairs visible to the template (`bos_token`, `eos_token`, ...).
+      kwargs: (name, value) pairs of extra variables (e.g. ("enable_thinking", False) for Qwen3).
+    """
+
+    source: str
+    special_tokens: tuple[tuple[str, str], ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, tokenizer, *, source: str | None = None, kwargs: Mapping[str, Any] | None = None):
+        """The template of `tokenizer` (`source` overrides its own), with its special tokens; None when
+        there is no template. A sentencepiece tokenizer names no special tokens (its control pieces are
+        not text), so `bos_token` and the like render empty there."""
+        source = source if source is not None else getattr(tokenizer, "chat_template", None)
+        if not source:
+            return None
+        tokens = getattr(tokenizer, "special_tokens", None) or {}
+        return cls(
+            source=source,
+            special_tokens=tuple(sorted((k, v) for k, v in tokens.items() if v is not None)),
+            kwargs=tuple(sorted((kwargs or {}).items())),
+        )
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """`render(self.source, messages, ...)` with the bound tokens and variables."""
+        return render(
+            self.source, messages, add_generation_prompt=add_generation_prompt,
+            special_tokens=dict(self.special_tokens), **dict(self.kwargs),
+        )  # fmt: skip

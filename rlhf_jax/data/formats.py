@@ -4,7 +4,9 @@ Formats (the name is what `detect_format` returns and what `format=` accepts):
 
   preference               {"prompt", "chosen", "rejected"}: strings or chat-message lists
   sft                      {"prompt", "completion"}: strings or chat-message lists
+  messages                 TRL's conversational SFT {"messages": [{"role", "content"}, ...]}
   hh                       Anthropic HH {"chosen", "rejected"}: two full dialogues sharing a prefix
+                           (strings, or message lists: TRL's implicit-prompt preference form)
   openai_comparisons       OpenAI summarize-from-feedback comparisons (raw release and the HF
                            "comparisons" config): info{post,title,subreddit}, summaries[2]{text}, choice
   tldr_sft                 OpenAI TL;DR SFT {"subreddit", "title", "post", "summary"}
@@ -24,10 +26,29 @@ at the end of the prompt move to the start of the response, and a response that 
 ending in a newline starts with exactly one space. The prompt and the response are tokenised separately
 (see `pipeline.py`), so this keeps the boundary clean.
 
-Chat-message lists (`[{"role": ..., "content": ...}]`) render as HH-style text: each message becomes
-"\\n\\nHuman: {content}", "\\n\\nAssistant: {content}" or "\\n\\nSystem: {content}" (roles user/human,
-assistant/gpt/model, system). A message-list prompt gets a final "\\n\\nAssistant:" cue, and a
-message-list response must start with an assistant message, whose cue is dropped (the prompt has it).
+Conversational records (TRL's formats; any container: JSONL, JSON arrays, Parquet):
+
+  {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"},
+                {"role": "assistant", "content": "5."}, ...]}                          SFT, `messages`
+  {"prompt": [...user turn...], "completion": [{"role": "assistant", ...}]}          SFT, `sft`
+  {"prompt": [...], "chosen": [{"role": "assistant", ...}], "rejected": [...]}        `preference`
+  {"chosen": [...whole conversation...], "rejected": [...]}                          `hh` (implicit prompt)
+
+(math prompts, `{"prompt": [...], "answer": ...}`, are `math_formats.py`'s `prompt_answer`). With a chat
+template (the loaders' `template=`, the run's `data.chat_template`) they are rendered by it
+(`conversations.py`): a prompt is the template on its messages with the generation prompt; a response is
+what the template adds for the assistant turn (content and end-of-turn marker); a string response is one
+assistant message; the implicit prompt is the messages both conversations share; an SFT conversation is
+one text whose trainable segments are its assistant turns (of the completion, for `sft`). Records whose
+prompt is a string stay plain text with or without a template.
+
+Without a template, chat-message lists (`[{"role": ..., "content": ...}]`) render as HH-style text:
+each message becomes "\\n\\nHuman: {content}", "\\n\\nAssistant: {content}" or
+"\\n\\nSystem: {content}" (roles user/human, assistant/gpt/model, system). A message-list prompt gets a
+final "\\n\\nAssistant:" cue, and a message-list response must start with an assistant message, whose
+cue is dropped (the prompt has it).
+A `messages` conversation must end with an assistant message, the completion; the turns before it are
+the prompt.
 
 HH split. Chosen and rejected share the dialogue up to the final Assistant turn. The prompt is the
 longest common prefix of the two strings that ends with "\\n\\nAssistant:"; splitting at the *last*
@@ -42,7 +63,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from rlhf_jax.data import conversations as conv
 from rlhf_jax.data import records as rec
+from rlhf_jax.data.chat_template import ChatTemplate
 
 PREFERENCE_FORMATS = (
     "preference",
@@ -51,7 +74,7 @@ PREFERENCE_FORMATS = (
     "tldr_carper_comparisons",
     "tldr_trl_preference",
 )
-SFT_FORMATS = ("sft", "tldr_sft", "tldr_carper_sft")
+SFT_FORMATS = ("sft", "messages", "tldr_sft", "tldr_carper_sft")
 FORMATS = PREFERENCE_FORMATS + SFT_FORMATS
 
 _ASSISTANT = "\n\nAssistant:"
@@ -71,12 +94,7 @@ _TLDR_PROMPT_RE = re.compile(
 )
 
 
-class BadRecordError(Exception):
-    """Raised by a parser for a record to skip: carries the reason (a `records` constant) and field."""
-
-    def __init__(self, reason: str, field: str | None, message: str):
-        super().__init__(message)
-        self.reason, self.field, self.message = reason, field, message
+BadRecordError = rec.BadRecordError  # raised by a parser for a record to skip (reason and field)
 
 
 def kind_of(format_name: str) -> str:
@@ -93,6 +111,8 @@ def detect_format(record: Any) -> str | None:
     if not isinstance(record, Mapping):
         return None
     keys = set(record)
+    if "messages" in keys:
+        return "messages"
     if {"info", "summaries"} <= keys:
         return "openai_comparisons"
     if {"post", "summary"} <= keys:
@@ -167,14 +187,18 @@ def render_messages(messages: list, field: str) -> str:
     return "".join(parts)
 
 
-def parse_preference(record: Mapping, format_name: str) -> rec.PreferenceExample:
-    """Parses one record of a preference format.
+def parse_preference(
+    record: Mapping, format_name: str, template: ChatTemplate | None = None
+) -> rec.PreferenceExample:
+    """Parses one record of a preference format; message lists go through `template` when given.
 
     Raises:
       BadRecordError: the record is to be skipped (reason and field attached).
     """
     if format_name == "openai_comparisons":
         return _parse_openai(record)
+    if template is not None and _conversational(record, format_name):
+        return _templated_pair(record, format_name, template)
     if format_name == "hh":
         chosen, rejected = _dialogue(record, "chosen"), _dialogue(record, "rejected")
         if chosen == rejected:
@@ -193,13 +217,26 @@ def parse_preference(record: Mapping, format_name: str) -> rec.PreferenceExample
     return _check_pair(prompt, chosen, rejected, weight=1.0, meta={})
 
 
-def parse_sft(record: Mapping, format_name: str) -> rec.SFTExample:
-    """Parses one record of an SFT format.
+def parse_sft(record: Mapping, format_name: str, template: ChatTemplate | None = None) -> rec.SFTExample:
+    """Parses one record of an SFT format; message lists go through `template` when given.
 
     Raises:
       BadRecordError: the record is to be skipped (reason and field attached).
     """
-    if format_name == "tldr_sft":
+    segments = ()
+    if template is not None and _conversational(record, format_name):
+        segments = _templated_segments(record, format_name, template)
+        prompt = segments[0][0] if not segments[0][1] else ""
+        completion = "".join(text for text, _ in segments)[len(prompt) :]
+    elif format_name == "messages":
+        messages = conv.check_messages(record.get("messages"), "messages")
+        if messages[-1]["role"] != "assistant":
+            raise BadRecordError(rec.WRONG_TYPE, f"messages[{len(messages) - 1}]",
+                                 "the conversation must end with an assistant message")  # fmt: skip
+        prompt, completion = _join(
+            render_messages(messages[:-1], "messages") + _ASSISTANT, messages[-1]["content"].strip()
+        )
+    elif format_name == "tldr_sft":
         prompt = tldr_prompt(
             _get_str(record, "subreddit"), _get_str(record, "title"), _get_str(record, "post")
         )
@@ -215,7 +252,62 @@ def parse_sft(record: Mapping, format_name: str) -> rec.SFTExample:
         raise BadRecordError(rec.EMPTY_PROMPT, "prompt", "empty prompt")
     if not completion.strip():
         raise BadRecordError(rec.EMPTY_RESPONSE, "completion", "empty completion")
-    return rec.SFTExample(prompt=prompt, completion=completion)
+    return rec.SFTExample(prompt=prompt, completion=completion, segments=segments)
+
+
+def _conversational(record: Mapping, format_name: str) -> bool:
+    """Whether a record is a conversation for the chat template: `messages`, a message-list prompt
+    (`preference`, `sft`), or two message-list dialogues (`hh`, TRL's implicit prompt)."""
+    if format_name == "messages":
+        return True
+    if format_name in ("preference", "sft"):
+        return isinstance(record.get("prompt"), list)
+    if format_name == "hh":
+        return isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list)
+    return False
+
+
+def _turns(record: Mapping, field: str) -> list[dict]:
+    """A response field as messages: a message list, or a string as one assistant message."""
+    value = record.get(field)
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if value is None:
+        raise BadRecordError(rec.MISSING_FIELD, field, "missing")
+    return conv.check_messages(value, field)
+
+
+def _templated_segments(record: Mapping, format_name: str, template: ChatTemplate):
+    if format_name == "messages":
+        messages = conv.check_messages(record.get("messages"), "messages")
+        return conv.sft_segments(template, messages, train_from=0, field="messages")
+    prompt = conv.check_messages(record["prompt"], "prompt")
+    messages = prompt + _turns(record, "completion")
+    return conv.sft_segments(template, messages, train_from=len(prompt), field="completion")
+
+
+def _templated_pair(record: Mapping, format_name: str, template: ChatTemplate) -> rec.PreferenceExample:
+    if format_name == "hh":  # two whole conversations: the messages they share are the prompt
+        chosen, rejected = (
+            conv.check_messages(record["chosen"], "chosen"),
+            conv.check_messages(record["rejected"], "rejected"),
+        )
+        if chosen == rejected:
+            raise BadRecordError(rec.IDENTICAL, "rejected", "chosen and rejected are identical")
+        n = conv.shared_prefix(chosen, rejected)
+        if n == 0:
+            raise BadRecordError(rec.SPLIT_FAILED, "chosen", "the conversations share no prompt")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    else:
+        prompt = conv.check_messages(record["prompt"], "prompt")
+        chosen, rejected = _turns(record, "chosen"), _turns(record, "rejected")
+    text = conv.prompt_text(template, prompt, "prompt")
+    responses = {}
+    for field, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["content"].strip() for m in turns):
+            raise BadRecordError(rec.EMPTY_RESPONSE, field, "empty response")
+        responses[field] = conv.response_text(template, prompt, text, turns, field)
+    return _check_pair(text, responses["chosen"], responses["rejected"], weight=1.0, meta={})
 
 
 def _parse_openai(record: Mapping) -> rec.PreferenceExample:

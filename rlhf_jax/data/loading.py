@@ -4,7 +4,8 @@
 (GSM8K and MATH-style problems with gold answers). Each file's format is detected from the first record
 whose keys identify one, or taken from `format=`. A bad record (malformed line, a line that is not UTF-8,
 a string holding a lone surrogate, missing field, wrong type, empty response, chosen identical to
-rejected, failed HH split, a math solution without a final answer) is skipped and counted by reason in
+rejected, failed HH split, a math solution without a final answer, a conversation the chat template
+rejects) is skipped and counted by reason in
 the file's `FileStats`; with `strict=True` it raises `DataError` naming the file, the 1-based line (row,
 for Parquet and JSON arrays) and the field instead. A file that cannot be read to its end (truncated or
 corrupt gzip, corrupt Parquet, unreadable) raises `DataError` naming it in both modes (see `readers.py`).
@@ -13,10 +14,12 @@ The load's one-line summary is logged at INFO.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from rlhf_jax.data import formats, math_formats, readers
 from rlhf_jax.data import records as rec
+from rlhf_jax.data.chat_template import ChatTemplate
 
 _log = logging.getLogger(__name__)
 # How many leading records may lack recognisable keys before format detection gives up.
@@ -24,7 +27,7 @@ _DETECT_WINDOW = 100
 
 
 def load_file(
-    path: str, *, format: str | None = None, strict: bool = False
+    path: str, *, format: str | None = None, strict: bool = False, template: ChatTemplate | None = None
 ) -> tuple[list[rec.PreferenceExample] | list[rec.SFTExample], rec.FileStats]:
     """Loads one file of either kind.
 
@@ -32,6 +35,8 @@ def load_file(
       path: a JSONL, JSONL.gz, JSON-array or Parquet file.
       format: a name from `formats.FORMATS`, or None to detect it.
       strict: raise on the first bad record instead of skipping it.
+      template: the chat template conversational records are rendered with (`conversations.py`), or
+        None to render them as HH-style text.
 
     Returns:
       The examples (preference or SFT, by the format's kind) and the file's statistics.
@@ -48,7 +53,9 @@ def load_file(
     format_name = format or _detect(path, records)
     kind = formats.kind_of(format_name)
     parse = formats.parse_preference if kind == "preference" else formats.parse_sft
-    return _parse_records(path, records, parse, format_name, kind, strict)
+    return _parse_records(
+        path, records, functools.partial(parse, template=template), format_name, kind, strict
+    )
 
 
 def _parse_records(path: str, records: list, parse, format_name: str, kind: str, strict: bool):
@@ -74,7 +81,11 @@ def _parse_records(path: str, records: list, parse, format_name: str, kind: str,
 
 
 def load_preference(
-    paths: readers.PathsLike, *, format: str | None = None, strict: bool = False
+    paths: readers.PathsLike,
+    *,
+    format: str | None = None,
+    strict: bool = False,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[rec.PreferenceExample], rec.LoadStats]:
     """Loads preference pairs from files of any preference format.
 
@@ -83,6 +94,9 @@ def load_preference(
       format: force one format for every file (a name from `formats.PREFERENCE_FORMATS`), or None to
         detect each file's.
       strict: raise `DataError` on the first bad record instead of skipping and counting it.
+      template: the chat template message-list records are rendered with (`conversations.py`: the
+        prompt with the generation prompt, each response as the assistant turn that follows), or None
+        for HH-style text (`formats.py`).
 
     Returns:
       The pairs, in file order, and the load statistics.
@@ -92,26 +106,38 @@ def load_preference(
         (truncated or corrupt gzip or Parquet, unreadable; in either mode), or (strict) a record is bad.
       FileNotFoundError: a path or glob matches nothing.
     """
-    return _load(paths, "preference", format, strict)
+    return _load(paths, "preference", format, strict, template)
 
 
 def load_sft(
-    paths: readers.PathsLike, *, format: str | None = None, strict: bool = False
+    paths: readers.PathsLike,
+    *,
+    format: str | None = None,
+    strict: bool = False,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[rec.SFTExample], rec.LoadStats]:
-    """Loads SFT examples (prompt, completion); arguments and errors as in `load_preference`."""
-    return _load(paths, "sft", format, strict)
+    """Loads SFT examples (prompt, completion; a templated conversation with its loss segments);
+    arguments and errors as in `load_preference`."""
+    return _load(paths, "sft", format, strict, template)
 
 
 def load_math(
-    paths: readers.PathsLike, *, format: str | None = None, strict: bool = False
+    paths: readers.PathsLike,
+    *,
+    format: str | None = None,
+    strict: bool = False,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[rec.MathExample], rec.LoadStats]:
     """Loads math problems (GSM8K or MATH-style records, see `math_formats.py`) with gold answers.
 
     Args:
       paths: a file, a glob, a comma-separated list, or a list of these (JSONL, JSONL.gz, JSON arrays,
         Parquet).
-      format: "gsm8k" or "math" for every file, or None to detect each file's from its keys.
+      format: "gsm8k", "math" or "prompt_answer" for every file, or None to detect each file's from
+        its keys.
       strict: raise `DataError` on the first bad record instead of skipping and counting it.
+      template: the chat template prompts are rendered with (a question as one user message), or None
+        for the canonical text prompt (`math_formats.py`).
 
     Returns:
       The problems, in file order, and the load statistics (files of kind "math").
@@ -133,22 +159,21 @@ def load_math(
             stats.files.append(rec.FileStats(path=path, format=format or "empty", kind="math"))
             continue
         format_name = format or _detect(path, records, math_formats.detect_format, math_formats.MATH_FORMATS)
-        file_examples, file_stats = _parse_records(
-            path, records, math_formats.parse, format_name, "math", strict
-        )
+        parse = functools.partial(math_formats.parse, template=template)
+        file_examples, file_stats = _parse_records(path, records, parse, format_name, "math", strict)
         examples.extend(file_examples)
         stats.files.append(file_stats)
     _log.info("loaded math data: %s", stats.summary())
     return examples, stats
 
 
-def _load(paths: readers.PathsLike, kind: str, format: str | None, strict: bool):
+def _load(paths: readers.PathsLike, kind: str, format: str | None, strict: bool, template):
     if format is not None and formats.kind_of(format) != kind:
         raise ValueError(f"format {format!r} holds {formats.kind_of(format)} examples, not {kind}")
     stats = rec.LoadStats()
     examples = []
     for path in readers.expand_paths(paths):
-        file_examples, file_stats = load_file(path, format=format, strict=strict)
+        file_examples, file_stats = load_file(path, format=format, strict=strict, template=template)
         if file_stats.kind not in (kind, "empty"):
             raise rec.DataError(
                 path,

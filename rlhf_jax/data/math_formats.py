@@ -7,9 +7,19 @@ Formats (the name is what `detect_format` returns and what `loading.load_math(fo
   math   MATH-style (hendrycks MATH, MATH-500, most "problem/solution" sets): the problem in "problem"
          (else "question"), the worked solution in "solution" (else "answer"), the final answer in the
          solution's last `\boxed{...}` (else in the "answer" field)
+  prompt_answer  an RL prompt with its gold answer {"prompt": text or a chat-message list, "answer"}, and
+         optionally a worked "solution" (else the answer is the demonstration); the gold answer is the
+         number after `####`, else the last `\boxed{}` content, else the stripped answer text
 
-Detection from one record's keys: "problem", or "question" with "solution", is `math`; "question" with
-"answer" is `gsm8k`, unless the answer has a `\boxed{` and no `####` (then `math`).
+Detection from one record's keys: "prompt" with "answer" is `prompt_answer`; "problem", or "question"
+with "solution", is `math`; "question" with "answer" is `gsm8k`, unless the answer has a `\boxed{` and no
+`####` (then `math`).
+
+Chat templates. With a template (`loading.load_math(template=)`, the run's `data.chat_template`) a
+GSM8K or MATH question becomes one user message and a `prompt_answer` message list is taken as is: the
+prompt is the template's rendering with the generation prompt, the solution the assistant turn that
+follows (content and end-of-turn marker, `conversations.py`). A string `prompt` stays as written.
+Without a template a message-list prompt is HH-style text ending "\n\nAssistant:" (`formats.py`).
 
 Canonical text. Every problem renders the one prompt `Question: {question}\nAnswer:` (`prompt`; the
 question stripped), and its solution follows with one leading space (the joining rule of `formats.py`),
@@ -38,10 +48,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from rlhf_jax.data import conversations as conv
 from rlhf_jax.data import formats
 from rlhf_jax.data import records as rec
+from rlhf_jax.data.chat_template import ChatTemplate
 
-MATH_FORMATS = ("gsm8k", "math")
+MATH_FORMATS = ("gsm8k", "math", "prompt_answer")
 
 _ANNOTATION_RE = re.compile(r"<<[^<>]*>>")
 _NUMBER_RE = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
@@ -96,6 +108,8 @@ def detect_format(record: Any) -> str | None:
     if not isinstance(record, Mapping):
         return None
     keys = set(record)
+    if {"prompt", "answer"} <= keys:
+        return "prompt_answer"
     if "problem" in keys and keys & {"solution", "answer"}:
         return "math"
     if {"question", "solution"} <= keys:
@@ -108,12 +122,14 @@ def detect_format(record: Any) -> str | None:
     return None
 
 
-def parse(record: Mapping, format_name: str) -> rec.MathExample:
-    """Parses one record of a math format (module docstring).
+def parse(record: Mapping, format_name: str, template: ChatTemplate | None = None) -> rec.MathExample:
+    """Parses one record of a math format (module docstring), through `template` when given.
 
     Raises:
       BadRecordError: the record is to be skipped (reason and field attached).
     """
+    if format_name == "prompt_answer":
+        return _parse_prompt_answer(record, template)
     if format_name == "gsm8k":
         question = _text(record, "question")
         raw = _text(record, "answer")
@@ -134,8 +150,44 @@ def parse(record: Mapping, format_name: str) -> rec.MathExample:
             raise formats.BadRecordError(rec.NO_FINAL_ANSWER, solution_field, "no \\boxed{} answer")
     else:
         raise ValueError(f"unknown math format {format_name!r}; known: {', '.join(MATH_FORMATS)}")
+    meta = {"question": question.strip()}
+    if template is None:
+        return rec.MathExample(prompt=prompt(question), solution=" " + solution, answer=answer, meta=meta)
+    return _templated(template, [{"role": "user", "content": question.strip()}], solution, answer, meta)
+
+
+def _templated(template: ChatTemplate, messages: list[dict], solution: str, answer: str, meta: dict):
+    """A problem whose prompt is the template's on `messages` and whose solution is the assistant turn."""
+    text = conv.prompt_text(template, messages, "prompt")
+    turn = [{"role": "assistant", "content": solution.strip()}]
     return rec.MathExample(
-        prompt=prompt(question), solution=" " + solution, answer=answer, meta={"question": question.strip()}
+        prompt=text, solution=conv.response_text(template, messages, text, turn, "solution"), answer=answer,
+        meta=meta,
+    )  # fmt: skip
+
+
+def _parse_prompt_answer(record: Mapping, template: ChatTemplate | None) -> rec.MathExample:
+    """`{"prompt": text or messages, "answer": gold, "solution"?}` (module docstring)."""
+    raw = record.get("prompt")
+    answer_text = _text(record, "answer", numbers=True)
+    answer = final_answer(answer_text) if "####" in answer_text else last_boxed(answer_text)
+    answer = answer if answer is not None else answer_text.strip()
+    solution = (
+        _text(record, "solution", numbers=True) if record.get("solution") is not None else answer_text
+    ).strip()
+    if isinstance(raw, list):
+        messages = conv.check_messages(raw, "prompt")
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if not any(m["content"].strip() for m in messages):
+            raise formats.BadRecordError(rec.EMPTY_PROMPT, "prompt", "empty")
+        meta = {"question": question.strip()}
+        if template is not None:
+            return _templated(template, messages, solution, answer, meta)
+        text = formats.render_messages(messages, "prompt") + "\n\nAssistant:"
+        return rec.MathExample(prompt=text, solution=" " + solution, answer=answer, meta=meta)
+    text = _text(record, "prompt")
+    return rec.MathExample(
+        prompt=text, solution=" " + solution, answer=answer, meta={"question": text.strip()}
     )
 
 
@@ -149,7 +201,7 @@ def _text(record: Mapping, key: str, *, numbers: bool = False) -> str:
     if not isinstance(value, str):
         raise formats.BadRecordError(rec.WRONG_TYPE, key, f"expected str, got {type(value).__name__}")
     if not value.strip():
-        reason = rec.EMPTY_PROMPT if key in ("question", "problem") else rec.EMPTY_RESPONSE
+        reason = rec.EMPTY_PROMPT if key in ("question", "problem", "prompt") else rec.EMPTY_RESPONSE
         raise formats.BadRecordError(reason, key, "empty")
     return value
 

@@ -54,7 +54,10 @@ class PackedSFT:
                 seq_len, prompt_len = len(seq), len(prompt)
                 tokens_BT[b, offset : offset + seq_len] = seq
                 targets_BT[b, offset : offset + seq_len - 1] = seq[1:]
-                loss_mask_BT[b, offset + prompt_len - 1 : offset + seq_len - 1] = 1.0
+                masks = self.data.completion_masks
+                loss_mask_BT[b, offset + prompt_len - 1 : offset + seq_len - 1] = (
+                    1.0 if masks is None else masks[j]
+                )
                 segment_ids_BT[b, offset : offset + seq_len] = slot + 1
                 example_ids_BJ[b, slot] = j
                 offset += seq_len

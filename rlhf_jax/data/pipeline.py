@@ -13,6 +13,12 @@ so the logits at position t predict `targets[t]`, and `sum_t loss_mask[t] * log 
 is log pi(response + EOS | prompt). The prompt and the response are encoded separately and their ids
 concatenated, so the boundary never merges pieces across it.
 
+BOS and EOS are not doubled: a prompt whose text begins with the BOS token (a chat template's
+rendering, Llama 3 and Gemma write it) gets no second one, and a response whose ids end with one of the
+tokenizer's EOS ids (a templated response ends with its turn's marker, e.g. Qwen's `<|im_end|>`) gets
+no EOS appended. SFT examples rendered from a conversation (`SFTExample.segments`) are one text whose
+loss mask covers the assistant turns only (`tokenize_sft`).
+
 Truncation policy: the prompt keeps its *last* `max_prompt_len - 1` tokens after BOS (cut from the left,
 keeping the "TL;DR:" or "Assistant:" cue next to the response); the response plus EOS is then cut from
 the right to the `max_len - P` tokens left (a cut response loses its EOS). Each cut is counted per
@@ -181,13 +187,18 @@ class TokenizedPreference:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedSFT:
-    """Tokenised SFT examples: prompt ids (BOS + prompt) and completion ids (+ EOS), truncated."""
+    """Tokenised SFT examples: prompt ids (BOS + prompt) and completion ids (+ EOS), truncated.
+
+    `completion_masks` (float32, one per completion) marks the completion tokens in the loss when some
+    are not (a templated conversation: later user turns, headers); None: every completion token is.
+    """
 
     prompt_ids: list[np.ndarray]
     completion_ids: list[np.ndarray]
     weights: np.ndarray
     pad_id: int
     max_len: int
+    completion_masks: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -198,7 +209,9 @@ class TokenizedSFT:
 
     def batch(self, ids_B: np.ndarray, length: int) -> dict[str, np.ndarray]:
         """Returns the batch of examples `ids_B` (-1: padding row) padded to `length` tokens."""
-        out = _sequences(self.prompt_ids, self.completion_ids, ids_B, length, self.pad_id)
+        out = _sequences(
+            self.prompt_ids, self.completion_ids, ids_B, length, self.pad_id, self.completion_masks
+        )
         out.update(_ids_and_weights(ids_B, self.weights))
         return out
 
@@ -274,6 +287,13 @@ def tokenize_sft(
 ) -> TokenizedSFT:
     """Tokenises SFT examples with the truncation policy of the module docstring.
 
+    An example with `segments` (a conversation rendered by a chat template, `conversations.py`) is
+    encoded as one text, so its ids are the template's (`transformers`' `apply_chat_template(...,
+    tokenize=True)`; with a `tokenizers` tokenizer, the tokens overlapping a trainable segment are in
+    the loss; a sentencepiece one encodes segment by segment), and gets no EOS: the template closes each
+    turn. Its prompt is the ids before the first trainable token, its completion the rest, with a loss
+    mask (`TokenizedSFT.completion_masks`); truncation is the plain examples'.
+
     Args:
       examples: the SFT examples.
       tokenizer: the tokenizer.
@@ -284,11 +304,20 @@ def tokenize_sft(
       The tokenised examples, ready for `batches` (or `packing.pack_sft`).
     """
     stats = stats if stats is not None else rec.LoadStats()
-    prompts = _prompt_ids(tokenizer, [ex.prompt for ex in examples], layout.max_prompt_len, stats)
-    budgets = [layout.max_len - len(p) for p in prompts]
-    completions = _response_ids(tokenizer, [ex.completion for ex in examples], budgets, "completion", stats)
+    plain = [i for i, ex in enumerate(examples) if not ex.segments]
+    prompts, completions, masks = [None] * len(examples), [None] * len(examples), [None] * len(examples)
+    plain_prompts = _prompt_ids(tokenizer, [examples[i].prompt for i in plain], layout.max_prompt_len, stats)
+    budgets = [layout.max_len - len(p) for p in plain_prompts]
+    texts = [examples[i].completion for i in plain]
+    plain_completions = _response_ids(tokenizer, texts, budgets, "completion", stats)
+    for i, prompt, completion in zip(plain, plain_prompts, plain_completions, strict=True):
+        prompts[i], completions[i], masks[i] = prompt, completion, np.ones(len(completion), np.float32)
+    for i, ex in enumerate(examples):
+        if ex.segments:
+            prompts[i], completions[i], masks[i] = _segmented(tokenizer, ex.segments, layout, stats)
+    masks = None if len(plain) == len(examples) else masks
     weights_X = np.ones(len(examples), np.float32)
-    return TokenizedSFT(prompts, completions, weights_X, tokenizer.pad_id, layout.max_len)
+    return TokenizedSFT(prompts, completions, weights_X, tokenizer.pad_id, layout.max_len, masks)
 
 
 def tokenize_prompts(
@@ -473,23 +502,32 @@ def make_global_batch(
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def _fit_prompt(tokenizer: Tokenizer, ids: list[int], max_len: int, text: str) -> tuple[np.ndarray, bool]:
+    """BOS first when the tokenizer has one (a HF tokenizer may not: Qwen), added unless the text begins
+    with it (a chat template's rendering: Llama 3, Gemma), then the prompt's last pieces; and whether it
+    was cut."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if bos and list(ids[:1]) == bos:
+        ids = ids[1:]
+    room = max_len - len(bos)
+    cut = len(ids) > room
+    kept = ids[len(ids) - room :] if cut else ids
+    if not bos and not len(kept):
+        raise ValueError(
+            f"empty prompt {text!r}: the tokenizer has no BOS token, so a prompt needs at least one "
+            "token to predict the response's first token from"
+        )
+    return np.array([*bos, *kept], np.int32), cut
+
+
 def _prompt_ids(
     tokenizer: Tokenizer, texts: list[str], max_len: int, stats: rec.LoadStats
 ) -> list[np.ndarray]:
     unique = list(dict.fromkeys(texts))  # Pairs often share a prompt: encode each distinct one once.
-    cache: dict[str, tuple[np.ndarray, bool]] = {}
-    # BOS first when the tokenizer has one (a HF tokenizer may not: Qwen), then the prompt's last pieces.
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    room = max_len - len(bos)
-    for text, ids in zip(unique, tokenizer.encode_batch(unique), strict=True):
-        cut = len(ids) > room
-        kept = ids[len(ids) - room :] if cut else ids
-        if not bos and not kept:
-            raise ValueError(
-                f"empty prompt {text!r}: the tokenizer has no BOS token, so a prompt needs at least one "
-                "token to predict the response's first token from"
-            )
-        cache[text] = (np.array([*bos, *kept], np.int32), cut)
+    cache = {
+        text: _fit_prompt(tokenizer, ids, max_len, text)
+        for text, ids in zip(unique, tokenizer.encode_batch(unique), strict=True)
+    }
     _count(stats, "prompt", sum(cache[t][1] for t in texts))
     return [cache[t][0] for t in texts]
 
@@ -499,12 +537,46 @@ def _response_ids(
 ) -> list[np.ndarray]:
     out = []
     for ids, budget in zip(tokenizer.encode_batch(texts), budgets, strict=True):
-        ids = [*ids, tokenizer.eos_id]
+        if not (ids and ids[-1] in tokenizer.eos_ids):  # a templated response ends with its turn's marker
+            ids = [*ids, tokenizer.eos_id]
         if len(ids) > budget:
             ids = ids[:budget]
             _count(stats, name, 1)
         out.append(np.array(ids, np.int32))
     return out
+
+
+def segment_ids(tokenizer: Tokenizer, segments) -> tuple[list[int], np.ndarray]:
+    """The ids of the text `segments` ((text, trainable) pieces) join to, and a float32 mask of the
+    tokens in the loss: encoded as one text when the tokenizer gives character offsets (a token is in
+    the loss when it overlaps a trainable piece), else piece by piece."""
+    if not hasattr(tokenizer, "encode_offsets"):
+        pieces = tokenizer.encode_batch([text for text, _ in segments])
+        ids = [i for piece in pieces for i in piece]
+        mask = [float(t) for piece, (_, t) in zip(pieces, segments, strict=True) for _ in piece]
+        return ids, np.array(mask, np.float32)
+    ids, offsets = tokenizer.encode_offsets("".join(text for text, _ in segments))
+    spans_X2 = np.array(offsets, np.int64).reshape(-1, 2)
+    mask_X = np.zeros(len(ids), bool)
+    start = 0
+    for text, trainable in segments:
+        if trainable:
+            mask_X |= (spans_X2[:, 0] < start + len(text)) & (spans_X2[:, 1] > start)
+        start += len(text)
+    return list(ids), mask_X.astype(np.float32)
+
+
+def _segmented(tokenizer: Tokenizer, segments, layout: SequenceLayout, stats: rec.LoadStats):
+    """Prompt ids, completion ids and completion loss mask of a segmented SFT example (`tokenize_sft`)."""
+    ids, mask = segment_ids(tokenizer, segments)
+    first = int(np.argmax(mask)) if mask.any() else len(ids)
+    prompt, cut = _fit_prompt(tokenizer, ids[:first], layout.max_prompt_len, segments[0][0])
+    _count(stats, "prompt", cut)
+    budget = layout.max_len - len(prompt)
+    if len(ids) - first > budget:
+        _count(stats, "completion", 1)
+    end = first + min(budget, len(ids) - first)
+    return prompt, np.array(ids[first:end], np.int32), mask[first:end]
 
 
 def _count(stats: rec.LoadStats, key: str, n: int) -> None:
@@ -514,9 +586,15 @@ def _count(stats: rec.LoadStats, key: str, n: int) -> None:
 
 
 def _sequences(
-    prompt_ids: list[np.ndarray], response_ids: list[np.ndarray], ids_B: np.ndarray, length: int, pad_id: int
+    prompt_ids: list[np.ndarray],
+    response_ids: list[np.ndarray],
+    ids_B: np.ndarray,
+    length: int,
+    pad_id: int,
+    response_masks: list[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Builds tokens/targets/loss_mask/segment_ids and lengths for prompt + response rows."""
+    """Builds tokens/targets/loss_mask/segment_ids and lengths for prompt + response rows (the loss on
+    every response token, or on those of `response_masks`)."""
     B = len(ids_B)
     tokens_BT = np.full((B, length), pad_id, np.int32)
     targets_BT = np.full((B, length), pad_id, np.int32)
@@ -533,7 +611,7 @@ def _sequences(
         tokens_BT[b, :prompt_len] = prompt
         tokens_BT[b, prompt_len:end] = response
         targets_BT[b, : end - 1] = tokens_BT[b, 1:end]
-        loss_mask_BT[b, prompt_len - 1 : end - 1] = 1.0
+        loss_mask_BT[b, prompt_len - 1 : end - 1] = 1.0 if response_masks is None else response_masks[i]
         segment_ids_BT[b, :end] = 1
         prompt_lengths_B[b], lengths_B[b] = prompt_len, response_len
     return {

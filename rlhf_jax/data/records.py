@@ -26,6 +26,7 @@ IDENTICAL = "identical_responses"  # chosen == rejected after cleaning (HH has a
 SPLIT_FAILED = "split_failed"  # an HH pair shares no prefix ending at an Assistant turn
 UNPARSED_PROMPT = "unparsed_prompt"  # a TL;DR prompt without SUBREDDIT/TITLE/POST fields
 NO_FINAL_ANSWER = "no_final_answer"  # a math solution without a `#### N` line or a `\boxed{}` answer
+TEMPLATE_ERROR = "template_error"  # the chat template raised on a conversation, or is not prefix-consistent
 SKIP_REASONS = (
     MALFORMED,
     INVALID_UTF8,
@@ -38,6 +39,7 @@ SKIP_REASONS = (
     SPLIT_FAILED,
     UNPARSED_PROMPT,
     NO_FINAL_ANSWER,
+    TEMPLATE_ERROR,
 )
 
 
@@ -59,11 +61,23 @@ class PreferenceExample:
 
 @dataclasses.dataclass(frozen=True)
 class SFTExample:
-    """One supervised example: the model learns `completion` given `prompt` (same joining convention)."""
+    """One supervised example: the model learns `completion` given `prompt` (same joining convention).
+
+    A conversation rendered by a chat template (`conversations.py`) also carries `segments`: its text
+    as (text, trainable) pieces, `prompt` the pieces before the first trainable one and `completion`
+    the rest (later user turns included). Such an example is tokenised as one text, the template's own
+    ids (no EOS added), with the loss on the trainable pieces only (`pipeline.tokenize_sft`). Without
+    segments the example is the plain pair: prompt untrained, completion + EOS trained.
+    """
 
     prompt: str
     completion: str
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    segments: tuple[tuple[str, bool], ...] = ()
+
+    def __post_init__(self):
+        if self.segments and "".join(t for t, _ in self.segments) != self.prompt + self.completion:
+            raise ValueError("SFTExample: the segments must join to prompt + completion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +85,9 @@ class MathExample:
     """One math problem: `prompt` (the rendered question), a worked `solution` and the gold `answer`.
 
     `solution` follows the joining convention (it starts with the space that joins it to the prompt) and
-    ends with its final answer (a `#### N` line, or a `\\boxed{}`); `answer` is the gold final answer as
+    ends with its final answer (a `#### N` line, or a `\\boxed{}`); after a prompt rendered by a chat
+    template it is the assistant turn instead, closed by the template's end-of-turn marker
+    (`conversations.py`). `answer` is the gold final answer as
     text (a number without commas for GSM8K and the arithmetic task, the boxed LaTeX for MATH). A
     demonstration with a deliberate slip has a solution whose final answer differs from `answer`. `meta`
     carries extras (e.g. the raw `question`, the number of steps); it is not compared or hashed.
@@ -85,6 +101,14 @@ class MathExample:
     def to_sft(self) -> SFTExample:
         """The supervised view: learn `solution` given `prompt`."""
         return SFTExample(prompt=self.prompt, completion=self.solution, meta=self.meta)
+
+
+class BadRecordError(Exception):
+    """Raised by a parser for a record to skip: carries the reason (one of `SKIP_REASONS`) and field."""
+
+    def __init__(self, reason: str, field: str | None, message: str):
+        super().__init__(message)
+        self.reason, self.field, self.message = reason, field, message
 
 
 class DataError(ValueError):

@@ -7,6 +7,7 @@ model is built: unknown loss or hyperparameter, impossible sizes, an unknown mod
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from rlhf_jax import lora as lora_lib
@@ -29,6 +30,15 @@ class DataConfig:
         the pairs' prompts and chosen responses unless `sft_path` is given).
       sft_path, preference_path, eval_path: a file, glob or comma-separated list; empty: synthetic.
       format: force a format for every file ("" = detect from the records' keys).
+      chat_template: how conversational records (message lists: TRL's `messages`, `prompt`/`chosen`/
+        `rejected` and `prompt`/`completion` as message lists, math `prompt` messages) become text:
+        "auto" (the default) renders them with the tokenizer's chat template when it has one (else as
+        "none"), "none" as HH-style "\n\nHuman: ...\n\nAssistant:" text, and a path to a Jinja file
+        with that template instead of the tokenizer's (`rlhf_jax.data.conversations`). With a
+        template, math questions (GSM8K, MATH) become one user message too.
+      chat_template_kwargs: extra variables for the template, e.g. {"enable_thinking": False} for
+        Qwen3, or the same as "enable_thinking=false" (comma-separated key=value; true/false and
+        numbers are parsed); stored as sorted (key, value) pairs.
       strict: raise on the first bad record instead of skipping and counting it.
       max_len, max_prompt_len: tokens per row, and of them at most this many prompt tokens (with BOS).
       vocab_size: vocabulary size when a tokenizer is trained.
@@ -56,6 +66,8 @@ class DataConfig:
     eval_path: str = ""
     format: str = ""
     strict: bool = False
+    chat_template: str = "auto"
+    chat_template_kwargs: Any = ()
     max_len: int = 128
     max_prompt_len: int = 100
     vocab_size: int = 1536
@@ -94,6 +106,12 @@ class DataConfig:
                 "file, glob or comma-separated list; same as data.preference_path), optionally "
                 "--config.data.eval_path=PATH (the test split)"
             )
+        if self.chat_template not in ("auto", "none") and not os.path.isfile(self.chat_template):
+            raise ValueError(
+                f"data.chat_template must be 'auto', 'none' or a Jinja template file, got "
+                f"{self.chat_template!r} (no such file)"
+            )
+        object.__setattr__(self, "chat_template_kwargs", template_kwargs(self.chat_template_kwargs))
         if not 0.0 <= self.flip_rate < 1.0:
             raise ValueError(f"data.flip_rate must be in [0, 1), got {self.flip_rate}")
         for key in ("arith_error_rate", "arith_misread_rate"):
@@ -104,6 +122,39 @@ class DataConfig:
                 f"data.arith_max_steps ({self.arith_max_steps}) and data.num_train ({self.num_train}) "
                 "must be >= 1"
             )
+
+
+def template_kwargs(value) -> tuple[tuple[str, Any], ...]:
+    """`data.chat_template_kwargs` as sorted (key, value) pairs, from a mapping, pairs, or a string
+    "key=value,key=value" (values true/false, integers and floats parsed, else strings)."""
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"data.chat_template_kwargs: expected key=value, got {item!r}")
+            pairs.append((key.strip(), _scalar(text.strip())))
+        value = pairs
+    elif hasattr(value, "items"):
+        value = list(value.items())
+    try:
+        return tuple(sorted((str(k), v) for k, v in value))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"data.chat_template_kwargs: expected a mapping or key=value text, got {value!r}"
+        ) from None
+
+
+def _scalar(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclasses.dataclass(frozen=True)

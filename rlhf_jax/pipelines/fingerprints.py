@@ -108,6 +108,14 @@ def data_spec(data) -> dict:
     if data.task not in ("arith", "math"):  # math-only fields: the other tasks' fingerprints predate them
         for key in ("num_train", "arith_max_steps", "arith_error_rate", "arith_misread_rate"):
             spec.pop(key, None)
+    # Chat-template keys at their defaults leave the spec as it was before they existed; a template file
+    # enters by content ("auto" uses the tokenizer's, which enters through the tokenizer's source).
+    if data.chat_template == "auto":
+        spec.pop("chat_template", None)
+    elif data.chat_template != "none":
+        spec["chat_template"] = file_digest(data.chat_template)
+    if not data.chat_template_kwargs:
+        spec.pop("chat_template_kwargs", None)
     for key in ("sft_path", "preference_path", "eval_path"):
         spec[key] = files_digest(getattr(data, key))
     tok = data.tokenizer

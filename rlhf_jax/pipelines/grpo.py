@@ -714,8 +714,8 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         )
         rm_dir = ran[-1].dir
     cfg = dataclasses.replace(plan.main, init_from=plan.main.init_from or sft_dir)
-    task = tasks.load_task(cfg.data, cfg.seed)
     tokenizer = load_tokenizer(sft_dir)
+    task = tasks.load_task(cfg.data, cfg.seed, tokenizer=tokenizer)
     if plan.math and not task.problems:
         raise ValueError(f"data.task={cfg.data.task!r} has no problems: give GSM8K or MATH-style files")
     mesh = sharding.make_mesh(cfg.mesh)

@@ -144,7 +144,7 @@ def _draw_and_label(t: int, *, cfg: StageConfig, inpo: INPOConfig, rm_kind: str,
     """Samples K responses per prompt from π_t (`prev_dir`) and labels them with the oracle; writes
     `cand_path` (npz) and returns its arrays."""
     mesh = sharding.make_mesh(cfg.mesh)
-    task = tasks.load_task(cfg.data, cfg.seed)
+    task = tasks.load_task(cfg.data, cfg.seed, tokenizer=tokenizer)
     prompts, pb = tasks.training_prompts(
         task, tokenizer, num_prompts=inpo.num_prompts, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
         salt=100 + t,

@@ -193,7 +193,7 @@ def run(
     mesh = sharding.make_mesh(cfg.mesh)
 
     # Data.
-    task = tasks.load_task(cfg.data, cfg.seed)
+    task = tasks.load_task(cfg.data, cfg.seed, init_from=cfg.init_from, init_from_hf=cfg.init_from_hf)
     tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     lay = tasks.layout(cfg.data)

@@ -116,7 +116,7 @@ def sample_candidates(
     share of its inputs with a response cut); returns them.
     """
     mesh = sharding.make_mesh(cfg.mesh)
-    task = tasks.load_task(cfg.data, cfg.seed)
+    task = tasks.load_task(cfg.data, cfg.seed, init_from=sft_dir, init_from_hf=cfg.init_from_hf)
     tokenizer = tasks.tokenizer_for(cfg.data, task, os.path.dirname(out_path), sft_dir, cfg.init_from_hf)
     prompts, pb = tasks.training_prompts(
         task, tokenizer, num_prompts=rso.num_prompts, max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed

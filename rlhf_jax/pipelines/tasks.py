@@ -1,8 +1,11 @@
 """The task a run trains on: its examples (the user's files or the synthetic TL;DR task), tokenizer,
 sequence layout, and the training prompts the online stages sample for.
 
-    task = tasks.load_task(data_config, seed)
+    task = tasks.load_task(data_config, seed, init_from=init_from, init_from_hf=init_from_hf)
     tokenizer = tasks.tokenizer_for(data_config, task, workdir, init_from, init_from_hf)
+
+Conversational records are rendered with the chat template of the tokenizer the run uses
+(`data.chat_template`, `chat_template`), so `load_task` is told where that tokenizer comes from.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_tldr
 from rlhf_jax.data import records as rec
+from rlhf_jax.data.chat_template import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import TOKENIZER_JSON
 from rlhf_jax.data.tokenizer import SPM_FILE, get_or_train_tokenizer, load_tokenizer
 from rlhf_jax.pipelines import workdir as workdir_io
@@ -44,8 +48,14 @@ def _flip(pairs: list[rec.PreferenceExample], rate: float, seed: int) -> list[re
     ]
 
 
-def load_task(data: DataConfig, seed: int) -> TaskData:
+def load_task(
+    data: DataConfig, seed: int, *, tokenizer=None, init_from: str = "", init_from_hf: str = ""
+) -> TaskData:
     """Loads the run's examples: the user's files, or the synthetic TL;DR task when none are given.
+
+    Conversational records of the user's files are rendered with `chat_template(data, tokenizer)`:
+    `tokenizer` is the run's, or else the one `tokenizer_for` loads from (data.tokenizer, `init_from`,
+    `init_from_hf`).
 
     With files: SFT examples come from `sft_path`, or else from the prompt and chosen response of the
     preference pairs; evaluation pairs from `eval_path`, or else a seeded `eval_fraction` of the
@@ -57,8 +67,15 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     Raises:
       ValueError: for an HH experiment without a data path (naming the key to set).
     """
-    if data.task in ("arith", "math"):
-        return _load_math_task(data, seed)
+    if data.task == "arith":
+        return _load_math_task(data, seed, None)
+    files = bool(data.sft_path or data.preference_path or data.eval_path)
+    if files and tokenizer is None and data.chat_template != "none":
+        source = tokenizer_source(data, init_from, init_from_hf)
+        tokenizer = _load_tokenizer(source, data) if source else None
+    template = chat_template(data, tokenizer) if files else None
+    if data.task == "math":
+        return _load_math_task(data, seed, template)
     fmt = data.format or None
     if not (data.sft_path or data.preference_path):
         if data.task == "hh":
@@ -100,10 +117,14 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     stats = {}
     preference, eval_preference = [], []
     if data.preference_path:
-        preference, s = loading.load_preference(data.preference_path, format=fmt, strict=data.strict)
+        preference, s = loading.load_preference(
+            data.preference_path, format=fmt, strict=data.strict, template=template
+        )
         stats["preference"] = s.summary()
     if data.eval_path:
-        eval_preference, s = loading.load_preference(data.eval_path, format=fmt, strict=data.strict)
+        eval_preference, s = loading.load_preference(
+            data.eval_path, format=fmt, strict=data.strict, template=template
+        )
         stats["eval"] = s.summary()
         if data.vary_with_seed:
             order = np.random.default_rng([seed, 13]).permutation(len(eval_preference))
@@ -114,7 +135,7 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
         eval_preference = [preference[i] for i in order[:held]]
         preference = [preference[i] for i in order[held:]]
     if data.sft_path:
-        sft, s = loading.load_sft(data.sft_path, format=fmt, strict=data.strict)
+        sft, s = loading.load_sft(data.sft_path, format=fmt, strict=data.strict, template=template)
         stats["sft"] = s.summary()
     else:
         sft = [rec.SFTExample(p.prompt, p.chosen) for p in preference]
@@ -131,7 +152,7 @@ def load_task(data: DataConfig, seed: int) -> TaskData:
     )
 
 
-def _load_math_task(data: DataConfig, seed: int) -> TaskData:
+def _load_math_task(data: DataConfig, seed: int, template: ChatTemplate | None) -> TaskData:
     """A math task: the synthetic `arith` problems, or GSM8K / MATH-style files (`data.path`, with
     `eval_path` or a seeded `eval_fraction` held out); SFT demonstrations are the training problems'
     solutions unless `sft_path` (problem files too) is given."""
@@ -153,10 +174,14 @@ def _load_math_task(data: DataConfig, seed: int) -> TaskData:
         }
     else:
         fmt = data.format or None
-        problems, s = loading.load_math(data.preference_path, format=fmt, strict=data.strict)
+        problems, s = loading.load_math(
+            data.preference_path, format=fmt, strict=data.strict, template=template
+        )
         stats = {"problems": s.summary()}
         if data.eval_path:
-            eval_problems, s = loading.load_math(data.eval_path, format=fmt, strict=data.strict)
+            eval_problems, s = loading.load_math(
+                data.eval_path, format=fmt, strict=data.strict, template=template
+            )
             stats["eval"] = s.summary()
         else:
             order = np.random.default_rng([seed, 3]).permutation(len(problems))
@@ -165,7 +190,7 @@ def _load_math_task(data: DataConfig, seed: int) -> TaskData:
             problems = [problems[i] for i in order[held:]]
         sft = problems
         if data.sft_path:
-            sft, s = loading.load_math(data.sft_path, format=fmt, strict=data.strict)
+            sft, s = loading.load_math(data.sft_path, format=fmt, strict=data.strict, template=template)
             stats["sft"] = s.summary()
         if not problems:
             raise ValueError(f"no usable problems in {data.preference_path!r}; see the skipped counts above")
@@ -188,23 +213,46 @@ def corpus(task: TaskData) -> list[str]:
     return texts + [t for ex in task.preference for t in (ex.prompt, ex.chosen, ex.rejected)]
 
 
-def tokenizer_for(data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""):
-    """The tokenizer: data.tokenizer (a sentencepiece `.model`, a `tokenizer.json`, or a directory with
-    either), else init_from's, else the HF checkpoint's (its `tokenizer.model`, else its
-    `tokenizer.json`), else one trained on the task's text; a copy is kept in the workdir
-    (`load_tokenizer(workdir)` loads it)."""
+def tokenizer_source(data: DataConfig, init_from: str = "", init_from_hf: str = "") -> str:
+    """Where the run's tokenizer is loaded from (`tokenizer_for`), or "" when it is trained."""
     source = data.tokenizer
     if not source and init_from and os.path.isdir(init_from):
         has = lambda d: any(os.path.exists(os.path.join(d, f)) for f in (SPM_FILE, TOKENIZER_JSON))  # noqa: E731
         source = init_from if has(init_from) else ""
     if not source and init_from_hf:
         source = init_from_hf
+    return source
+
+
+def _load_tokenizer(source: str, data: DataConfig):
+    try:
+        return load_tokenizer(source)
+    except FileNotFoundError as e:
+        key = "data.tokenizer" if data.tokenizer else "model.init_from_hf"
+        raise FileNotFoundError(f"{key}: {e}") from e
+
+
+def chat_template(data: DataConfig, tokenizer) -> ChatTemplate | None:
+    """The template conversational records are rendered with (`data.chat_template`): None for "none";
+    the Jinja file's for a path; for "auto" the tokenizer's own (None when it has none, or when there is
+    no tokenizer yet, i.e. one will be trained). `data.chat_template_kwargs` are bound to it."""
+    if data.chat_template == "none":
+        return None
+    source = None
+    if data.chat_template != "auto":
+        with open(data.chat_template, encoding="utf-8") as f:
+            source = f.read()
+    return ChatTemplate.of(tokenizer, source=source, kwargs=dict(data.chat_template_kwargs))
+
+
+def tokenizer_for(data: DataConfig, task: TaskData, workdir: str, init_from: str, init_from_hf: str = ""):
+    """The tokenizer: data.tokenizer (a sentencepiece `.model`, a `tokenizer.json`, or a directory with
+    either), else init_from's, else the HF checkpoint's (its `tokenizer.model`, else its
+    `tokenizer.json`), else one trained on the task's text; a copy is kept in the workdir
+    (`load_tokenizer(workdir)` loads it)."""
+    source = tokenizer_source(data, init_from, init_from_hf)
     if source:
-        try:
-            tokenizer = load_tokenizer(source)
-        except FileNotFoundError as e:
-            key = "data.tokenizer" if data.tokenizer else "model.init_from_hf"
-            raise FileNotFoundError(f"{key}: {e}") from e
+        tokenizer = _load_tokenizer(source, data)
     else:
         tokenizer = get_or_train_tokenizer("", corpus(task), data.vocab_size, workdir)
     if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for users
