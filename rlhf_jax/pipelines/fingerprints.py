@@ -108,11 +108,14 @@ def data_spec(data) -> dict:
     if data.task not in ("arith", "math"):  # math-only fields: the other tasks' fingerprints predate them
         for key in ("num_train", "arith_max_steps", "arith_error_rate", "arith_misread_rate"):
             spec.pop(key, None)
-    # Chat-template keys at their defaults leave the spec as it was before they existed; a template file
-    # enters by content ("auto" uses the tokenizer's, which enters through the tokenizer's source).
-    if data.chat_template == "auto":
+    # A template file enters by content; "auto" uses the tokenizer's template, which enters through the
+    # tokenizer's source. "auto" is kept in the spec of runs on the user's files, whose conversational
+    # records were rendered HH-style before templates were applied (so such a stage is recomputed, never
+    # reused with the old rendering); the synthetic tasks' fingerprints are unchanged.
+    files = data.sft_path or data.preference_path or data.eval_path
+    if data.chat_template == "auto" and not files:
         spec.pop("chat_template", None)
-    elif data.chat_template != "none":
+    elif data.chat_template not in ("auto", "none"):
         spec["chat_template"] = file_digest(data.chat_template)
     if not data.chat_template_kwargs:
         spec.pop("chat_template_kwargs", None)
