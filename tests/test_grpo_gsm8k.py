@@ -146,20 +146,24 @@ def test_smoke_from_a_hf_checkpoint_on_gsm8k_files(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
-    """A Qwen2-style checkpoint that ships only `tokenizer.json` (byte-level BPE, no BOS token, EOS
-    `<|im_end|>`, as Qwen2.5): `grpo_gsm8k:smoke` trains SFT → GRPO with that tokenizer (every stage keeps
-    it), prompts start without a BOS, samples stop at `<|im_end|>`, and the result exports with the
-    tokenizer beside it, which `transformers` loads back with the same ids."""
+    """A Qwen2.5-style checkpoint that ships only `tokenizer.json` (byte-level BPE, no BOS token, EOS
+    `<|im_end|>`) and a chat template: `grpo_gsm8k:smoke` trains SFT → GRPO with that tokenizer (every
+    stage keeps it), each question is rendered as a user turn of the template (default system prompt,
+    generation header) with no BOS, samples stop at `<|im_end|>`, and the result exports with the
+    tokenizer beside it, which `transformers` loads back with the same ids and the same chat prompt."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     from rlhf_jax.data import tokenizer as tokenizer_lib
-    from tests.test_hf_tokenizer import build_tokenizer
+    from rlhf_jax.pipelines import config as config_lib
+    from rlhf_jax.pipelines import tasks
+    from tests.test_hf_tokenizer import QWEN_TEMPLATE, build_tokenizer
 
     train_rows = _write_gsm8k(tmp_path / "train.jsonl", 24, seed=0)
     _write_gsm8k(tmp_path / "test.jsonl", 8, seed=1)
     hf_dir = tmp_path / "hf"
     texts = [t for r in train_rows for t in (math_formats.prompt(r["question"]), r["answer"])]
-    qwen = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    qwen = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "chat_template": QWEN_TEMPLATE}  # fmt: skip
     build_tokenizer(
         hf_dir,
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -175,6 +179,17 @@ def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(str(hf_dir), safe_serialization=True)
+
+    # The prompts the run samples from: the template's rendering of the question as a user turn.
+    config = train.resolve_config("grpo_gsm8k:smoke", [f"--config.data.path={tmp_path / 'train.jsonl'}",
+                                                       f"--config.model.init_from_hf={hf_dir}"])  # fmt: skip
+    task = tasks.load_task(config_lib.stage_config(config).data, 0, tokenizer=tok)
+    first = task.problems[0]
+    question = next(r["question"] for r in train_rows if r["question"].strip() in first.prompt)
+    messages = [{"role": "user", "content": question}]
+    auto = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    assert first.prompt == auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert first.prompt.startswith("<|im_start|>system\nYou are Qwen")
 
     run, out = _smoke_from(hf_dir, tmp_path)
     results = json.load(open(run / "results.json"))
@@ -195,3 +210,4 @@ def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
     question = math_formats.prompt(train_rows[0]["question"])
     assert theirs(question, add_special_tokens=False)["input_ids"] == tok.encode(question)
     assert json.load(open(exported / "config.json"))["eos_token_id"] == tok.eos_id
+    assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == first.prompt
