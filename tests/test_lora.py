@@ -371,3 +371,36 @@ def test_sft_then_lora_dpo_through_the_cli_then_peft_export(tmp_path):
     assert json.load(open(os.path.join(peft_dir, "adapter_config.json")))["target_modules"] == [
         "down_proj", "q_proj", "v_proj"
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_reads_its_kl_reference_from_the_base(tmp_path):
+    """`grpo_arith:smoke` with LoRA and β > 0: the KL term is against the frozen base (the SFT policy, no
+    second copy), the update moves the policy (KL > 0 after the first iteration), and only the adapted
+    kernels of the saved policy differ from the SFT policy's."""
+    import subprocess
+    import sys
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "launch.train", "--experiment=grpo_arith:smoke", f"--workdir={workdir}",
+           "--config.train.lora_rank=4", "--config.train.lora_targets=q,o,up", "--config.grpo.beta=0.5",
+           "--config.grpo.iterations=3", "--config.train.learning_rate=3e-2",
+           "--config.progress=false"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    policy_dir, sft_dir = stage_dir(workdir, "policy"), stage_dir(workdir, "sft")
+    records = [json.loads(line) for line in open(os.path.join(policy_dir, "metrics.jsonl"))]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first samples come from the base itself
+    assert records[-1]["kl"] > 0.0
+    _, merged = workdir_io.load_lm(policy_dir, None)
+    _, sft_params = workdir_io.load_lm(sft_dir, None)
+    for name, module in (
+        ("q_kernel", "attn"),
+        ("o_kernel", "attn"),
+        ("up_kernel", "mlp"),
+        ("k_kernel", "attn"),
+    ):
+        moved = not np.array_equal(
+            merged["decoder"]["layers"][module][name], sft_params["decoder"]["layers"][module][name]
+        )
+        assert moved == (name != "k_kernel"), name
