@@ -34,6 +34,7 @@ _TEST = [
     "torch==2.13.0",
     "transformers>=4.57",
     "trl>=1.16",  # test_bench times TRL's DPOTrainer step (`bench.train_step --compare=trl`).
+    "peft>=0.17",  # LoRA export (`interop export --peft`) is reloaded with peft in the tests.
     # The Colab notebook runs headless in the slow tier.
     "nbclient>=0.10",
     "nbformat>=5.10",
