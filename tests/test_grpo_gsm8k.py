@@ -150,7 +150,8 @@ def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
     `<|im_end|>`) and a chat template: `grpo_gsm8k:smoke` trains SFT → GRPO with that tokenizer (every
     stage keeps it), each question is rendered as a user turn of the template (default system prompt,
     generation header) with no BOS, samples stop at `<|im_end|>`, and the result exports with the
-    tokenizer beside it, which `transformers` loads back with the same ids and the same chat prompt."""
+    tokenizer beside it, which `transformers` loads back with the same ids, the same chat prompt and
+    the trained policy's logits."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     from rlhf_jax.data import tokenizer as tokenizer_lib
@@ -211,3 +212,17 @@ def test_smoke_from_a_qwen2_checkpoint_with_only_tokenizer_json(tmp_path):
     assert theirs(question, add_special_tokens=False)["input_ids"] == tok.encode(question)
     assert json.load(open(exported / "config.json"))["eos_token_id"] == tok.eos_id
     assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == first.prompt
+
+    # The exported weights are the trained policy's: transformers' logits on a templated prompt equal ours.
+    ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    tokens_BT = np.asarray([list(ids["input_ids"] if hasattr(ids, "keys") else ids)], np.int32)
+    model, params = workdir_io.load_lm(stage_dir(run, "policy"), None)
+    ours = np.asarray(model.apply({"params": params}, tokens_BT))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    with torch.no_grad():
+        hf_logits = hf_model(torch.from_numpy(tokens_BT.astype(np.int64))).logits.float().numpy()
+    np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=0)
+    start = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        start_logits = start(torch.from_numpy(tokens_BT.astype(np.int64))).logits.float().numpy()
+    assert np.abs(start_logits - ours).max() > 1e-3  # SFT and GRPO moved the policy from the checkpoint
