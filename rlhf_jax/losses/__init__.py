@@ -14,7 +14,9 @@ log-probs come from `sequence_logps_from_hidden` (what the trainer uses: the LM 
 the loss-masked rows computed), `sequence_logps` or `token_logps`.
 
 The policy-gradient family (`group_advantages`, `policy_gradient_loss`, `policy_gradient_metrics`)
-works on per-token log-probs [B, T] of sampled groups instead; it is not in the pairwise registry.
+works on per-token log-probs [B, T] of sampled groups instead, and PPO with a critic (`gae`,
+`value_loss`, `kl_penalized_rewards`, `whiten`, `adaptive_kl_coef`) on per-token rewards and values;
+neither is in the pairwise registry.
 """
 
 # The registry of pairwise losses by name, as a namespace: `losses.registry.make("dpo", beta=0.1)`.
@@ -41,6 +43,16 @@ from rlhf_jax.losses._pairwise import (
 
 # Policy-gradient losses and advantages (GRPO, Dr. GRPO, DAPO, RLOO, GSPO): online RL on sampled groups.
 from rlhf_jax.losses._policy_gradient import group_advantages, policy_gradient_loss, policy_gradient_metrics
+
+# PPO with a critic: per-token KL-penalised rewards, GAE, the clipped value loss, whitening, adaptive KL.
+from rlhf_jax.losses._ppo import (
+    adaptive_kl_coef,
+    gae,
+    kl_penalized_rewards,
+    last_token_mask,
+    value_loss,
+    whiten,
+)
 
 # Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
@@ -104,6 +116,13 @@ __all__ = [
     "group_advantages",
     "policy_gradient_loss",
     "policy_gradient_metrics",
+    # PPO with a critic
+    "adaptive_kl_coef",
+    "gae",
+    "kl_penalized_rewards",
+    "last_token_mask",
+    "value_loss",
+    "whiten",
     # reward-model losses and metrics
     "bradley_terry",
     "preference_metrics",

@@ -131,17 +131,27 @@ def _k3(logps_BT, reference_logps_BT, mask_BT) -> Array:
     return jnp.exp(diff_BT) - diff_BT - 1.0
 
 
-def _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT) -> None:
-    """Raises ValueError with the shapes unless the [B, T] inputs agree and advantages are [B]."""
+def _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT, advantages_BT=None):
+    """Raises ValueError with the shapes unless the [B, T] inputs agree and exactly one of advantages_B
+    ([B]) and advantages_BT ([B, T]) is given."""
     shape = jnp.shape(logps_BT)
-    named = {"old_logps_BT": old_logps_BT, "mask_BT": mask_BT, "reference_logps_BT": reference_logps_BT}
+    named = {"old_logps_BT": old_logps_BT, "mask_BT": mask_BT, "reference_logps_BT": reference_logps_BT,
+             "advantages_BT": advantages_BT}  # fmt: skip
     if len(shape) != 2:
         raise ValueError(f"logps_BT must be [B, T], got shape {shape}")
     for name, x in named.items():
         if x is not None and jnp.shape(x) != shape:
             raise ValueError(f"{name} must have the shape of logps_BT {shape}, got {jnp.shape(x)}")
-    if jnp.shape(advantages_B) != shape[:1]:
+    if (advantages_B is None) == (advantages_BT is None):
+        raise ValueError("pass exactly one of advantages_B (per sequence) and advantages_BT (per token)")
+    if advantages_B is not None and jnp.shape(advantages_B) != shape[:1]:
         raise ValueError(f"advantages_B must be [B] = {shape[:1]}, got shape {jnp.shape(advantages_B)}")
+
+
+def _advantages(advantages_B, advantages_BT) -> Array:
+    """Advantages broadcastable against [B, T], float32, constant: [B, 1] per sequence or [B, T]."""
+    adv = f32(advantages_B)[:, None] if advantages_BT is None else f32(advantages_BT)
+    return jax.lax.stop_gradient(adv)
 
 
 def _clip_bounds(epsilon_low, epsilon_high) -> tuple[float, float]:
@@ -156,9 +166,10 @@ def policy_gradient_loss(
     *,
     logps_BT,
     old_logps_BT,
-    advantages_B,
+    advantages_B=None,
     mask_BT,
     reference_logps_BT=None,
+    advantages_BT=None,
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
@@ -170,7 +181,8 @@ def policy_gradient_loss(
 ) -> Array:
     """Clipped-surrogate policy-gradient loss of the GRPO family, with an optional k3 KL penalty.
 
-    Per token t of sequence b (A = advantages_B[b], masked tokens only):
+    Per token t of sequence b (A = advantages_B[b], or advantages_BT[b, t] for PPO with a critic;
+    masked tokens only):
 
       w     = logp - old_logp                                    (importance_level="token")
             = Σ_t m_t (logp - old_logp) / Σ_t m_t, for every t   (importance_level="sequence", GSPO)
@@ -221,6 +233,8 @@ def policy_gradient_loss(
       advantages_B: one advantage per sequence, [B] (e.g. ``group_advantages(...).reshape(-1)``).
       mask_BT: 1 on loss tokens, 0 elsewhere (bool, int or float), [B, T].
       reference_logps_BT: log-probs under the frozen reference policy, [B, T]; needed when beta > 0.
+      advantages_BT: instead of advantages_B, one advantage per token, [B, T] (PPO with a critic:
+        `losses.gae`); exactly one of the two is given. Constant either way.
       beta: β >= 0, the weight of the k3 KL penalty (default 0: no penalty, no reference needed).
       epsilon_low: ε_low in [0, 1), the lower clip 1 - ε_low (default 0.2).
       epsilon_high: ε_high >= 0, the upper clip 1 + ε_high (default: ε_low).
@@ -256,15 +270,15 @@ def policy_gradient_loss(
     use_kl = isinstance(beta, jax.core.Tracer) or float(beta) > 0.0
     if use_kl and reference_logps_BT is None:
         raise ValueError(f"beta={beta} > 0 needs reference_logps_BT (the KL penalty's reference)")
-    _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT)
+    _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT, advantages_BT)
 
     log_w_BT, logps, mask = _log_ratios(logps_BT, old_logps_BT, mask_BT, importance_level)
     ratio_BT = jnp.exp(log_w_BT)
     clipped_BT = jnp.clip(ratio_BT, 1.0 - epsilon_low, 1.0 + epsilon_high)
     if delta is not None:
         ratio_BT = jnp.minimum(ratio_BT, delta)
-    adv_B1 = f32(advantages_B)[:, None]
-    term_BT = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+    adv = _advantages(advantages_B, advantages_BT)
+    term_BT = -jnp.minimum(ratio_BT * adv, clipped_BT * adv)
     if use_kl:
         term_BT = term_BT + beta * _k3(logps, reference_logps_BT, mask)
 
@@ -284,9 +298,10 @@ def policy_gradient_metrics(
     *,
     logps_BT,
     old_logps_BT,
-    advantages_B,
+    advantages_B=None,
     mask_BT,
     reference_logps_BT=None,
+    advantages_BT=None,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
     importance_level: str = "token",
@@ -303,26 +318,26 @@ def policy_gradient_metrics(
     The names are the ``metrics.jsonl`` keys. Means are over this batch's loss tokens.
 
     Args:
-      logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT, epsilon_low, epsilon_high,
-      importance_level: as for `policy_gradient_loss`.
+      logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT, advantages_BT, epsilon_low,
+      epsilon_high, importance_level: as for `policy_gradient_loss`.
 
     Returns:
       {"clip_frac_low", "clip_frac_high", "ratio_mean"[, "kl"]}: float32 scalars.
     """
     _check_choice("importance_level", importance_level, IMPORTANCE_LEVELS)
     epsilon_low, epsilon_high = _clip_bounds(epsilon_low, epsilon_high)
-    _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT)
+    _check_shapes(logps_BT, old_logps_BT, advantages_B, mask_BT, reference_logps_BT, advantages_BT)
     log_w_BT, logps, mask = _log_ratios(logps_BT, old_logps_BT, mask_BT, importance_level)
     ratio_BT = jnp.exp(log_w_BT)
-    adv_B1 = f32(advantages_B)[:, None]
+    adv = _advantages(advantages_B, advantages_BT)
     count = jnp.maximum(jnp.sum(mask), 1.0)
 
     def masked_mean(x_BT):
         return jnp.sum(f32(x_BT) * mask) / count
 
     out = {
-        "clip_frac_low": masked_mean((adv_B1 < 0) & (ratio_BT < 1.0 - epsilon_low)),
-        "clip_frac_high": masked_mean((adv_B1 > 0) & (ratio_BT > 1.0 + epsilon_high)),
+        "clip_frac_low": masked_mean((adv < 0) & (ratio_BT < 1.0 - epsilon_low)),
+        "clip_frac_high": masked_mean((adv > 0) & (ratio_BT > 1.0 + epsilon_high)),
         "ratio_mean": masked_mean(ratio_BT),
     }
     if reference_logps_BT is not None:
