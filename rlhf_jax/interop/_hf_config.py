@@ -304,6 +304,10 @@ def parse_config(hf: dict, where: str = "config.json") -> tuple[ModelConfig, str
     return config, family
 
 
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
 def _float_or_none(x) -> float | None:
     return None if x is None else float(x)
 
@@ -459,7 +463,7 @@ def build_config(
         out.update(
             hidden_activation=act,
             use_bidirectional_attention=False,
-            query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+            query_pre_attn_scalar=_int_if_whole(c.query_pre_attn_scalar or c.head_dim),  # an int field in 5.x
             sliding_window=c.sliding_window,
             layer_types=list(types),
             final_logit_softcapping=c.final_softcap,
