@@ -429,13 +429,13 @@ def _reference_attention(q, k, v, mask, scale, cap):
 
 
 def test_soft_capped_windowed_attention_and_its_gradient_match_a_plain_reference():
-    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    rng = np.random.default_rng(0)
     B, T, H, G, K = 2, 16, 4, 2, 8
-    q = 2.0 * jax.random.normal(kq, (B, T, H, K))
-    k, v = 2.0 * jax.random.normal(kk, (B, T, G, K)), jax.random.normal(kv, (B, T, G, K))
-    idx = jnp.arange(T)
-    mask = ((idx[:, None] - idx[None, :]) < 5)[None, None]
-    cot = jax.random.normal(kg, (B, T, H, K))
+    q, k = 2.0 * rng.normal(size=(B, T, H, K)), 2.0 * rng.normal(size=(B, T, G, K))
+    q, k, v, cot = (jnp.asarray(x, jnp.float32) for x in (q, k, rng.normal(size=(B, T, G, K)),
+                                                          rng.normal(size=(B, T, H, K))))  # fmt: skip
+    idx = np.arange(T)
+    mask = jnp.asarray((idx[:, None] - idx[None, :]) < 5)[None, None]  # a window of 5
     ours = lambda q, k, v: jnp.sum(cot * layers.causal_attention(q, k, v, mask, 8, 0.3, 2.0))
     ref = lambda q, k, v: jnp.sum(cot * _reference_attention(q, k, v, mask, 0.3, 2.0))
     np.testing.assert_allclose(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v), rtol=1e-5)
