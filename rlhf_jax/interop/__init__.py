@@ -1,4 +1,5 @@
-"""Checkpoints from and for other frameworks: HuggingFace Llama / Qwen2 / Gemma (see `interop.hf`).
+"""Checkpoints from and for other frameworks: HuggingFace Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3
+(see `interop.hf`).
 
     from rlhf_jax import interop
     config = interop.load_config(hf_dir, dtype="bfloat16")

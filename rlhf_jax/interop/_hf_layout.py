@@ -3,9 +3,14 @@
 HF stores every projection as a torch `Linear` weight [out, in] with heads flattened into `out`
 (q_proj.weight is [H*K, D], head h in rows h*K .. h*K+K-1); we store einsum kernels with heads split
 (`q_kernel` [D, H, K], `o_kernel` [H, K, D]). Each mapping is therefore a pure reshape (split HF dims,
-never merge), a transpose, and for Gemma an offset: Gemma's RMSNorm scales by (1 + w) where ours
-scales by w, so w_ours = w_hf + 1. Rotary embeddings need no permutation: ours use the same rotate-half
-pairing (i, i + K/2) as the Llama/Qwen2/Gemma modelling code.
+never merge), a transpose, and for the Gemmas an offset: Gemma's RMSNorms (Gemma 3's q/k norms too)
+scale by (1 + w) where ours scale by w, so w_ours = w_hf + 1. Rotary embeddings need no permutation:
+ours use the same rotate-half pairing (i, i + K/2) as the Llama/Qwen/Mistral/Gemma modelling code.
+
+Norms of a layer: `attn_norm` is input_layernorm; `mlp_norm` is post_attention_layernorm in the
+pre-norm families (Llama, Mistral, Qwen, Gemma 1: the norm before the MLP), but pre_feedforward_layernorm
+in the sandwich-norm ones (Gemma 2/3), where post_attention_layernorm normalises the attention output
+(`post_attn_norm`) and post_feedforward_layernorm the MLP's (`post_mlp_norm`).
 
 `read` produces any rectangular slice of one of our parameters from a memory-mapped HF tensor, reading
 only the HF rows and columns that slice needs, so a device shard is read without the whole tensor.
@@ -24,6 +29,8 @@ from rlhf_jax.models.config import ModelConfig
 _P = "model.layers.{i}."
 # Tensors that may sit in a checkpoint without being parameters of ours.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Families whose RMSNorms scale by (1 + w).
+GEMMA_NORMS = ("gemma", "gemma2", "gemma3_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +104,9 @@ class TensorMap:
 def layer_maps(config: ModelConfig, family: str) -> dict[tuple[str, ...], TensorMap]:
     """Maps of one decoder layer, keyed by the parameter's path under `decoder/layers`."""
     D, H, G, K, F = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
-    norm = 1.0 if family == "gemma" else 0.0
+    norm = 1.0 if family in GEMMA_NORMS else 0.0
     attn = _P + "self_attn."
+    pre_mlp = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
     maps = {
         ("attn", "q_kernel"): TensorMap(attn + "q_proj.weight", (H * K, D), (H, K, D), (2, 0, 1)),
         ("attn", "k_kernel"): TensorMap(attn + "k_proj.weight", (G * K, D), (G, K, D), (2, 0, 1)),
@@ -108,8 +116,17 @@ def layer_maps(config: ModelConfig, family: str) -> dict[tuple[str, ...], Tensor
         ("mlp", "up_kernel"): TensorMap(_P + "mlp.up_proj.weight", (F, D), (F, D), (1, 0)),
         ("mlp", "down_kernel"): TensorMap(_P + "mlp.down_proj.weight", (D, F), (D, F), (1, 0)),
         ("attn_norm", "scale"): TensorMap(_P + "input_layernorm.weight", (D,), (D,), (0,), norm),
-        ("mlp_norm", "scale"): TensorMap(_P + "post_attention_layernorm.weight", (D,), (D,), (0,), norm),
+        ("mlp_norm", "scale"): TensorMap(_P + pre_mlp + ".weight", (D,), (D,), (0,), norm),
     }
+    if config.sandwich_norms:
+        for ours, theirs in (("post_attn_norm", "post_attention_layernorm"),
+                             ("post_mlp_norm", "post_feedforward_layernorm")):  # fmt: skip
+            maps[(ours, "scale")] = TensorMap(_P + theirs + ".weight", (D,), (D,), (0,), norm)
+    if config.qk_norm:
+        for name in ("q", "k"):
+            maps[("attn", f"{name}_norm", "scale")] = TensorMap(
+                attn + f"{name}_norm.weight", (K,), (K,), (0,), norm
+            )
     if config.attention_bias:
         for name, n in (("q", H), ("k", G), ("v", G)):
             maps[("attn", f"{name}_bias")] = TensorMap(attn + f"{name}_proj.bias", (n * K,), (n, K), (0, 1))
@@ -122,7 +139,7 @@ def top_maps(config: ModelConfig, family: str) -> dict[tuple[str, ...], TensorMa
     maps = {
         ("decoder", "embedding"): TensorMap("model.embed_tokens.weight", (V, D), (V, D), (0, 1)),
         ("decoder", "final_norm", "scale"): TensorMap(
-            "model.norm.weight", (D,), (D,), (0,), 1.0 if family == "gemma" else 0.0
+            "model.norm.weight", (D,), (D,), (0,), 1.0 if family in GEMMA_NORMS else 0.0
         ),
     }
     if not config.tie_embeddings:

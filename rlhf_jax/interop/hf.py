@@ -1,4 +1,5 @@
-"""Import and export HuggingFace-format checkpoints (config.json + *.safetensors) of Llama, Qwen2, Gemma.
+"""Import and export HuggingFace-format checkpoints (config.json + *.safetensors) of Llama, Mistral, Qwen2,
+Qwen3, Gemma, Gemma 2 and Gemma 3 (text).
 
     from rlhf_jax import interop, models, sharding
     config = interop.load_config("/ckpt/TinyLlama-1.1B", dtype="bfloat16")
@@ -13,10 +14,13 @@ it is asked for (on a pod each host reads just its own shards; the checkpoint di
 from every host). Export gathers one tensor (one layer of a stacked parameter) at a time; every process
 takes part in the gathers and process 0 writes.
 
-Supported: LlamaForCausalLM (Llama 2, TinyLlama, Llama 3 8B/70B with rope_theta 500000),
-Qwen2ForCausalLM (Qwen2, Qwen2.5: q/k/v biases, tied embeddings of the small ones) and GemmaForCausalLM
-(Gemma 1: sqrt(D) embedding scale, GeGLU, (1 + w) RMSNorm). Anything else (rope_scaling such as Llama
-3.1/3.2's, sliding windows, Gemma 2's soft-capping) raises a ValueError naming the config field.
+Supported: LlamaForCausalLM (Llama 2, TinyLlama, Llama 3, Llama 3.1/3.2 with llama3 rope scaling),
+MistralForCausalLM (a sliding window on every layer, or none), Qwen2ForCausalLM (Qwen2, Qwen2.5: q/k/v
+biases, tied embeddings of the small ones), Qwen3ForCausalLM (q/k RMSNorms), GemmaForCausalLM (Gemma 1:
+sqrt(D) embedding scale, GeGLU, (1 + w) RMSNorm), Gemma2ForCausalLM (sandwich norms, soft-capping,
+alternating sliding-window layers, query_pre_attn_scalar) and Gemma3ForCausalLM (gemma3_text: Gemma 2's
+without attention soft-capping, plus q/k norms, a local rotary base and linear rope scaling); details in
+`_hf_config`. Anything else raises a ValueError naming the model_type or config field.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ SIDE_FILES = (
     "generation_config.json",
 )
 _ARCH_FIELDS = (
-    "vocab_size num_layers d_model num_heads num_kv_heads head_dim mlp_dim rope_theta norm_eps "
-    "tie_embeddings attention_bias embed_scale mlp_activation"
+    "vocab_size num_layers d_model num_heads num_kv_heads head_dim mlp_dim rope_theta rope_scaling norm_eps "
+    "tie_embeddings attention_bias embed_scale mlp_activation qk_norm sandwich_norms query_pre_attn_scalar "
+    "attn_softcap final_softcap sliding_window layer_types local_rope_theta"
 ).split()
 
 
@@ -78,7 +83,8 @@ def load_config(path: str, **overrides) -> ModelConfig:
 
 
 def family(path: str) -> str:
-    """The family ("llama", "qwen2" or "gemma") of the checkpoint in `path`."""
+    """The family (model_type: "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2" or "gemma3_text")
+    of the checkpoint in `path`."""
     return _hf_config.parse_config(read_config(path), os.path.join(path, "config.json"))[1]
 
 
@@ -137,7 +143,7 @@ def import_params(path: str, model, mesh: jax.sharding.Mesh | None = None):
 
     Raises:
       ValueError: unsupported config field; an architecture mismatch; a tensor of the wrong shape; a
-        tensor in the checkpoint that no parameter takes (e.g. Gemma 2's extra norms).
+        tensor in the checkpoint that no parameter takes (e.g. an o_proj bias).
       FileNotFoundError: no config.json or safetensors files.
     """
     hf_config, fam = _hf_config.parse_config(read_config(path), os.path.join(path, "config.json"))
@@ -216,8 +222,10 @@ def export_params(
       params: a `Transformer`'s params (scanned or unrolled layout, any sharding).
       config: its architecture.
       path: the output directory (created; existing files of the same names are replaced).
-      family: "llama", "qwen2" or "gemma"; default inferred (qwen2 with attention biases, gemma with the
-        sqrt(D) embedding scale, else llama).
+      family: one of `_hf_config.FAMILIES`; default inferred (`_hf_config.infer_family`: gemma3_text
+        with q/k and sandwich norms, gemma2 with sandwich norms, qwen3 with q/k norms, qwen2 with
+        attention biases, gemma with the sqrt(D) embedding scale, mistral with a sliding window, else
+        llama).
       dtype: stored dtype, "float32" or "bfloat16"; default `config.param_dtype`.
       source: the checkpoint the model came from: its config.json's token ids and other metadata are
         kept, and its tokenizer files and generation_config.json (`SIDE_FILES`) are copied.

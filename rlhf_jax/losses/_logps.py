@@ -144,15 +144,20 @@ def _head_chunk_rows(vocab: int) -> int:
     return max(8, budget // max(vocab, 1) // 8 * 8)
 
 
-def _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk):
-    """Row indices, validity and float32 logits of the i-th chunk of the compacted (masked-in) rows."""
+def _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk, softcap):
+    """Row indices, validity, float32 logits (soft-capped with `softcap` if set) and the cap's derivative
+    d capped / d raw = 1 - tanh² (None without a cap) of the i-th chunk of the compacted rows."""
     pos_C = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
     valid_C = pos_C < num_valid
     idx_C = jax.lax.dynamic_slice_in_dim(order_R, i * chunk, chunk)
     h_CD = jnp.take(h_RD, idx_C, axis=0)
     logits_CV = jnp.dot(h_CD, w_DV, preferred_element_type=jnp.float32)
+    dcap_CV = None
+    if softcap is not None:
+        tanh_CV = jnp.tanh(logits_CV / softcap)
+        logits_CV, dcap_CV = softcap * tanh_CV, 1.0 - jnp.square(tanh_CV)
     t_C = jnp.take(t_R, idx_C, axis=0)
-    return idx_C, valid_C, h_CD, t_C, logits_CV
+    return idx_C, valid_C, h_CD, t_C, logits_CV, dcap_CV
 
 
 def _head_lse_and_target(logits_CV, t_C):
@@ -165,19 +170,21 @@ def _num_chunks(num_valid, chunk):
     return (num_valid + chunk - 1) // chunk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _head_logps(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
-    return _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _head_logps(h_RD, w_DV, t_R, order_R, num_valid, chunk: int, softcap):
+    return _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk, softcap)[0]
 
 
-def _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
+def _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk: int, softcap):
     num_rows = h_RD.shape[0]
     # Padded so the last chunk's slice of `order_R` never runs off the end.
     order_R = jnp.pad(order_R, (0, chunk))
 
     def body(i, carry):
         logps_R, lse_R = carry
-        idx_C, valid_C, _, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
+        idx_C, valid_C, _, t_C, logits_CV, _ = _head_chunk(
+            h_RD, w_DV, t_R, order_R, num_valid, i, chunk, softcap
+        )
         lse_C, target_C = _head_lse_and_target(logits_CV, t_C)
         # Rows past `num_valid` (the last chunk's tail) point at masked rows, which stay 0.
         logps_R = logps_R.at[idx_C].add(jnp.where(valid_C, target_C - lse_C, 0.0))
@@ -188,22 +195,26 @@ def _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
     return logps_R, (h_RD, w_DV, t_R, order_R, num_valid, lse_R)
 
 
-def _head_logps_bwd(chunk: int, residuals, g_R):
+def _head_logps_bwd(chunk: int, softcap, residuals, g_R):
     h_RD, w_DV, t_R, order_R, num_valid, lse_R = residuals
     vocab = w_DV.shape[1]
     g_R = g_R.astype(jnp.float32)
 
     def body(i, carry):
         dh_RD, dw_DV = carry
-        idx_C, valid_C, h_CD, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
+        idx_C, valid_C, h_CD, t_C, logits_CV, dcap_CV = _head_chunk(
+            h_RD, w_DV, t_R, order_R, num_valid, i, chunk, softcap
+        )
         lse_C = jax.lax.dynamic_slice_in_dim(lse_R, i * chunk, chunk)
         g_C = jnp.where(valid_C, jnp.take(g_R, idx_C), 0.0)
         # d logp / d logits = onehot(target) - softmax. The cotangent g scales rows, so it is applied
         # to the [C, D] operands rather than to the [C, V] block.
+        # With a soft-cap, d capped / d raw = 1 - tanh² scales it elementwise (chain rule).
         onehot_CV = jnp.arange(vocab, dtype=t_C.dtype)[None, :] == t_C[:, None]
-        s_CV = jnp.where(
-            valid_C[:, None], onehot_CV.astype(jnp.float32) - jnp.exp(logits_CV - lse_C[:, None]), 0.0
-        ).astype(h_CD.dtype)
+        d_CV = onehot_CV.astype(jnp.float32) - jnp.exp(logits_CV - lse_C[:, None])
+        if dcap_CV is not None:
+            d_CV = d_CV * dcap_CV
+        s_CV = jnp.where(valid_C[:, None], d_CV, 0.0).astype(h_CD.dtype)
         dh_CD = g_C[:, None] * jnp.dot(s_CV, w_DV.T, preferred_element_type=jnp.float32)
         dw_DV = dw_DV + jnp.dot(
             (h_CD * g_C[:, None].astype(h_CD.dtype)).T, s_CV, preferred_element_type=jnp.float32
@@ -218,8 +229,12 @@ def _head_logps_bwd(chunk: int, residuals, g_R):
 _head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
 
 
-def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
+def sequence_logps_from_hidden(*, hidden, kernel, targets, mask, softcap: float | None = None) -> Array:
     """`sequence_logps` of the logits `hidden @ kernel`, without materialising the logits.
+
+    With `softcap` = c the logits are soft-capped first, z -> c·tanh(z / c) (Gemma 2's
+    final_logit_softcapping; `Transformer.hidden_and_head(..., return_softcap=True)` returns the
+    model's c), inside the same chunks, forward and backward.
 
     The LM head is fused into the log-softmax: the rows where `mask` is nonzero are gathered into
     chunks, and each chunk's [rows, V] logits live only inside one loop iteration (the backward pass
@@ -231,9 +246,11 @@ def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
       kernel: [D, V] LM-head kernel, in the dtype of `hidden`.
       targets: [B, T] int token ids.
       mask: [B, T], 1 (or True) on completion tokens, 0 elsewhere.
+      softcap: the logit soft-cap c, or None for none.
 
     Returns:
-      [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)`.
+      [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)` (of the
+      soft-capped logits with `softcap`).
     """
     b, t, d = hidden.shape
     mask_R = mask.reshape(b * t) != 0
@@ -247,5 +264,6 @@ def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
         order_R,
         num_valid,
         _head_chunk_rows(kernel.shape[1]),
+        None if softcap is None else float(softcap),
     )
     return jnp.sum(logps_R.reshape(b, t), axis=-1)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 _REMAT = ("none", "full", "save_dots")
 _ACTIVATIONS = ("silu", "gelu")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +29,11 @@ class ModelConfig:
       mlp_dim: F, the hidden width of the gated MLP.
       max_len: longest sequence (prompt + response) the model is used with; the default KV-cache size.
       rope_theta: rotary-embedding base.
-      rope_scaling: () for plain RoPE, or Llama 3.1's frequency scaling as sorted (key, value) pairs:
-        rope_type "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
-        (`layers.rope_inv_freq`). A list of pairs (as model.json stores it) is normalised to the tuple.
+      rope_scaling: () for plain RoPE, or a frequency scaling as sorted (key, value) pairs: Llama 3.1's
+        (rope_type "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+        or linear position interpolation (rope_type "linear", factor: every frequency divided by it;
+        Gemma 3's global layers) (`layers.rope_inv_freq`). With `local_rope_theta` set it applies to the
+        global layers only. A list of pairs (as model.json stores it) is normalised to the tuple.
       norm_eps: RMSNorm epsilon.
       tie_embeddings: the LM head reuses the input embedding (Gemma); otherwise a separate [D, V] kernel.
       param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
@@ -50,7 +53,26 @@ class ModelConfig:
       mlp_activation: "silu" (SwiGLU, Llama) or "gelu" (GeGLU with tanh-approximate GELU, Gemma).
       attention_impl: passed to `jax.nn.dot_product_attention` as `implementation` (None, "xla" or
         "cudnn"). None on the CPU backend uses `layers.causal_attention` instead (blockwise causal, the
-        same maths, faster there: bench/README.md); "xla" forces JAX's.
+        same maths, faster there: bench/README.md); "xla" forces JAX's. With `attn_softcap` set the
+        uncached forward always uses `layers.causal_attention` (JAX's has no soft-capping).
+      qk_norm: RMSNorm over the head dimension of every query and key head before RoPE, one scale
+        [K] each for queries and keys (Qwen3, Gemma 3).
+      sandwich_norms: RMSNorm also on the outputs of attention and MLP before they join the residual
+        stream, x + post_norm(f(pre_norm(x))) (Gemma 2, Gemma 3).
+      query_pre_attn_scalar: attention scores scaled by query_pre_attn_scalar^-1/2 instead of
+        head_dim^-1/2 (Gemma 2, Gemma 3); None: head_dim.
+      attn_softcap: soft-capping of the scaled attention scores, s -> c·tanh(s / c), before the mask
+        and softmax (Gemma 2's attn_logit_softcapping); None: none.
+      final_softcap: soft-capping of the output logits, z -> c·tanh(z / c) (Gemma 2's
+        final_logit_softcapping), applied wherever logits or log-probs are computed (forward,
+        sampler, the fused log-probs of `losses.sequence_logps_from_hidden`); None: none.
+      sliding_window: W, the keys a query of a sliding-window layer sees: positions q - W + 1 .. q
+        (transformers' `kv_idx > q_idx - sliding_window`); None: every layer attends to all earlier keys.
+      layer_types: per layer, "sliding_attention" or "full_attention"; None: every layer is
+        "sliding_attention" when `sliding_window` is set (Mistral), else "full_attention". A list is
+        normalised to a tuple.
+      local_rope_theta: the rotary base of the sliding-window layers (Gemma 3's rope_local_base_freq,
+        without `rope_scaling`); None: they use `rope_theta` like the others.
     """
 
     vocab_size: int
@@ -74,6 +96,14 @@ class ModelConfig:
     embed_scale: bool = False
     mlp_activation: str = "silu"
     attention_impl: str | None = None
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self):
         scaling = tuple(
@@ -82,11 +112,27 @@ class ModelConfig:
         object.__setattr__(self, "rope_scaling", scaling)
         if scaling:
             keys = {k for k, _ in scaling}
-            if dict(scaling).get("rope_type") != "llama3" or keys != set(ROPE_SCALING_KEYS):
+            kind = dict(scaling).get("rope_type")
+            if kind not in ROPE_SCALINGS or keys != set(ROPE_SCALINGS[kind]):
                 raise ValueError(
-                    f"ModelConfig.rope_scaling must be () or the llama3 keys {sorted(ROPE_SCALING_KEYS)} "
-                    f"with rope_type 'llama3', got {dict(scaling)}"
+                    "ModelConfig.rope_scaling must be () or one of "
+                    + ", ".join(
+                        f"rope_type {k!r} with the keys {sorted(v)}" for k, v in ROPE_SCALINGS.items()
+                    )
+                    + f"; got {dict(scaling)}"
                 )
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(
+                    f"ModelConfig.layer_types must give one of {LAYER_TYPES} for each of the "
+                    f"num_layers={self.num_layers} layers, got {self.layer_types}"
+                )
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "sliding_window",
+                     "local_rope_theta"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be None or positive, got {value}")
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -123,6 +169,18 @@ ROPE_SCALING_KEYS = (
     "original_max_position_embeddings",
     "rope_type",
 )
+# rope_type -> the keys of `ModelConfig.rope_scaling` (rope_type included).
+ROPE_SCALINGS = {"llama3": ROPE_SCALING_KEYS, "linear": ("factor", "rope_type")}
+
+
+def sliding_layers(config: ModelConfig) -> tuple[bool, ...]:
+    """Per layer, whether it is a "sliding_attention" layer (`ModelConfig.layer_types`; when that is
+    None, every layer is one exactly when `sliding_window` is set). Such a layer attends within the
+    window (if `sliding_window` is set) and uses `local_rope_theta` (if set)."""
+    if config.layer_types is None:
+        return (config.sliding_window is not None,) * config.num_layers
+    return tuple(t == "sliding_attention" for t in config.layer_types)
+
 
 PRESETS: dict[str, ModelConfig] = {
     # CPU tests. H=8, G=4 (grouped-query) with H*K != D, and every tensor-sharded dimension (V, F, H, G)
@@ -195,7 +253,8 @@ def param_count(config: ModelConfig, *, reward_head: bool = False) -> int:
     if c.attention_bias:
         attention += q_out + 2 * kv_out
     mlp = 3 * c.d_model * c.mlp_dim
-    layer = attention + mlp + 2 * c.d_model  # two RMSNorm scales
+    norms = (4 if c.sandwich_norms else 2) * c.d_model + (2 * c.head_dim if c.qk_norm else 0)
+    layer = attention + mlp + norms  # RMSNorm scales
     trunk = c.vocab_size * c.d_model + c.num_layers * layer + c.d_model  # embedding, layers, final norm
     if reward_head:
         return trunk + c.d_model + 1

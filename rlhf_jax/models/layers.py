@@ -1,5 +1,11 @@
 """The pieces of one decoder layer: RMSNorm, rotary embeddings, grouped-query attention, gated MLP.
 
+Options of the Gemma 2 / Gemma 3 / Qwen3 / Mistral families (`ModelConfig`): q/k RMSNorms, sandwich
+norms, a query_pre_attn_scalar score scale, tanh soft-capping of the attention scores, sliding-window
+layers and a local rotary base. What differs between layers (window, rotary table) arrives as per-layer
+*values* (`Block`'s `layer` argument), scanned with the layer stack, never as Python branches on the
+layer index, so a scanned and an unrolled stack compute the same thing.
+
 Every parameter is declared with its logical axes (`nn.with_logical_partitioning`); `rlhf_jax.sharding`
 maps them to the mesh. Weights are stored in `param_dtype` and cast to the compute dtype at use.
 """
@@ -13,7 +19,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from rlhf_jax import sharding
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import ModelConfig, sliding_layers
 
 
 def fan_in(in_axis, out_axis):
@@ -43,7 +49,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
-    """float32 [K/2] rotary frequencies theta^(-2i/K), with Llama 3.1's scaling when `scaling` is set.
+    """float32 [K/2] rotary frequencies theta^(-2i/K), with the frequency scaling `scaling` if set.
+
+    Linear (`rope_type="linear"`, position interpolation, Chen et al. 2023; Gemma 3's global layers):
+    every frequency divided by `factor`, as transformers' `_compute_linear_scaling_rope_parameters`.
 
     Llama 3.1 (`rope_type="llama3"`, as `transformers`' `_compute_llama3_parameters`): with wavelength
     λ_i = 2π / f_i, L = original_max_position_embeddings, low = L / low_freq_factor and
@@ -53,7 +62,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
     """
     half = head_dim // 2
     inv_freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
-    if scaling:
+    if scaling and dict(scaling)["rope_type"] == "linear":
+        inv_freq = inv_freq / float(dict(scaling)["factor"])
+    elif scaling:
         c = dict(scaling)
         factor, low_f, high_f = float(c["factor"]), float(c["low_freq_factor"]), float(c["high_freq_factor"])
         old_len = float(c["original_max_position_embeddings"])
@@ -96,8 +107,22 @@ def _write(cache_BGSK: jax.Array, new_BTGK: jax.Array, start_B: jax.Array) -> ja
     return jax.vmap(write_row)(cache_BGSK, new_BGTK, start_B)
 
 
-def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask_B1TS: jax.Array):
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap · tanh(x / cap) (Gemma 2's logit soft-capping), or x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _cached_attention(
+    q_BTHK: jax.Array,
+    k_BGSK: jax.Array,
+    v_BGSK: jax.Array,
+    mask_B1TS: jax.Array,
+    scale: float | None = None,
+    softcap: float | None = None,
+):
     """Grouped-query attention of T queries over a cache laid out [B, G, S, K] (float32 softmax).
+
+    Scores are scaled by `scale` (default K^-1/2) and soft-capped by `softcap` (if set) before the mask.
 
     The same maths as `jax.nn.dot_product_attention`, on the cache's own layout: each (row, kv head) is
     one contiguous [S, K] matrix, so the score and value matmuls read the cache without transposing it
@@ -107,7 +132,8 @@ def _cached_attention(q_BTHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, m
     G = k_BGSK.shape[1]
     q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
     scores_BGQTS = jnp.einsum("BTGQK,BGSK->BGQTS", q_BTGQK, k_BGSK, preferred_element_type=jnp.float32)
-    scores_BGQTS = jnp.where(mask_B1TS[:, :, None], scores_BGQTS * K**-0.5, jnp.finfo(jnp.float32).min)
+    scores_BGQTS = _softcap(scores_BGQTS * (K**-0.5 if scale is None else scale), softcap)
+    scores_BGQTS = jnp.where(mask_B1TS[:, :, None], scores_BGQTS, jnp.finfo(jnp.float32).min)
     probs_BGQTS = jax.nn.softmax(scores_BGQTS, axis=-1).astype(v_BGSK.dtype)
     out_BTGQK = jnp.einsum("BGQTS,BGSK->BTGQK", probs_BGQTS, v_BGSK)
     return out_BTGQK.reshape(B, T, H, K)
@@ -125,18 +151,23 @@ def _attention_block(T: int) -> int:
     return T
 
 
-def _block_scores(q_BGQCK, k_BGSK, mask_B1CS, start: int):
-    """Scaled float32 scores [B, G, Q, C, S] of the query block at `start` against keys 0..S-1, masked
-    causally and by `mask_B1CS` (or None)."""
-    C, K, S = q_BGQCK.shape[3], q_BGQCK.shape[-1], k_BGSK.shape[2]
-    scores = jnp.einsum("BGQCK,BGSK->BGQCS", q_BGQCK, k_BGSK, preferred_element_type=jnp.float32)
+def _block_scores(q_BGQCK, k_BGSK, mask_B1CS, start: int, scale: float, softcap: float | None):
+    """Scaled (and soft-capped) float32 scores [B, G, Q, C, S] of the query block at `start` against keys
+    0..S-1, masked causally and by `mask_B1CS` (or None), and the soft-cap's derivative
+    d capped / d scaled = 1 - tanh² (None without a cap)."""
+    C, S = q_BGQCK.shape[3], k_BGSK.shape[2]
+    scores = jnp.einsum("BGQCK,BGSK->BGQCS", q_BGQCK, k_BGSK, preferred_element_type=jnp.float32) * scale
+    dcap = None
+    if softcap is not None:
+        tanh = jnp.tanh(scores / softcap)
+        scores, dcap = softcap * tanh, 1.0 - jnp.square(tanh)
     allowed_CS = (start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
     allowed = (
         allowed_CS[None, None, None]
         if mask_B1CS is None
         else allowed_CS[None, None, None] & mask_B1CS[:, :, None]
     )
-    return jnp.where(allowed, scores * K**-0.5, jnp.finfo(jnp.float32).min)
+    return jnp.where(allowed, scores, jnp.finfo(jnp.float32).min), dcap
 
 
 def _heads_major(x_BTHK, G: int):
@@ -158,8 +189,7 @@ def _add_prefix(acc_BGSK, part_BGEK):
     return jax.lax.dynamic_update_slice_in_dim(acc_BGSK, acc_BGSK[:, :, :E] + part_BGEK, 0, axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
+def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int, scale=None, softcap=None):
     """Causal grouped-query attention in query blocks, with a recomputing (FlashAttention-2) backward.
 
     The same maths as `jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS, is_causal=True)`. Query
@@ -176,20 +206,31 @@ def causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block: int):
       k_BSGK, v_BSGK: keys and values, S = T.
       mask_B1TS: bool mask and-ed with the causal one (same segment), or None.
       block: query rows per block; divides T.
+      scale: the score scale; default K^-1/2.
+      softcap: soft-capping of the scaled scores, s -> softcap · tanh(s / softcap) (Gemma 2), or None.
 
     Returns:
       [B, T, H, K] attention output, in the dtype of `v`.
     """
-    return _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block)[0]
+    scale = q_BTHK.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = None if softcap is None else float(softcap)
+    return _causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block, scale, softcap)
 
 
-def _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _causal_attention(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block, scale, softcap):
+    return _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block, scale, softcap)[0]
+
+
+def _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block, scale, softcap):
     T = q_BGQTK.shape[3]
     outs, lses = [], []
     for start in range(0, T, block):
         end = start + block
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
-        scores_BGQCS = _block_scores(q_BGQTK[:, :, :, start:end], k_BGSK[:, :, :end], mask, start)
+        scores_BGQCS, _ = _block_scores(
+            q_BGQTK[:, :, :, start:end], k_BGSK[:, :, :end], mask, start, scale, softcap
+        )
         max_BGQC1 = jnp.max(scores_BGQCS, axis=-1, keepdims=True)
         exp_BGQCS = jnp.exp(scores_BGQCS - max_BGQC1)
         sum_BGQC1 = jnp.sum(exp_BGQCS, axis=-1, keepdims=True)
@@ -199,17 +240,17 @@ def _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block):
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=-1)
 
 
-def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block):
+def _causal_attention_fwd(q_BTHK, k_BSGK, v_BSGK, mask_B1TS, block, scale, softcap):
     G = k_BSGK.shape[2]
     q_BGQTK = _heads_major(q_BTHK, G)
     k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
-    out_BGQTK, lse_BGQT = _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block)
+    out_BGQTK, lse_BGQT = _attention_forward(q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, block, scale, softcap)
     return _tokens_major(out_BGQTK), (q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, out_BGQTK, lse_BGQT)
 
 
-def _causal_attention_bwd(block, residuals, d_out_BTHK):
+def _causal_attention_bwd(block, scale, softcap, residuals, d_out_BTHK):
     q_BGQTK, k_BGSK, v_BGSK, mask_B1TS, out_BGQTK, lse_BGQT = residuals
-    T, K = q_BGQTK.shape[3], q_BGQTK.shape[4]
+    T = q_BGQTK.shape[3]
     f32 = jnp.float32
     do_BGQTK = _heads_major(d_out_BTHK, k_BGSK.shape[1])
     # delta = rowsum(dO ∘ O), the softmax backward's correction term.
@@ -222,7 +263,7 @@ def _causal_attention_bwd(block, residuals, d_out_BTHK):
         mask = None if mask_B1TS is None else mask_B1TS[:, :, start:end, :end]
         q_BGQCK, do_BGQCK = q_BGQTK[:, :, :, start:end], do_BGQTK[:, :, :, start:end]
         k_BGEK, v_BGEK = k_BGSK[:, :, :end], v_BGSK[:, :, :end]
-        scores_BGQCS = _block_scores(q_BGQCK, k_BGEK, mask, start)
+        scores_BGQCS, dcap_BGQCS = _block_scores(q_BGQCK, k_BGEK, mask, start, scale, softcap)
         probs_BGQCS = jnp.exp(scores_BGQCS - lse_BGQT[..., start:end, None])
         dv_BGSK = _add_prefix(
             dv_BGSK,
@@ -231,9 +272,10 @@ def _causal_attention_bwd(block, residuals, d_out_BTHK):
             ),
         )
         dp_BGQCS = jnp.einsum("BGQCK,BGSK->BGQCS", do_BGQCK, v_BGEK, preferred_element_type=f32)
-        ds_BGQCS = (probs_BGQCS * (dp_BGQCS - delta_BGQT[..., start:end, None]) * K**-0.5).astype(
-            q_BGQTK.dtype
-        )
+        ds_BGQCS = probs_BGQCS * (dp_BGQCS - delta_BGQT[..., start:end, None])
+        if dcap_BGQCS is not None:  # through s = c·tanh(a / c): ds/da = 1 - tanh²
+            ds_BGQCS = ds_BGQCS * dcap_BGQCS
+        ds_BGQCS = (ds_BGQCS * scale).astype(q_BGQTK.dtype)
         dq_blocks.append(jnp.einsum("BGQCS,BGSK->BGQCK", ds_BGQCS, k_BGEK, preferred_element_type=f32))
         dk_BGSK = _add_prefix(
             dk_BGSK, jnp.einsum("BGQCS,BGQCK->BGSK", ds_BGQCS, q_BGQCK, preferred_element_type=f32)
@@ -247,7 +289,7 @@ def _causal_attention_bwd(block, residuals, d_out_BTHK):
     )
 
 
-causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 def lora_delta(module: nn.Module, kernel: str, x_RI: jax.Array, target: int = 0) -> jax.Array | None:
@@ -287,6 +329,10 @@ class Attention(nn.Module):
     cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
     `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
     through `_cached_attention` (`attention_impl` applies to the uncached forward only).
+
+    With `qk_norm`, queries and keys pass through RMSNorms over the head dimension (scales `q_norm`,
+    `k_norm` [K]) before RoPE (Qwen3, Gemma 3); scores are scaled by query_pre_attn_scalar^-1/2 when
+    that is set, and soft-capped with `attn_softcap` (then always through `causal_attention`).
     """
 
     config: ModelConfig
@@ -318,19 +364,27 @@ class Attention(nn.Module):
             q_BTHK += param("q_bias", ("heads", "head_dim"), (H, K), zeros)[None, None]
             k_BTGK += param("k_bias", ("kv_heads", "head_dim"), (G, K), zeros)[None, None]
             v_BTGK += param("v_bias", ("kv_heads", "head_dim"), (G, K), zeros)[None, None]
+        if c.qk_norm:
+            q_BTHK = RMSNorm(c, name="q_norm")(q_BTHK)
+            k_BTGK = RMSNorm(c, name="k_norm")(k_BTGK)
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
-        if kv is None and c.attention_impl is None and jax.default_backend() == "cpu":
+        scale = K**-0.5 if c.query_pre_attn_scalar is None else float(c.query_pre_attn_scalar) ** -0.5
+        cpu = c.attention_impl is None and jax.default_backend() == "cpu"
+        if kv is None and (cpu or c.attn_softcap is not None):
             block = _attention_block(q_BTHK.shape[1])
-            out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block)
+            out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block, scale, c.attn_softcap)
         elif kv is None:
             out_BTHK = jax.nn.dot_product_attention(
-                q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, is_causal=True, implementation=c.attention_impl
-            )
+                q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, scale=scale, is_causal=True,
+                implementation=c.attention_impl,
+            )  # fmt: skip
         else:
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
             kv = (k_BGSK, v_BGSK)
-            out_BTHK = _cached_attention(q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS)
+            out_BTHK = _cached_attention(
+                q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, scale, c.attn_softcap
+            )
         out_RI = out_BTHK.reshape(B * T, H * K)
         out_RD = _plus(jnp.dot(out_RI, w_o.reshape(H * K, D)), lora_delta(self, "o_kernel", out_RI, 3))
         return out_RD.reshape(B, T, D), kv
@@ -363,11 +417,33 @@ class MLP(nn.Module):
         return _plus(jnp.dot(h_RF, w_down), lora_delta(self, "down_kernel", h_RF, 6)).reshape(B, T, D)
 
 
-class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
+# A window no distance between positions reaches: the window of a full-attention layer.
+NO_WINDOW = np.iinfo(np.int32).max
 
-    Its signature is scan-shaped: `(x_BTD, *broadcast inputs, kv) -> (x_BTD, kv)`, where `kv` is this
-    layer's (key, value) cache buffers or None.
+
+def layer_values(config: ModelConfig) -> dict[str, np.ndarray]:
+    """What differs between layers, as arrays with a leading L axis (scanned with the layer stack):
+    "window" int32 (the sliding window of a sliding layer, `NO_WINDOW` for a full one) when the model
+    has a `sliding_window`, and "local" bool (the layer uses the local rotary table) when it has a
+    `local_rope_theta`. Empty for a model whose layers are all alike."""
+    sliding_L = np.asarray(sliding_layers(config), bool)
+    out = {}
+    if config.sliding_window is not None:
+        out["window"] = np.where(sliding_L, config.sliding_window, NO_WINDOW).astype(np.int32)
+    if config.local_rope_theta is not None:
+        out["local"] = sliding_L
+    return out
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)); with `sandwich_norms`,
+    x + post_attn_norm(attn(attn_norm(x))), then + post_mlp_norm(mlp(mlp_norm(x))) (Gemma 2/3).
+
+    Its signature is scan-shaped: `(x_BTD, *broadcast inputs, kv, layer) -> (x_BTD, kv)`, where `kv` is
+    this layer's (key, value) cache buffers or None, and `layer` this layer's entries of `layer_values`
+    (scalars). `rope_BTk` is one (sin, cos) table, or {"global": ..., "local": ...} two of them of which
+    `layer["local"]` picks one; `dist_B1TS` (query position - key position, or None) is compared with
+    `layer["window"]` to mask keys outside a sliding window.
     """
 
     config: ModelConfig
@@ -375,12 +451,24 @@ class Block(nn.Module):
     rules: tuple = sharding.LOGICAL_RULES
 
     @nn.compact
-    def __call__(self, x_BTD, rope_BTk, mask_B1TS, start_B, kv):
+    def __call__(self, x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS=None, layer=None):
+        c = self.config
         act_axes = ("batch", "length", "act_embed")
         x_BTD = sharding.constrain(x_BTD, self.mesh, act_axes, self.rules)
-        h_BTD, kv = Attention(self.config, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B
+        if isinstance(rope_BTk, dict):  # a value select, not a branch: the same program for every layer
+            pick = lambda glob, loc: jnp.where(layer["local"], loc, glob)
+            rope_BTk = jax.tree.map(pick, rope_BTk["global"], rope_BTk["local"])
+        if dist_B1TS is not None:
+            in_window_B1TS = dist_B1TS < layer["window"]
+            mask_B1TS = in_window_B1TS if mask_B1TS is None else mask_B1TS & in_window_B1TS
+        h_BTD, kv = Attention(c, name="attn")(
+            RMSNorm(c, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B
         )
+        if c.sandwich_norms:
+            h_BTD = RMSNorm(c, name="post_attn_norm")(h_BTD)
         x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BTD))
+        h_BTD = MLP(c, name="mlp")(RMSNorm(c, name="mlp_norm")(x_BTD))
+        if c.sandwich_norms:
+            h_BTD = RMSNorm(c, name="post_mlp_norm")(h_BTD)
+        x_BTD = x_BTD + h_BTD
         return sharding.constrain(x_BTD, self.mesh, act_axes, self.rules), kv

@@ -8,6 +8,8 @@ Parameter layout (scan_layers=True: a leading L axis on everything under `layers
     decoder/layers/mlp/{gate,up}_kernel    [L, D, F]
     decoder/layers/mlp/down_kernel         [L, F, D]
     decoder/layers/{attn,mlp}_norm/scale   [L, D]
+    decoder/layers/post_{attn,mlp}_norm/scale  [L, D]   sandwich_norms (Gemma 2/3)
+    decoder/layers/attn/{q,k}_norm/scale   [L, K]       qk_norm (Qwen3, Gemma 3)
     decoder/final_norm/scale               [D]
     lm_head                                [D, V]   Transformer with untied embeddings
     reward_head/{kernel, bias}             [D, 1], [1]   RewardModel
@@ -25,7 +27,7 @@ from jax.sharding import Mesh
 from rlhf_jax import sharding
 from rlhf_jax.models.cache import KVCache
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, RMSNorm, fan_in, rope_tables
+from rlhf_jax.models.layers import Block, RMSNorm, fan_in, layer_values, rope_tables
 
 _REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -76,7 +78,7 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                 length=c.num_layers,
                 unroll=c.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -101,7 +103,7 @@ class Decoder(nn.Module):
         emb_VD = self.embedding.astype(self.config.dtype)
         return jnp.einsum("BTD,VD->BTV", h_BTD, emb_VD, preferred_element_type=jnp.float32)
 
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None):
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None, dist_B1TS=None):
         """Runs the layers and the final norm.
 
         Args:
@@ -110,22 +112,33 @@ class Decoder(nn.Module):
           mask_B1TS: attention mask (and-ed with causal when `kv` is None), or None.
           start_B: cache slot of each row's first token (with `kv`).
           kv: (k, v) cache buffers (`KVCache` layout), or None for a plain forward.
+          dist_B1TS: query position minus key position, for sliding windows (read only when the model
+            has a `sliding_window`); default, without a cache, query index minus key index.
 
         Returns:
           (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
         """
-        rope_BTk = rope_tables(
-            positions_BT, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
-        )
-        if self.config.scan_layers:
-            x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv)
+        c = self.config
+        rope_BTk = rope_tables(positions_BT, c.head_dim, c.rope_theta, c.rope_scaling)
+        if c.local_rope_theta is not None:  # Gemma 3: sliding layers use a local base, unscaled
+            local_BTk = rope_tables(positions_BT, c.head_dim, c.local_rope_theta)
+            rope_BTk = {"global": rope_BTk, "local": local_BTk}
+        if c.sliding_window is None:
+            dist_B1TS = None
+        elif dist_B1TS is None:
+            idx_T = jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
+            dist_B1TS = (idx_T[:, None] - idx_T[None, :])[None, None]
+        values_L = {k: jnp.asarray(v) for k, v in layer_values(c).items()} or None
+        if c.scan_layers:
+            x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS, values_L)
         else:
             # The cache of an unrolled model is one buffer per layer, so each layer updates its own in
             # place (a stacked buffer would be sliced and re-stacked, copying it at every step).
             new_kv = []
             for i, layer in enumerate(self.layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BTD, layer_kv = layer(x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv)
+                values = None if values_L is None else {k: v[i] for k, v in values_L.items()}
+                x_BTD, layer_kv = layer(x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv, dist_B1TS, values)
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
@@ -197,21 +210,44 @@ class Transformer(nn.Module):
         return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
 
     def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-        """LM head: float32 logits from final-normed hidden states (bf16 inputs, f32 accumulation)."""
+        """LM head: float32 logits from final-normed hidden states (bf16 inputs, f32 accumulation),
+        soft-capped, cap · tanh(logits / cap), when the model has a `final_softcap` (Gemma 2)."""
         if self.config.tie_embeddings:
             logits_BTV = self.decoder.attend(hidden_BTD)
         else:
             w_DV = self.lm_head.astype(self.config.dtype)
             logits_BTV = jnp.einsum("BTD,DV->BTV", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
+        if self.config.final_softcap is not None:
+            cap = self.config.final_softcap
+            logits_BTV = cap * jnp.tanh(logits_BTV / cap)
         return sharding.constrain(logits_BTV, self.mesh, ("batch", "length", "act_vocab"), self.rules)
 
-    def hidden_and_head(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
+    def hidden_and_head(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_softcap=False):
         """The forward without the LM head: (final-normed hidden_BTD, LM-head kernel w_DV).
 
-        `hidden_BTD @ w_DV` are the logits of `__call__`; a caller that only needs log-probs of some
-        positions (`rlhf_jax.losses.sequence_logps_from_hidden`) applies the head itself, to those
-        rows only, and never materialises [B, T, V] logits. Both are in the compute dtype.
+        `hidden_BTD @ w_DV` are the logits of `__call__` before soft-capping; a caller that only needs
+        log-probs of some positions (`rlhf_jax.losses.sequence_logps_from_hidden`) applies the head
+        itself, to those rows only, and never materialises [B, T, V] logits. Both are in the compute
+        dtype.
+
+        Args:
+          tokens_BT, positions_BT, segment_ids_BT: as for `__call__`.
+          return_softcap: also return the model's `final_softcap` (a float, or None), which the caller
+            must apply to `hidden_BTD @ w_DV` (`sequence_logps_from_hidden(..., softcap=)`).
+
+        Returns:
+          (hidden_BTD, w_DV), or (hidden_BTD, w_DV, softcap) with `return_softcap`.
+
+        Raises:
+          ValueError: the model soft-caps its logits and `return_softcap` is False (the caller would
+            compute the log-probs of logits the model does not have).
         """
+        if self.config.final_softcap is not None and not return_softcap:
+            raise ValueError(
+                f"the model soft-caps its logits (final_softcap={self.config.final_softcap}): call "
+                "hidden_and_head with return_softcap=True and apply the cap (sequence_logps_from_hidden's "
+                "softcap=)"
+            )
         x_BTD = self.decoder.embed(tokens_BT)
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
         hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
@@ -219,7 +255,7 @@ class Transformer(nn.Module):
             w_DV = self.decoder.embedding.astype(self.config.dtype).T
         else:
             w_DV = self.lm_head.astype(self.config.dtype)
-        return hidden_BTD, w_DV
+        return (hidden_BTD, w_DV, self.config.final_softcap) if return_softcap else (hidden_BTD, w_DV)
 
     def extend(self, tokens_BT, lengths_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends right-padded tokens to the cache; returns logits at each row's last new token.
@@ -229,9 +265,13 @@ class Transformer(nn.Module):
         T, S = tokens_BT.shape[1], jax.tree.leaves(cache.k)[0].shape[-2]
         start_B = cache.lengths_B
         positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        mask_B1TS = jnp.arange(S, dtype=jnp.int32)[None, None, None, :] <= positions_BT[:, None, :, None]
+        # Row b's token at position p sits in slot p: slot <= position is causal, and position - slot is
+        # the distance a sliding window limits.
+        dist_B1TS = positions_BT[:, None, :, None] - jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
+        mask_B1TS = dist_B1TS >= 0
         kv = (cache.k, cache.v)
-        hidden_BTD, (k, v) = self.decoder(self.decoder.embed(tokens_BT), positions_BT, mask_B1TS, start_B, kv)
+        x_BTD = self.decoder.embed(tokens_BT)
+        hidden_BTD, (k, v) = self.decoder(x_BTD, positions_BT, mask_B1TS, start_B, kv, dist_B1TS)
         last_BD = jnp.take_along_axis(hidden_BTD, (lengths_B - 1)[:, None, None], axis=1)
         logits_BV = self.logits(last_BD)[:, 0]
         return logits_BV, KVCache(k, v, start_B + lengths_B)

@@ -148,7 +148,18 @@ def read_fingerprint(stage_dir: str) -> dict | None:
 
 # ModelConfig fields added after stages were first fingerprinted, with the value that leaves the model as
 # it was: left out of the spec at that value, so those stages are still found and reused.
-_MODEL_FIELDS_SINCE = {"rope_scaling": []}
+_MODEL_FIELDS_SINCE = {
+    "rope_scaling": [],
+    # The Qwen3 / Gemma 2 / Gemma 3 / Mistral options (`ModelConfig`), off by default.
+    "qk_norm": False,
+    "sandwich_norms": False,
+    "query_pre_attn_scalar": None,
+    "attn_softcap": None,
+    "final_softcap": None,
+    "sliding_window": None,
+    "layer_types": None,
+    "local_rope_theta": None,
+}
 
 
 def model_spec(model_config) -> dict:

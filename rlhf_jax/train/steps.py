@@ -34,13 +34,15 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
     """Summed log-probs of the masked targets under the LM `model` with `params`: [B] float32.
 
     The LM head is applied inside the log-softmax to the loss-masked rows only (prompt and padding
-    positions never reach it), and the [B, T, V] logits are never materialised.
+    positions never reach it), and the [B, T, V] logits are never materialised; the model's logit
+    soft-cap (Gemma 2's final_softcap), if any, is applied there too.
     """
-    hidden_BTD, w_DV = model.apply(
-        {"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT, method="hidden_and_head"
-    )
+    hidden_BTD, w_DV, softcap = model.apply(
+        {"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT, method="hidden_and_head",
+        return_softcap=True,
+    )  # fmt: skip
     return losses.sequence_logps_from_hidden(
-        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT
+        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT, softcap=softcap
     )
 
 
