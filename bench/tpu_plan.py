@@ -44,7 +44,7 @@ from bench import hlo_collectives, tpu_chips  # noqa: E402
 GiB = 2**30
 
 
-class DoesNotFit(RuntimeError):
+class DoesNotFitError(RuntimeError):
     """A step needs more HBM per chip than the chip has."""
 
 
@@ -80,16 +80,28 @@ def analyse(step, chip: tpu_chips.Chip, num_chips: int) -> dict:
     }
     bound = max(times.values())
     return {
-        "step": step.name, "shape": step.shape, "compile_s": seconds,
-        "arguments_GiB": args / GiB, "temp_GiB": temp / GiB, "outputs_GiB": out / GiB,
-        "aliased_GiB": alias / GiB, "peak_GiB": peak / GiB, "hbm_GiB": chip.hbm_bytes / GiB,
-        "fits": peak <= chip.hbm_bytes, "state_GiB_unsharded": step.param_bytes / GiB,
-        "model_TFLOP_per_chip": flops_chip / 1e12, "flops_counted": step.flops_note,
-        "collectives": {k: {"count": v["count"], "GB": v["bytes"] / 1e9} for k, v in coll.items() if v["count"]},
-        "collective_GB": sum(v["bytes"] for v in coll.values()) / 1e9, "ici_GB": ici / 1e9,
-        "roofline_ms": bound * 1e3, "bound_by": max(times, key=times.get),
+        "step": step.name,
+        "shape": step.shape,
+        "compile_s": seconds,
+        "arguments_GiB": args / GiB,
+        "temp_GiB": temp / GiB,
+        "outputs_GiB": out / GiB,
+        "aliased_GiB": alias / GiB,
+        "peak_GiB": peak / GiB,
+        "hbm_GiB": chip.hbm_bytes / GiB,
+        "fits": peak <= chip.hbm_bytes,
+        "state_GiB_unsharded": step.param_bytes / GiB,
+        "model_TFLOP_per_chip": flops_chip / 1e12,
+        "flops_counted": step.flops_note,
+        "collectives": {
+            k: {"count": v["count"], "GB": v["bytes"] / 1e9} for k, v in coll.items() if v["count"]
+        },
+        "collective_GB": sum(v["bytes"] for v in coll.values()) / 1e9,
+        "ici_GB": ici / 1e9,
+        "roofline_ms": bound * 1e3,
+        "bound_by": max(times, key=times.get),
         "mfu_bound": times["compute"] / bound if bound else 0.0,
-    }  # fmt: skip
+    }
 
 
 def plan(config, topology: str, step_names) -> list[dict]:
@@ -106,12 +118,15 @@ def plan(config, topology: str, step_names) -> list[dict]:
 
 
 def check_fits(rows: list[dict], config, topology: str) -> None:
-    """Raises DoesNotFit naming each step over the chip's HBM and the settings to change."""
+    """Raises DoesNotFitError naming each step over the chip's HBM and the settings to change."""
     over = [r for r in rows if not r["fits"]]
     if not over:
         return
-    lines = [f"{r['step']} needs {r['peak_GiB']:.1f} GiB per chip (arguments {r['arguments_GiB']:.1f}, "
-             f"temporaries {r['temp_GiB']:.1f}); a {topology} chip has {r['hbm_GiB']:.0f} GiB" for r in over]  # fmt: skip
+    lines = [
+        f"{r['step']} needs {r['peak_GiB']:.1f} GiB per chip (arguments {r['arguments_GiB']:.1f}, "
+        f"temporaries {r['temp_GiB']:.1f}); a {topology} chip has {r['hbm_GiB']:.0f} GiB"
+        for r in over
+    ]
     m, model, train = config.mesh, config.model, config.train
     lines.append(
         f"to fit: shard the state over more chips (--config.mesh.fsdp, now {m.fsdp}; data={m.data}), "
@@ -119,11 +134,24 @@ def check_fits(rows: list[dict], config, topology: str) -> None:
         f"(--config.model.dtype/param_dtype, now {model.dtype}/{model.param_dtype}), or a smaller batch "
         f"(--config.train.batch_size, now {train.batch_size}; or --config.train.grad_accum_steps)"
     )
-    raise DoesNotFit("\n".join(lines))
+    raise DoesNotFitError("\n".join(lines))
 
 
-COLUMNS = ["step", "shape", "arguments_GiB", "temp_GiB", "outputs_GiB", "peak_GiB", "hbm_GiB",
-           "model_TFLOP_per_chip", "collective_GB", "roofline_ms", "bound_by", "mfu_bound", "compile_s"]  # fmt: skip
+COLUMNS = [
+    "step",
+    "shape",
+    "arguments_GiB",
+    "temp_GiB",
+    "outputs_GiB",
+    "peak_GiB",
+    "hbm_GiB",
+    "model_TFLOP_per_chip",
+    "collective_GB",
+    "roofline_ms",
+    "bound_by",
+    "mfu_bound",
+    "compile_s",
+]
 
 
 def report(rows: list[dict], topology: str, num_chips: int) -> None:
@@ -161,15 +189,21 @@ def main(argv=None) -> int:
     num_chips = len(topology_devices(args.topology))
     report(rows, args.topology, num_chips)
     if args.json:
-        record = {"benchmark": "tpu_plan", "experiment": args.experiment, "topology": args.topology,
-                  "chip": vars(chip) if hasattr(chip, "__dict__") else str(chip), "chips": num_chips,
-                  "overrides": overrides, "steps": rows}  # fmt: skip
+        record = {
+            "benchmark": "tpu_plan",
+            "experiment": args.experiment,
+            "topology": args.topology,
+            "chip": vars(chip) if hasattr(chip, "__dict__") else str(chip),
+            "chips": num_chips,
+            "overrides": overrides,
+            "steps": rows,
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=str)
     try:
         check_fits(rows, config, args.topology)
-    except DoesNotFit as e:
+    except DoesNotFitError as e:
         print(f"error: does not fit\n{e}", file=sys.stderr)
         return 3
     return 0

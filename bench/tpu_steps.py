@@ -105,9 +105,14 @@ def _train_step(stage, mesh, model, objective, weight_fn, batch, *, reference: b
     state_sh = trainer.state_shardings(trainable, tx, mesh, trainable_sh)
     state = jax.eval_shape(lambda p: trainer.state_lib.create(p, tx, jax.random.key(0)), trainable)
     fn = trainer.make_train_step(
-        objective, weight_fn=weight_fn, tx=tx, accum_steps=stage.train.grad_accum_steps, mesh=mesh,
-        state_shardings=state_sh, reference_shardings=param_sh if reference else None,
-    )  # fmt: skip
+        objective,
+        weight_fn=weight_fn,
+        tx=tx,
+        accum_steps=stage.train.grad_accum_steps,
+        mesh=mesh,
+        state_shardings=state_sh,
+        reference_shardings=param_sh if reference else None,
+    )
     ref = _abstract(shapes, param_sh) if reference else None
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
     return fn, (_abstract(state, state_sh), batch, ref), nbytes
@@ -119,9 +124,12 @@ def preference_step(config, mesh) -> PlannedStep:
     model = models.Transformer(c, mesh=mesh)
     loss = stage.loss
     objective = functools.partial(
-        steps.preference_objective, model=model, loss_fn=loss.make(),
-        loss_inputs=preference_lib.loss_inputs(loss.name), metric_beta=loss.metric_beta(),
-    )  # fmt: skip
+        steps.preference_objective,
+        model=model,
+        loss_fn=loss.make(),
+        loss_inputs=preference_lib.loss_inputs(loss.name),
+        metric_beta=loss.metric_beta(),
+    )
     batch = _pair_batch(mesh, pairs, t)
     online = stage.train.reference == "online"
     if not online:
@@ -149,15 +157,18 @@ def reward_step(config, mesh) -> PlannedStep:
     flops = model_flops(c, 2 * pairs * t, t, passes=3) - 3 * 2 * c.d_model * c.vocab_size * 2 * pairs * t
     if c.tie_embeddings:
         flops += 3 * 2 * c.d_model * c.vocab_size * 2 * pairs * t  # tied: the head was not in N
-    return PlannedStep("reward", fn, args, flops, "fwd+bwd 3(2N+4LAT), no LM head", f"{pairs} pairs x {t}",
-                       nbytes)  # fmt: skip
+    return PlannedStep(
+        "reward", fn, args, flops, "fwd+bwd 3(2N+4LAT), no LM head", f"{pairs} pairs x {t}", nbytes
+    )
 
 
 def _sampler_shape(config) -> tuple[int, int, int]:
     """(prompts, samples per prompt, max new tokens) of the experiment's sampler."""
     if "grpo" in config:
-        g = grpo_lib.GRPOConfig(**{k: v for k, v in dict(config.grpo).items() if k != "eval_reward"},
-                                rewards=(("gsm8k", 1.0, ()),))  # fmt: skip
+        g = grpo_lib.GRPOConfig(
+            **{k: v for k, v in dict(config.grpo).items() if k != "eval_reward"},
+            rewards=(("gsm8k", 1.0, ()),),
+        )
         return g.num_prompts, g.group_size, g.max_new_tokens
     e = config.eval
     return int(e.num_prompts), int(e.samples_per_prompt), int(e.max_new_tokens)
@@ -186,9 +197,14 @@ def prefill_step(config, mesh) -> PlannedStep:
     batch = _batch(mesh, {"tokens": ((p, t), jnp.int32), "lengths": ((p,), jnp.int32)})
     head = 2 * c.d_model * c.vocab_size
     flops = model_flops(c, p * t, slots, passes=1) - head * p * (t - 1)  # the head on the last token only
-    return PlannedStep("prefill", fn, (params, batch["tokens"], batch["lengths"]), flops,
-                       "fwd (2N+4LAS) per prompt token, S cache slots; LM head on the last token",
-                       f"{p} prompts x {t}, {slots} slots")  # fmt: skip
+    return PlannedStep(
+        "prefill",
+        fn,
+        (params, batch["tokens"], batch["lengths"]),
+        flops,
+        "fwd (2N+4LAS) per prompt token, S cache slots; LM head on the last token",
+        f"{p} prompts x {t}, {slots} slots",
+    )
 
 
 def decode_step(config, mesh) -> PlannedStep:
@@ -202,8 +218,16 @@ def decode_step(config, mesh) -> PlannedStep:
     state = jax.eval_shape(
         lambda cache: sampling.init_state(jax.random.split(jax.random.key(0), b), cache, new, 0), cache
     )
-    state_sh = sampling.SamplerState(rep, batch_sh, batch_sh, batch_sh, batch_sh, batch_sh, batch_sh,
-                                     models.cache_shardings(mesh, model.rules, c))  # fmt: skip
+    state_sh = sampling.SamplerState(
+        rep,
+        batch_sh,
+        batch_sh,
+        batch_sh,
+        batch_sh,
+        batch_sh,
+        batch_sh,
+        models.cache_shardings(mesh, model.rules, c),
+    )
 
     def one_token(params, s):  # `sampling.decode`'s loop body
         last_B = jax.lax.dynamic_index_in_dim(s.tokens_BT, jnp.maximum(s.step - 1, 0), axis=1, keepdims=False)
@@ -212,8 +236,14 @@ def decode_step(config, mesh) -> PlannedStep:
 
     fn = jax.jit(one_token, out_shardings=state_sh, donate_argnums=1)
     flops = model_flops(c, b, slots, passes=1)
-    return PlannedStep("decode", fn, (params, _abstract(state, state_sh)), flops,
-                       "fwd (2N+4LAS) per row, S cache slots (one token)", f"{b} rows, {slots} slots")  # fmt: skip
+    return PlannedStep(
+        "decode",
+        fn,
+        (params, _abstract(state, state_sh)),
+        flops,
+        "fwd (2N+4LAS) per row, S cache slots (one token)",
+        f"{b} rows, {slots} slots",
+    )
 
 
 def grpo_step(config, mesh) -> PlannedStep:
@@ -224,25 +254,41 @@ def grpo_step(config, mesh) -> PlannedStep:
     rows, t = stage.train.batch_size, stage.data.max_prompt_len + new
     model = models.Transformer(c, mesh=mesh)
     objective = functools.partial(
-        steps.policy_gradient_objective, model=model, temperature=float(g.get("temperature", 1.0)),
-        aggregation=str(g.get("aggregation", "dapo")), loss_kwargs=(("epsilon_low", 0.2),), max_length=new,
-    )  # fmt: skip
+        steps.policy_gradient_objective,
+        model=model,
+        temperature=float(g.get("temperature", 1.0)),
+        aggregation=str(g.get("aggregation", "dapo")),
+        loss_kwargs=(("epsilon_low", 0.2),),
+        max_length=new,
+    )
     shapes = {k: ((rows, t), jnp.int32) for k in ("tokens", "targets", "segment_ids")}
     shapes.update(loss_mask=((rows, t), jnp.float32), old_logps=((rows, t), jnp.float32))
     shapes.update({k: ((rows,), jnp.float32) for k in ("advantages", "token_normalizer", "row_fraction")})
     if float(g.get("beta", 0.0)) > 0:
         shapes["reference_logps"] = ((rows, t), jnp.float32)
-    fn, args, nbytes = _train_step(stage, mesh, model, objective, lambda b: jnp.float32(1.0),
-                                   _batch(mesh, shapes), reference=False, lora=stage.train.lora())  # fmt: skip
+    fn, args, nbytes = _train_step(
+        stage,
+        mesh,
+        model,
+        objective,
+        lambda b: jnp.float32(1.0),
+        _batch(mesh, shapes),
+        reference=False,
+        lora=stage.train.lora(),
+    )
     flops = model_flops(c, rows * t, t, passes=3)
-    return PlannedStep("grpo", fn, args, flops, "policy fwd+bwd 3(2N+4LAT) per token", f"{rows} rows x {t}",
-                       nbytes)  # fmt: skip
+    return PlannedStep(
+        "grpo", fn, args, flops, "policy fwd+bwd 3(2N+4LAT) per token", f"{rows} rows x {t}", nbytes
+    )
 
 
 BUILDERS = {
-    "preference": preference_step, "reward": reward_step, "prefill": prefill_step, "decode": decode_step,
+    "preference": preference_step,
+    "reward": reward_step,
+    "prefill": prefill_step,
+    "decode": decode_step,
     "grpo": grpo_step,
-}  # fmt: skip
+}
 
 
 def build(name: str, config, mesh) -> PlannedStep:

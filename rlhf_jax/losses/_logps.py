@@ -139,8 +139,8 @@ _HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 21}
 _HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
 
-def _head_chunk_rows(vocab: int) -> int:
-    budget = _HEAD_CHUNK_ELEMENTS.get(jax.default_backend(), _HEAD_CHUNK_ELEMENTS_DEFAULT)
+def _head_chunk_rows(vocab: int, platform: str | None = None) -> int:
+    budget = _HEAD_CHUNK_ELEMENTS.get(platform or jax.default_backend(), _HEAD_CHUNK_ELEMENTS_DEFAULT)
     return max(8, budget // max(vocab, 1) // 8 * 8)
 
 
@@ -218,7 +218,7 @@ def _head_logps_bwd(chunk: int, residuals, g_R):
 _head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
 
 
-def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
+def sequence_logps_from_hidden(*, hidden, kernel, targets, mask, platform: str | None = None) -> Array:
     """`sequence_logps` of the logits `hidden @ kernel`, without materialising the logits.
 
     The LM head is fused into the log-softmax: the rows where `mask` is nonzero are gathered into
@@ -231,6 +231,8 @@ def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
       kernel: [D, V] LM-head kernel, in the dtype of `hidden`.
       targets: [B, T] int token ids.
       mask: [B, T], 1 (or True) on completion tokens, 0 elsewhere.
+      platform: the platform compiled for ("cpu", "tpu", ...), which sizes the chunks; default
+        `jax.default_backend()` (give the mesh's when compiling for other devices, e.g. a TPU from a CPU).
 
     Returns:
       [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)`.
@@ -246,6 +248,6 @@ def sequence_logps_from_hidden(*, hidden, kernel, targets, mask) -> Array:
         targets.astype(jnp.int32).reshape(b * t),
         order_R,
         num_valid,
-        _head_chunk_rows(kernel.shape[1]),
+        _head_chunk_rows(kernel.shape[1], platform),
     )
     return jnp.sum(logps_R.reshape(b, t), axis=-1)

@@ -279,17 +279,24 @@ def _plus(y, delta):
     return y if delta is None else y + delta
 
 
+def target_platform(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "tpu", "gpu") the program is compiled for: that of the mesh's devices (a TPU
+    topology's devices when compiling for a TPU from a CPU host), else `jax.default_backend()`."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
     Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); on the
-    CPU backend with `attention_impl=None` that is `causal_attention`, faster there than JAX's. With a
+    CPU platform (`target_platform`) with `attention_impl=None` that is `causal_attention`, faster there than JAX's. With a
     cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
     `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
     through `_cached_attention` (`attention_impl` applies to the uncached forward only).
     """
 
     config: ModelConfig
+    mesh: Mesh | None = None  # its devices' platform chooses the kernel (`target_platform`)
 
     @nn.compact
     def __call__(self, x_BTD, rope_BTk, mask_B1TS, kv=None, start_B=None):
@@ -320,7 +327,7 @@ class Attention(nn.Module):
             v_BTGK += param("v_bias", ("kv_heads", "head_dim"), (G, K), zeros)[None, None]
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
-        if kv is None and c.attention_impl is None and jax.default_backend() == "cpu":
+        if kv is None and c.attention_impl is None and target_platform(self.mesh) == "cpu":
             block = _attention_block(q_BTHK.shape[1])
             out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block)
         elif kv is None:
@@ -378,7 +385,7 @@ class Block(nn.Module):
     def __call__(self, x_BTD, rope_BTk, mask_B1TS, start_B, kv):
         act_axes = ("batch", "length", "act_embed")
         x_BTD = sharding.constrain(x_BTD, self.mesh, act_axes, self.rules)
-        h_BTD, kv = Attention(self.config, name="attn")(
+        h_BTD, kv = Attention(self.config, self.mesh, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B
         )
         x_BTD = x_BTD + h_BTD

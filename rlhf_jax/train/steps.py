@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
+from rlhf_jax.models import layers
 from rlhf_jax.train import state as state_lib
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -40,8 +41,9 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
         {"params": params}, tokens_BT, segment_ids_BT=segment_ids_BT, method="hidden_and_head"
     )
     return losses.sequence_logps_from_hidden(
-        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT
-    )
+        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT,
+        platform=layers.target_platform(getattr(model, "mesh", None)),
+    )  # fmt: skip
 
 
 def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
