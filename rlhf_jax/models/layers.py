@@ -288,9 +288,9 @@ def target_platform(mesh: Mesh | None) -> str:
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
-    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); on the
-    CPU platform (`target_platform`) with `attention_impl=None` that is `causal_attention`, faster there than JAX's. With a
-    cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
+    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); when
+    compiling for the CPU (`target_platform`) with `attention_impl=None` that is `causal_attention`,
+    faster there than JAX's. With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
     `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
     through `_cached_attention` (`attention_impl` applies to the uncached forward only).
     """
