@@ -35,8 +35,10 @@ os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from bench import hlo_collectives, tpu_chips  # noqa: E402
@@ -64,13 +66,24 @@ def topology_devices(topology: str):
 def analyse(step, chip: tpu_chips.Chip, num_chips: int) -> dict:
     """Compiles `step` (a `tpu_steps.PlannedStep`) and returns its per-chip report row."""
     start = time.perf_counter()
-    compiled = step.fn.lower(*step.args).compile()
+    with tempfile.TemporaryDirectory(prefix="tpu_plan_") as dump:
+        # The optimized HLO as libtpu's own XLA prints it: `compiled.as_text()` goes through an HLO
+        # proto that this jaxlib's parser can reject for newer instructions (a multi-operand
+        # async-update in the 7B steps).
+        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+        compiled = step.fn.lower(*step.args).compile(compiler_options=options)
+        texts = sorted(glob.glob(os.path.join(dump, "*.after_optimizations.txt")), key=os.path.getmtime)
+        if texts:
+            with open(texts[-1], encoding="utf-8") as f:
+                hlo = f.read()
+        else:
+            hlo = compiled.as_text()
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     args, out = m.argument_size_in_bytes, m.output_size_in_bytes
     alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
     peak = args + out - alias + temp
-    coll = hlo_collectives.summary(compiled.as_text())
+    coll = hlo_collectives.summary(hlo)
     ici = sum(v["ici_bytes"] for v in coll.values())
     flops_chip = step.flops / num_chips
     times = {

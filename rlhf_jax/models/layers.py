@@ -290,9 +290,10 @@ class Attention(nn.Module):
 
     Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); when
     compiling for the CPU (`target_platform`) with `attention_impl=None` that is `causal_attention`,
-    faster there than JAX's. With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
-    `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
-    through `_cached_attention` (`attention_impl` applies to the uncached forward only).
+    faster there than JAX's. With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new
+    keys/values are written at `start_B` and the queries attend over the whole buffer under
+    `mask_B1TS` (slot <= query position), through `_cached_attention` (`attention_impl` applies to the
+    uncached forward only).
     """
 
     config: ModelConfig
