@@ -177,6 +177,21 @@ def report(rows: list[dict], topology: str, num_chips: int) -> None:
         print(f"  {r['step']}: FLOPs counted: {r['flops_counted']}; collectives: {kinds or 'none'}")
 
 
+def markdown(rows: list[dict]) -> str:
+    """The report as a Markdown table (the README's TPU tables)."""
+    out = [
+        "| step | shape | args GiB | temp GiB | peak GiB | collect. GB | roofline ms | bound | MFU bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['step']} | {r['shape']} | {r['arguments_GiB']:.2f} | {r['temp_GiB']:.2f} | "
+            f"{r['peak_GiB']:.2f} | {r['collective_GB']:.3g} | {r['roofline_ms']:.3g} | {r['bound_by']} | "
+            f"{r['mfu_bound']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tpu_plan", description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", required=True, help="NAME[:VARIANT] of experiments/")
@@ -184,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help="shorthand for --config.model.preset")
     ap.add_argument("--steps", default=",".join(("preference", "reward", "prefill", "decode", "grpo")))
     ap.add_argument("--json", default="", help="also write the report here")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args, overrides = ap.parse_known_args(argv)
     from launch import train
     from launch.overrides import ConfigError
@@ -201,6 +217,8 @@ def main(argv=None) -> int:
         return 2
     num_chips = len(topology_devices(args.topology))
     report(rows, args.topology, num_chips)
+    if args.markdown:
+        print(markdown(rows))
     if args.json:
         record = {
             "benchmark": "tpu_plan",
