@@ -25,15 +25,18 @@ from rlhf_jax.losses._common import Array
 _CHUNK_ELEMENTS = 1 << 20
 
 
-def _chunk_rows(num_rows: int, vocab: int) -> int:
-    """Largest divisor of num_rows with at most _CHUNK_ELEMENTS // vocab rows (>= 1)."""
-    limit = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+def _chunk_rows(num_rows: int, vocab: int, shards: int = 1) -> int:
+    """Largest divisor of num_rows with at most _CHUNK_ELEMENTS // vocab rows (>= 1), a multiple of
+    `shards` when `shards` divides num_rows (so every chunk has the same rows on every shard)."""
+    if shards < 1 or num_rows % shards:
+        shards = 1
+    limit = max(shards, _CHUNK_ELEMENTS // max(vocab, 1) // shards * shards)
     if num_rows <= limit:
         return num_rows
-    for rows in range(limit, 0, -1):
+    for rows in range(limit, 0, -shards):
         if num_rows % rows == 0:
             return rows
-    return 1
+    return shards
 
 
 def _lse_and_target(x_CV, t_C):
@@ -46,6 +49,21 @@ def _lse_and_target(x_CV, t_C):
     return lse_C, target_C
 
 
+# Chunk i holds the strided rows i, i + I, i + 2I, ... (the [R, V] rows viewed as [C, I, V], sliced
+# along I). With the rows split over devices (a batch sharded over `data x fsdp`), C is split the same
+# way, so every chunk has C / shards rows on every device and the slice is along a local axis. Chunks of
+# consecutive rows would each live on one device: under SPMD every step of the loop would all-gather the
+# whole [R, V] logits (the TPU compiler showed it, `bench.tpu_plan`).
+
+
+def _column(x_CI, i):
+    return jax.lax.dynamic_index_in_dim(x_CI, i, axis=1, keepdims=False)
+
+
+def _set_column(x_CI, col_C, i):
+    return jax.lax.dynamic_update_index_in_dim(x_CI, col_C, i, axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rows_logps(logits_RV, targets_R, chunk: int):
     return _rows_logps_fwd(logits_RV, targets_R, chunk)[0]
@@ -54,44 +72,45 @@ def _rows_logps(logits_RV, targets_R, chunk: int):
 def _rows_logps_fwd(logits_RV, targets_R, chunk: int):
     num_rows, vocab = logits_RV.shape
     num_chunks = num_rows // chunk
-    lse_IC, target_IC = jax.lax.map(
-        lambda xs: _lse_and_target(*xs),
-        (logits_RV.reshape(num_chunks, chunk, vocab), targets_R.reshape(num_chunks, chunk)),
-    )
-    lse_R = lse_IC.reshape(num_rows)
-    return target_IC.reshape(num_rows) - lse_R, (logits_RV, targets_R, lse_R)
+    x_CIV, t_CI = logits_RV.reshape(chunk, num_chunks, vocab), targets_R.reshape(chunk, num_chunks)
+
+    def body(i, carry):
+        lse_CI, target_CI = carry
+        lse_C, target_C = _lse_and_target(_column(x_CIV, i), _column(t_CI, i))
+        return _set_column(lse_CI, lse_C, i), _set_column(target_CI, target_C, i)
+
+    zeros_CI = jnp.zeros((chunk, num_chunks), jnp.float32)
+    lse_CI, target_CI = jax.lax.fori_loop(0, num_chunks, body, (zeros_CI, zeros_CI))
+    lse_R = lse_CI.reshape(num_rows)
+    return target_CI.reshape(num_rows) - lse_R, (logits_RV, targets_R, lse_R)
 
 
 def _rows_logps_bwd(chunk: int, residuals, g_R):
     logits_RV, targets_R, lse_R = residuals
     num_rows, vocab = logits_RV.shape
     num_chunks = num_rows // chunk
+    x_CIV, t_CI = logits_RV.reshape(chunk, num_chunks, vocab), targets_R.reshape(chunk, num_chunks)
+    lse_CI = lse_R.reshape(chunk, num_chunks)
+    g_CI = g_R.astype(jnp.float32).reshape(chunk, num_chunks)
 
-    def grad_chunk(xs):
-        x_CV, t_C, lse_C, g_C = xs
-        x_CV = jax.lax.optimization_barrier(x_CV)
+    def body(i, g_CIV):
+        x_CV, t_C = jax.lax.optimization_barrier(_column(x_CIV, i)), _column(t_CI, i)
+        lse_C, g_C = _column(lse_CI, i), _column(g_CI, i)
         p_CV = jnp.exp(x_CV.astype(jnp.float32) - lse_C[:, None])
         onehot_CV = jnp.arange(vocab, dtype=t_C.dtype)[None, :] == t_C[:, None]
-        g_CV = (onehot_CV.astype(jnp.float32) - p_CV) * g_C[:, None]
+        d_CV = (onehot_CV.astype(jnp.float32) - p_CV) * g_C[:, None]
         # Rows with zero cotangent (masked positions) get exactly 0, even where p is not finite.
-        return jnp.where(g_C[:, None] != 0, g_CV, 0.0).astype(x_CV.dtype)
+        d_CV = jnp.where(g_C[:, None] != 0, d_CV, 0.0).astype(x_CV.dtype)
+        return jax.lax.dynamic_update_index_in_dim(g_CIV, d_CV, i, axis=1)
 
-    g_ICV = jax.lax.map(
-        grad_chunk,
-        (
-            logits_RV.reshape(num_chunks, chunk, vocab),
-            targets_R.reshape(num_chunks, chunk),
-            lse_R.reshape(num_chunks, chunk),
-            g_R.astype(jnp.float32).reshape(num_chunks, chunk),
-        ),
-    )
-    return g_ICV.reshape(num_rows, vocab), None
+    g_CIV = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros_like(x_CIV))
+    return g_CIV.reshape(num_rows, vocab), None
 
 
 _rows_logps.defvjp(_rows_logps_fwd, _rows_logps_bwd)
 
 
-def token_logps(*, logits, targets) -> Array:
+def token_logps(*, logits, targets, shards: int = 1) -> Array:
     """Log-probability of each target token under the logits: log softmax(logits)[targets].
 
     Computed as logits[target] - logsumexp(logits), chunked over rows with a custom VJP (module
@@ -101,6 +120,9 @@ def token_logps(*, logits, targets) -> Array:
     Args:
       logits: [B, T, V] (any float dtype); position t scores the token at t (already shifted).
       targets: [B, T] int token ids in [0, V).
+      shards: how many devices the batch B is split over (`rlhf_jax.sharding.batch_shards(mesh)`); the
+        chunks then take the same number of rows from each, so no device waits for another's rows and
+        nothing is gathered. 1 (default): unsharded.
 
     Returns:
       [B, T] float32 log-probs.
@@ -108,7 +130,7 @@ def token_logps(*, logits, targets) -> Array:
     logits_BTV = logits
     b, t, v = logits_BTV.shape
     targets_R = targets.astype(jnp.int32).reshape(b * t)
-    logps_R = _rows_logps(logits_BTV.reshape(b * t, v), targets_R, _chunk_rows(b * t, v))
+    logps_R = _rows_logps(logits_BTV.reshape(b * t, v), targets_R, _chunk_rows(b * t, v, shards))
     return logps_R.reshape(b, t)
 
 
