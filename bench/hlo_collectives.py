@@ -52,6 +52,7 @@ class Collective:
     computation: str
     bytes: int  # one execution
     count: int  # executions per program call
+    source: str = ""  # the JAX operation it came from (the HLO's op_name metadata)
 
 
 def _parse(hlo: str):
@@ -116,8 +117,16 @@ def collectives(hlo: str) -> list[Collective]:
             operands = rest.split(")", 1)[0]
             operand_shapes = " ".join(shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands))
             size = max(array_bytes(shape) + array_bytes(operands) + array_bytes(operand_shapes) + [0])
-            out.append(Collective(kind, name, comp, size, times[comp]))
+            src = re.search(r'op_name="([^"]*)"', rest)
+            out.append(Collective(kind, name, comp, size, times[comp], src.group(1) if src else ""))
     return out
+
+
+def top(hlo: str, n: int = 10) -> list[dict]:
+    """The `n` collectives moving the most bytes per call, with their source operation."""
+    rows = [{"kind": c.kind, "count": c.count, "GB": c.bytes * c.count / 1e9, "source": c.source[-120:]}
+            for c in collectives(hlo)]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["GB"])[:n]
 
 
 def summary(hlo: str) -> dict[str, dict[str, float]]:

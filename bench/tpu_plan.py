@@ -31,6 +31,8 @@ import os
 
 # libtpu asks the GCE metadata server for the TPU it runs on unless told not to; there is none here.
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# Compiling touches no TPU, so several planning processes (a test run, a table) may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 
@@ -114,6 +116,7 @@ def analyse(step, chip: tpu_chips.Chip, num_chips: int) -> dict:
         "roofline_ms": bound * 1e3,
         "bound_by": max(times, key=times.get),
         "mfu_bound": times["compute"] / bound if bound else 0.0,
+        "top_collectives": hlo_collectives.top(hlo, 8),
     }
 
 
@@ -167,7 +170,7 @@ COLUMNS = [
 ]
 
 
-def report(rows: list[dict], topology: str, num_chips: int) -> None:
+def report(rows: list[dict], topology: str, num_chips: int, verbose: bool = False) -> None:
     from bench import common
 
     print(f"per chip on {topology} ({num_chips} chips); roofline = a model, not a measurement")
@@ -175,6 +178,9 @@ def report(rows: list[dict], topology: str, num_chips: int) -> None:
     for r in rows:
         kinds = ", ".join(f"{k} x{v['count']} {v['GB']:.3g} GB" for k, v in r["collectives"].items())
         print(f"  {r['step']}: FLOPs counted: {r['flops_counted']}; collectives: {kinds or 'none'}")
+        if verbose:
+            for c in r["top_collectives"]:
+                print(f"    {c['kind']} x{c['count']} {c['GB']:.3g} GB  {c['source']}")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -200,6 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default=",".join(("preference", "reward", "prefill", "decode", "grpo")))
     ap.add_argument("--json", default="", help="also write the report here")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    ap.add_argument("--top", action="store_true", help="list each step's largest collectives and sources")
     args, overrides = ap.parse_known_args(argv)
     from launch import train
     from launch.overrides import ConfigError
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     num_chips = len(topology_devices(args.topology))
-    report(rows, args.topology, num_chips)
+    report(rows, args.topology, num_chips, verbose=args.top)
     if args.markdown:
         print(markdown(rows))
     if args.json:
