@@ -39,6 +39,7 @@ os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -73,7 +74,12 @@ def analyse(step, chip: tpu_chips.Chip, num_chips: int) -> dict:
         # proto that this jaxlib's parser can reject for newer instructions (a multi-operand
         # async-update in the 7B steps).
         options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
-        compiled = step.fn.lower(*step.args).compile(compiler_options=options)
+        try:
+            compiled = step.fn.lower(*step.args).compile(compiler_options=options)
+        except Exception as e:  # noqa: BLE001 (the TPU compiler's own out-of-memory verdict)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return _oom_row(step, chip, str(e), time.perf_counter() - start)
         texts = sorted(glob.glob(os.path.join(dump, "*.after_optimizations.txt")), key=os.path.getmtime)
         if texts:
             with open(texts[-1], encoding="utf-8") as f:
@@ -120,6 +126,18 @@ def analyse(step, chip: tpu_chips.Chip, num_chips: int) -> dict:
     }
 
 
+def _oom_row(step, chip: tpu_chips.Chip, message: str, seconds: float) -> dict:
+    """The row of a step the TPU compiler rejected for exceeding HBM (its temporaries alone)."""
+    m = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
+    temp = float(m.group(1)) if m else float("nan")
+    return {
+        "step": step.name, "shape": step.shape, "compile_s": seconds, "arguments_GiB": None,
+        "temp_GiB": temp, "outputs_GiB": None, "aliased_GiB": None, "peak_GiB": temp,
+        "hbm_GiB": chip.hbm_bytes / GiB, "fits": False, "compiler_error": message.splitlines()[0][:300],
+        "collectives": {}, "flops_counted": step.flops_note, "top_collectives": [],
+    }  # fmt: skip
+
+
 def plan(config, topology: str, step_names) -> list[dict]:
     """Report rows of the steps `step_names` of an experiment ConfigDict on `topology` (no fit check)."""
     from bench import tpu_steps
@@ -139,7 +157,7 @@ def check_fits(rows: list[dict], config, topology: str) -> None:
     if not over:
         return
     lines = [
-        f"{r['step']} needs {r['peak_GiB']:.1f} GiB per chip (arguments {r['arguments_GiB']:.1f}, "
+        f"{r['step']} needs {r['peak_GiB']:.1f} GiB per chip (arguments {r['arguments_GiB'] or 0:.1f}, "
         f"temporaries {r['temp_GiB']:.1f}); a {topology} chip has {r['hbm_GiB']:.0f} GiB"
         for r in over
     ]
@@ -178,6 +196,8 @@ def report(rows: list[dict], topology: str, num_chips: int, verbose: bool = Fals
     for r in rows:
         kinds = ", ".join(f"{k} x{v['count']} {v['GB']:.3g} GB" for k, v in r["collectives"].items())
         print(f"  {r['step']}: FLOPs counted: {r['flops_counted']}; collectives: {kinds or 'none'}")
+        if r.get("compiler_error"):
+            print(f"  {r['step']}: the TPU compiler: {r['compiler_error']}")
         if verbose:
             for c in r["top_collectives"]:
                 print(f"    {c['kind']} x{c['count']} {c['GB']:.3g} GB  {c['source']}")
@@ -190,6 +210,11 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("compiler_error"):
+            out.append(
+                f"| {r['step']} | {r['shape']} | - | {r['temp_GiB']:.2f} | - | - | - | does not fit | - |"
+            )
+            continue
         out.append(
             f"| {r['step']} | {r['shape']} | {r['arguments_GiB']:.2f} | {r['temp_GiB']:.2f} | "
             f"{r['peak_GiB']:.2f} | {r['collective_GB']:.3g} | {r['roofline_ms']:.3g} | {r['bound_by']} | "

@@ -138,9 +138,9 @@ def test_cli_exits_nonzero_when_a_step_does_not_fit(capsys):
 def _tiny_forward_text(mesh) -> str:
     c = models.preset("tiny")
     model = models.Transformer(c, mesh=mesh)
-    params = jax.eval_shape(lambda: models.init_params(models.Transformer(c), jax.random.key(0)))
+    params = models.param_shapes(models.Transformer(c))
     tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-    return jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).as_text()
+    return str(jax.make_jaxpr(lambda p, t: model.apply({"params": p}, t))(params, tokens))
 
 
 @needs_libtpu
@@ -151,9 +151,39 @@ def test_attention_kernel_follows_the_mesh_platform():
     assert layers.target_platform(tpu_mesh) == "tpu"
     assert layers.target_platform(cpu_mesh) == "cpu"
     assert layers.target_platform(None) == jax.default_backend()
-    # The CPU kernel (`causal_attention`, a blockwise custom VJP) appears only in the CPU program.
+    # The CPU kernel (`causal_attention`, a blockwise custom VJP) is traced only for the CPU.
     assert "causal_attention" in _tiny_forward_text(cpu_mesh)
     assert "causal_attention" not in _tiny_forward_text(tpu_mesh)
+
+
+@needs_libtpu
+def test_fused_head_logps_keeps_rows_on_their_shard_for_tpu():
+    """Compiled for 4 TPU chips with the batch split over them, the fused LM-head log-probs
+    (`losses.sequence_logps_from_hidden`, forward and gradient) communicate only the head's gradient
+    (one all-reduce of [D, V]) when each shard compacts its own rows; one global compaction (shards=1)
+    all-reduces partial [C, V] logits blocks at every chunk."""
+    from rlhf_jax import losses
+
+    devices = tpu_plan.topology_devices("v5e:2x2")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=1), devices)
+    b, t, d, v = 16, 128, 64, 4096
+    bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    args = (jax.ShapeDtypeStruct((b, t, d), jnp.float32, sharding=bs),
+            jax.ShapeDtypeStruct((d, v), jnp.float32, sharding=rep),
+            jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs),
+            jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=bs))  # fmt: skip
+
+    def moved(shards):
+        def f(h, w, y, m):
+            kw = dict(hidden=h, kernel=w, targets=y, mask=m, shards=shards, platform="tpu")
+            return jnp.sum(losses.sequence_logps_from_hidden(**kw))
+
+        hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile().as_text()
+        return sum(row["bytes"] for row in hlo_collectives.summary(hlo).values())
+
+    head_grad = d * v * 4
+    assert moved(sharding.batch_shards(mesh)) <= 1.1 * head_grad
+    assert moved(1) > 4 * head_grad  # the check can fail: the global compaction's traffic
 
 
 def _state_bytes_check(preset: str, pairs: int, max_len: int):

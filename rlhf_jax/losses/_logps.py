@@ -166,81 +166,99 @@ def _head_chunk_rows(vocab: int, platform: str | None = None) -> int:
     return max(8, budget // max(vocab, 1) // 8 * 8)
 
 
-def _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk):
-    """Row indices, validity and float32 logits of the i-th chunk of the compacted (masked-in) rows."""
+# Each batch shard (Z of them, one per device that holds part of the batch) compacts and chunks its
+# own rows: a chunk is C masked-in rows of every shard, [Z, C, ...], so the gathers stay on the device
+# that holds the rows. One global compaction would pull rows across devices at every chunk (the TPU
+# compiler showed collective-permutes and all-reduces of whole [C, V] blocks, `bench.tpu_plan`).
+
+
+def _head_chunk(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk):
+    """Row indices, validity and float32 logits of the i-th chunk of each shard's compacted rows."""
     pos_C = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    valid_C = pos_C < num_valid
-    idx_C = jax.lax.dynamic_slice_in_dim(order_R, i * chunk, chunk)
-    h_CD = jnp.take(h_RD, idx_C, axis=0)
-    logits_CV = jnp.dot(h_CD, w_DV, preferred_element_type=jnp.float32)
-    t_C = jnp.take(t_R, idx_C, axis=0)
-    return idx_C, valid_C, h_CD, t_C, logits_CV
+    valid_ZC = pos_C[None, :] < num_valid_Z[:, None]
+    idx_ZC = jax.lax.dynamic_slice_in_dim(order_ZR, i * chunk, chunk, axis=1)
+    h_ZCD = jnp.take_along_axis(h_ZRD, idx_ZC[:, :, None], axis=1)
+    logits_ZCV = jnp.einsum("ZCD,DV->ZCV", h_ZCD, w_DV, preferred_element_type=jnp.float32)
+    t_ZC = jnp.take_along_axis(t_ZR, idx_ZC, axis=1)
+    return idx_ZC, valid_ZC, h_ZCD, t_ZC, logits_ZCV
 
 
-def _head_lse_and_target(logits_CV, t_C):
-    max_C1 = jnp.max(logits_CV, axis=-1, keepdims=True)
-    lse_C = max_C1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_CV - max_C1), axis=-1))
-    return lse_C, jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+def _head_lse_and_target(logits_ZCV, t_ZC):
+    max_ZC1 = jnp.max(logits_ZCV, axis=-1, keepdims=True)
+    lse_ZC = max_ZC1[..., 0] + jnp.log(jnp.sum(jnp.exp(logits_ZCV - max_ZC1), axis=-1))
+    return lse_ZC, jnp.take_along_axis(logits_ZCV, t_ZC[..., None], axis=-1)[..., 0]
 
 
-def _num_chunks(num_valid, chunk):
-    return (num_valid + chunk - 1) // chunk
+def _num_chunks(num_valid_Z, chunk):
+    return (jnp.max(num_valid_Z) + chunk - 1) // chunk
+
+
+def _scatter_add(x_ZR, idx_ZC, y_ZC):
+    """x[z, idx[z, c]] += y[z, c] (rows of one shard)."""
+    return jax.vmap(lambda x, i, y: x.at[i].add(y))(x_ZR, idx_ZC, y_ZC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _head_logps(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
-    return _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk)[0]
+def _head_logps(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int):
+    return _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk)[0]
 
 
-def _head_logps_fwd(h_RD, w_DV, t_R, order_R, num_valid, chunk: int):
-    num_rows = h_RD.shape[0]
-    # Padded so the last chunk's slice of `order_R` never runs off the end.
-    order_R = jnp.pad(order_R, (0, chunk))
-
-    def body(i, carry):
-        logps_R, lse_R = carry
-        idx_C, valid_C, _, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
-        lse_C, target_C = _head_lse_and_target(logits_CV, t_C)
-        # Rows past `num_valid` (the last chunk's tail) point at masked rows, which stay 0.
-        logps_R = logps_R.at[idx_C].add(jnp.where(valid_C, target_C - lse_C, 0.0))
-        return logps_R, jax.lax.dynamic_update_slice_in_dim(lse_R, lse_C, i * chunk, 0)
-
-    zeros = jnp.zeros((num_rows + chunk,), jnp.float32)
-    logps_R, lse_R = jax.lax.fori_loop(0, _num_chunks(num_valid, chunk), body, (zeros[:num_rows], zeros))
-    return logps_R, (h_RD, w_DV, t_R, order_R, num_valid, lse_R)
-
-
-def _head_logps_bwd(chunk: int, residuals, g_R):
-    h_RD, w_DV, t_R, order_R, num_valid, lse_R = residuals
-    vocab = w_DV.shape[1]
-    g_R = g_R.astype(jnp.float32)
+def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int):
+    z, num_rows = t_ZR.shape
+    # Padded so the last chunk's slice of `order_ZR` never runs off the end.
+    order_ZR = jnp.pad(order_ZR, ((0, 0), (0, chunk)))
 
     def body(i, carry):
-        dh_RD, dw_DV = carry
-        idx_C, valid_C, h_CD, t_C, logits_CV = _head_chunk(h_RD, w_DV, t_R, order_R, num_valid, i, chunk)
-        lse_C = jax.lax.dynamic_slice_in_dim(lse_R, i * chunk, chunk)
-        g_C = jnp.where(valid_C, jnp.take(g_R, idx_C), 0.0)
-        # d logp / d logits = onehot(target) - softmax. The cotangent g scales rows, so it is applied
-        # to the [C, D] operands rather than to the [C, V] block.
-        onehot_CV = jnp.arange(vocab, dtype=t_C.dtype)[None, :] == t_C[:, None]
-        s_CV = jnp.where(
-            valid_C[:, None], onehot_CV.astype(jnp.float32) - jnp.exp(logits_CV - lse_C[:, None]), 0.0
-        ).astype(h_CD.dtype)
-        dh_CD = g_C[:, None] * jnp.dot(s_CV, w_DV.T, preferred_element_type=jnp.float32)
-        dw_DV = dw_DV + jnp.dot(
-            (h_CD * g_C[:, None].astype(h_CD.dtype)).T, s_CV, preferred_element_type=jnp.float32
+        logps_ZR, lse_ZR = carry
+        idx_ZC, valid_ZC, _, t_ZC, logits_ZCV = _head_chunk(
+            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk
         )
-        return dh_RD.at[idx_C].add(jnp.where(valid_C[:, None], dh_CD, 0.0)), dw_DV
+        lse_ZC, target_ZC = _head_lse_and_target(logits_ZCV, t_ZC)
+        # Rows past a shard's `num_valid` (its last chunk's tail) point at masked rows, which stay 0.
+        logps_ZR = _scatter_add(logps_ZR, idx_ZC, jnp.where(valid_ZC, target_ZC - lse_ZC, 0.0))
+        return logps_ZR, jax.lax.dynamic_update_slice_in_dim(lse_ZR, lse_ZC, i * chunk, axis=1)
 
-    zeros = (jnp.zeros(h_RD.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
-    dh_RD, dw_DV = jax.lax.fori_loop(0, _num_chunks(num_valid, chunk), body, zeros)
-    return dh_RD.astype(h_RD.dtype), dw_DV.astype(w_DV.dtype), None, None, None
+    zeros_ZR = jnp.zeros((z, num_rows + chunk), jnp.float32)
+    init = (zeros_ZR[:, :num_rows], zeros_ZR)
+    logps_ZR, lse_ZR = jax.lax.fori_loop(0, _num_chunks(num_valid_Z, chunk), body, init)
+    return logps_ZR, (h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR)
+
+
+def _head_logps_bwd(chunk: int, residuals, g_ZR):
+    h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR = residuals
+    vocab = w_DV.shape[1]
+    g_ZR = g_ZR.astype(jnp.float32)
+
+    def body(i, carry):
+        dh_ZRD, dw_DV = carry
+        idx_ZC, valid_ZC, h_ZCD, t_ZC, logits_ZCV = _head_chunk(
+            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk
+        )
+        lse_ZC = jax.lax.dynamic_slice_in_dim(lse_ZR, i * chunk, chunk, axis=1)
+        g_ZC = jnp.where(valid_ZC, jnp.take_along_axis(g_ZR, idx_ZC, axis=1), 0.0)
+        # d logp / d logits = onehot(target) - softmax. The cotangent g scales rows, so it is applied
+        # to the [Z, C, D] operands rather than to the [Z, C, V] block.
+        onehot_ZCV = jnp.arange(vocab, dtype=t_ZC.dtype)[None, None, :] == t_ZC[..., None]
+        s_ZCV = jnp.where(
+            valid_ZC[..., None], onehot_ZCV.astype(jnp.float32) - jnp.exp(logits_ZCV - lse_ZC[..., None]), 0.0
+        ).astype(h_ZCD.dtype)
+        dh_ZCD = g_ZC[..., None] * jnp.einsum("ZCV,DV->ZCD", s_ZCV, w_DV, preferred_element_type=jnp.float32)
+        hg_ZCD = h_ZCD * g_ZC[..., None].astype(h_ZCD.dtype)
+        dw_DV = dw_DV + jnp.einsum("ZCD,ZCV->DV", hg_ZCD, s_ZCV, preferred_element_type=jnp.float32)
+        dh_ZCD = jnp.where(valid_ZC[..., None], dh_ZCD, 0.0)
+        return jax.vmap(lambda x, i, y: x.at[i].add(y))(dh_ZRD, idx_ZC, dh_ZCD), dw_DV
+
+    zeros = (jnp.zeros(h_ZRD.shape, jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
+    dh_ZRD, dw_DV = jax.lax.fori_loop(0, _num_chunks(num_valid_Z, chunk), body, zeros)
+    return dh_ZRD.astype(h_ZRD.dtype), dw_DV.astype(w_DV.dtype), None, None, None
 
 
 _head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
 
 
-def sequence_logps_from_hidden(*, hidden, kernel, targets, mask, platform: str | None = None) -> Array:
+def sequence_logps_from_hidden(
+    *, hidden, kernel, targets, mask, platform: str | None = None, shards: int = 1
+) -> Array:
     """`sequence_logps` of the logits `hidden @ kernel`, without materialising the logits.
 
     The LM head is fused into the log-softmax: the rows where `mask` is nonzero are gathered into
@@ -255,21 +273,24 @@ def sequence_logps_from_hidden(*, hidden, kernel, targets, mask, platform: str |
       mask: [B, T], 1 (or True) on completion tokens, 0 elsewhere.
       platform: the platform compiled for ("cpu", "tpu", ...), which sizes the chunks; default
         `jax.default_backend()` (give the mesh's when compiling for other devices, e.g. a TPU from a CPU).
+      shards: how many devices the batch B is split over (`rlhf_jax.sharding.batch_shards(mesh)`): each
+        compacts and chunks its own rows, so no row crosses devices. 1 (default): one compaction.
 
     Returns:
       [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)`.
     """
     b, t, d = hidden.shape
-    mask_R = mask.reshape(b * t) != 0
-    # Masked-in rows first, in order; chunks past the last masked-in row are never run.
-    order_R = jnp.argsort(~mask_R, stable=True).astype(jnp.int32)
-    num_valid = jnp.sum(mask_R, dtype=jnp.int32)
-    logps_R = _head_logps(
-        hidden.reshape(b * t, d),
+    z = shards if shards >= 1 and b % shards == 0 else 1
+    mask_ZR = mask.reshape(z, b * t // z) != 0
+    # Masked-in rows first, in order, within each shard; chunks past the last masked-in row are never run.
+    order_ZR = jnp.argsort(~mask_ZR, axis=1, stable=True).astype(jnp.int32)
+    num_valid_Z = jnp.sum(mask_ZR, axis=1, dtype=jnp.int32)
+    logps_ZR = _head_logps(
+        hidden.reshape(z, b * t // z, d),
         kernel,
-        targets.astype(jnp.int32).reshape(b * t),
-        order_R,
-        num_valid,
+        targets.astype(jnp.int32).reshape(z, b * t // z),
+        order_ZR,
+        num_valid_Z,
         _head_chunk_rows(kernel.shape[1], platform),
     )
-    return jnp.sum(logps_R.reshape(b, t), axis=-1)
+    return jnp.sum(logps_ZR.reshape(b, t), axis=-1)

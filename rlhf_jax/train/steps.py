@@ -42,7 +42,7 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
     )
     return losses.sequence_logps_from_hidden(
         hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT,
-        platform=layers.target_platform(getattr(model, "mesh", None)),
+        platform=layers.target_platform(getattr(model, "mesh", None)), shards=_shards(model),
     )  # fmt: skip
 
 
