@@ -7,10 +7,10 @@ times the loop's trip count (the `known_trip_count` XLA writes into the while's 
 the integer constant the loop condition compares against), nested loops multiplied, and computations
 called from fusions, conditionals and async wrappers as often as their caller.
 
-The size of one collective is the larger of its result and its operand (the gathered array of an
-all-gather, the unreduced input of a reduce-scatter, the array of an all-reduce). `ici_bytes` is the
-traffic of one chip as the roofline charges it: the size once, twice for an all-reduce (a
-reduce-scatter then an all-gather), an upper bound on the (n - 1) / n share a ring moves.
+The size of one collective is its result (the gathered array of an all-gather, the block a
+collective-permute moves, the array of an all-reduce), for a reduce-scatter its unreduced input.
+`ici_bytes` is the traffic of one chip as the roofline charges it: the size once, twice for an
+all-reduce (a reduce-scatter then an all-gather), an upper bound on the (n - 1) / n share a ring moves.
 """
 
 from __future__ import annotations
@@ -113,10 +113,16 @@ def collectives(hlo: str) -> list[Collective]:
             kind = op.removesuffix("-start")
             if kind not in KINDS or op.endswith("-done"):
                 continue
-            # Compiled HLO names its operands (`all-gather(%x)`); their shapes are on their own lines.
-            operands = rest.split(")", 1)[0]
-            operand_shapes = " ".join(shapes.get(o, "") for o in re.findall(r"%([\w.\-]+)", operands))
-            size = max(array_bytes(shape) + array_bytes(operands) + array_bytes(operand_shapes) + [0])
+            # The result is what moves (the gathered array, the permuted block; an async `-start`'s
+            # tuple holds its buffers), except for a reduce-scatter, whose unreduced input is larger.
+            # Compiled HLO names operands (`reduce-scatter(%x)`); their shapes are on their own lines.
+            size = max(array_bytes(shape) + [0])
+            if kind == "reduce-scatter":
+                operands = rest.split(")", 1)[0]
+                names = re.findall(r"%([\w.\-]+)", operands)
+                size = max(
+                    [size, *array_bytes(operands), *array_bytes(" ".join(shapes.get(o, "") for o in names))]
+                )
             src = re.search(r'op_name="([^"]*)"', rest)
             out.append(Collective(kind, name, comp, size, times[comp], src.group(1) if src else ""))
     return out
