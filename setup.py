@@ -42,7 +42,12 @@ _TEST = [
     # .ci/run checks `ruff check .` and `ruff format --check .`; pinned because a formatter release may
     # change its style and turn a clean tree into a failing check.
     "ruff==0.17.6",
+    # tests/test_tpu_plan.py compiles for TPU topologies on the CPU (libtpu wheels are Linux-only).
+    'libtpu; sys_platform == "linux"',
 ]
+
+# `bench.tpu_plan` compiles for described TPU topologies on any Linux host (the wheel `jax[tpu]` installs).
+_TPU = ["libtpu"]
 
 _BENCH = [
     "torch==2.13.0",
@@ -60,6 +65,6 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*", "launch", "experiments", "bench"]),
     install_requires=_RUNTIME,
-    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST},
+    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST, "tpu": _TPU},
     license="Apache-2.0",
 )

@@ -30,6 +30,8 @@ Arrays carry their shape in their name, so shapes never live in comments: ``logi
   A: candidate tokens per row left by top-k / top-p (sampling; A <= V)
   X: examples of a whole dataset, before batching (``ids_B`` index into it)
   J: examples packed into one row (``data.packing``)
+  Z: batch shards, the devices the batch is split over (``sharding.batch_shards``; the log-probs
+     compact and chunk each shard's rows on its own device)
   1, 2: an axis of that literal size (``mask_B1TS`` broadcasts; ``used_PB2``: the two of a pair)
 
 A dimension that is split names both parts (``x_BTHK``); a scalar has no suffix. A part of an axis is

@@ -155,6 +155,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shards(mesh: Mesh | None, rules=LOGICAL_RULES) -> int:
+    """How many pieces the batch dimension is split into on `mesh` (data x fsdp; 1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in _mesh_axes("batch", rules))
+
+
 def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
     """Sharding for [B, ...] arrays: B split over the mesh axes of logical `batch` (data x fsdp)."""
     return logical_sharding(mesh, ("batch",), rules)

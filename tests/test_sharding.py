@@ -195,3 +195,77 @@ def test_sharded_init_reward_model_and_kv_cache_decode():
     sharded = jax.jit(functools.partial(infer, lm, rm))(sharded_lm_params, rm_params, tokens, cache)
     for a, b in zip(sharded, single, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_token_logps_chunks_stay_on_their_devices():
+    """With the batch split over 8 devices, `losses.token_logps` (forward and gradient) gathers no logits:
+    each chunk of rows takes its rows from every device (contiguous chunks made XLA all-gather the whole
+    [B, T, V] logits at every step of the chunk loop). Values equal the unsharded computation."""
+    import numpy as np
+
+    from bench import hlo_collectives
+    from rlhf_jax import losses
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
+    b, t, v = 8, 256, 2048  # 4 chunks of 512 rows (`_CHUNK_ELEMENTS`)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    shards = sharding.batch_shards(mesh)
+    assert shards == 8
+
+    def f(x, y):
+        return jnp.sum(losses.token_logps(logits=x, targets=y, shards=shards) * jnp.arange(t)[None, :])
+
+    fn = jax.jit(jax.value_and_grad(f), in_shardings=(sharding.batch_sharding(mesh),) * 2)
+    x, y = sharding.shard_batch(logits, mesh), sharding.shard_batch(targets, mesh)
+    gathered = hlo_collectives.summary(fn.lower(x, y).compile().as_text())["all-gather"]["bytes"]
+    assert gathered < logits.nbytes / 64, gathered
+    value, grad = fn(x, y)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(value, np.sum(want * np.arange(t)), rtol=1e-5)
+    onehot = np.eye(v, dtype=np.float32)[targets]
+    np.testing.assert_allclose(grad, (onehot - np.exp(logp)) * np.arange(t)[None, :, None], atol=1e-5)
+
+
+def test_fused_head_logps_per_shard_equals_unfused():
+    """`losses.sequence_logps_from_hidden` with the batch split over 8 devices and `shards=8` (each shard
+    compacts and chunks its own masked-in rows) equals the unfused log-probs, values and gradients.
+    That it moves no rows between devices is checked on a TPU compile (tests/test_tpu_plan.py)."""
+    import numpy as np
+
+    from rlhf_jax import losses
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
+    b, t, d, v = 16, 128, 64, 4096  # 512 rows per chunk on CPU: several chunks per shard
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(b, t, d)).astype(np.float32)
+    kernel = (rng.normal(size=(d, v)) / 8).astype(np.float32)
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    mask = (rng.random((b, t)) < 0.6).astype(np.float32)
+
+    def f(h, w, y, m):
+        kw = dict(hidden=h, kernel=w, targets=y, mask=m, shards=sharding.batch_shards(mesh))
+        return jnp.sum(losses.sequence_logps_from_hidden(**kw) * jnp.arange(1, b + 1))
+
+    bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), in_shardings=(bs, rep, bs, bs))
+    args = (sharding.shard_batch(hidden, mesh), kernel, sharding.shard_batch(targets, mesh),
+            sharding.shard_batch(mask, mesh))  # fmt: skip
+    value, (dh, dw) = fn(*args)
+
+    def unfused(h, w):
+        logits = jnp.einsum("BTD,DV->BTV", h, w)
+        return jnp.sum(
+            losses.sequence_logps(logits=logits, targets=targets, mask=mask) * jnp.arange(1, b + 1)
+        )
+
+    want, (want_dh, want_dw) = jax.value_and_grad(unfused, argnums=(0, 1))(hidden, kernel)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)

@@ -321,14 +321,21 @@ def _plus(y, delta):
     return y if delta is None else y + delta
 
 
+def target_platform(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "tpu", "gpu") the program is compiled for: that of the mesh's devices (a TPU
+    topology's devices when compiling for a TPU from a CPU host), else `jax.default_backend()`."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
-    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); on the
-    CPU backend with `attention_impl=None` that is `causal_attention`, faster there than JAX's. With a
-    cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new keys/values are written at
-    `start_B` and the queries attend over the whole buffer under `mask_B1TS` (slot <= query position),
-    through `_cached_attention` (`attention_impl` applies to the uncached forward only).
+    Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); when
+    compiling for the CPU (`target_platform`) with `attention_impl=None` that is `causal_attention`,
+    faster there than JAX's. With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new
+    keys/values are written at `start_B` and the queries attend over the whole buffer under
+    `mask_B1TS` (slot <= query position), through `_cached_attention` (`attention_impl` applies to the
+    uncached forward only).
 
     With `qk_norm`, queries and keys pass through RMSNorms over the head dimension (scales `q_norm`,
     `k_norm` [K]) before RoPE (Qwen3, Gemma 3); scores are scaled by query_pre_attn_scalar^-1/2 when
@@ -336,6 +343,7 @@ class Attention(nn.Module):
     """
 
     config: ModelConfig
+    mesh: Mesh | None = None  # its devices' platform chooses the kernel (`target_platform`)
 
     @nn.compact
     def __call__(self, x_BTD, rope_BTk, mask_B1TS, kv=None, start_B=None):
@@ -370,7 +378,7 @@ class Attention(nn.Module):
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
         scale = K**-0.5 if c.query_pre_attn_scalar is None else float(c.query_pre_attn_scalar) ** -0.5
-        cpu = c.attention_impl is None and jax.default_backend() == "cpu"
+        cpu = c.attention_impl is None and target_platform(self.mesh) == "cpu"
         if kv is None and (cpu or c.attn_softcap is not None):
             block = _attention_block(q_BTHK.shape[1])
             out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block, scale, c.attn_softcap)
@@ -461,7 +469,7 @@ class Block(nn.Module):
         if dist_B1TS is not None:
             in_window_B1TS = dist_B1TS < layer["window"]
             mask_B1TS = in_window_B1TS if mask_B1TS is None else mask_B1TS & in_window_B1TS
-        h_BTD, kv = Attention(c, name="attn")(
+        h_BTD, kv = Attention(c, self.mesh, name="attn")(
             RMSNorm(c, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B
         )
         if c.sandwich_norms:

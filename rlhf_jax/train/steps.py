@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses
+from rlhf_jax import losses, sharding
+from rlhf_jax.models import layers
 from rlhf_jax.train import state as state_lib
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -42,8 +43,9 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
         return_softcap=True,
     )  # fmt: skip
     return losses.sequence_logps_from_hidden(
-        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT, softcap=softcap
-    )
+        hidden=hidden_BTD, kernel=w_DV, targets=targets_BT, mask=loss_mask_BT, softcap=softcap,
+        platform=layers.target_platform(getattr(model, "mesh", None)), shards=_shards(model),
+    )  # fmt: skip
 
 
 def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
@@ -55,6 +57,13 @@ def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
     return jnp.split(logps_2B, 2)
 
 
+def _shards(model: nn.Module) -> int:
+    """Devices the batch is split over in `model`'s mesh (`losses.token_logps` chunks rows by them)."""
+    return sharding.batch_shards(
+        getattr(model, "mesh", None), getattr(model, "rules", sharding.LOGICAL_RULES)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Objectives.
 
@@ -63,7 +72,7 @@ def sft_objective(params, batch, reference_params, *, model: nn.Module):
     """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens)."""
     del reference_params
     logits_BTV = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
-    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
     mask_BT = batch["loss_mask"] * batch["weights"][:, None]
     nll = -jnp.sum(jnp.where(mask_BT > 0, logps_BT * mask_BT, 0.0))
     return nll, {"loss": nll, "weight": jnp.sum(mask_BT)}
@@ -195,7 +204,7 @@ def token_logps(model: nn.Module, params, batch, *, temperature: float = 1.0) ->
     as TRL computes them (top-k truncation is not applied).
     """
     logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
-    return losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+    return losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
 
 
 def policy_gradient_objective(
@@ -223,7 +232,7 @@ def policy_gradient_objective(
     """
     del reference_params
     logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
-    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"])
+    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
     mask_BT = batch["loss_mask"]
     share = jnp.sum(batch["row_fraction"])  # rows of this micro-batch / rows of the mini-batch
     token_normalizer = batch["token_normalizer"][0]
