@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from random_params import random_params
 
-from rlhf_jax import interop, lora, models, sampling, scoring, sharding
+from rlhf_jax import interop, lora, losses, models, sampling, scoring, sharding
 from rlhf_jax.interop import _hf_config
 from rlhf_jax.models import layers
 from rlhf_jax.pipelines import fingerprints
@@ -457,6 +457,16 @@ def test_fused_log_probs_apply_the_final_soft_cap(hf_dirs):
     want = np.sum(np.take_along_axis(theirs, targets[..., None], -1)[..., 0] * mask, -1)
     fused = jax.jit(steps.sequence_logps, static_argnums=0)(model, params, tokens, targets, mask, seg)
     np.testing.assert_allclose(fused, want, atol=LOGP_ATOL, rtol=0)
+    # Per-shard compaction (shards=2: each batch shard chunks its own rows) keeps the cap, values and grads.
+    hidden, w, cap = model.apply({"params": params}, tokens, segment_ids_BT=seg, method="hidden_and_head",
+                                 return_softcap=True)  # fmt: skip
+    assert cap == config.final_softcap
+    by_shards = lambda h, k, z: losses.sequence_logps_from_hidden(
+        hidden=h, kernel=k, targets=targets, mask=mask, softcap=cap, shards=z)  # fmt: skip
+    np.testing.assert_allclose(by_shards(hidden, w, 2), want, atol=LOGP_ATOL, rtol=0)
+    g1, g2 = (jax.grad(lambda h, k: jnp.sum(by_shards(h, k, z)), argnums=(0, 1))(hidden, w) for z in (1, 2))
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     batch = dict(tokens=tokens, targets=targets, loss_mask=mask.astype(np.float32), segment_ids=seg,
                  weights=np.ones(2, np.float32))  # fmt: skip
     nll, _ = jax.jit(lambda p, b: steps.sft_objective(p, b, None, model=model))(params, batch)
