@@ -6,7 +6,11 @@ for the SFT stage a preference experiment runs first when `init_from` is empty),
 `data`. A `:smoke` variant shrinks everything to a CPU run of seconds.
 """
 
+import dataclasses
+
 import ml_collections
+
+from rlhf_jax.pipelines import ppo
 
 
 def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule="cosine"):
@@ -48,6 +52,15 @@ def rm_section(*, steps, batch_size, learning_rate, warmup_steps=0, kind="pointw
                             warmup_steps=warmup_steps)  # fmt: skip
     section.kind = kind
     return section
+
+
+def ppo_section(**overrides) -> dict:
+    """Every `pipelines.ppo.PPOConfig` key (its defaults, with `overrides`), so each is a `--config.ppo.*` flag."""
+    fields = {f.name: f.default for f in dataclasses.fields(ppo.PPOConfig)}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"ppo_section: unknown keys {sorted(unknown)}")
+    return {**fields, **overrides}
 
 
 def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collections.ConfigDict:

@@ -264,7 +264,14 @@ _head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
 
 
 def sequence_logps_from_hidden(
-    *, hidden, kernel, targets, mask, softcap: float | None = None, platform: str | None = None, shards: int = 1
+    *,
+    hidden,
+    kernel,
+    targets,
+    mask,
+    softcap: float | None = None,
+    platform: str | None = None,
+    shards: int = 1,
 ) -> Array:
     """`sequence_logps` of the logits `hidden @ kernel`, without materialising the logits.
 

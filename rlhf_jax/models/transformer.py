@@ -326,6 +326,20 @@ class RewardModel(nn.Module):
             last_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
         return self.reward_head(last_BD)[:, 0]
 
+    def values(self, tokens_BT, segment_ids_BT=None, *, positions_BT=None):
+        """The head at every position: PPO's critic V(s_t), [B, T] float32.
+
+        Position t reads tokens 0..t, the state before the token that follows it, so `values_BT[:, t]`
+        is the value of emitting `targets[:, t]` (the pipeline layout's `tokens` are the row shifted
+        right of its `targets`). The reward of a row is its value at its last real token, so a critic
+        initialised from a reward model starts from that reward model's scores (Ouyang et al. 2022's
+        value function "initialized from the RM"; TRL's `PPOTrainer` value model).
+        """
+        x_BTD = self.decoder.embed(tokens_BT)
+        positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        return self.reward_head(hidden_BTD)[..., 0]
+
 
 def _boxed_params(model: nn.Module):
     """Abstract parameters, still boxed with their logical axes (shapes do not depend on the mesh)."""

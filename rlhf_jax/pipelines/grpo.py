@@ -54,6 +54,7 @@ from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, reward, sft, tasks, training
+from rlhf_jax.pipelines import ppo as ppo_lib
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, in_section, rm_kind, section_config, stage_config
 from rlhf_jax.train import metrics, steps
@@ -65,7 +66,9 @@ log = logging.getLogger("rlhf_jax")
 AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Rewards whose mean over the samples is their accuracy (shown as `acc` in the progress bar).
 ACCURACY_REWARDS = ("gsm8k", "math", "exact_match")
-ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # `losses.group_advantages`'s
+# "gae": PPO with a critic (`pipelines.ppo`): per-token advantages from GAE instead of the group's.
+PPO_ESTIMATOR = "gae"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,8 @@ class GRPOConfig:
       num_prompts: P, prompts per iteration.
       group_size: G, samples per prompt.
       num_iterations: μ, passes over each iteration's samples (TRL's `num_iterations`).
-      estimator, scale: `losses.group_advantages`'s.
+      estimator, scale: `losses.group_advantages`'s; estimator "gae" is PPO with a critic
+        (`pipelines.ppo`, its settings in the `ppo` section; scale then unused).
       aggregation, epsilon_low, epsilon_high, delta, beta, importance_level: `losses.policy_gradient_loss`'s
         (epsilon_high 0: equal to epsilon_low; delta 0: no cap).
       temperature, top_k, max_new_tokens: the sampling policy.
@@ -114,9 +118,22 @@ class GRPOConfig:
         checks = (
             ("iterations", self.iterations >= 1, ">= 1"),
             ("num_prompts", self.num_prompts >= 1, ">= 1"),
-            ("group_size", self.group_size >= 2, ">= 2 (advantages compare samples of a group)"),
+            (
+                "group_size",
+                self.group_size >= (1 if self.estimator == PPO_ESTIMATOR else 2),
+                ">= 2 (advantages compare samples of a group; estimator gae: >= 1)",
+            ),
             ("num_iterations", self.num_iterations >= 1, ">= 1"),
-            ("estimator", self.estimator in ESTIMATORS, f"one of {ESTIMATORS}"),
+            (
+                "estimator",
+                self.estimator in (*ESTIMATORS, PPO_ESTIMATOR),
+                f"one of {(*ESTIMATORS, PPO_ESTIMATOR)}",
+            ),
+            (
+                "dynamic_sampling",
+                not (self.dynamic_sampling and self.estimator == PPO_ESTIMATOR),
+                "false with estimator gae (it drops groups of equal rewards, a group-baseline filter)",
+            ),
             ("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
             ("epsilon_low", 0 < self.epsilon_low < 1, "in (0, 1)"),
             ("epsilon_high", self.epsilon_high >= 0, ">= 0 (0: equal to epsilon_low)"),
@@ -249,10 +266,13 @@ def sample_groups(
     short = max(0, P - len(kept))
     groups = (kept + dropped[:short])[:P]
     out = {k: np.stack([g[k] for g in groups]) for k in groups[0]}
-    out["advantages"] = np.array(  # a writable host copy
-        losses.group_advantages(rewards_PG=out["rewards"], estimator=grpo.estimator, scale=grpo.scale),
-        np.float32,
-    )
+    if grpo.estimator == PPO_ESTIMATOR:  # per token, from the critic (`pipelines.ppo.advantages`)
+        out["advantages"] = np.zeros((P, G), np.float32)
+    else:
+        out["advantages"] = np.array(  # a writable host copy
+            losses.group_advantages(rewards_PG=out["rewards"], estimator=grpo.estimator, scale=grpo.scale),
+            np.float32,
+        )
     if grpo.dynamic_sampling and short:  # filled with equal-reward groups: no signal, by construction
         out["advantages"][len(kept) :] = 0.0
     out.update(draws=draws, groups_dropped=len(dropped), groups_short=short)
@@ -281,10 +301,15 @@ def _mean_of(records: list[dict], key: str) -> float:
     return float(np.mean([float(r[key]) for r in records]))
 
 
-def minibatch(rows: dict, idx: np.ndarray) -> dict:
-    """Mini-batch `idx` of the rows with its normalisers (`steps.policy_gradient_objective`)."""
-    keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
-    keys += ("reference_logps",) if "reference_logps" in rows else ()
+CRITIC_KEYS = (*scoring.LOGP_KEYS, "old_values", "returns")  # `steps.value_objective`'s
+
+
+def minibatch(rows: dict, idx: np.ndarray, keys: tuple[str, ...] | None = None) -> dict:
+    """Mini-batch `idx` of the rows with its normalisers (`steps.policy_gradient_objective`; with
+    `keys=CRITIC_KEYS`, `steps.value_objective`)."""
+    if keys is None:
+        keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
+        keys += ("reference_logps",) if "reference_logps" in rows else ()
     batch = {k: rows[k][idx] for k in keys}
     n = len(idx)
     batch["token_normalizer"] = np.full(n, np.float32(batch["loss_mask"].sum()), np.float32)
@@ -303,6 +328,8 @@ def run(
     rm_dir: str = "",
     curve_spec: dict | None = None,
     evaluate: Callable[[object], dict] | None = None,
+    ppo: ppo_lib.PPOConfig | None = None,
+    critic_from: str = "",
 ) -> dict:
     """Trains (or resumes) the policy from `cfg.init_from` (an SFT stage) with online RL in `workdir`.
 
@@ -318,13 +345,22 @@ def run(
         iteration's training reward means) are appended to `eval_curve.jsonl` with `step` and
         `iteration`: the over-optimisation curve of a learned reward (gold reward and KL against the
         proxy's reward).
+      ppo, critic_from: with `grpo.estimator="gae"`, PPO's settings and the stage its critic starts
+        from (the SFT stage, default `cfg.init_from`, or a reward-model stage; `pipelines.ppo`).
 
     Returns the stage's results (the last iteration's metrics); evaluation is the pipeline's.
     """
     if not cfg.init_from:
         raise ValueError("online RL needs init_from: the workdir of a finished SFT stage")
+    is_ppo = grpo.estimator == PPO_ESTIMATOR
+    if is_ppo and ppo is None:
+        raise ValueError("grpo.estimator='gae' is PPO with a critic: give its settings (ppo=PPOConfig(...))")
+    ppo = ppo if is_ppo else None
+    critic_from = (critic_from or cfg.init_from) if is_ppo else ""
     os.makedirs(workdir, exist_ok=True)
-    fingerprints.claim(workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec), name)
+    fingerprints.claim(
+        workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec, ppo=ppo, critic_from=critic_from), name
+    )
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
     if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for export
@@ -346,10 +382,12 @@ def run(
     model = models.Transformer(model_cfg, mesh=mesh)
     params = training.init_lm_params(model, jax.random.key(cfg.seed), init_from=cfg.init_from)
     lora = cfg.train.lora()  # LoRA: the state holds the adapters; `params` stays as the frozen base
+    # The frozen reference: for the loss's KL (β > 0) or, with PPO, the reward's KL penalty.
+    keep_reference = grpo.beta > 0 or (ppo is not None and ppo.kl_coef > 0)
     if lora is not None:
-        reference = params if grpo.beta > 0 else None  # the adapters disabled: no second copy
+        reference = params if keep_reference else None  # the adapters disabled: no second copy
     else:
-        reference = jax.tree.map(lambda x: x.copy(), params) if grpo.beta > 0 else None
+        reference = jax.tree.map(lambda x: x.copy(), params) if keep_reference else None
     training.log_startup(
         f"{name} ({grpo.estimator}/{grpo.aggregation})", mesh, model_cfg, cfg.train.batch_size
     )
@@ -367,6 +405,20 @@ def run(
     )  # fmt: skip
     base = params if lora is not None else None  # full fine-tuning: the state holds the only copy
     del params
+    if ppo is not None:  # the critic: its own model, optimizer state and jitted step
+        critic_model, critic_params = ppo_lib.critic(model_cfg, mesh, seed=cfg.seed, init_from=critic_from)
+        critic_step, critic_state = ppo_lib.setup_critic(
+            ppo, cfg, train_cfg, model=critic_model, params=critic_params, mesh=mesh
+        )
+        del critic_params
+    kl_coef = float(np.float32(ppo.kl_coef)) if ppo is not None else 0.0
+
+    def saved_state():
+        """What a checkpoint holds: the train state, with PPO also the critic's and β."""
+        if ppo is None:
+            return state
+        kl = jax.device_put(np.float32(kl_coef), sharding.replicated(mesh))
+        return {"policy": state, "critic": critic_state, "kl_coef": kl}
 
     def policy():
         """The current policy's params (the latest `state`; with LoRA, its adapters on the base)."""
@@ -376,7 +428,12 @@ def run(
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
                         keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)  # fmt: skip
     if ckpt.latest_step() is not None:
-        restored, state = ckpt.restore(None, state)
+        restored, saved = ckpt.restore(None, saved_state())
+        if ppo is None:
+            state = saved
+        else:
+            state, critic_state = saved["policy"], saved["critic"]
+            kl_coef = float(np.float32(jax.device_get(saved["kl_coef"])))
         if workdir_io.is_main():
             print(f"resuming from the checkpoint at step {restored} in {ckpt.directory}", flush=True)
     start_step = int(jax.device_get(state.step))
@@ -417,19 +474,33 @@ def run(
             rows["old_logps"] = rows_logps(model, policy(), rows, **kw)
             if reference is not None:
                 rows["reference_logps"] = rows_logps(model, reference, rows, **kw)
+            if ppo is not None:  # the critic's values, the shaped rewards, GAE
+                rows["old_values"] = ppo_lib.rows_values(critic_model, critic_state.params, rows, mesh=mesh,
+                                                         batch_size=bs)  # fmt: skip
+                shaped = ppo_lib.advantages(rows, groups["rewards"].reshape(-1), ppo, kl_coef)
+                rows["advantages"], rows["returns"] = shaped["advantages"], shaped["returns"]
             generation_s = time.perf_counter() - t0
 
             # μ passes of mini-batch updates.
             t0 = time.perf_counter()
-            step_metrics = []
+            step_metrics, critic_metrics = [], []
             for epoch in range(grpo.num_iterations):
                 order = np.random.default_rng([cfg.seed, 29, it, epoch]).permutation(rows_per_iteration)
                 for start in range(0, rows_per_iteration, cfg.train.batch_size):
-                    batch = place(minibatch(rows, order[start : start + cfg.train.batch_size]))
+                    idx = order[start : start + cfg.train.batch_size]
+                    batch = place(minibatch(rows, idx))
                     with jax.transfer_guard("disallow"):
                         state, m = step_fn(state, batch, base)
                     step_metrics.append(m)
-            step_metrics = jax.device_get(step_metrics)
+                    if ppo is not None:
+                        batch = place(minibatch(rows, idx, CRITIC_KEYS))
+                        with jax.transfer_guard("disallow"):
+                            critic_state, m = critic_step(critic_state, batch, None)
+                        critic_metrics.append(m)
+            step_metrics, critic_metrics = jax.device_get((step_metrics, critic_metrics))
+            if critic_metrics:  # a non-finite critic update counts as one of the run's
+                for m, c in zip(step_metrics, critic_metrics, strict=True):
+                    m["nonfinite_steps"] = m["nonfinite_steps"] + c["nonfinite_steps"]
             train_s = time.perf_counter() - t0
             step = (it + 1) * steps_per_iteration
             skipped = int(step_metrics[-1]["nonfinite_steps"])
@@ -463,6 +534,14 @@ def run(
                 **{k: mean(k) for k in ("ratio_mean",) if k in step_metrics[0]},
                 **{k: v for k, v in groups.items() if k.startswith("reward/")},
             }  # fmt: skip
+            if ppo is not None:
+                cmean = functools.partial(_mean_of, critic_metrics)
+                record.update(
+                    kl_coef=kl_coef, value_loss=cmean("loss"), value_grad_norm=cmean("grad_norm"),
+                    **{k: cmean(k) for k in ("value_clip_frac", "value_mean", "value_error")},
+                    **shaped["stats"],
+                )  # fmt: skip
+                kl_coef = ppo_lib.next_kl_coef(ppo, kl_coef, shaped["stats"]["kl_seq"], rows_per_iteration)
             writer.write(step, record)
             accuracy = next(
                 (record[f"reward/{k}"] for k in ACCURACY_REWARDS if f"reward/{k}" in record), None
@@ -478,9 +557,9 @@ def run(
             if every and (last or step // every > (step - steps_per_iteration) // every):
                 curve_point(step, it + 1, record)
             if last or ckpt.should_save(step):
-                ckpt.save(step, state, force=True)
+                ckpt.save(step, saved_state(), force=True)
             if preemption.reached(step):
-                ckpt.save(step, state, force=True)
+                ckpt.save(step, saved_state(), force=True)
                 ckpt.wait()
                 raise Preempted(step=step, stage=name, checkpoint_dir=ckpt.directory)
     finally:
@@ -571,9 +650,13 @@ def rl_task(task: tasks.TaskData, grpo: GRPOConfig, *, reward_model: Callable | 
     )
 
 
-def spec(cfg: StageConfig, grpo: GRPOConfig, *, rm_dir: str = "", curve: dict | None = None) -> dict:
+def spec(
+    cfg: StageConfig, grpo: GRPOConfig, *, rm_dir: str = "", curve: dict | None = None,
+    ppo: ppo_lib.PPOConfig | None = None, critic_from: str = "",
+) -> dict:  # fmt: skip
     """What the online RL stage's output depends on (its fingerprint's input): with a learned reward,
-    the reward-model stage; with a periodic evaluation, what its curve depends on."""
+    the reward-model stage; with a periodic evaluation, what its curve depends on; with PPO, its
+    settings and the critic's initial stage."""
     out = {
         **fingerprints.trainer_spec(cfg, kind="grpo", loss=False),
         "grpo": grpo,
@@ -583,6 +666,9 @@ def spec(cfg: StageConfig, grpo: GRPOConfig, *, rm_dir: str = "", curve: dict | 
         out["reward_model"] = fingerprints.stage_input(rm_dir)
     if curve:
         out["curve"] = curve
+    if ppo is not None:
+        out["ppo"] = ppo
+        out["critic_from"] = fingerprints.stage_input(critic_from or cfg.init_from)
     return out
 
 
@@ -593,9 +679,10 @@ REWARD_MODEL_HPARAMS = {"batch_size": int, "relative": bool}  # `rewards.reward_
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The `grpo` pipeline's stage configs: SFT, the reward model (`rm`, when a reward is
-    "reward_model"), the online RL stage (`main`, its optimizer and mini-batch size; `grpo` the loop's
-    settings) and the evaluation: on a math task `math_eval.MathEvalConfig` with the answer checker
-    `eval_reward`, on any other `evaluation.EvalConfig` (win rates against the SFT policy)."""
+    "reward_model"), PPO's settings (`ppo`, with estimator "gae"), the online RL stage (`main`, its
+    optimizer and mini-batch size; `grpo` the loop's settings) and the evaluation: on a math task
+    `math_eval.MathEvalConfig` with the answer checker `eval_reward`, on any other
+    `evaluation.EvalConfig` (win rates against the SFT policy)."""
 
     sft: StageConfig
     main: StageConfig
@@ -603,6 +690,7 @@ class Plan:
     eval: math_eval.MathEvalConfig | evaluation.EvalConfig
     eval_reward: str
     rm: StageConfig | None = None
+    ppo: ppo_lib.PPOConfig | None = None  # with grpo.estimator "gae"
 
     @property
     def math(self) -> bool:
@@ -645,6 +733,16 @@ def plan(config) -> Plan:
     grpo = in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
     math = config.data.task in MATH_TASKS
     learned = any(name == "reward_model" for name, _, _ in grpo.rewards)
+    ppo = None
+    if grpo.estimator == PPO_ESTIMATOR:
+        ppo = section_config(ppo_lib.PPOConfig, config, "ppo") if "ppo" in config else ppo_lib.PPOConfig()
+        if ppo.critic_init == "reward_model" and not learned:
+            raise ValueError(
+                "config.ppo.critic_init='reward_model' needs the run's reward model (a reward_model reward "
+                "with an rm section); use critic_init='sft'"
+            )
+    elif "ppo" in config and config.ppo:
+        raise ValueError("config.ppo is PPO's section: set config.grpo.estimator='gae' to run PPO")
     rm = None
     if learned:
         if math:
@@ -669,7 +767,14 @@ def plan(config) -> Plan:
         eval=eval_config,
         eval_reward=eval_reward,
         rm=rm,
+        ppo=ppo,
     )
+
+
+def method(grpo: GRPOConfig) -> str:
+    """The results' `method`: "grpo/dapo", "rloo/dapo+dynamic", ...; PPO: "ppo/<aggregation>"."""
+    name = "ppo" if grpo.estimator == PPO_ESTIMATOR else grpo.estimator
+    return f"{name}/{grpo.aggregation}" + ("+dynamic" if grpo.dynamic_sampling else "")
 
 
 def _evaluation_path(policy_dir: str, eval_spec: dict) -> str:
@@ -757,13 +862,15 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
     if cfg.train.eval_every and not plan.math:
         curve_spec = {"every": cfg.train.eval_every, **eval_spec}
         evaluate_curve = lambda params: evaluate(sft_lm()[0], params, sft_lm()[1])  # noqa: E731
-    ran.append(
-        locate("policy", spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec), done=workdir_io.stage_done)
-    )
+    critic_from = rm_dir if plan.ppo is not None and plan.ppo.critic_init == "reward_model" else ""
+    policy_spec = spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec, ppo=plan.ppo, critic_from=critic_from)
+    ran.append(locate("policy", policy_spec, done=workdir_io.stage_done))
     policy_dir = ran[-1].dir
     rl = rl_task(task, plan.grpo, reward_model=reward_model)
     stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl, tokenizer=tokenizer, rm_dir=rm_dir,
-                        curve_spec=curve_spec, evaluate=evaluate_curve)  # fmt: skip
+                        curve_spec=curve_spec, evaluate=evaluate_curve, ppo=plan.ppo,
+                        name="ppo" if plan.ppo is not None else "grpo",
+                        critic_from=critic_from)  # fmt: skip
 
     # Evaluate the policy and the SFT policy on the held-out problems or prompts.
     evaluation_path = _evaluation_path(policy_dir, eval_spec)
@@ -779,9 +886,9 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         **{k: ev.get(k) for k in keys if k != "wall_time_s"},
         **ev,
         **training_summary(policy_dir, plan.grpo),
-        "method": f"{plan.grpo.estimator}/{plan.grpo.aggregation}"
-        + ("+dynamic" if plan.grpo.dynamic_sampling else ""),
+        "method": method(plan.grpo),
         "grpo": dataclasses.asdict(plan.grpo),
+        **({"ppo": dataclasses.asdict(plan.ppo)} if plan.ppo is not None else {}),
         "training": stage_results,
         "sft": workdir_io.read_results(sft_dir),
         **({"reward_model": workdir_io.read_results(rm_dir)} if rm_dir else {}),

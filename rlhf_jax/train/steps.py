@@ -222,7 +222,8 @@ def policy_gradient_objective(
     sampled completions, exact under gradient accumulation.
 
     The batch holds the rows (`tokens`, `targets`, `loss_mask`, `segment_ids`), `old_logps` [B, T] (at
-    sampling time), `advantages` [B], optionally `reference_logps` [B, T] (the KL term's), and two
+    sampling time), `advantages` [B] (or [B, T] per token: PPO's GAE), optionally `reference_logps`
+    [B, T] (the KL term's), and two
     normalisers written by the online loop for the whole mini-batch: `token_normalizer` [B] (its masked
     token count, every row the same) and `row_fraction` [B] (1 / its row count). The returned loss is
     that of the whole mini-batch restricted to these rows, so micro-batches sum to it exactly (the
@@ -234,12 +235,14 @@ def policy_gradient_objective(
     logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
     logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
     mask_BT = batch["loss_mask"]
+    # [B]: one advantage per sequence (the GRPO family); [B, T]: per token (PPO's GAE).
+    adv_key = "advantages_BT" if batch["advantages"].ndim == 2 else "advantages_B"
     share = jnp.sum(batch["row_fraction"])  # rows of this micro-batch / rows of the mini-batch
     token_normalizer = batch["token_normalizer"][0]
     kw = dict(loss_kwargs)
     inputs = dict(
-        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], advantages_B=batch["advantages"], mask_BT=mask_BT,
-        reference_logps_BT=batch.get("reference_logps"),
+        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], mask_BT=mask_BT,
+        reference_logps_BT=batch.get("reference_logps"), **{adv_key: batch["advantages"]},
     )  # fmt: skip
     if aggregation in ("dapo", "bnpo"):  # masked token sum over the mini-batch's token count
         loss = losses.policy_gradient_loss(
@@ -251,8 +254,8 @@ def policy_gradient_objective(
         )
     metric_kw = {k: v for k, v in kw.items() if k in ("epsilon_low", "epsilon_high")}
     means = losses.policy_gradient_metrics(
-        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], advantages_B=batch["advantages"], mask_BT=mask_BT,
-        reference_logps_BT=batch.get("reference_logps"), **metric_kw,
+        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], mask_BT=mask_BT,
+        reference_logps_BT=batch.get("reference_logps"), **{adv_key: batch["advantages"]}, **metric_kw,
     )  # fmt: skip
     token_share = jnp.sum(mask_BT) / jnp.maximum(token_normalizer, 1.0)
     # The policy's entropy at the sampled positions (logged only; DAPO's clip-higher claim is about it).
@@ -262,6 +265,37 @@ def policy_gradient_objective(
     sums = {"loss": loss, "weight": share, "entropy": entropy}
     sums.update({k: token_share * share_free for k, share_free in means.items()})
     # `weight` sums to 1 over the micro-batches, so `finalize` leaves these sums as they are.
+    return loss, sums
+
+
+def value_objective(params, batch, reference_params, *, model: nn.Module, clip: float | None = 0.2):
+    """PPO's critic loss (`losses.value_loss`, clipped, ½·squared error) on a mini-batch of rollouts,
+    exact under gradient accumulation.
+
+    `model` is a `RewardModel` (its `values` method, V(s_t) at every position); the batch holds the rows
+    (`tokens`, `targets`, `loss_mask`, `segment_ids`), `old_values` and `returns` [B, T] (at rollout
+    time, `losses.gae`), and the loop's normalisers `token_normalizer` and `row_fraction` (as in
+    `policy_gradient_objective`): the loss is the masked token mean over the whole mini-batch.
+    """
+    del reference_params
+    values_BT = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], method="values")
+    mask_BT = batch["loss_mask"]
+    token_normalizer = jnp.maximum(batch["token_normalizer"][0], 1.0)
+    token_share = jnp.sum(mask_BT) / token_normalizer  # this micro-batch's tokens / the mini-batch's
+    loss = token_share * losses.value_loss(
+        values_BT=values_BT, old_values_BT=batch["old_values"], returns_BT=batch["returns"], mask_BT=mask_BT,
+        clip=clip,
+    )  # fmt: skip
+    mask = mask_BT > 0
+    moved = jnp.abs(values_BT - batch["old_values"]) > clip if clip is not None else jnp.zeros_like(mask)
+    total = lambda x_BT: jnp.sum(jnp.where(mask, x_BT, 0.0)) / token_normalizer  # noqa: E731
+    sums = {
+        "loss": loss,
+        "weight": jnp.sum(batch["row_fraction"]),
+        "value_clip_frac": total(moved.astype(jnp.float32)),
+        "value_mean": total(values_BT),
+        "value_error": total(jnp.abs(values_BT - batch["returns"])),
+    }
     return loss, sums
 
 
