@@ -9,7 +9,8 @@ import pytest
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 RSO = os.path.join(NOTEBOOKS, "rso_tldr_colab.ipynb")
 GRPO = os.path.join(NOTEBOOKS, "grpo_arith_colab.ipynb")
-ALL = pytest.mark.parametrize("notebook", [RSO, GRPO], ids=os.path.basename)
+PPO = os.path.join(NOTEBOOKS, "ppo_arith_colab.ipynb")
+ALL = pytest.mark.parametrize("notebook", [RSO, GRPO, PPO], ids=os.path.basename)
 
 
 def _load_json(notebook):
@@ -95,4 +96,20 @@ def test_grpo_notebook_runs_headless(tmp_path, monkeypatch):
     data = _displayed(outputs)
     markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
     assert any("accuracy gain over SFT" in m for m in markdown), "the headline table was not displayed"
+    assert any("image/png" in d for d in data), "the training curves were not plotted inline"
+
+
+@pytest.mark.slow
+def test_ppo_notebook_runs_headless(tmp_path, monkeypatch):
+    workdir = tmp_path / "ppo"
+    outputs = _execute(PPO, tmp_path, monkeypatch, workdir)
+    with open(workdir / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results.get("accuracy") is not None and results["method"] == "ppo/dapo"
+    text = _stream_text(outputs)
+    assert "Online RL on arith: ppo/dapo" in text and "held-out accuracy, greedy (policy)" in text
+    assert text.count("by gsm8k") == 6, "each problem should show both policies' answers, judged by gsm8k"
+    data = _displayed(outputs)
+    markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
+    assert any("accuracy, greedy: PPO policy" in m and "γ, λ, β" in m for m in markdown)
     assert any("image/png" in d for d in data), "the training curves were not plotted inline"

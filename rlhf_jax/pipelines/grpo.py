@@ -1,4 +1,4 @@
-"""Online RL with verifiable rewards: the GRPO family (GRPO, Dr. GRPO, DAPO, RLOO), one loop.
+"""Online RL with verifiable rewards: the GRPO family (GRPO, Dr. GRPO, DAPO, RLOO) and PPO, one loop.
 
 (Over 400 lines: the loop, its sampling of groups with dynamic sampling, and its pipeline read together.)
 
@@ -28,6 +28,9 @@ Per iteration i (Shao et al. 2024, DeepSeekMath, Algorithm 1; DAPO, Yu et al. 20
   5. μ = `num_iterations` passes over the P·G rows in shuffled mini-batches of `train.batch_size` rows,
      each an optimizer step of `losses.policy_gradient_loss` (`steps.policy_gradient_objective`, jitted
      once by `trainer.make_train_step`); at the first step of an iteration the ratio is 1.
+
+With `estimator="gae"` this is PPO with a critic (`pipelines.ppo`): step 3's advantages are per token,
+from GAE over a critic's values and KL-shaped rewards, and each mini-batch step also updates the critic.
 
 One record per iteration in `metrics.jsonl` (at the iteration's last optimizer step): `loss`,
 `reward_mean`, `reward_std`, `frac_zero_std_groups`, `groups_dropped`, `clip_frac_low`,
