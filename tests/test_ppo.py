@@ -258,3 +258,66 @@ def test_ppo_arith_smoke_resumes_exactly_after_sigkill(tmp_path):
     same = lambda rs: [tuple(r[k] for k in keys) for r in rs]  # noqa: E731
     assert same(after) == same(records)
     assert json.load(open(workdir / "results.json"))["accuracy"] == results["accuracy"]
+
+
+def test_shared_critic_objective_is_the_policy_loss_plus_the_weighted_value_loss():
+    """The shared critic's loss is policy_gradient_objective's + vf_coef · value loss of the head on the
+    policy's hidden states; the value loss's gradient reaches the backbone, the policy loss's does not
+    reach the head."""
+    cfg = models.preset("tiny", vocab_size=64, max_len=16)
+    model = models.Transformer(cfg)
+    lm = models.init_params(model, jax.random.key(3))
+    head = ppo.value_head_init(cfg.d_model, seed=0, dtype=jnp.float32)
+    params = {"policy": lm, "value_head": head}
+    rng = np.random.default_rng(4)
+    rows = _rows(rng)
+    rows["old_logps"] = (np.asarray(steps.token_logps(model, lm, rows)) + rng.normal(0, 0.1, (4, 10))).astype(
+        np.float32
+    )
+    rows["advantages"] = rng.normal(0, 1, (4, 10)).astype(np.float32)
+    _, hidden = model.apply(
+        {"params": lm}, rows["tokens"], segment_ids_BT=rows["segment_ids"], return_hidden=True
+    )
+    values = np.asarray(hidden, np.float32) @ np.asarray(head["kernel"])[:, 0] + float(head["bias"][0])
+    np.testing.assert_allclose(steps.shared_values(model, params, rows), values, rtol=1e-5, atol=1e-6)
+    rows["old_values"] = (values + rng.normal(0, 0.3, values.shape)).astype(np.float32)
+    rows["returns"] = rng.normal(0, 1, values.shape).astype(np.float32)
+    rows["token_normalizer"] = np.full(4, rows["loss_mask"].sum(), np.float32)
+    rows["row_fraction"] = np.full(4, 0.25, np.float32)
+    kw = dict(model=model, temperature=0.7, aggregation="dapo", loss_kwargs=(("epsilon_low", 0.2),))
+    shared = lambda p: steps.shared_critic_objective(p, rows, None, **kw, vf_coef=0.5, clip=0.2)  # noqa: E731
+    loss, sums = shared(params)
+    pg, _ = steps.policy_gradient_objective(lm, rows, None, **kw)
+    m = rows["loss_mask"]
+    clipped = rows["old_values"] + np.clip(values - rows["old_values"], -0.2, 0.2)
+    vl = (
+        0.5
+        * np.sum(np.maximum((values - rows["returns"]) ** 2, (clipped - rows["returns"]) ** 2) * m)
+        / m.sum()
+    )
+    assert float(sums["policy_loss"]) == pytest.approx(float(pg), rel=1e-5)
+    assert float(sums["value_loss"]) == pytest.approx(vl, rel=1e-4)
+    assert float(loss) == pytest.approx(float(pg) + 0.5 * vl, rel=1e-5)
+    grads = jax.grad(lambda p: shared(p)[0])(params)
+    g_pg = jax.grad(lambda p: steps.policy_gradient_objective(p, rows, None, **kw)[0])(lm)
+    embed = lambda g: np.asarray(g["decoder"]["embedding"])  # noqa: E731
+    assert np.abs(embed(grads["policy"]) - embed(g_pg)).max() > 1e-6  # the value loss trains the backbone
+    assert np.abs(np.asarray(grads["value_head"]["kernel"])).max() > 0
+
+
+@pytest.mark.slow
+def test_ppo_with_a_shared_critic_runs_and_saves_an_lm(tmp_path):
+    """`ppo_arith:smoke` with the value head on the policy's backbone: one state, the records carry the
+    value loss, and the saved policy is a plain LM (the head is not in it)."""
+    cmd, kw = _cli([*PPO_SMOKE, "--config.ppo.critic_init=shared", f"--workdir={tmp_path}"])
+    run = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = _records(str(tmp_path))
+    assert len(records) == 2 and all(np.isfinite(r["value_loss"]) and "policy_loss" in r for r in records)
+    assert all(r["loss"] != r["policy_loss"] for r in records)
+    from rlhf_jax.pipelines import workdir as workdir_io
+
+    results = json.load(open(tmp_path / "results.json"))
+    policy_dir = tmp_path / results["stages"]["policy"]["dir"]
+    model, params = workdir_io.load_lm(str(policy_dir), None)
+    assert "value_head" not in params and "decoder" in params

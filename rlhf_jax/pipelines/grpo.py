@@ -305,6 +305,8 @@ def _mean_of(records: list[dict], key: str) -> float:
 
 
 CRITIC_KEYS = (*scoring.LOGP_KEYS, "old_values", "returns")  # `steps.value_objective`'s
+# `steps.shared_critic_objective`'s (the reference log-probs are added when present).
+SHARED_KEYS = (*scoring.LOGP_KEYS, "old_logps", "advantages", "old_values", "returns")
 
 
 def minibatch(rows: dict, idx: np.ndarray, keys: tuple[str, ...] | None = None) -> dict:
@@ -312,7 +314,8 @@ def minibatch(rows: dict, idx: np.ndarray, keys: tuple[str, ...] | None = None) 
     `keys=CRITIC_KEYS`, `steps.value_objective`)."""
     if keys is None:
         keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
-        keys += ("reference_logps",) if "reference_logps" in rows else ()
+    if "old_logps" in keys and "reference_logps" in rows:
+        keys += ("reference_logps",)
     batch = {k: rows[k][idx] for k in keys}
     n = len(idx)
     batch["token_normalizer"] = np.full(n, np.float32(batch["loss_mask"].sum()), np.float32)
@@ -359,7 +362,12 @@ def run(
     if is_ppo and ppo is None:
         raise ValueError("grpo.estimator='gae' is PPO with a critic: give its settings (ppo=PPOConfig(...))")
     ppo = ppo if is_ppo else None
-    critic_from = (critic_from or cfg.init_from) if is_ppo else ""
+    shared = ppo is not None and ppo.shared  # the value head on the policy's backbone
+    if shared and cfg.train.lora() is not None:
+        raise ValueError(
+            "ppo.critic_init='shared' does not support LoRA (train.lora_rank > 0) yet: use 'sft'"
+        )
+    critic_from = (critic_from or cfg.init_from) if is_ppo and not shared else ""
     os.makedirs(workdir, exist_ok=True)
     fingerprints.claim(
         workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec, ppo=ppo, critic_from=critic_from), name
@@ -402,13 +410,23 @@ def run(
         max_length=grpo.max_new_tokens,  # Dr. GRPO: the completion budget (TRL: max_completion_length)
     )  # fmt: skip
     train_cfg = dataclasses.replace(cfg.train, steps=total_steps)
-    step_fn, state = training.setup(
-        cfg.optim, train_cfg, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=lambda batch: np.float32(1.0), lora=lora,
-    )  # fmt: skip
+    if shared:  # one state {"policy", "value_head"}, one loss: pg + vf_coef · value loss
+        objective = functools.partial(
+            steps.shared_critic_objective, **objective.keywords, vf_coef=ppo.vf_coef,
+            clip=ppo.value_clip if ppo.value_clip > 0 else None,
+        )  # fmt: skip
+        head = ppo_lib.value_head_init(model_cfg.d_model, seed=cfg.seed, dtype=model_cfg.param_dtype)
+        step_fn, state = ppo_lib.setup_shared(
+            cfg, train_cfg, model=model, params=params, head=head, mesh=mesh, objective=objective
+        )
+    else:
+        step_fn, state = training.setup(
+            cfg.optim, train_cfg, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+            weight_fn=lambda batch: np.float32(1.0), lora=lora,
+        )  # fmt: skip
     base = params if lora is not None else None  # full fine-tuning: the state holds the only copy
     del params
-    if ppo is not None:  # the critic: its own model, optimizer state and jitted step
+    if ppo is not None and not shared:  # the critic: its own model, optimizer state and jitted step
         critic_model, critic_params = ppo_lib.critic(model_cfg, mesh, seed=cfg.seed, init_from=critic_from)
         critic_step, critic_state = ppo_lib.setup_critic(
             ppo, cfg, train_cfg, model=critic_model, params=critic_params, mesh=mesh
@@ -421,11 +439,13 @@ def run(
         if ppo is None:
             return state
         kl = jax.device_put(np.float32(kl_coef), sharding.replicated(mesh))
+        if shared:
+            return {"policy": state, "kl_coef": kl}
         return {"policy": state, "critic": critic_state, "kl_coef": kl}
 
     def policy():
         """The current policy's params (the latest `state`; with LoRA, its adapters on the base)."""
-        return training.policy_params(state.params, base, lora)
+        return training.policy_params(state.params["policy"] if shared else state.params, base, lora)
 
     # Restore (an iteration's end; the prompts and keys of the next follow from its number).
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
@@ -435,7 +455,8 @@ def run(
         if ppo is None:
             state = saved
         else:
-            state, critic_state = saved["policy"], saved["critic"]
+            state = saved["policy"]
+            critic_state = None if shared else saved["critic"]
             kl_coef = float(np.float32(jax.device_get(saved["kl_coef"])))
         if workdir_io.is_main():
             print(f"resuming from the checkpoint at step {restored} in {ckpt.directory}", flush=True)
@@ -478,8 +499,10 @@ def run(
             if reference is not None:
                 rows["reference_logps"] = rows_logps(model, reference, rows, **kw)
             if ppo is not None:  # the critic's values, the shaped rewards, GAE
-                rows["old_values"] = ppo_lib.rows_values(critic_model, critic_state.params, rows, mesh=mesh,
-                                                         batch_size=bs)  # fmt: skip
+                rows["old_values"] = ppo_lib.rows_values(
+                    model if shared else critic_model, state.params if shared else critic_state.params, rows,
+                    mesh=mesh, batch_size=bs, shared=shared,
+                )  # fmt: skip
                 shaped = ppo_lib.advantages(rows, groups["rewards"].reshape(-1), ppo, kl_coef)
                 rows["advantages"], rows["returns"] = shaped["advantages"], shaped["returns"]
             generation_s = time.perf_counter() - t0
@@ -491,11 +514,11 @@ def run(
                 order = np.random.default_rng([cfg.seed, 29, it, epoch]).permutation(rows_per_iteration)
                 for start in range(0, rows_per_iteration, cfg.train.batch_size):
                     idx = order[start : start + cfg.train.batch_size]
-                    batch = place(minibatch(rows, idx))
+                    batch = place(minibatch(rows, idx, SHARED_KEYS if shared else None))
                     with jax.transfer_guard("disallow"):
                         state, m = step_fn(state, batch, base)
                     step_metrics.append(m)
-                    if ppo is not None:
+                    if ppo is not None and not shared:
                         batch = place(minibatch(rows, idx, CRITIC_KEYS))
                         with jax.transfer_guard("disallow"):
                             critic_state, m = critic_step(critic_state, batch, None)
@@ -537,7 +560,14 @@ def run(
                 **{k: mean(k) for k in ("ratio_mean",) if k in step_metrics[0]},
                 **{k: v for k, v in groups.items() if k.startswith("reward/")},
             }  # fmt: skip
-            if ppo is not None:
+            if shared:  # one step: `loss` is pg + vf_coef · value loss
+                record.update(
+                    kl_coef=kl_coef, policy_loss=mean("policy_loss"), value_loss=mean("value_loss"),
+                    **{k: mean(k) for k in ("value_clip_frac", "value_mean", "value_error")},
+                    **shaped["stats"],
+                )  # fmt: skip
+                kl_coef = ppo_lib.next_kl_coef(ppo, kl_coef, shaped["stats"]["kl_seq"], rows_per_iteration)
+            elif ppo is not None:
                 cmean = functools.partial(_mean_of, critic_metrics)
                 record.update(
                     kl_coef=kl_coef, value_loss=cmean("loss"), value_grad_norm=cmean("grad_norm"),
@@ -573,7 +603,8 @@ def run(
     results = {"stage": name, "iterations": grpo.iterations, "steps": total_steps, **record}
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("reward_mean", "loss", "entropy", "response_length"))
-    training.save_policy(workdir, state, base, model_cfg, lora)  # last: marks the stage as done
+    policy_state = state.replace(params=state.params["policy"]) if shared else state
+    training.save_policy(workdir, policy_state, base, model_cfg, lora)  # last: marks the stage as done
     return results
 
 
@@ -671,7 +702,8 @@ def spec(
         out["curve"] = curve
     if ppo is not None:
         out["ppo"] = ppo
-        out["critic_from"] = fingerprints.stage_input(critic_from or cfg.init_from)
+        if not ppo.shared:
+            out["critic_from"] = fingerprints.stage_input(critic_from or cfg.init_from)
     return out
 
 
@@ -866,6 +898,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         curve_spec = {"every": cfg.train.eval_every, **eval_spec}
         evaluate_curve = lambda params: evaluate(sft_lm()[0], params, sft_lm()[1])  # noqa: E731
     critic_from = rm_dir if plan.ppo is not None and plan.ppo.critic_init == "reward_model" else ""
+    critic_from = sft_dir if plan.ppo is not None and plan.ppo.critic_init == "sft" else critic_from
     policy_spec = spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec, ppo=plan.ppo, critic_from=critic_from)
     ran.append(locate("policy", policy_spec, done=workdir_io.stage_done))
     policy_dir = ran[-1].dir

@@ -35,13 +35,14 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, models, scoring
+from rlhf_jax import losses, models, scoring, sharding
 from rlhf_jax.pipelines import reward, training
-from rlhf_jax.train import steps
+from rlhf_jax.train import optim, steps, trainer
 
-CRITIC_INITS = ("sft", "reward_model")
+CRITIC_INITS = ("sft", "reward_model", "shared")
 KL_ESTIMATORS = ("k1", "k3")  # `losses.kl_penalized_rewards`'s
 
 
@@ -59,8 +60,11 @@ class PPOConfig:
       whiten_advantages: normalise the advantages over the iteration's completion tokens.
       value_clip: c of the clipped value loss (0: no clipping).
       reward_clip: clip the task reward to [−c, c] before shaping (0: none).
-      critic_init: "sft" (the SFT trunk, a fresh head) or "reward_model" (the run's reward model).
-      critic_learning_rate: the critic's peak learning rate (0: the policy's, `train.learning_rate`).
+      critic_init: "sft" (a separate critic: the SFT trunk, a fresh head), "reward_model" (a separate
+        critic: the run's reward model) or "shared" (a value head on the policy's own backbone, trained
+        with the policy by pg_loss + vf_coef · value_loss; `steps.shared_critic_objective`).
+      critic_learning_rate: a separate critic's peak learning rate (0: the policy's, `train.learning_rate`).
+      vf_coef: the value loss's weight with `critic_init="shared"` (TRL's `vf_coef`, 0.1).
     """
 
     gamma: float = 1.0
@@ -75,6 +79,7 @@ class PPOConfig:
     reward_clip: float = 0.0
     critic_init: str = "sft"
     critic_learning_rate: float = 0.0
+    vf_coef: float = 0.1
 
     def __post_init__(self):
         checks = (
@@ -89,10 +94,16 @@ class PPOConfig:
             ("reward_clip", self.reward_clip >= 0, ">= 0 (0: no clipping)"),
             ("critic_init", self.critic_init in CRITIC_INITS, f"one of {CRITIC_INITS}"),
             ("critic_learning_rate", self.critic_learning_rate >= 0, ">= 0 (0: the policy's)"),
+            ("vf_coef", self.vf_coef > 0, "> 0"),
         )
         for field, ok, want in checks:
             if not ok:
                 raise ValueError(f"{field} must be {want}, got {getattr(self, field)!r}")
+
+    @property
+    def shared(self) -> bool:
+        """Whether the value head sits on the policy's backbone (one model, one optimizer)."""
+        return self.critic_init == "shared"
 
 
 def critic(model_cfg: models.ModelConfig, mesh, *, seed: int, init_from: str):
@@ -118,14 +129,48 @@ def setup_critic(ppo: PPOConfig, cfg, train_cfg, *, model, params, mesh):
     )  # fmt: skip
 
 
+def value_head_init(d_model: int, *, seed: int, dtype) -> dict:
+    """A fresh scalar head for the shared critic: kernel [D, 1] ~ N(0, 1/D) (the `RewardModel` head's
+    fan-in init), bias 0."""
+    rng = jax.random.fold_in(jax.random.key(seed), 0xC818)
+    kernel = jax.random.normal(rng, (d_model, 1), jnp.float32) * d_model**-0.5
+    return {"kernel": kernel.astype(dtype), "bias": jnp.zeros((1,), dtype)}
+
+
+def setup_shared(cfg, train_cfg, *, model, params, head, mesh, objective):
+    """The jitted step and fresh state of policy + value head trained together
+    (`steps.shared_critic_objective`); the head is replicated over the mesh."""
+    tx = optim.make_optimizer(cfg.optim, train_cfg.steps)
+    schedule = optim.make_schedule(cfg.optim, train_cfg.steps)
+    param_sh = None
+    if mesh is not None:
+        head_sh = jax.tree.map(lambda _: sharding.replicated(mesh), head)
+        param_sh = {"policy": models.param_shardings(model, mesh), "value_head": head_sh}
+        head = jax.device_put(head, head_sh)
+    state, state_sh = trainer.init_state(
+        {"policy": params, "value_head": head}, tx, seed=cfg.seed, mesh=mesh, param_shardings=param_sh
+    )
+    step_fn = trainer.make_train_step(
+        objective, weight_fn=lambda batch: np.float32(1.0), tx=tx, schedule=schedule,
+        accum_steps=train_cfg.grad_accum_steps, mesh=mesh, state_shardings=state_sh,
+    )  # fmt: skip
+    return step_fn, state
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_shared_values(model):
+    return jax.jit(lambda p, b: steps.shared_values(model, p, b))
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted_values(model):
     return jax.jit(lambda p, b: model.apply({"params": p}, b["tokens"], b["segment_ids"], method="values"))
 
 
-def rows_values(model, params, rows: dict, *, mesh, batch_size: int) -> np.ndarray:
-    """The critic's V(s_t) [R, T] of the rows (`RewardModel.values`), on the host."""
-    fn = _jitted_values(model)
+def rows_values(model, params, rows: dict, *, mesh, batch_size: int, shared: bool = False) -> np.ndarray:
+    """The critic's V(s_t) [R, T] of the rows (`RewardModel.values`; with `shared`, the value head on
+    the policy `model` whose {"policy", "value_head"} params are given), on the host."""
+    fn = _jitted_shared_values(model) if shared else _jitted_values(model)
     return np.asarray(
         scoring.map_chunks(
             lambda chunk: fn(params, chunk),

@@ -233,6 +233,18 @@ def policy_gradient_objective(
     """
     del reference_params
     logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
+    return _policy_gradient_terms(
+        logits_BTV,
+        batch,
+        model=model,
+        aggregation=aggregation,
+        loss_kwargs=loss_kwargs,
+        max_length=max_length,
+    )
+
+
+def _policy_gradient_terms(logits_BTV, batch, *, model, aggregation, loss_kwargs, max_length):
+    """`policy_gradient_objective`'s (loss, sums) from the batch's tempered logits."""
     logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
     mask_BT = batch["loss_mask"]
     # [B]: one advantage per sequence (the GRPO family); [B, T]: per token (PPO's GAE).
@@ -268,6 +280,68 @@ def policy_gradient_objective(
     return loss, sums
 
 
+def shared_critic_objective(
+    params,
+    batch,
+    reference_params,
+    *,
+    model: nn.Module,
+    temperature: float,
+    aggregation: str,
+    loss_kwargs: tuple[tuple[str, object], ...] = (),
+    max_length: int | None = None,
+    vf_coef: float = 0.1,
+    clip: float | None = 0.2,
+):
+    """PPO with the value head on the policy's backbone: `policy_gradient_objective` + vf_coef ·
+    `value_objective` from one forward (TRL's `PPOTrainer` loss pg_loss + vf_coef · vf_loss, OpenAI
+    baselines' shared-network PPO; PPO for NLU, arXiv 2410.11020, puts its value head on the policy's
+    backbone).
+
+    `params` is {"policy": the LM's params, "value_head": {"kernel": [D, 1], "bias": [1]}}; V(s_t) is
+    the head on the final-normed hidden state at every position (float32), so the value loss's gradient
+    reaches the backbone. The batch is `policy_gradient_objective`'s plus `old_values` and `returns`.
+    The sums hold the policy's metrics, `value_loss` (unscaled) and the value metrics of
+    `value_objective`; `loss` is the total.
+    """
+    del reference_params
+    logits_BTV, hidden_BTD = model.apply(
+        {"params": params["policy"]}, batch["tokens"], segment_ids_BT=batch["segment_ids"], return_hidden=True
+    )
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / jnp.asarray(temperature, logits_BTV.dtype)
+    pg_loss, sums = _policy_gradient_terms(
+        logits_BTV,
+        batch,
+        model=model,
+        aggregation=aggregation,
+        loss_kwargs=loss_kwargs,
+        max_length=max_length,
+    )
+    values_BT = _value_head(hidden_BTD, params["value_head"])
+    vf_loss, value_sums = _value_terms(values_BT, batch, clip=clip)
+    loss = pg_loss + vf_coef * vf_loss
+    sums.update({("value_loss" if k == "loss" else k): v for k, v in value_sums.items() if k != "weight"})
+    sums["policy_loss"], sums["loss"] = pg_loss, loss
+    return loss, sums
+
+
+def _value_head(hidden_BTD, head) -> jax.Array:
+    """A scalar head on every position's hidden state, float32 [B, T]."""
+    kernel_D = head["kernel"][:, 0].astype(jnp.float32)
+    return jnp.einsum("BTD,D->BT", hidden_BTD.astype(jnp.float32), kernel_D) + head["bias"][0].astype(
+        jnp.float32
+    )
+
+
+def shared_values(model: nn.Module, params, batch) -> jax.Array:
+    """V(s_t) [B, T] of `shared_critic_objective`'s value head (rollout-time values)."""
+    _, hidden_BTD = model.apply(
+        {"params": params["policy"]}, batch["tokens"], segment_ids_BT=batch["segment_ids"], return_hidden=True
+    )
+    return _value_head(hidden_BTD, params["value_head"])
+
+
 def value_objective(params, batch, reference_params, *, model: nn.Module, clip: float | None = 0.2):
     """PPO's critic loss (`losses.value_loss`, clipped, ½·squared error) on a mini-batch of rollouts,
     exact under gradient accumulation.
@@ -279,6 +353,11 @@ def value_objective(params, batch, reference_params, *, model: nn.Module, clip: 
     """
     del reference_params
     values_BT = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], method="values")
+    return _value_terms(values_BT, batch, clip=clip)
+
+
+def _value_terms(values_BT, batch, *, clip):
+    """`value_objective`'s (loss, sums) from the critic's values [B, T]."""
     mask_BT = batch["loss_mask"]
     token_normalizer = jnp.maximum(batch["token_normalizer"][0], 1.0)
     token_share = jnp.sum(mask_BT) / token_normalizer  # this micro-batch's tokens / the mini-batch's
