@@ -161,6 +161,20 @@ def map_chunks(
 # Samples as training rows, and the trainer's log-probs of them.
 
 
+def map_rows(fn: Callable, params, rows: dict, *, batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+    """`fn(params, chunk)` over the `LOGP_KEYS` of pipeline-layout rows in padded chunks (`map_chunks`,
+    padding rows all 0), e.g. per-token log-probs or a critic's values [R, T]; the outputs on the host."""
+    return np.asarray(
+        map_chunks(
+            lambda chunk: fn(params, chunk),
+            {k: rows[k] for k in LOGP_KEYS},
+            batch_size=batch_size,
+            mesh=mesh,
+            fill=0,
+        )  # fmt: skip
+    )
+
+
 def completions_to_batch(
     prompt_tokens_PT,
     prompt_lengths_P,

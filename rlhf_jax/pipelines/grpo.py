@@ -189,15 +189,7 @@ def prompt_stream(num_prompts: int, *, seed: int, iteration: int, draw: int, cou
 def rows_logps(model, params, rows: dict, *, temperature: float, mesh, batch_size: int) -> np.ndarray:
     """Per-token log-probs [R, T] of the rows' targets under softmax(logits / temperature)."""
     fn = _jitted_token_logps(model, temperature)
-    return np.asarray(
-        scoring.map_chunks(
-            lambda chunk: fn(params, chunk),
-            {k: rows[k] for k in scoring.LOGP_KEYS},
-            batch_size=batch_size,
-            mesh=mesh,
-            fill=0,
-        )  # fmt: skip
-    )
+    return scoring.map_rows(fn, params, rows, batch_size=batch_size, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=8)

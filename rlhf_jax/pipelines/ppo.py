@@ -171,15 +171,7 @@ def rows_values(model, params, rows: dict, *, mesh, batch_size: int, shared: boo
     """The critic's V(s_t) [R, T] of the rows (`RewardModel.values`; with `shared`, the value head on
     the policy `model` whose {"policy", "value_head"} params are given), on the host."""
     fn = _jitted_shared_values(model) if shared else _jitted_values(model)
-    return np.asarray(
-        scoring.map_chunks(
-            lambda chunk: fn(params, chunk),
-            {k: rows[k] for k in scoring.LOGP_KEYS},
-            batch_size=batch_size,
-            mesh=mesh,
-            fill=0,
-        )  # fmt: skip
-    )
+    return scoring.map_rows(fn, params, rows, batch_size=batch_size, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("gamma", "lam", "kl_estimator", "reward_clip", "whiten"))
