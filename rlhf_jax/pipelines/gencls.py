@@ -113,7 +113,8 @@ class ClsConfig:
         for field, ok, want in checks:
             if not ok:
                 raise ValueError(f"{field} must be {want}, got {getattr(self, field)!r}")
-        classification.synthetic_labels(self.num_classes) if self.source == "synthetic" else None
+        if self.source == "synthetic":
+            classification.synthetic_labels(self.num_classes)  # raises for an impossible num_classes
 
     def strategy(self, which: str) -> classification.Strategy:
         return classification.Strategy(getattr(self, f"{which}_prompt"), shots=self.shots)
