@@ -11,8 +11,9 @@ by greedy generation and by perplexity decoding, with bootstrap and paired inter
 
 The task (`rlhf_jax.data.classification.synthetic_splits`): 4 topics, each item 2-3 cue words of its
 class among filler words, 30% ambiguous items with one cue word of another class, 10% of the training
-labels flipped (held-out labels clean). The SFT stage is kept short so that it is not already perfect;
-GRPO then samples 8 answers per prompt at temperature 1 and rewards the right label. Prompt strategies
+labels flipped (held-out labels clean). The SFT stage is kept short (25 steps) so that it is not already
+perfect; GRPO then samples 8 answers per prompt at temperature 1 and rewards the right label (30
+iterations, learning rate 1e-4). About 4 minutes on 2 CPU cores. Prompt strategies
 (`cls.train_prompt`, `cls.eval_prompt`): plain, fewshot, definitions, uncertain, numeric, reason.
 """
 
@@ -26,8 +27,10 @@ def get_config(arg=None):
     c = _base.base(pipeline="gencls", smoke=False)
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.data.update(dict(max_len=96, max_prompt_len=80, vocab_size=600))
-    c.sft = _base.train_section(steps=60, batch_size=32, learning_rate=1e-3, warmup_steps=10)
-    c.train = _base.train_section(steps=0, batch_size=64, learning_rate=2e-5, warmup_steps=0,
+    # 25 SFT steps leave the SFT policy well short of the task's ceiling (60 steps reach ~96% held-out
+    # accuracy, leaving RL nothing to add): the regime GenCLS++ studies, SFT warm-up then RL.
+    c.sft = _base.train_section(steps=25, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    c.train = _base.train_section(steps=0, batch_size=64, learning_rate=1e-4, warmup_steps=0,
                                   schedule="constant")  # fmt: skip
     c.cls = ml_collections.ConfigDict(
         dict(source="synthetic", num_classes=4, num_train=2048, num_eval=256, ambiguous_rate=0.3,
