@@ -13,7 +13,7 @@ The task (`rlhf_jax.data.classification.synthetic_splits`): 4 topics, each item 
 class among filler words, 30% ambiguous items with one cue word of another class, 10% of the training
 labels flipped (held-out labels clean). The SFT stage is kept short (25 steps) so that it is not already
 perfect; GRPO then samples 8 answers per prompt at temperature 1 and rewards the right label (30
-iterations, learning rate 1e-4). About 4 minutes on 2 CPU cores. Prompt strategies
+iterations, learning rate 1e-4). About 2-4 minutes on 2 CPU cores. Prompt strategies
 (`cls.train_prompt`, `cls.eval_prompt`): plain, fewshot, definitions, uncertain, numeric, reason.
 """
 

@@ -68,6 +68,14 @@ def test_gencls_synthetic_smoke_end_to_end_and_reused(tmp_path):
     again = _cli(["--experiment=gencls_synthetic:smoke", f"--workdir={tmp_path}"])
     assert again.returncode == 0 and "reused policy/" in again.stdout
     assert json.load(open(tmp_path / "results.json"))["accuracy_ppl"] == results["accuracy_ppl"]
+    # Another inference-time strategy: both trained stages reused, only the evaluation runs anew.
+    numeric = _cli(["--experiment=gencls_synthetic:smoke", f"--workdir={tmp_path}",
+                    "--config.cls.eval_prompt=numeric"])  # fmt: skip
+    assert numeric.returncode == 0, numeric.stderr[-3000:]
+    assert "reused sft/" in numeric.stdout and "reused policy/" in numeric.stdout
+    changed = json.load(open(tmp_path / "results.json"))
+    assert changed["eval_prompt"] == "numeric" and changed["ppl_candidates"] == [" 1", " 2", " 3", " 4"]
+    _check_results(changed, numeric.stdout, 4)
 
 
 SST2 = "sentence\tlabel\n" + "".join(
