@@ -91,6 +91,8 @@ class TestOverrides:
                 config = module.get_config(variant)
                 if config.data.task in ("hh", "math"):  # the experiments that need the user's files
                     config.data.preference_path = "data.jsonl"
+                if config.get("cls", {}).get("source") == "files":  # gencls_glue: the user's TSV files
+                    config.data.path = "train.tsv"
                 train.build_plan(config)
 
 

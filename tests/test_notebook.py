@@ -10,7 +10,8 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 RSO = os.path.join(NOTEBOOKS, "rso_tldr_colab.ipynb")
 GRPO = os.path.join(NOTEBOOKS, "grpo_arith_colab.ipynb")
 PPO = os.path.join(NOTEBOOKS, "ppo_arith_colab.ipynb")
-ALL = pytest.mark.parametrize("notebook", [RSO, GRPO, PPO], ids=os.path.basename)
+GENCLS = os.path.join(NOTEBOOKS, "gencls_colab.ipynb")
+ALL = pytest.mark.parametrize("notebook", [RSO, GRPO, PPO, GENCLS], ids=os.path.basename)
 
 
 def _load_json(notebook):
@@ -113,3 +114,19 @@ def test_ppo_notebook_runs_headless(tmp_path, monkeypatch):
     markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
     assert any("accuracy, greedy: PPO policy" in m and "γ, λ, β" in m for m in markdown)
     assert any("image/png" in d for d in data), "the training curves were not plotted inline"
+
+
+@pytest.mark.slow
+def test_gencls_notebook_runs_headless(tmp_path, monkeypatch):
+    workdir = tmp_path / "gencls"
+    outputs = _execute(GENCLS, tmp_path, monkeypatch, workdir)
+    with open(workdir / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results.get("accuracy_ppl") is not None and results.get("accuracy_generate_sft") is not None
+    text = _stream_text(outputs)
+    assert "perplexity decoding (RL)" in text  # gencls.format_table's printout
+    assert "--- sft ---" in text and "--- policy ---" in text and text.count("mean log-probs") == 8
+    data = _displayed(outputs)
+    markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
+    assert any("RL − SFT" in m for m in markdown) and any("gold \\ answer" in m for m in markdown)
+    assert any("image/png" in d for d in data), "the training curve was not plotted inline"

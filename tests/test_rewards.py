@@ -266,8 +266,8 @@ def test_tldr_gold_is_the_tasks_gold_reward():
 
 def test_registry_names_and_errors():
     assert rewards.names() == [
-        "cosine_length", "exact_match", "format", "gsm8k", "math", "numeric_tolerance", "reward_model",
-        "soft_overlong", "tldr_gold",
+        "cosine_length", "exact_match", "format", "gsm8k", "label_match", "math", "numeric_tolerance",
+        "reward_model", "soft_overlong", "sts_regression", "tldr_gold",
     ]  # fmt: skip
     assert rewards.get("gsm8k") is rewards.gsm8k
     with pytest.raises(ValueError, match="unknown reward 'gsm9k'; known rewards: cosine_length, exact_match"):
@@ -304,7 +304,8 @@ def test_registry_names_and_errors():
 
 
 def test_every_made_reward_returns_float32_of_one_value_per_completion():
-    hparams = {"soft_overlong": {"max_length": 8, "cache": 2}, "cosine_length": {"max_length": 8}}
+    hparams = {"soft_overlong": {"max_length": 8, "cache": 2}, "cosine_length": {"max_length": 8},
+               "label_match": {"labels": ("3", "4", "5")}}  # fmt: skip
     columns = {"answer": ["3", "4", "5"], "completion_lengths": [1, 7, 9]}
     post = synthetic_tldr.make_post(np.random.default_rng(0))
     for name in rewards.names():

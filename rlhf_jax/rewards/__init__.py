@@ -22,13 +22,15 @@ needs by keyword and ignores the rest.
 
 Registered rewards (`names()`): gsm8k, math (math-verify), exact_match, format, numeric_tolerance
 (Reason-RFT), soft_overlong (DAPO), cosine_length (Yeo et al. / Light-R1), tldr_gold (the synthetic
-task's gold reward) and reward_model (a factory of objects: build it with `reward_model(...)`, not
+task's gold reward), label_match and sts_regression (classification as generation: GenCLS++,
+PPO for NLU) and reward_model (a factory of objects: build it with `reward_model(...)`, not
 `make`). Each docstring gives the formula and the paper. `final_number` and `last_boxed` are the answer
 extractors the checks use.
 """
 
 from rlhf_jax.rewards import registry
 from rlhf_jax.rewards._answers import final_number, last_boxed
+from rlhf_jax.rewards._classify import label_match, sts_regression
 from rlhf_jax.rewards._combine import Combined, combine
 from rlhf_jax.rewards._length import cosine_length, soft_overlong
 from rlhf_jax.rewards._model import reward_model
@@ -49,10 +51,12 @@ __all__ = [
     "exact_match",
     "format",
     "gsm8k",
+    "label_match",
     "math",
     "numeric_tolerance",
     "reward_model",
     "soft_overlong",
+    "sts_regression",
     "tldr_gold",
     "FORMAT_PRESETS",
     # answer extraction

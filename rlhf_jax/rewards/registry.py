@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from rlhf_jax.rewards import _common, _length, _model, _rules
+from rlhf_jax.rewards import _classify, _common, _length, _model, _rules
 
 COLUMNS = _common.COLUMNS
 
@@ -28,6 +28,8 @@ _REWARDS: dict[str, Callable] = {
         _rules.format,
         _rules.numeric_tolerance,
         _rules.tldr_gold,
+        _classify.label_match,
+        _classify.sts_regression,
         _length.soft_overlong,
         _length.cosine_length,
         _model.reward_model,
