@@ -8,6 +8,8 @@ by greedy generation and by perplexity decoding, with bootstrap and paired inter
         --config.cls.eval_prompt=numeric                                         # numeric labels
     python -m launch.train --experiment=gencls_synthetic --config.rewards.label_match.wrong=-1.0 \
         --config.rewards.label_match.unparseable=-3.0                            # PPO for NLU's reward
+    python -m launch.train --experiment=gencls_synthetic --config.grpo.estimator=gae \
+        --config.grpo.num_prompts=128 --config.grpo.group_size=1                 # PPO with a critic
 
 The task (`rlhf_jax.data.classification.synthetic_splits`): 4 topics, each item 2-3 cue words of its
 class among filler words, 30% ambiguous items with one cue word of another class, 10% of the training
@@ -46,6 +48,9 @@ def get_config(arg=None):
         )
     )  # fmt: skip
     c.rewards = ml_collections.ConfigDict({"label_match": {"weight": 1.0, "wrong": 0.0, "unparseable": 0.0}})
+    # Used with --config.grpo.estimator=gae (PPO, `pipelines.ppo`; PPO for NLU's algorithm): the critic
+    # from the SFT trunk, the KL penalty in the reward.
+    c.ppo = ml_collections.ConfigDict(_base.ppo_section(kl_coef=0.02, critic_init="sft"))
     if smoke:
         _base.shrink(c)
         c.data.update(dict(max_len=96, max_prompt_len=80, vocab_size=400))

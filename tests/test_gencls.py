@@ -41,6 +41,14 @@ def test_config_validation_names_the_field_and_the_flag():
         train.resolve_config("gencls_synthetic:smoke", ["--config.rewards.label_match.unparseable=-3.0"])
     )
     assert dict(plan.rewards[0][2])["unparseable"] == -3.0 and plan.grpo.estimator == "grpo"
+    assert plan.ppo is None  # the experiment's ppo section is unused by GRPO
+    flags = ["--config.grpo.estimator=gae", "--config.grpo.group_size=1", "--config.ppo.lam=0.9"]
+    ppo_plan = train.build_plan(train.resolve_config("gencls_synthetic:smoke", flags))
+    assert ppo_plan.ppo is not None and ppo_plan.ppo.lam == 0.9 and ppo_plan.ppo.critic_init == "sft"
+    with pytest.raises(ValueError, match="critic_init='reward_model' needs the run's reward model"):
+        train.build_plan(train.resolve_config(
+            "gencls_synthetic:smoke", ["--config.grpo.estimator=gae", "--config.ppo.critic_init=reward_model"]
+        ))  # fmt: skip
 
 
 def _check_results(results, stdout, k):

@@ -464,7 +464,9 @@ def test_fused_log_probs_apply_the_final_soft_cap(hf_dirs):
     by_shards = lambda h, k, z: losses.sequence_logps_from_hidden(
         hidden=h, kernel=k, targets=targets, mask=mask, softcap=cap, shards=z)  # fmt: skip
     np.testing.assert_allclose(by_shards(hidden, w, 2), want, atol=LOGP_ATOL, rtol=0)
-    g1, g2 = (jax.grad(lambda h, k: jnp.sum(by_shards(h, k, z)), argnums=(0, 1))(hidden, w) for z in (1, 2))
+    g1, g2 = (
+        jax.grad(lambda h, k, z=z: jnp.sum(by_shards(h, k, z)), argnums=(0, 1))(hidden, w) for z in (1, 2)
+    )
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     batch = dict(tokens=tokens, targets=targets, loss_mask=mask.astype(np.float32), segment_ids=seg,

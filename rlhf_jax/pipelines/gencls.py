@@ -47,6 +47,7 @@ from rlhf_jax import classify, rewards, sampling, sharding
 from rlhf_jax.data import classification, pipeline
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import evaluation, fingerprints, grpo, sft
+from rlhf_jax.pipelines import ppo as ppo_lib
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import DataConfig, StageConfig, in_section, section_config, stage_config
 
@@ -131,6 +132,7 @@ class Plan:
     grpo: grpo.GRPOConfig
     cls: ClsConfig
     rewards: tuple
+    ppo: ppo_lib.PPOConfig | None = None  # with grpo.estimator "gae": PPO with a critic
 
 
 def _reward_specs(section) -> tuple:
@@ -162,12 +164,14 @@ def plan(config) -> Plan:
     section = dict(config.grpo)
     section.pop("eval_reward", None)
     specs = _reward_specs(config.rewards)
+    loop = in_section("grpo", grpo.GRPOConfig, **section, rewards=specs)
     return Plan(
         sft=stage_config(config, "sft"),
         main=stage_config(config, "train"),
-        grpo=in_section("grpo", grpo.GRPOConfig, **section, rewards=specs),
+        grpo=loop,
         cls=cls_cfg,
         rewards=specs,
+        ppo=grpo.ppo_config(config, loop, has_reward_model=False),
     )
 
 
@@ -379,9 +383,13 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
     prompts, _ = rendered(splits, plan.cls, "train", seed)
     answers = [e.target if e.target is not None else e.label for e in splits.train]
     task = grpo.RLTask(prompts=prompts, columns={"answer": answers}, reward=grpo.task_reward(specs))
-    ran.append(locate("policy", grpo.spec(cfg, loop), done=workdir_io.stage_done))
+    # PPO (grpo.estimator "gae"): a separate critic starts from the SFT stage, or shares the policy's.
+    critic_from = sft_dir if plan.ppo is not None and not plan.ppo.shared else ""
+    policy_spec = grpo.spec(cfg, loop, ppo=plan.ppo, critic_from=critic_from)
+    ran.append(locate("policy", policy_spec, done=workdir_io.stage_done))
     policy_dir = ran[-1].dir
-    stage_results = grpo.run(cfg, policy_dir, grpo=loop, task=task, tokenizer=tokenizer, name="gencls")
+    stage_results = grpo.run(cfg, policy_dir, grpo=loop, task=task, tokenizer=tokenizer, name="gencls",
+                             ppo=plan.ppo, critic_from=critic_from)  # fmt: skip
 
     # Evaluate the RL and the SFT policy.
     eval_spec = {"cls": plan.cls, "sft": fingerprints.stage_input(sft_dir), "seed": seed,
@@ -404,9 +412,10 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         **ev,
         "train_prompt": plan.cls.train_prompt,
         "eval_prompt": plan.cls.eval_prompt,
-        "method": f"{loop.estimator}/{loop.aggregation}",
+        "method": grpo.method(loop),
         **grpo.training_summary(policy_dir, loop),
         "grpo": dataclasses.asdict(loop),
+        **({"ppo": dataclasses.asdict(plan.ppo)} if plan.ppo is not None else {}),
         "training": stage_results,
         "sft": workdir_io.read_results(sft_dir),
         "wall_time_s": time.perf_counter() - start,

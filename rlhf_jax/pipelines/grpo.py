@@ -760,16 +760,7 @@ def plan(config) -> Plan:
     grpo = in_section("grpo", GRPOConfig, **section, rewards=_reward_specs(config.rewards))
     math = config.data.task in MATH_TASKS
     learned = any(name == "reward_model" for name, _, _ in grpo.rewards)
-    ppo = None
-    if grpo.estimator == PPO_ESTIMATOR:
-        ppo = section_config(ppo_lib.PPOConfig, config, "ppo") if "ppo" in config else ppo_lib.PPOConfig()
-        if ppo.critic_init == "reward_model" and not learned:
-            raise ValueError(
-                "config.ppo.critic_init='reward_model' needs the run's reward model (a reward_model reward "
-                "with an rm section); use critic_init='sft'"
-            )
-    elif "ppo" in config and config.ppo:
-        raise ValueError("config.ppo is PPO's section: set config.grpo.estimator='gae' to run PPO")
+    ppo = ppo_config(config, grpo, has_reward_model=learned)
     rm = None
     if learned:
         if math:
@@ -802,6 +793,21 @@ def method(grpo: GRPOConfig) -> str:
     """The results' `method`: "grpo/dapo", "rloo/dapo+dynamic", ...; PPO: "ppo/<aggregation>"."""
     name = "ppo" if grpo.estimator == PPO_ESTIMATOR else grpo.estimator
     return f"{name}/{grpo.aggregation}" + ("+dynamic" if grpo.dynamic_sampling else "")
+
+
+def ppo_config(config, grpo: GRPOConfig, *, has_reward_model: bool) -> ppo_lib.PPOConfig | None:
+    """PPO's settings from `config.ppo` (defaults without the section) when `grpo.estimator` is "gae";
+    None for the GRPO family (an experiment may carry a `ppo` section for `--config.grpo.estimator=gae`;
+    it is unused, and not in the fingerprint, otherwise)."""
+    if grpo.estimator != PPO_ESTIMATOR:
+        return None
+    ppo = section_config(ppo_lib.PPOConfig, config, "ppo") if "ppo" in config else ppo_lib.PPOConfig()
+    if ppo.critic_init == "reward_model" and not has_reward_model:
+        raise ValueError(
+            "config.ppo.critic_init='reward_model' needs the run's reward model (a reward_model reward "
+            "with an rm section); use critic_init='sft' or 'shared'"
+        )
+    return ppo
 
 
 def _evaluation_path(policy_dir: str, eval_spec: dict) -> str:
