@@ -62,6 +62,10 @@ def _check_results(results, stdout, k):
         # the paired difference equals the difference of the accuracies (same examples)
         diff = results[f"accuracy_{kind}"] - results[f"accuracy_{kind}_sft"]
         assert results[f"accuracy_{kind}_vs_sft"] == pytest.approx(diff, abs=1e-9)
+    diff = results["accuracy_ppl"] - results["accuracy_generate"]  # the RL policy's, paired
+    assert results["accuracy_ppl_vs_generate"] == pytest.approx(diff, abs=1e-9)
+    lo, hi = results["accuracy_ppl_vs_generate_ci"]
+    assert -1 <= lo <= results["accuracy_ppl_vs_generate"] <= hi <= 1
     assert len(results["confusion_generate"]) == k and len(results["confusion_generate"][0]) == k + 1
     assert results["method"] == "grpo/dapo" and "Classification as generation" in stdout
 

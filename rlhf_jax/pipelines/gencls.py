@@ -24,6 +24,8 @@ examples, `_vs_sft` paired differences RL − SFT with paired bootstrap interval
   accuracy_generate, accuracy_generate_ci, accuracy_ppl, accuracy_ppl_ci,
   accuracy_generate_sft, accuracy_generate_sft_ci, accuracy_ppl_sft, accuracy_ppl_sft_ci,
   accuracy_generate_vs_sft, accuracy_generate_vs_sft_ci, accuracy_ppl_vs_sft, accuracy_ppl_vs_sft_ci,
+  accuracy_ppl_vs_generate, accuracy_ppl_vs_generate_ci (the RL policy's perplexity decoding minus its
+  free generation, paired on the same examples),
   confusion_generate, confusion_generate_sft (K rows: gold label; K + 1 columns: predicted label, then
   "uncertain or unparseable"), confusion_ppl, confusion_ppl_sft (K × K', K' candidates),
   unparseable_frac, unparseable_frac_sft (greedy answers naming no label), labels, eval_examples,
@@ -56,11 +58,13 @@ RESULT_KEYS = (
     "accuracy_generate_sft", "accuracy_generate_sft_ci", "accuracy_ppl_sft", "accuracy_ppl_sft_ci",
     "accuracy_generate_vs_sft", "accuracy_generate_vs_sft_ci",
     "accuracy_ppl_vs_sft", "accuracy_ppl_vs_sft_ci",
+    "accuracy_ppl_vs_generate", "accuracy_ppl_vs_generate_ci",
     "confusion_generate", "confusion_generate_sft", "confusion_ppl", "confusion_ppl_sft",
     "unparseable_frac", "unparseable_frac_sft", "labels", "eval_examples", "train_prompt", "eval_prompt",
     "method", "wall_time_s",
 )  # fmt: skip
 SOURCES = ("synthetic", "files")
+EVAL_VERSION = 2  # 2: accuracy_ppl_vs_generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +335,9 @@ def evaluate_classifier(*, model, policy_params, sft_params, tokenizer, splits, 
         diff = correct[""][i] - correct["_sft"][i]
         out[f"accuracy_{kind}_vs_sft"] = float(diff.mean())
         out[f"accuracy_{kind}_vs_sft_ci"] = ci(diff)  # paired: the same resampled examples for both
+    # Perplexity decoding against free generation, the RL policy's, paired on the same examples.
+    diff = correct[""][1] - correct[""][0]
+    out["accuracy_ppl_vs_generate"], out["accuracy_ppl_vs_generate_ci"] = float(diff.mean()), ci(diff)
     return out
 
 
@@ -392,8 +399,9 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
                              ppo=plan.ppo, critic_from=critic_from)  # fmt: skip
 
     # Evaluate the RL and the SFT policy.
+    # `EVAL_VERSION`: what the evaluation computes (a cached one without a later key is recomputed).
     eval_spec = {"cls": plan.cls, "sft": fingerprints.stage_input(sft_dir), "seed": seed,
-                 "data": fingerprints.data_spec(data)}  # fmt: skip
+                 "data": fingerprints.data_spec(data), "version": EVAL_VERSION}  # fmt: skip
     path = os.path.join(policy_dir, f"evaluation_{fingerprints.fingerprint(eval_spec)[:12]}.json")
     if os.path.exists(path):
         ev = workdir_io.read_json(path)
