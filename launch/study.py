@@ -58,6 +58,10 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 # above 1, a KL's lower end below 0); unknown metrics are never clipped.
 METRIC_RANGES = (
     ("win_rate*", (0.0, 1.0)),
+    # Differences of two accuracies (RL − SFT, perplexity − generation, gains) lie in [-1, 1]; listed
+    # before the accuracies themselves, which lie in [0, 1].
+    ("*accuracy*_vs_*", (-1.0, 1.0)),
+    ("*accuracy*gain*", (-1.0, 1.0)),
     ("*accuracy*", (0.0, 1.0)),
     ("kl*", (0.0, math.inf)),
     ("*length*", (0.0, math.inf)),

@@ -143,6 +143,19 @@ def test_intervals_are_clipped_to_the_metric_range_and_marked():
     assert "\\* interval clipped to the metric's range" in text
 
 
+@pytest.mark.parametrize("metric", ["accuracy_gain", "accuracy_generate_vs_sft", "accuracy_ppl_vs_generate"])
+def test_differences_of_accuracies_are_not_clipped_to_zero_one(metric):
+    # A difference of two accuracies lies in [-1, 1]: a mean of 0.069 with a lower end of -0.009 (the
+    # interval grpo_variants once printed as [0.000, 0.147]) keeps its negative end, unmarked.
+    assert study.metric_range(metric) == (-1.0, 1.0) and study.metric_range("accuracy_ppl") == (0.0, 1.0)
+    s = _study((metric,))
+    values = [0.02, 0.05, 0.137]
+    table = study.summarize(s, {"base": [{metric: v} for v in values], "new": [{metric: 0.0}] * 3})
+    raw = study.t_interval(values)
+    assert raw[0] < 0.0
+    assert table["base"][metric]["ci95"] == pytest.approx(raw) and not table["base"][metric]["ci95_clipped"]
+
+
 def test_per_group_baselines_of_rdpo_noise():
     from experiments import rdpo_noise
 
