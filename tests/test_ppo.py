@@ -321,3 +321,24 @@ def test_ppo_with_a_shared_critic_runs_and_saves_an_lm(tmp_path):
     policy_dir = tmp_path / results["stages"]["policy"]["dir"]
     model, params = workdir_io.load_lm(str(policy_dir), None)
     assert "value_head" not in params and "decoder" in params
+
+
+@pytest.mark.slow
+def test_ppo_tldr_smoke_trains_a_critic_from_the_reward_model(tmp_path):
+    """`ppo_tldr:smoke` end to end through the command line: SFT → reward model → PPO whose critic starts
+    from the reward model, judged by the gold reward against the SFT policy; the critic's and the
+    policy's records are finite at every step."""
+    workdir = tmp_path / "run"
+    cmd, kw = _cli(["--experiment=ppo_tldr:smoke", "--config.progress=false", "--config.grpo.iterations=3",
+                    f"--workdir={workdir}"])  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(workdir / "results.json"))
+    assert results["method"].startswith("ppo/") and results["ppo"]["critic_init"] == "reward_model"
+    for key in ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy"):
+        assert 0 <= results[key] <= 1, key
+    assert results["kl_to_sft"] >= 0
+    records = _records(str(workdir))
+    assert len(records) >= 3
+    for key in ("value_loss", "value_mean", "explained_variance", "kl_coef", "reward_mean"):
+        assert all(np.isfinite(r[key]) for r in records), key

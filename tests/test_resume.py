@@ -57,11 +57,6 @@ def _snapshot(paths) -> dict:
 
 @pytest.mark.slow
 def test_rso_killed_in_policy_training_resumes_and_matches(tmp_path):
-    full = tmp_path / "full"
-    out = subprocess.run([sys.executable, "-m", "launch.train", *ARGS, f"--workdir={full}"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.train", *ARGS, f"--workdir={killed}"],
@@ -93,6 +88,17 @@ def test_rso_killed_in_policy_training_resumes_and_matches(tmp_path):
     assert 2 <= restored < last < 30, (restored, last)
 
     time.sleep(0.01)  # a rewrite of a finished stage's file would show in its mtime
+    # The uninterrupted run: it copies the killed run's finished stages (SFT, reward model, samples; only
+    # finished stages are ever copied) and trains its policy from step 0 in one go.
+    full = tmp_path / "full"
+    cmd = [sys.executable, "-m", "launch.train", *ARGS, f"--workdir={full}", f"--reuse={killed}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    copied = [line for line in out.stdout.splitlines() if "copied from" in line]
+    assert len(copied) >= 3 and "computing sft/" not in out.stdout, out.stdout[-3000:]
+    [full_policy] = _in_stage(_find(full, "metrics.jsonl"), "policy")
+    assert [_step_of(line) for line in open(full_policy)] == list(range(1, 31))
+    assert not _find(full, "metrics.superseded.jsonl")
     out = subprocess.run([sys.executable, "-m", "launch.train", *ARGS, f"--workdir={killed}"], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -107,7 +113,6 @@ def test_rso_killed_in_policy_training_resumes_and_matches(tmp_path):
     assert [_step_of(line) for line in after] == list(range(1, 31))
     assert after[:restored] == [line for line in before if (_step_of(line) or 0) <= restored]
     # And the end is the uninterrupted run's: the same policy losses, bitwise, and the same results.
-    [full_policy] = _in_stage(_find(full, "metrics.jsonl"), "policy")
     losses = lambda path: [(r["step"], r["loss"]) for r in read_metrics(os.path.dirname(path))]
     assert losses(policy_metrics) == losses(full_policy)
     resumed_results = json.load(open(killed / "results.json"))

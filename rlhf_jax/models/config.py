@@ -15,6 +15,10 @@ _ACTIVATIONS = ("silu", "gelu")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+# The values of `ModelConfig.attention_impl` (see its docstring and `layers.attention_kernel`).
+ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama/Gemma-family decoder-only transformer.
@@ -51,10 +55,15 @@ class ModelConfig:
       attention_bias: biases on the q/k/v projections (Qwen2).
       embed_scale: multiply input embeddings by sqrt(D) (Gemma).
       mlp_activation: "silu" (SwiGLU, Llama) or "gelu" (GeGLU with tanh-approximate GELU, Gemma).
-      attention_impl: passed to `jax.nn.dot_product_attention` as `implementation` (None, "xla" or
-        "cudnn"). None on the CPU backend uses `layers.causal_attention` instead (blockwise causal, the
-        same maths, faster there: bench/README.md); "xla" forces JAX's. With `attn_softcap` set the
-        uncached forward always uses `layers.causal_attention` (JAX's has no soft-capping).
+      attention_impl: the kernel of the uncached (training, scoring, prefill) attention, chosen per
+        platform by `layers.attention_kernel`: None uses `layers.causal_attention` on the CPU
+        (blockwise causal, the same maths, faster there: bench/README.md) and JAX's XLA attention
+        elsewhere; "xla" forces JAX's; "cudnn" JAX's cuDNN flash attention (GPU); "auto" picks
+        `causal_attention` on the CPU, cuDNN flash attention on a GPU (bf16 compute; XLA for
+        float32, which cuDNN does not take), and the Pallas splash-attention kernel on a TPU (packed
+        sequences by segment ids, scores soft-capped in the kernel; XLA when the model has sliding
+        windows or the sequence is not a multiple of 128). With `attn_softcap` set the uncached forward
+        uses `layers.causal_attention` except under splash (JAX's attention has no soft-capping).
       qk_norm: RMSNorm over the head dimension of every query and key head before RoPE, one scale
         [K] each for queries and keys (Qwen3, Gemma 3).
       sandwich_norms: RMSNorm also on the outputs of attention and MLP before they join the residual
@@ -106,6 +115,10 @@ class ModelConfig:
     local_rope_theta: float | None = None
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         scaling = tuple(
             sorted((str(k), v) for k, v in (dict(self.rope_scaling) if self.rope_scaling else {}).items())
         )

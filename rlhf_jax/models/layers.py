@@ -327,6 +327,108 @@ def target_platform(mesh: Mesh | None) -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
+def attention_kernel(config: ModelConfig, platform: str, seq_len: int) -> str:
+    """The kernel of the uncached attention forward: "blockwise" (`causal_attention`), "xla" or "cudnn"
+    (`jax.nn.dot_product_attention`) or "splash" (`splash_attention`), from `config.attention_impl`, the
+    target platform ("cpu", "gpu", "tpu") and the sequence length.
+
+    None: blockwise on the CPU, XLA elsewhere. "xla", "cudnn": that implementation. "auto": blockwise on
+    the CPU; cuDNN flash attention on a GPU when the compute dtype is bf16 (XLA for float32,
+    which cuDNN does not take); splash on a TPU unless the model has sliding windows (the window is a
+    per-layer traced value; splash takes a static one) or `seq_len` is not a multiple of 128 (its
+    smallest block), where it is XLA. Soft-capped scores (`attn_softcap`) need blockwise or splash.
+    """
+    impl, softcap = config.attention_impl, config.attn_softcap is not None
+    if impl == "auto":
+        if platform == "tpu" and config.sliding_window is None and seq_len % 128 == 0:
+            return "splash"
+        if platform == "gpu" and jnp.dtype(config.dtype) == jnp.bfloat16 and not softcap:
+            return "cudnn"
+        impl = None if platform == "cpu" else "xla"
+    if softcap or (impl is None and platform == "cpu"):
+        return "blockwise"
+    return impl or "xla"
+
+
+def _splash_block(T: int) -> int:
+    """The largest of 512, 256, 128 that divides T."""
+    return next(b for b in (512, 256, 128) if T % b == 0)
+
+
+def splash_attention(
+    q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, scale: float, softcap=None, mesh=None,
+    rules=sharding.LOGICAL_RULES, interpret: bool = False,
+):  # fmt: skip
+    """Causal grouped-query attention through the Pallas TPU splash-attention kernel.
+
+    out[b, t, h] = Σ_s softmax_s(cap(scale · q[b, t, h] · k[b, s, g(h)])) v[b, s, g(h)] over s ≤ t with
+    segment_ids[b, s] == segment_ids[b, t] (packed sequences; padding, id 0, attends among itself as in
+    the masked reference), g(h) = h // (H / G), cap(x) = softcap · tanh(x / softcap) when `softcap` is
+    set. Each kv head's H/G query heads go through the kernel's multi-query form; rows by vmap. Under a
+    mesh the kernel runs per shard (`jax.shard_map`): rows split over the logical `batch` axes, heads
+    and kv heads over `heads`/`kv_heads` (these must map to the same mesh axes, so each shard holds whole
+    groups). T must be a multiple of 128. `interpret=True` runs the kernel in Pallas' interpreter (any
+    platform; the tests compare it with `jax.nn.dot_product_attention`, forward and gradient).
+
+    Args:
+      q_BTHK, k_BTGK, v_BTGK: queries, keys, values (tokens-major, as `Attention` computes them).
+      segment_ids_BT: int segment ids, or None for one sequence per row.
+      scale: the score scale (the kernel itself does not scale: queries are multiplied first).
+      softcap: tanh soft-capping of the scores (Gemma 2), or None.
+      mesh, rules: the mesh and logical rules the inputs are sharded by, or mesh None.
+      interpret: run in Pallas' interpreter.
+
+    Returns:
+      [B, T, H, K] outputs.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, H, K = q_BTHK.shape
+    if T % 128:
+        raise ValueError(f"splash_attention needs a sequence length that is a multiple of 128, got {T}")
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+
+    def local(q_BTHK, k_BTGK, v_BTGK, seg_BT):
+        b, h, g = q_BTHK.shape[0], q_BTHK.shape[2], k_BTGK.shape[2]
+        Q = h // g
+        blk = _splash_block(T)
+        blocks = sk.BlockSizes(
+            block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+            block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk,
+        )  # fmt: skip
+        mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(Q)])
+        kernel = sk.make_splash_mqa(
+            mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
+            interpret=interpret,
+        )  # fmt: skip
+        q_BGQTK = (q_BTHK * jnp.asarray(scale, q_BTHK.dtype)).reshape(b, T, g, Q, K).transpose(0, 2, 3, 1, 4)
+        k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
+
+        def row(q_GQTK, k_GTK, v_GTK, seg_T):
+            ids = sk.SegmentIds(q=seg_T, kv=seg_T)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GQTK, k_GTK, v_GTK)
+
+        out_BGQTK = jax.vmap(row)(q_BGQTK, k_BGTK, v_BGTK, seg_BT)
+        return out_BGQTK.transpose(0, 3, 1, 2, 4).reshape(b, T, h, K).astype(q_BTHK.dtype)
+
+    if mesh is None:
+        return local(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    q_spec = sharding.logical_to_spec(("batch", None, "heads", None), rules)
+    kv_spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), rules)
+    if q_spec[2] != kv_spec[2]:
+        raise ValueError(
+            f"splash_attention: heads are split over {q_spec[2]} but kv heads over {kv_spec[2]}; they must "
+            "map to the same mesh axes"
+        )
+    seg_spec = sharding.logical_to_spec(("batch", None), rules)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `jax.nn.dot_product_attention`.
 
@@ -344,9 +446,10 @@ class Attention(nn.Module):
 
     config: ModelConfig
     mesh: Mesh | None = None  # its devices' platform chooses the kernel (`target_platform`)
+    rules: tuple = sharding.LOGICAL_RULES  # how the splash kernel's inputs are split (`splash_attention`)
 
     @nn.compact
-    def __call__(self, x_BTD, rope_BTk, mask_B1TS, kv=None, start_B=None):
+    def __call__(self, x_BTD, rope_BTk, mask_B1TS, kv=None, start_B=None, segment_ids_BT=None):
         c = self.config
         dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         D, H, G, K = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
@@ -378,15 +481,19 @@ class Attention(nn.Module):
         q_BTHK, k_BTGK = rope(q_BTHK, *rope_BTk), rope(k_BTGK, *rope_BTk)
 
         scale = K**-0.5 if c.query_pre_attn_scalar is None else float(c.query_pre_attn_scalar) ** -0.5
-        cpu = c.attention_impl is None and target_platform(self.mesh) == "cpu"
-        if kv is None and (cpu or c.attn_softcap is not None):
+        kernel = None if kv is not None else attention_kernel(c, target_platform(self.mesh), T)
+        if kernel == "blockwise":
             block = _attention_block(q_BTHK.shape[1])
             out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block, scale, c.attn_softcap)
-        elif kv is None:
-            out_BTHK = jax.nn.dot_product_attention(
-                q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, scale=scale, is_causal=True,
-                implementation=c.attention_impl,
+        elif kernel == "splash":
+            out_BTHK = splash_attention(
+                q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, scale=scale, softcap=c.attn_softcap, mesh=self.mesh,
+                rules=self.rules,
             )  # fmt: skip
+        elif kernel is not None:
+            out_BTHK = jax.nn.dot_product_attention(
+                q_BTHK, k_BTGK, v_BTGK, mask=mask_B1TS, scale=scale, is_causal=True, implementation=kernel
+            )
         else:
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
             kv = (k_BGSK, v_BGSK)
@@ -451,7 +558,8 @@ class Block(nn.Module):
     this layer's (key, value) cache buffers or None, and `layer` this layer's entries of `layer_values`
     (scalars). `rope_BTk` is one (sin, cos) table, or {"global": ..., "local": ...} two of them of which
     `layer["local"]` picks one; `dist_B1TS` (query position - key position, or None) is compared with
-    `layer["window"]` to mask keys outside a sliding window.
+    `layer["window"]` to mask keys outside a sliding window. `segment_ids_BT` (the ids `mask_B1TS` came
+    from, or None) reaches kernels that take ids instead of a mask (`attention_kernel`).
     """
 
     config: ModelConfig
@@ -459,7 +567,9 @@ class Block(nn.Module):
     rules: tuple = sharding.LOGICAL_RULES
 
     @nn.compact
-    def __call__(self, x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS=None, layer=None):
+    def __call__(
+        self, x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS=None, layer=None, segment_ids_BT=None
+    ):
         c = self.config
         act_axes = ("batch", "length", "act_embed")
         x_BTD = sharding.constrain(x_BTD, self.mesh, act_axes, self.rules)
@@ -469,8 +579,8 @@ class Block(nn.Module):
         if dist_B1TS is not None:
             in_window_B1TS = dist_B1TS < layer["window"]
             mask_B1TS = in_window_B1TS if mask_B1TS is None else mask_B1TS & in_window_B1TS
-        h_BTD, kv = Attention(c, self.mesh, name="attn")(
-            RMSNorm(c, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B
+        h_BTD, kv = Attention(c, self.mesh, self.rules, name="attn")(
+            RMSNorm(c, name="attn_norm")(x_BTD), rope_BTk, mask_B1TS, kv, start_B, segment_ids_BT
         )
         if c.sandwich_norms:
             h_BTD = RMSNorm(c, name="post_attn_norm")(h_BTD)

@@ -78,7 +78,7 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),
                 length=c.num_layers,
                 unroll=c.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -103,7 +103,9 @@ class Decoder(nn.Module):
         emb_VD = self.embedding.astype(self.config.dtype)
         return jnp.einsum("BTD,VD->BTV", h_BTD, emb_VD, preferred_element_type=jnp.float32)
 
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None, dist_B1TS=None):
+    def __call__(
+        self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None, dist_B1TS=None, segment_ids_BT=None
+    ):
         """Runs the layers and the final norm.
 
         Args:
@@ -114,6 +116,8 @@ class Decoder(nn.Module):
           kv: (k, v) cache buffers (`KVCache` layout), or None for a plain forward.
           dist_B1TS: query position minus key position, for sliding windows (read only when the model
             has a `sliding_window`); default, without a cache, query index minus key index.
+          segment_ids_BT: the segment ids `mask_B1TS` was built from, for kernels that take ids instead
+            of a mask (splash attention on a TPU, `layers.attention_kernel`), or None.
 
         Returns:
           (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
@@ -130,7 +134,9 @@ class Decoder(nn.Module):
             dist_B1TS = (idx_T[:, None] - idx_T[None, :])[None, None]
         values_L = {k: jnp.asarray(v) for k, v in layer_values(c).items()} or None
         if c.scan_layers:
-            x_BTD, kv = self.layers(x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS, values_L)
+            x_BTD, kv = self.layers(
+                x_BTD, rope_BTk, mask_B1TS, start_B, kv, dist_B1TS, values_L, segment_ids_BT
+            )
         else:
             # The cache of an unrolled model is one buffer per layer, so each layer updates its own in
             # place (a stacked buffer would be sliced and re-stacked, copying it at every step).
@@ -138,7 +144,9 @@ class Decoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
                 values = None if values_L is None else {k: v[i] for k, v in values_L.items()}
-                x_BTD, layer_kv = layer(x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv, dist_B1TS, values)
+                x_BTD, layer_kv = layer(
+                    x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv, dist_B1TS, values, segment_ids_BT
+                )
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
@@ -205,7 +213,7 @@ class Transformer(nn.Module):
     def from_embeddings(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, return_hidden=False):
         """The forward from input embeddings [B, T, D] (same arguments and result as `__call__`)."""
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
-        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS, segment_ids_BT=segment_ids_BT)
         logits_BTV = self.logits(hidden_BTD)
         return (logits_BTV, hidden_BTD) if return_hidden else logits_BTV
 
@@ -250,7 +258,7 @@ class Transformer(nn.Module):
             )
         x_BTD = self.decoder.embed(tokens_BT)
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
-        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS, segment_ids_BT=segment_ids_BT)
         if self.config.tie_embeddings:
             w_DV = self.decoder.embedding.astype(self.config.dtype).T
         else:
@@ -318,7 +326,7 @@ class RewardModel(nn.Module):
         """
         x_BTD = self.decoder.embed(tokens_BT)
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
-        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS, segment_ids_BT=segment_ids_BT)
         if segment_ids_BT is None:
             last_BD = hidden_BTD[:, -1]
         else:
@@ -337,7 +345,7 @@ class RewardModel(nn.Module):
         """
         x_BTD = self.decoder.embed(tokens_BT)
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
-        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS)
+        hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS, segment_ids_BT=segment_ids_BT)
         return self.reward_head(hidden_BTD)[..., 0]
 
 

@@ -286,14 +286,17 @@ def locate(workdir: str, name: str, spec: dict, *, done, reuse_from: tuple[str, 
     fp = fingerprint(spec)
     stage_dir = os.path.join(os.path.abspath(workdir), name, fp[:SHORT])
     source = None
-    if not done(stage_dir) and reuse_from:
-        source = _find_elsewhere(name, fp, reuse_from, done)
+    if reuse_from:
+        if not done(stage_dir):
+            source = _find_elsewhere(name, fp, reuse_from, done)
         if source is not None and workdir_io.is_main():
             tmp = stage_dir + ".copying"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
             shutil.rmtree(stage_dir, ignore_errors=True)  # an unfinished attempt of the same stage
             os.replace(tmp, stage_dir)
+        # Every process syncs here whatever it saw: another process may find the stage done only because
+        # the main one has just copied it in (a sync under `not done` would then be entered by some).
         _sync(f"reuse {name} {fp}")
     claim(stage_dir, spec, name)
     reused = done(stage_dir)
