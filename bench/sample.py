@@ -1,10 +1,13 @@
 """Sampling throughput: generated tokens/s of `rlhf_jax.sampling.sample` against HF `generate`.
 
     python -m bench.sample --preset=small [--compare=torch] [--profile] [--json=PATH]
+    python -m bench.sample --preset=small --prompts=8 --samples=8 --compare=torch   # G-sample groups
 
 The workload (RSO's sampling setting): `--prompts` (64) prompts of `--prompt_len` (128) random tokens,
 `--new_tokens` (64) new tokens each, temperature 0.7, top-k 40, one sample per prompt, and no early
-stop (no EOS id), so every run generates exactly prompts x new_tokens tokens. Each run includes the
+stop (no EOS id), so every run generates exactly prompts x samples x new_tokens tokens. `--samples` (1)
+G > 1 is online RL's setting: G samples of each prompt, our `sample(num_samples=G)` (one prefill per
+prompt) against HF `generate(num_return_sequences=G)`. Each run includes the
 prefill and the transfer of the samples to the host. The reported time is the median of `--runs` timed
 runs after one warm-up (which compiles).
 
@@ -50,16 +53,16 @@ def time_ours(args, config) -> dict[str, object]:
     def one():
         calls[0] += 1
         out = sampling.sample(
-            model, params, prompts_PT, lengths_P, config=policy, num_samples=1,
+            model, params, prompts_PT, lengths_P, config=policy, num_samples=args.samples,
             rng=jax.random.key(calls[0]), eos_id=None, pad_id=0,
         )  # fmt: skip
-        assert out.tokens_PNT.shape == (args.prompts, 1, args.new_tokens)
+        assert out.tokens_PNT.shape == (args.prompts, args.samples, args.new_tokens)
 
     times = common.time_calls(one, warmup=1, iters=args.runs)
     result = {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
     if args.profile:
         # The jitted body as `sample` calls it (prompt ids 0..P-1, EOS id -1: no early stop).
-        generate = sampling.jitted_generate(model, policy, 1, 0)
+        generate = sampling.jitted_generate(model, policy, args.samples, 0)
         prompt_ids_P = np.arange(args.prompts, dtype=np.int32)
         inputs = (params, prompts_PT, lengths_P, prompt_ids_P, jax.random.key(0), np.int32(-1))
         hlo = generate.lower(*inputs).compile().as_text()
@@ -91,9 +94,9 @@ def time_torch(args, config) -> dict[str, object]:
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=0.7,
                 top_k=40, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
-                pad_token_id=0,
+                pad_token_id=0, num_return_sequences=args.samples,
             )  # fmt: skip
-        assert out.shape == (args.prompts, args.prompt_len + args.new_tokens)
+        assert out.shape == (args.prompts * args.samples, args.prompt_len + args.new_tokens)
 
     times = common.time_calls(one, warmup=1, iters=args.runs)
     return {
@@ -116,12 +119,13 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=1, help="G samples per prompt (online RL)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also print the top ops of our sample call")
     args = parser.parse_args(argv)
 
     config = common.get_preset(args.preset).model
-    generated = args.prompts * args.new_tokens
+    generated = args.prompts * args.samples * args.new_tokens
     results = [time_ours(args, config)]
     if args.compare == "torch":
         results.append(time_torch(args, config))
@@ -132,20 +136,23 @@ def main(argv=None) -> int:
     ratio = ours / results[1]["tokens_per_s"] if len(results) > 1 else None
 
     print(
-        f"sampling: preset={args.preset} prompts={args.prompts} prompt_len={args.prompt_len} "
-        f"new_tokens={args.new_tokens} temperature=0.7 top_k=40 runs={args.runs}"
+        f"sampling: preset={args.preset} prompts={args.prompts} samples={args.samples} "
+        f"prompt_len={args.prompt_len} new_tokens={args.new_tokens} temperature=0.7 top_k=40 runs={args.runs}"
     )
     common.print_table(results, ["framework", "seconds", "ms_per_new_token_step", "tokens_per_s"])
     if args.profile:
         print("\nour sample call, top ops (ms per call, summed over threads):")
         common.print_table(results[0]["profile"], ["op", "ms", "calls", "shape", "source"])
     common.write_json(
-        f"bench_results/sample_{args.preset}.json" if args.json is None else args.json,
+        (f"bench_results/sample_{args.preset}" + (f"_g{args.samples}" if args.samples > 1 else "") + ".json")
+        if args.json is None
+        else args.json,
         {
             "benchmark": "sample",
             "preset": args.preset,
             "workload": {
-                "prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "prompts": args.prompts, "samples": args.samples, "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
                 "temperature": 0.7, "top_k": 40, "runs": args.runs,
             },
             "machine": common.machine(),
