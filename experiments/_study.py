@@ -68,7 +68,9 @@ class Study:
     """Attributes:
     name: the study's name.
     methods: the rows, run with matched budgets.
-    metrics: results.json keys to tabulate (the first one is plotted).
+    metrics: results.json keys to tabulate (the first one is plotted); with `curve`, also `KEY@X`: the
+      curve's KEY at the point whose x key equals X (e.g. "win_rate_vs_sft_gold@244", a run's gold win
+      rate after 244 steps), tabulated and paired like any other metric.
     curve: optional (file, x key, y keys) of a per-run JSONL curve to plot instead of bars.
     note: what the study checks, printed above the table.
     baseline: the row each method is compared with, paired over seeds: a method name (every other row's

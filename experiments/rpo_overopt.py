@@ -1,4 +1,5 @@
-"""Study: DPO vs RPO (DPO + η·β·NLL of the chosen response) as training goes long.
+"""Study: DPO vs RPO (DPO + η·β·NLL of the chosen response) as training goes long, with the controls that
+say which part of RPO's gain is the regulariser.
 
     python -m launch.study --study=rpo_overopt --seeds=3
     python -m launch.study --study=rpo_overopt:smoke --seeds=1
@@ -7,15 +8,36 @@ Liu et al. 2024 ("Provably Mitigating Overoptimization in RLHF") claim the SFT t
 from over-optimising the learned reward: the proxy reward keeps rising while the gold reward falls for
 DPO, less so for RPO. Both train on the human pairs for a long budget, evaluated every `eval_every`
 steps by the proxy reward model and the gold reward (curves in plot.png, from each run's
-policy/eval_curve.jsonl), on 64 held-out prompts × 2 samples (the smoke variant: 8). RPO is paired with
-DPO, the baseline it modifies.
+policy/eval_curve.jsonl), on 64 held-out prompts × 2 samples (the smoke variant: 8).
+
+The first run of this study (rows `dpo`, `rpo`) found RPO far ahead of DPO by gold, but DPO had
+collapsed at lr 3e-4 and there was no control. The controls:
+
+* `sft_chosen`: the chosen responses' NLL alone (loss `chosen_nll`), the same steps and learning rate:
+  is RPO just SFT on the chosen responses? Paired with `rpo`.
+* `dpo_lr1e-4`, `dpo_lr3e-5`: DPO at lower learning rates, bracketing the KL from the SFT policy that RPO
+  ends at (~1 nat in the first run): is RPO's gain only a smaller step? Paired with `rpo`.
+* `rpo_eta0.1`, `rpo_eta0.005` (the paper's default η; `rpo` is η = 1): how the gain scales with the
+  regulariser's weight. Paired with `dpo`.
+
+Each seed draws its own synthetic data and evaluation prompts (`data.vary_with_seed`).
 """
 
 from experiments import Method, Study
 
 _LONG = {"rso.pairs": "direct", "train.steps": 400, "train.eval_every": 100, "train.learning_rate": 3e-4,
-         "eval.num_prompts": 64}  # fmt: skip
+         "eval.num_prompts": 64, "data.vary_with_seed": True}  # fmt: skip
 _SMOKE = {"rso.pairs": "direct", "train.steps": 6, "train.eval_every": 3}
+_DPO = {"loss.name": "dpo", "loss.beta": 0.1}
+_ROWS = (
+    ("dpo", _DPO, None),
+    ("rpo", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 1.0}, "dpo"),
+    ("rpo_eta0.1", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 0.1}, "dpo"),
+    ("rpo_eta0.005", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 0.005}, "dpo"),
+    ("sft_chosen", {"loss.name": "chosen_nll"}, "rpo"),
+    ("dpo_lr1e-4", {**_DPO, "train.learning_rate": 1e-4}, "rpo"),
+    ("dpo_lr3e-5", {**_DPO, "train.learning_rate": 3e-5}, "rpo"),
+)
 
 
 def get_study(arg=None):
@@ -24,13 +46,11 @@ def get_study(arg=None):
     common = _SMOKE if smoke else _LONG
     return Study(
         name="rpo_overopt",
-        methods=(
-            Method("dpo", experiment, {**common, "loss.name": "dpo", "loss.beta": 0.1}),
-            Method("rpo", experiment, {**common, "loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 1.0}),
-        ),
+        methods=tuple(Method(name, experiment, {**common, **overrides}) for name, overrides, _ in _ROWS),
         metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
         curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
         note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table) on "
-        f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO paired with DPO.",
-        baseline="dpo",
+        f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO at each η paired with DPO, the "
+        "controls (SFT on the chosen responses, DPO at lower learning rates) paired with RPO (η = 1).",
+        baseline={name: base for name, _, base in _ROWS if base},
     )

@@ -339,6 +339,26 @@ def run_file(run_dir: str, filename: str) -> str | None:
     return None
 
 
+def curve_metrics(run_dir: str, study: Study) -> dict[str, float]:
+    """{"KEY@X": value} for every numeric KEY of every point of the run's `study.curve` file, X its x
+    value (`%g`: 244, 0.5); {} without a curve or a file (the `KEY@X` metrics of `Study.metrics`)."""
+    if not study.curve:
+        return {}
+    filename, x_key, _ = study.curve
+    path = run_file(run_dir, filename)
+    if path is None:
+        return {}
+    out = {}
+    for line in open(path, encoding="utf-8"):
+        rec = json.loads(line)
+        x = rec.get(x_key)
+        if isinstance(x, (int, float)):
+            out.update(
+                {f"{k}@{x:g}": v for k, v in rec.items() if k != x_key and isinstance(v, (int, float))}
+            )
+    return out
+
+
 def _curve(workdir, method, filename, x_key, y_key):
     """Mean over seeds of y at each x from each run's JSONL curve."""
     points: dict[float, list[float]] = {}
@@ -436,7 +456,7 @@ def run_study(
             if train.main(argv) != 0:
                 raise SystemExit(f"study {study.name}: run {run_dir} failed")
             with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
-                results.setdefault(method.name, []).append(json.load(f))
+                results.setdefault(method.name, []).append({**json.load(f), **curve_metrics(run_dir, study)})
     table = summarize(study, results)
     wall = time.perf_counter() - start
     with open(os.path.join(workdir, "table.json"), "w", encoding="utf-8") as f:

@@ -40,11 +40,27 @@ def test_unknown_study_lists_the_studies(capsys):
     err = capsys.readouterr().err
     listed = err.rpartition("studies: ")[2].strip().split(", ")
     # Not _study, __init__.
-    assert listed == ["gencls_study", "grpo_variants", "inpo_iters", "rdpo_noise", "rpo_overopt", "rso_table"]
+    assert listed == [
+        "gencls_study",
+        "grpo_variants",
+        "inpo_iters",
+        "rdpo_noise",
+        "rdpo_noise_long",
+        "rpo_overopt",
+        "rso_table",
+        "rso_table_paper",
+    ]
 
 
 def test_every_study_builds_valid_runs():
-    for name in ("rso_table", "rdpo_noise", "rpo_overopt", "inpo_iters"):
+    for name in (
+        "rso_table",
+        "rdpo_noise",
+        "rpo_overopt",
+        "inpo_iters",
+        "rdpo_noise_long",
+        "rso_table_paper",
+    ):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
             s = module.get_study(variant)
@@ -53,6 +69,31 @@ def test_every_study_builds_valid_runs():
             for method in s.methods:
                 config = train.resolve_config(method.experiment, study.render_overrides(method.overrides))
                 train.build_plan(config)
+
+
+def test_curve_metrics_read_each_point_as_key_at_x(tmp_path):
+    """`KEY@X` metrics come from the run's curve file (inside the stage the run used), one per numeric
+    key and point; a study without a curve, or a run without the file, gives none."""
+    from experiments import rdpo_noise_long
+
+    s = rdpo_noise_long.get_study("smoke")
+    run = tmp_path / "run"
+    (run / "policy" / "abc").mkdir(parents=True)
+    (run / "stages.json").write_text(json.dumps({"stages": {"policy": {"dir": "policy/abc"}}}))
+    points = [{"step": 2, "win_rate_vs_sft_gold": 0.5, "train_flipped_fit": 0.25, "proxy": None},
+              {"step": 4, "win_rate_vs_sft_gold": 0.75, "train_flipped_fit": 0.5, "proxy": None}]  # fmt: skip
+    (run / "policy" / "abc" / "eval_curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    got = study.curve_metrics(str(run), s)
+    assert got == {"win_rate_vs_sft_gold@2": 0.5, "train_flipped_fit@2": 0.25,
+                   "win_rate_vs_sft_gold@4": 0.75, "train_flipped_fit@4": 0.5}  # fmt: skip
+    assert {"win_rate_vs_sft_gold@2", "train_flipped_fit@8"} <= set(s.metrics)
+    assert study.curve_metrics(str(tmp_path / "missing"), s) == {}
+    assert study.curve_metrics(str(run), dataclasses.replace(s, curve=None)) == {}
+    # Tabulated and paired like any metric.
+    results = {m.name: [{**got, "win_rate_vs_sft_gold@2": 0.5 + i / 10}] for i, m in enumerate(s.methods)}
+    table = study.summarize(s, results)
+    assert table["dpo_eps0.2"]["win_rate_vs_sft_gold@2"]["mean"] == pytest.approx(0.6)
+    assert table["dpo_eps0.2"]["win_rate_vs_sft_gold@2"]["diff_vs_baseline"]["baseline"] == "dpo_eps0.0"
 
 
 def test_method_overrides_are_an_immutable_dict():

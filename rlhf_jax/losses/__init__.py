@@ -28,6 +28,7 @@ from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, t
 # Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
 from rlhf_jax.losses._pairwise import (
     cdpo,
+    chosen_nll,
     dpo,
     hinge,
     hinge_norm,
@@ -95,6 +96,7 @@ __all__ = [
     "hinge_norm",
     "inpo",
     "ipo",
+    "chosen_nll",
     "orpo",
     "rdpo",
     "rpo",

@@ -141,20 +141,54 @@ def spec(
     }
 
 
+# Pair metrics of each curve point, beside the sample-based `evaluation.CURVE_KEYS`: the implicit-reward
+# accuracy and margin on the held-out pairs (on the synthetic task ordered by the gold reward, never
+# flipped), and on the synthetic task with `data.flip_rate` > 0 the accuracy *as labelled* on training
+# pairs whose label was flipped and on those that were not (up to FIT_PAIRS each): a loss that fits the
+# flipped labels drives `train_flipped_fit` up over the epochs (Chowdhury et al. 2024's argument).
+PAIR_CURVE_KEYS = ("eval_reward_accuracy", "eval_reward_margin", "train_flipped_fit", "train_unflipped_fit")
+FIT_PAIRS = 256
+
+
 def _periodic_evaluation(path: str, *, every: int, last: int, resume_step: int, evaluate: Callable):
-    """A `trainer.fit` hook appending `evaluate(params)`'s curve metrics to `path` (JSONL) every `every`
-    steps and at step `last`; records past `resume_step` (from an interrupted run) are dropped first."""
+    """A `trainer.fit` hook appending `evaluate(params)`'s curve metrics (`evaluation.CURVE_KEYS` and
+    `PAIR_CURVE_KEYS`, those it returns) to `path` (JSONL) every `every` steps and at step `last`;
+    records past `resume_step` (from an interrupted run) are dropped first."""
     metrics.keep_records_up_to(path, resume_step)
 
     def hook(step, state):
         if step % every and step != last:
             return
         ev = evaluate(state.params)
+        point = {"step": step, **{k: ev.get(k) for k in evaluation.CURVE_KEYS}}
+        point.update({k: ev[k] for k in PAIR_CURVE_KEYS if k in ev})
         if workdir_io.is_main():
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **{k: ev.get(k) for k in evaluation.CURVE_KEYS}}) + "\n")
+                f.write(json.dumps(point) + "\n")
 
     return hook
+
+
+def label_fit_sets(
+    examples: list, data: pipeline.TokenizedPreference, seed: int, limit: int = FIT_PAIRS
+) -> dict[str, pipeline.TokenizedPreference]:
+    """{"flipped": pairs, "unflipped": pairs}: up to `limit` tokenised training pairs whose label was
+    flipped (`meta["flipped"]`, the synthetic task's record of it) and as many that were not, a seeded
+    draw; empty when no example records flips. `data` is `examples` tokenised, index for index."""
+    flags = [ex.meta.get("flipped") if ex.meta else None for ex in examples]
+    if len(flags) != len(data) or not any(flags):
+        return {}
+    rng = np.random.default_rng([seed, 11])
+    out = {}
+    for name, want in (("flipped", True), ("unflipped", False)):
+        idx = [i for i, f in enumerate(flags) if f is want]
+        idx = sorted(rng.permutation(idx)[:limit].tolist()) if len(idx) > limit else idx
+        if idx:
+            out[name] = pipeline.TokenizedPreference(
+                [data.prompt_ids[i] for i in idx], [data.chosen_ids[i] for i in idx],
+                [data.rejected_ids[i] for i in idx], data.weights[idx], data.pad_id, data.max_len,
+            )  # fmt: skip
+    return out
 
 
 def run(
@@ -212,7 +246,8 @@ def run(
     tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
     lay = tasks.layout(cfg.data)
-    if train_data is None:
+    task_pairs = train_data is None
+    if task_pairs:
         train_data = pipeline.tokenize_preference(task.preference, tokenizer, lay, stats)
     eval_data = pipeline.tokenize_preference(task.eval_preference, tokenizer, lay)
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
@@ -280,15 +315,36 @@ def run(
     # Restore.
     ckpt, state = training.restore(workdir, cfg.checkpoint, state, data_iter)
 
+    # Pair metrics along the curve: held-out pairs, and the training pairs by flipped label.
+    fit_sets = (
+        label_fit_sets(task.preference, train_data, cfg.seed) if task_pairs and extra_tf is None else {}
+    )
+
+    def pair_metrics(params) -> dict[str, float]:
+        def accuracy(data, transform=None):
+            return training.evaluate_objective(
+                objective, params, reference, data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
+                transform=transform,
+            )  # fmt: skip
+
+        ev = accuracy(eval_data, eval_transform)
+        out = {"eval_reward_accuracy": ev["reward_accuracy"], "eval_reward_margin": ev["reward_margin"]}
+        out.update({f"train_{k}_fit": accuracy(d)["reward_accuracy"] for k, d in fit_sets.items()})
+        return out
+
     # Periodic sample-based evaluation (e.g. for over-optimisation curves).
     hooks = []
     if eval_config is not None and cfg.train.eval_every > 0:
         proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
+
+        def curve_metrics(state_params):
+            params = training.policy_params(state_params, policy, lora)
+            return {**evaluate_samples(params, proxy), **pair_metrics(params)}
+
         hooks.append(
             _periodic_evaluation(
                 os.path.join(workdir, "eval_curve.jsonl"), every=cfg.train.eval_every, last=cfg.train.steps,
-                resume_step=int(jax.device_get(state.step)),
-                evaluate=lambda p: evaluate_samples(training.policy_params(p, policy, lora), proxy),
+                resume_step=int(jax.device_get(state.step)), evaluate=curve_metrics,
             )
         )  # fmt: skip
 
@@ -313,6 +369,10 @@ def run(
         **{f"eval_{k}": v for k, v in ev.items()},
         "truncated": dict(stats.truncated),
     }
+    if fit_sets:  # the final policy's fit of flipped and unflipped training labels (PAIR_CURVE_KEYS)
+        final = pair_metrics(training.policy_params(state.params, policy, lora))
+        results.update({k: final[k] for k in ("train_flipped_fit", "train_unflipped_fit") if k in final})
+        results["train_fit_pairs"] = {k: len(d) for k, d in fit_sets.items()}
     if eval_config is not None:
         proxy = reward.load_proxy(proxy_dir, mesh, lay) if proxy_dir else None
         results.update(evaluate_samples(training.policy_params(state.params, policy, lora), proxy))
