@@ -320,16 +320,26 @@ def _generate(
     config,
     num_samples,
     pad_id,
+    shared_prefix=True,
 ):
-    """The jitted body of `sample`: prefill once per prompt, repeat N times, decode (EOS -1: none)."""
+    """The jitted body of `sample`: prefill once per prompt, decode N samples of each (EOS -1: none).
+
+    With N > 1 and `shared_prefix`, a prompt's N samples read its prefilled keys and values from one
+    shared prefix (`models.share_prefix`; each sample caches only its own tokens); otherwise the
+    prompt's cache is repeated N times. The two compute the same attention up to the order of float32
+    additions (`tests/test_sampling.py`)."""
     P, T = prompt_tokens_PT.shape
     N = num_samples
     model, params = _unrolled(model, params)
-    cache = models.init_cache(model.config, P, T + config.max_new_tokens)
+    shared = shared_prefix and N > 1
+    cache = models.init_cache(model.config, P, T if shared else T + config.max_new_tokens)
     logits_PV, cache = models.prefill(model, params, prompt_tokens_PT, prompt_lengths_P, cache)
-    cache = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache)  # every sample of a prompt
+    if shared:
+        cache = models.share_prefix(cache, P * N, config.max_new_tokens, model.config)
+    else:
+        cache = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache)  # every sample of a prompt
     if model.mesh is not None:
-        shardings = models.cache_shardings(model.mesh, model.rules, model.config)
+        shardings = models.cache_shardings(model.mesh, model.rules, model.config, prefix=shared)
         cache = jax.lax.with_sharding_constraint(cache, shardings)
     prompt_keys_P = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, prompt_ids_P)
     keys_PN = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))(
@@ -352,11 +362,18 @@ def _unrolled(model: nn.Module, params) -> tuple[nn.Module, object]:
 
 
 @functools.lru_cache(maxsize=32)
-def jitted_generate(model: nn.Module, config: SamplingConfig, num_samples: int, pad_id: int):
+def jitted_generate(
+    model: nn.Module, config: SamplingConfig, num_samples: int, pad_id: int, shared_prefix: bool = True
+):
     """The jitted body of `sample`, `(params, prompt_tokens_PT, prompt_lengths_P, prompt_ids_P, rng,
     eos_id) -> (tokens, lengths, logps, sampling_logps, done)` over P·N rows (eos_id -1: none), for
-    profiling and ahead-of-time compilation (`bench.sample`); cached per (model, config, N, pad)."""
-    fn = functools.partial(_generate, model=model, config=config, num_samples=num_samples, pad_id=pad_id)
+    profiling and ahead-of-time compilation (`bench.sample`); cached per (model, config, N, pad,
+    shared_prefix). `shared_prefix=False` repeats each prompt's cache N times instead of sharing it (the
+    layout before the shared prefix, kept for comparisons)."""
+    fn = functools.partial(
+        _generate, model=model, config=config, num_samples=num_samples, pad_id=pad_id,
+        shared_prefix=shared_prefix,
+    )  # fmt: skip
     return jax.jit(fn)
 
 
@@ -372,6 +389,7 @@ def sample(
     eos_id: int | Sequence[int] | None,
     pad_id: int,
     prompt_ids=None,
+    shared_prefix: bool = True,
 ) -> SampleOutput:
     """Samples `num_samples` completions of each prompt (jitted; sharded over `model.mesh` if it has one).
 
@@ -394,6 +412,9 @@ def sample(
       pad_id: the filler after EOS.
       prompt_ids: int [P] ids that seed each prompt's samples (default 0 .. P-1); give stable ids
         (e.g. `example_ids`) for results that do not depend on how prompts are batched.
+      shared_prefix: with num_samples > 1, a prompt's samples read its prefilled cache once, shared
+        (default); False repeats the prompt's cache for every sample (the earlier layout: the same
+        samples up to float32 rounding, more memory and cache reads).
 
     Returns:
       A SampleOutput of host arrays [P, N, ...].
@@ -420,7 +441,7 @@ def sample(
     scalars = [rng, np.atleast_1d(np.asarray(-1 if eos_id is None else eos_id, np.int32))]
     if model.mesh is not None:
         scalars = sharding.put(scalars, sharding.replicated(model.mesh))
-    generate = jitted_generate(model, config, num_samples, pad_id)
+    generate = jitted_generate(model, config, num_samples, pad_id, shared_prefix)
     # One chunk of all P prompts; its N outputs per prompt come back as P*N rows.
     outs = scoring.map_chunks(
         lambda chunk: generate(params, *chunk, *scalars), inputs, batch_size=P, mesh=model.mesh,

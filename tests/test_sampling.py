@@ -252,3 +252,43 @@ def test_several_stop_ids_end_a_sample_at_the_first_of_them(lm, prompts, eos_run
     assert (both.lengths_PN <= single.lengths_PN).all() and (both.lengths_PN < single.lengths_PN).any()
     as_list = sampling.sample(model, params, *prompts, eos_id=[eos], **kwargs)
     np.testing.assert_array_equal(as_list.tokens_PNT, single.tokens_PNT)
+
+
+@pytest.mark.parametrize("family", ["llama", "windowed_softcapped"])
+def test_a_shared_prompt_cache_samples_what_repeated_caches_sample(prompts, family):
+    """G samples of a prompt reading one shared prefix (the default) give the samples of the layout
+    that repeats the prompt's cache for every sample: the same tokens and lengths for the same keys, the
+    same log-probs up to float32 rounding; also with sliding windows narrower than prompt + completion
+    (the window reaches back into the shared prefix) and soft-capped scores, on a mesh."""
+    import dataclasses
+
+    config = TINY
+    if family == "windowed_softcapped":
+        config = dataclasses.replace(
+            TINY, sliding_window=5, layer_types=("sliding_attention", "full_attention"), attn_softcap=3.0,
+            final_softcap=20.0,
+        )  # fmt: skip
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    for model in (models.Transformer(config), models.Transformer(config, mesh=mesh)):
+        params = random_params(models.Transformer(config), 3)
+        if model.mesh is not None:
+            params = jax.device_put(params, models.param_shardings(model))
+        kw = dict(config=POLICY, num_samples=4, rng=jax.random.key(5), eos_id=None, pad_id=PAD)
+        shared = sampling.sample(model, params, *prompts, **kw)
+        repeated = sampling.sample(model, params, *prompts, shared_prefix=False, **kw)
+        np.testing.assert_array_equal(shared.tokens_PNT, repeated.tokens_PNT)
+        np.testing.assert_array_equal(shared.lengths_PN, repeated.lengths_PN)
+        np.testing.assert_allclose(shared.logps_PN, repeated.logps_PN, atol=1e-4)
+        np.testing.assert_allclose(shared.sampling_logps_PN, repeated.sampling_logps_PN, atol=1e-4)
+        assert not np.array_equal(shared.tokens_PNT[:, 0], shared.tokens_PNT[:, 1])  # samples differ
+
+
+def test_share_prefix_builds_groups_over_the_prefix_rows():
+    config = TINY
+    prefix = models.init_cache(config, 3, 5)._replace(lengths_B=jnp.array([2, 5, 1], jnp.int32))
+    cache = models.share_prefix(prefix, 6, 7, config)
+    assert cache.prefix_lengths_P.tolist() == [2, 5, 1] and cache.lengths_B.tolist() == [0] * 6
+    assert jax.tree.leaves(cache.k)[0].shape[-2] == 7 and jax.tree.leaves(cache.k)[0].shape[-4] == 6
+    assert cache.prefix_k is prefix.k
+    with pytest.raises(ValueError, match="7 rows do not split into groups over 3 prefix rows"):
+        models.share_prefix(prefix, 7, 7, config)

@@ -14,7 +14,7 @@ Usage (see `rlhf_jax.sharding` for meshes)::
     logits_BTV = jax.jit(model.apply)({"params": params}, sharding.shard_batch(tokens_BT, mesh))
 """
 
-from rlhf_jax.models.cache import KVCache, cache_shardings, decode_step, init_cache, prefill
+from rlhf_jax.models.cache import KVCache, cache_shardings, decode_step, init_cache, prefill, share_prefix
 from rlhf_jax.models.config import PRESETS, ModelConfig, param_count, preset
 from rlhf_jax.models.transformer import (
     RewardModel,
@@ -36,6 +36,7 @@ __all__ = [
     "cache_shardings",
     "decode_step",
     "init_cache",
+    "share_prefix",
     "init_params",
     "param_count",
     "param_logical_axes",

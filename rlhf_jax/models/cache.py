@@ -31,12 +31,20 @@ class KVCache(NamedTuple):
       k: keys, [layers, batch, kv heads, cache slots, head dim] (k_LBGSK), or a tuple of L [B, G, S, K].
       v: values, same layout.
       lengths_B: int32, filled slots per row; the next token of row b is written at slot lengths_B[b] and
-        has position lengths_B[b].
+        has position lengths_B[b] (plus its prefix's length when there is a prefix).
+      prefix_k, prefix_v: None, or keys and values shared by groups of consecutive rows, same layout
+        with P rows (B = P·N): row b continues prefix row b // N (`share_prefix`: the prompt of a
+        prompt's N samples, prefilled once). Read only; row b's own slot j then holds position
+        prefix_lengths_P[b // N] + j, and attention runs over the prefix's filled slots and the row's own.
+      prefix_lengths_P: int32 [P], filled prefix slots per prefix row (None without a prefix).
     """
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
     lengths_B: jax.Array  # noqa: N815 (shape-suffixed names, see rlhf_jax/__init__.py)
+    prefix_k: jax.Array | tuple[jax.Array, ...] | None = None
+    prefix_v: jax.Array | tuple[jax.Array, ...] | None = None
+    prefix_lengths_P: jax.Array | None = None  # noqa: N815
 
 
 _LAYER_AXES = ("batch", "kv_heads", "length", "head_dim")
@@ -63,23 +71,50 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
     return KVCache(buffers(), buffers(), jnp.zeros((batch_size,), jnp.int32))
 
 
-def cache_shardings(mesh, rules=sharding.LOGICAL_RULES, config: ModelConfig | None = None) -> KVCache:
+def share_prefix(prefix: KVCache, num_rows: int, max_len: int, config: ModelConfig) -> KVCache:
+    """A cache of `num_rows` = P·N empty rows of `max_len` slots each, continuing the P rows of the
+    filled cache `prefix` in groups of N (row b continues prefix row b // N): its keys and values are
+    read, never copied N times.
+
+    Args:
+      prefix: a filled cache of P rows (e.g. after `prefill` of P prompts).
+      num_rows: B = P·N.
+      max_len: each row's own slots (e.g. the tokens to generate).
+      config: the model (stacked or per-layer buffers, as `init_cache`).
+
+    Returns:
+      A KVCache with `prefix_k`, `prefix_v`, `prefix_lengths_P` from `prefix` and lengths 0.
+    """
+    P = prefix.lengths_B.shape[0]
+    if num_rows % P:
+        raise ValueError(f"share_prefix: {num_rows} rows do not split into groups over {P} prefix rows")
+    dtype = jax.tree.leaves(prefix.k)[0].dtype
+    own = init_cache(config, num_rows, max_len, dtype)
+    return own._replace(prefix_k=prefix.k, prefix_v=prefix.v, prefix_lengths_P=prefix.lengths_B)
+
+
+def cache_shardings(
+    mesh, rules=sharding.LOGICAL_RULES, config: ModelConfig | None = None, prefix: bool = False
+) -> KVCache:
     """NamedShardings for a KVCache (batch over data x fsdp, kv heads over tensor).
 
     Args:
       mesh: the mesh.
       rules: the logical-axis rules.
       config: the model; its cache is per layer if it is unrolled. None: a stacked cache.
+      prefix: the cache has a shared prefix (`share_prefix`), its P rows split like the batch.
 
     Returns:
       A KVCache of NamedSharding.
     """
     lengths = sharding.logical_sharding(mesh, ("batch",), rules)
     if config is None or config.scan_layers:
-        stacked = sharding.logical_sharding(mesh, ("layers", *_LAYER_AXES), rules)
-        return KVCache(stacked, stacked, lengths)
-    layer = (sharding.logical_sharding(mesh, _LAYER_AXES, rules),) * config.num_layers
-    return KVCache(layer, layer, lengths)
+        buffers = sharding.logical_sharding(mesh, ("layers", *_LAYER_AXES), rules)
+    else:
+        buffers = (sharding.logical_sharding(mesh, _LAYER_AXES, rules),) * config.num_layers
+    if prefix:
+        return KVCache(buffers, buffers, lengths, buffers, buffers, lengths)
+    return KVCache(buffers, buffers, lengths)
 
 
 def prefill(

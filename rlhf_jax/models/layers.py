@@ -139,6 +139,43 @@ def _cached_attention(
     return out_BTGQK.reshape(B, T, H, K)
 
 
+def _shared_prefix_attention(
+    q_BTHK: jax.Array,
+    k_PGSK: jax.Array,
+    v_PGSK: jax.Array,
+    k_BGJK: jax.Array,
+    v_BGJK: jax.Array,
+    mask_B1TC: jax.Array,
+    scale: float | None = None,
+    softcap: float | None = None,
+):
+    """`_cached_attention` over a cache in two parts: a prefix shared by groups of N = B / P consecutive
+    rows (row b reads prefix row b // N, e.g. the prompt of b's G samples) and each row's own slots.
+
+    Row b's slots are the prefix's S slots followed by its own J (C = S + J, the columns of `mask_B1TC`);
+    one softmax over all C, so this is `_cached_attention` over the concatenated cache, up to the order of
+    float32 additions. The prefix part is one matmul per (prompt, kv head) with the group's N·Q·T query
+    rows, instead of a matrix-vector product per row over N copies of the prompt's keys and values.
+    """
+    B, T, H, K = q_BTHK.shape
+    P, G, S, _ = k_PGSK.shape
+    N, Q = B // P, H // G
+    scale = K**-0.5 if scale is None else scale
+    q_PNTGQK = q_BTHK.reshape(P, N, T, G, Q, K)
+    pre_PNGQTS = jnp.einsum("PNTGQK,PGSK->PNGQTS", q_PNTGQK, k_PGSK, preferred_element_type=jnp.float32)
+    own_BGQTJ = jnp.einsum(
+        "BTGQK,BGJK->BGQTJ", q_BTHK.reshape(B, T, G, Q, K), k_BGJK, preferred_element_type=jnp.float32
+    )
+    scores_BGQTC = jnp.concatenate([pre_PNGQTS.reshape(B, G, Q, T, S), own_BGQTJ], axis=-1)
+    scores_BGQTC = _softcap(scores_BGQTC * scale, softcap)
+    scores_BGQTC = jnp.where(mask_B1TC[:, :, None], scores_BGQTC, jnp.finfo(jnp.float32).min)
+    probs_BGQTC = jax.nn.softmax(scores_BGQTC, axis=-1).astype(v_BGJK.dtype)
+    pre_PNGQTS = probs_BGQTC[..., :S].reshape(P, N, G, Q, T, S)
+    out_PNTGQK = jnp.einsum("PNGQTS,PGSK->PNTGQK", pre_PNGQTS, v_PGSK)
+    out_BTGQK = jnp.einsum("BGQTJ,BGJK->BTGQK", probs_BGQTC[..., S:], v_BGJK)
+    return (out_PNTGQK.reshape(B, T, G, Q, K) + out_BTGQK).reshape(B, T, H, K)
+
+
 # Query rows per block of `causal_attention`: the fastest block size measured on CPU (bench/README.md).
 _ATTENTION_BLOCK = 64
 
@@ -496,10 +533,17 @@ class Attention(nn.Module):
             )
         else:
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
-            kv = (k_BGSK, v_BGSK)
-            out_BTHK = _cached_attention(
-                q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, scale, c.attn_softcap
-            )
+            if len(kv) == 4:  # + a prefix shared by groups of rows (`KVCache.prefix_k`): read only
+                out_BTHK = _shared_prefix_attention(
+                    q_BTHK, kv[2].astype(dtype), kv[3].astype(dtype), k_BGSK.astype(dtype),
+                    v_BGSK.astype(dtype), mask_B1TS, scale, c.attn_softcap,
+                )  # fmt: skip
+                kv = (k_BGSK, v_BGSK, kv[2], kv[3])
+            else:
+                out_BTHK = _cached_attention(
+                    q_BTHK, k_BGSK.astype(dtype), v_BGSK.astype(dtype), mask_B1TS, scale, c.attn_softcap
+                )
+                kv = (k_BGSK, v_BGSK)
         out_RI = out_BTHK.reshape(B * T, H * K)
         out_RD = _plus(jnp.dot(out_RI, w_o.reshape(H * K, D)), lora_delta(self, "o_kernel", out_RI, 3))
         return out_RD.reshape(B, T, D), kv

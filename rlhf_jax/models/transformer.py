@@ -142,14 +142,14 @@ class Decoder(nn.Module):
             # place (a stacked buffer would be sliced and re-stacked, copying it at every step).
             new_kv = []
             for i, layer in enumerate(self.layers):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                layer_kv = None if kv is None else tuple(buffers[i] for buffers in kv)
                 values = None if values_L is None else {k: v[i] for k, v in values_L.items()}
                 x_BTD, layer_kv = layer(
                     x_BTD, rope_BTk, mask_B1TS, start_B, layer_kv, dist_B1TS, values, segment_ids_BT
                 )
                 new_kv.append(layer_kv)
             if kv is not None:
-                kv = (tuple(k for k, _ in new_kv), tuple(v for _, v in new_kv))
+                kv = tuple(tuple(layer_kv[j] for layer_kv in new_kv) for j in range(len(kv)))
         return self.final_norm(x_BTD), kv
 
 
@@ -272,17 +272,37 @@ class Transformer(nn.Module):
         """
         T, S = tokens_BT.shape[1], jax.tree.leaves(cache.k)[0].shape[-2]
         start_B = cache.lengths_B
-        positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        # Row b's token at position p sits in slot p: slot <= position is causal, and position - slot is
-        # the distance a sliding window limits.
-        dist_B1TS = positions_BT[:, None, :, None] - jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
-        mask_B1TS = dist_B1TS >= 0
-        kv = (cache.k, cache.v)
+        slots_S = jnp.arange(S, dtype=jnp.int32)
+        if cache.prefix_k is None:
+            # Row b's token at position p sits in slot p: slot <= position is causal, and position - slot
+            # is the distance a sliding window limits.
+            positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            dist_B1TS = positions_BT[:, None, :, None] - slots_S[None, None, None, :]
+            mask_B1TS = dist_B1TS >= 0
+            kv = (cache.k, cache.v)
+        else:
+            # A shared prefix (see `KVCache`): row b continues prefix row b // N, whose first
+            # prefix_lengths_P slots hold positions 0, 1, ...; its own slot j holds position prefix + j.
+            # The attention's columns are the prefix's R slots, then the row's own S.
+            B, P = start_B.shape[0], cache.prefix_lengths_P.shape[0]
+            R = jax.tree.leaves(cache.prefix_k)[0].shape[-2]
+            prefix_B = jnp.repeat(cache.prefix_lengths_P, B // P)
+            positions_BT = (prefix_B + start_B)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            slots_R = jnp.arange(R, dtype=jnp.int32)
+            slots_BC = jnp.concatenate(
+                [jnp.broadcast_to(slots_R[None, :], (B, R)), prefix_B[:, None] + slots_S[None, :]], axis=1
+            )
+            dist_B1TS = positions_BT[:, None, :, None] - slots_BC[:, None, None, :]
+            filled_BC = jnp.concatenate(
+                [slots_R[None, :] < prefix_B[:, None], jnp.ones((B, S), bool)], axis=1
+            )
+            mask_B1TS = (dist_B1TS >= 0) & filled_BC[:, None, None, :]
+            kv = (cache.k, cache.v, cache.prefix_k, cache.prefix_v)
         x_BTD = self.decoder.embed(tokens_BT)
-        hidden_BTD, (k, v) = self.decoder(x_BTD, positions_BT, mask_B1TS, start_B, kv, dist_B1TS)
+        hidden_BTD, kv = self.decoder(x_BTD, positions_BT, mask_B1TS, start_B, kv, dist_B1TS)
         last_BD = jnp.take_along_axis(hidden_BTD, (lengths_B - 1)[:, None, None], axis=1)
         logits_BV = self.logits(last_BD)[:, 0]
-        return logits_BV, KVCache(k, v, start_B + lengths_B)
+        return logits_BV, cache._replace(k=kv[0], v=kv[1], lengths_B=start_B + lengths_B)
 
 
 class RewardModel(nn.Module):
