@@ -7,7 +7,9 @@ The workload (RSO's sampling setting): `--prompts` (64) prompts of `--prompt_len
 `--new_tokens` (64) new tokens each, temperature 0.7, top-k 40, one sample per prompt, and no early
 stop (no EOS id), so every run generates exactly prompts x samples x new_tokens tokens. `--samples` (1)
 G > 1 is online RL's setting: G samples of each prompt, our `sample(num_samples=G)` (one prefill per
-prompt) against HF `generate(num_return_sequences=G)`. Each run includes the
+prompt) against HF `generate(num_return_sequences=G)`; the table then also times our sampler with
+each prompt's cache repeated for its samples instead of shared (`shared_prefix=False`), the A/B of
+the shared prompt cache. Each run includes the
 prefill and the transfer of the samples to the host. The reported time is the median of `--runs` timed
 runs after one warm-up (which compiles).
 
@@ -37,8 +39,9 @@ def _prompts(args, vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(4, vocab, (args.prompts, args.prompt_len), dtype=np.int32)
 
 
-def time_ours(args, config) -> dict[str, object]:
-    """Median seconds per `sample` call of our sampler, single device."""
+def time_ours(args, config, shared_prefix: bool = True) -> dict[str, object]:
+    """Median seconds per `sample` call of our sampler, single device; `shared_prefix=False` times the
+    layout that repeats each prompt's cache for its samples (`sampling.sample(shared_prefix=False)`)."""
     import jax
 
     from rlhf_jax import models, sampling
@@ -54,12 +57,13 @@ def time_ours(args, config) -> dict[str, object]:
         calls[0] += 1
         out = sampling.sample(
             model, params, prompts_PT, lengths_P, config=policy, num_samples=args.samples,
-            rng=jax.random.key(calls[0]), eos_id=None, pad_id=0,
+            rng=jax.random.key(calls[0]), eos_id=None, pad_id=0, shared_prefix=shared_prefix,
         )  # fmt: skip
         assert out.tokens_PNT.shape == (args.prompts, args.samples, args.new_tokens)
 
     times = common.time_calls(one, warmup=1, iters=args.runs)
-    result = {"framework": "jax", "seconds": common.median(times), "all_seconds": times}
+    name = "jax" if shared_prefix else "jax (repeated cache)"
+    result = {"framework": name, "seconds": common.median(times), "all_seconds": times}
     if args.profile:
         # The jitted body as `sample` calls it (prompt ids 0..P-1, EOS id -1: no early stop).
         generate = sampling.jitted_generate(model, policy, args.samples, 0)
@@ -127,13 +131,16 @@ def main(argv=None) -> int:
     config = common.get_preset(args.preset).model
     generated = args.prompts * args.samples * args.new_tokens
     results = [time_ours(args, config)]
+    if args.samples > 1:  # the A/B of the shared prompt cache, in the same run
+        results.append(time_ours(args, config, shared_prefix=False))
     if args.compare == "torch":
         results.append(time_torch(args, config))
     for r in results:
         r["tokens_per_s"] = generated / r["seconds"]
         r["ms_per_new_token_step"] = 1e3 * r["seconds"] / args.new_tokens
     ours = results[0]["tokens_per_s"]
-    ratio = ours / results[1]["tokens_per_s"] if len(results) > 1 else None
+    torch_rows = [r for r in results if r["framework"] == "torch"]
+    ratio = ours / torch_rows[0]["tokens_per_s"] if torch_rows else None
 
     print(
         f"sampling: preset={args.preset} prompts={args.prompts} samples={args.samples} "
