@@ -104,7 +104,8 @@ RTE = "index\tsentence1\tsentence2\tlabel\n" + "".join(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, text, labels", [("sst2", SST2, ["negative", "positive"]),
-                                                 ("rte", RTE, ["entailment", "not_entailment"])])  # fmt: skip
+                                                 ("rte", RTE, ["entailment", "not_entailment"])],
+                         ids=["sst2", "rte"])  # fmt: skip
 def test_gencls_glue_smoke_on_tsv_files(tmp_path, name, text, labels):
     train_file, dev_file = tmp_path / f"{name}_train.tsv", tmp_path / f"{name}_dev.tsv"
     train_file.write_text(text)
