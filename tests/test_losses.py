@@ -583,7 +583,8 @@ class TestRegistry:
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
         controls = {"chosen_nll"}
-        assert before | {"registry"} | policy_gradient | ppo | controls == set(losses.__all__)
+        step = {"direct_advantage_po", "trajectory_balance"}
+        assert before | {"registry"} | policy_gradient | ppo | controls | step == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
             assert getattr(losses, name) is getattr(losses.registry, name)

@@ -58,6 +58,9 @@ from rlhf_jax.losses._ppo import (
 # Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
 
+# Step- and trajectory-level objectives: Direct Advantage PO (arXiv 2412.18279), GFlowNet trajectory balance.
+from rlhf_jax.losses._step import direct_advantage_po, trajectory_balance
+
 # TRL's DPOTrainer loss types, under TRL's names.
 from rlhf_jax.losses._trl import (
     aot,
@@ -96,13 +99,17 @@ __all__ = [
     "hinge_norm",
     "inpo",
     "ipo",
-    "chosen_nll",
     "orpo",
     "rdpo",
     "rpo",
     "sigmoid_norm",
     "simpo",
     "slic",
+    # a control: SFT on the chosen responses
+    "chosen_nll",
+    # step- and trajectory-level objectives
+    "direct_advantage_po",
+    "trajectory_balance",
     # TRL loss types
     "aot",
     "aot_unpaired",
