@@ -583,7 +583,7 @@ class TestRegistry:
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
         controls = {"chosen_nll"}
-        step = {"direct_advantage_po", "trajectory_balance"}
+        step = {"direct_advantage_po", "trajectory_balance", "token_logps_from_hidden"}
         assert before | {"registry"} | policy_gradient | ppo | controls | step == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
@@ -627,6 +627,52 @@ class TestSequenceLogpsFromHidden:
         want = jax.grad(via_logits, argnums=(0, 1))(hidden, kernel)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("chunk_rows", [4, 64])
+    @pytest.mark.parametrize("temperature, softcap", [(1.0, None), (0.7, None), (0.7, 3.0)])
+    def test_token_logps_and_entropy_match_the_logits_path(
+        self, monkeypatch, chunk_rows, temperature, softcap
+    ):
+        """`token_logps_from_hidden`: per-token log-probs of softmax(cap(h @ w) / τ) on masked rows (0
+        elsewhere), their gradient for any per-token cotangent, and the entropy of the same distribution,
+        against the plain logits path written out."""
+        from rlhf_jax.losses import _logps
+
+        monkeypatch.setitem(_logps._HEAD_CHUNK_ELEMENTS, jax.default_backend(), chunk_rows * 13)
+        hidden, kernel, targets, mask = self._data(1)
+        cot = jnp.asarray(np.random.default_rng(2).normal(0, 1, mask.shape), jnp.float32)
+
+        def logits_of(h, w):
+            z = jnp.einsum("BTD,DV->BTV", h, w)
+            return (z if softcap is None else softcap * jnp.tanh(z / softcap)) / temperature
+
+        def via_logits(h, w):
+            logq = jax.nn.log_softmax(logits_of(h, w), axis=-1)
+            return jnp.take_along_axis(logq, targets[..., None], axis=-1)[..., 0] * mask
+
+        def fused(h, w):
+            return losses.token_logps_from_hidden(
+                hidden=h, kernel=w, targets=targets, mask=mask, temperature=temperature, softcap=softcap
+            )
+
+        np.testing.assert_allclose(
+            jax.jit(fused)(hidden, kernel), via_logits(hidden, kernel), rtol=1e-5, atol=1e-6
+        )
+        got = jax.grad(lambda h, w: jnp.sum(cot * fused(h, w)), argnums=(0, 1))(hidden, kernel)
+        want = jax.grad(lambda h, w: jnp.sum(cot * via_logits(h, w)), argnums=(0, 1))(hidden, kernel)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        kw = dict(targets=targets, mask=mask, temperature=temperature, softcap=softcap, return_entropy=True)
+        _, entropy = losses.token_logps_from_hidden(hidden=hidden, kernel=kernel, **kw)
+        logq = jax.nn.log_softmax(logits_of(hidden, kernel), axis=-1)
+        want_h = -jnp.sum(jnp.exp(logq) * logq, axis=-1) * mask
+        np.testing.assert_allclose(entropy, want_h, rtol=1e-5, atol=1e-6)
+        assert np.all(np.asarray(entropy)[np.asarray(mask) == 0] == 0.0)
+        # No gradient through the entropy; the log-probs' gradient is unchanged by asking for it.
+        g_h = jax.grad(lambda h: jnp.sum(losses.token_logps_from_hidden(hidden=h, kernel=kernel, **kw)[1]))(
+            hidden
+        )
+        assert np.all(np.asarray(g_h) == 0.0)
 
     def test_masked_rows_are_never_computed(self):
         from rlhf_jax.losses import _logps

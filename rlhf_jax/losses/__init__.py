@@ -23,7 +23,12 @@ neither is in the pairwise registry.
 from rlhf_jax.losses import registry
 
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
-from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
+from rlhf_jax.losses._logps import (
+    sequence_logps,
+    sequence_logps_from_hidden,
+    token_logps,
+    token_logps_from_hidden,
+)
 
 # Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
 from rlhf_jax.losses._pairwise import (
@@ -92,6 +97,7 @@ __all__ = [
     "sequence_logps",
     "sequence_logps_from_hidden",
     "token_logps",
+    "token_logps_from_hidden",
     # paper losses
     "cdpo",
     "dpo",

@@ -172,9 +172,10 @@ def _head_chunk_rows(vocab: int, platform: str | None = None) -> int:
 # compiler showed collective-permutes and all-reduces of whole [C, V] blocks, `bench.tpu_plan`).
 
 
-def _head_chunk(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap):
-    """Row indices, validity, float32 logits (soft-capped with `softcap` if set) and the cap's derivative
-    d capped / d raw = 1 - tanh² (None without a cap) of the i-th chunk of each shard's compacted rows."""
+def _head_chunk(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap, temperature=1.0):
+    """Row indices, validity, float32 logits (soft-capped with `softcap` if set, then divided by
+    `temperature`) and their derivative d logits / d raw (1 - tanh² over the temperature; None when it
+    is 1) of the i-th chunk of each shard's compacted rows."""
     pos_C = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
     valid_ZC = pos_C[None, :] < num_valid_Z[:, None]
     idx_ZC = jax.lax.dynamic_slice_in_dim(order_ZR, i * chunk, chunk, axis=1)
@@ -184,6 +185,9 @@ def _head_chunk(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap):
     if softcap is not None:
         tanh_ZCV = jnp.tanh(logits_ZCV / softcap)
         logits_ZCV, dcap_ZCV = softcap * tanh_ZCV, 1.0 - jnp.square(tanh_ZCV)
+    if temperature != 1.0:
+        logits_ZCV = logits_ZCV / temperature
+        dcap_ZCV = (1.0 / temperature) if dcap_ZCV is None else dcap_ZCV / temperature
     t_ZC = jnp.take_along_axis(t_ZR, idx_ZC, axis=1)
     return idx_ZC, valid_ZC, h_ZCD, t_ZC, logits_ZCV, dcap_ZCV
 
@@ -203,41 +207,45 @@ def _scatter_add(x_ZR, idx_ZC, y_ZC):
     return jax.vmap(lambda x, i, y: x.at[i].add(y))(x_ZR, idx_ZC, y_ZC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _head_logps(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap):
-    return _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _head_logps(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0):
+    """(per-row log-probs [Z, R], per-row entropy [Z, R]); the entropy carries no gradient."""
+    return _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk, softcap, temperature)[0]
 
 
-def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap):
+def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0):
     z, num_rows = t_ZR.shape
     # Padded so the last chunk's slice of `order_ZR` never runs off the end.
     order_ZR = jnp.pad(order_ZR, ((0, 0), (0, chunk)))
 
     def body(i, carry):
-        logps_ZR, lse_ZR = carry
+        logps_ZR, entropy_ZR, lse_ZR = carry
         idx_ZC, valid_ZC, _, t_ZC, logits_ZCV, _ = _head_chunk(
-            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap
+            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap, temperature
         )
         lse_ZC, target_ZC = _head_lse_and_target(logits_ZCV, t_ZC)
+        # H = lse - Σ softmax · logits (the same chunk: no second pass over the vocabulary).
+        entropy_ZC = lse_ZC - jnp.sum(jnp.exp(logits_ZCV - lse_ZC[..., None]) * logits_ZCV, axis=-1)
         # Rows past a shard's `num_valid` (its last chunk's tail) point at masked rows, which stay 0.
         logps_ZR = _scatter_add(logps_ZR, idx_ZC, jnp.where(valid_ZC, target_ZC - lse_ZC, 0.0))
-        return logps_ZR, jax.lax.dynamic_update_slice_in_dim(lse_ZR, lse_ZC, i * chunk, axis=1)
+        entropy_ZR = _scatter_add(entropy_ZR, idx_ZC, jnp.where(valid_ZC, entropy_ZC, 0.0))
+        return logps_ZR, entropy_ZR, jax.lax.dynamic_update_slice_in_dim(lse_ZR, lse_ZC, i * chunk, axis=1)
 
     zeros_ZR = jnp.zeros((z, num_rows + chunk), jnp.float32)
-    init = (zeros_ZR[:, :num_rows], zeros_ZR)
-    logps_ZR, lse_ZR = jax.lax.fori_loop(0, _num_chunks(num_valid_Z, chunk), body, init)
-    return logps_ZR, (h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR)
+    init = (zeros_ZR[:, :num_rows], zeros_ZR[:, :num_rows], zeros_ZR)
+    logps_ZR, entropy_ZR, lse_ZR = jax.lax.fori_loop(0, _num_chunks(num_valid_Z, chunk), body, init)
+    return (logps_ZR, entropy_ZR), (h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR)
 
 
-def _head_logps_bwd(chunk: int, softcap, residuals, g_ZR):
+def _head_logps_bwd(chunk: int, softcap, temperature, residuals, g):
     h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR = residuals
     vocab = w_DV.shape[1]
-    g_ZR = g_ZR.astype(jnp.float32)
+    g_ZR = g[0].astype(jnp.float32)  # the entropy's cotangent is dropped: it is logged, not trained
 
     def body(i, carry):
         dh_ZRD, dw_DV = carry
         idx_ZC, valid_ZC, h_ZCD, t_ZC, logits_ZCV, dcap_ZCV = _head_chunk(
-            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap
+            h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap, temperature
         )
         lse_ZC = jax.lax.dynamic_slice_in_dim(lse_ZR, i * chunk, chunk, axis=1)
         g_ZC = jnp.where(valid_ZC, jnp.take_along_axis(g_ZR, idx_ZC, axis=1), 0.0)
@@ -305,7 +313,7 @@ def sequence_logps_from_hidden(
     # Masked-in rows first, in order, within each shard; chunks past the last masked-in row are never run.
     order_ZR = jnp.argsort(~mask_ZR, axis=1, stable=True).astype(jnp.int32)
     num_valid_Z = jnp.sum(mask_ZR, axis=1, dtype=jnp.int32)
-    logps_ZR = _head_logps(
+    logps_ZR, _ = _head_logps(
         hidden.reshape(z, b * t // z, d),
         kernel,
         targets.astype(jnp.int32).reshape(z, b * t // z),
@@ -315,3 +323,50 @@ def sequence_logps_from_hidden(
         None if softcap is None else float(softcap),
     )
     return jnp.sum(logps_ZR.reshape(b, t), axis=-1)
+
+
+def token_logps_from_hidden(
+    *,
+    hidden,
+    kernel,
+    targets,
+    mask,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    platform: str | None = None,
+    shards: int = 1,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs of `targets` under softmax(cap(hidden @ kernel) / temperature) on the rows
+    where `mask` is nonzero (0 elsewhere), without materialising the logits, as
+    `sequence_logps_from_hidden` (same chunks, same custom backward; rows outside the mask cost
+    nothing). The online RL losses need them per token (ratios, KL), at the sampling temperature.
+
+    Args:
+      hidden, kernel, targets, mask, softcap, platform, shards: as `sequence_logps_from_hidden`.
+      temperature: τ > 0: the logits (after the soft-cap) are divided by it.
+      return_entropy: also return each masked row's entropy of that distribution, −Σ p log p, computed
+        from the same chunk of logits; it carries no gradient (a logged quantity).
+
+    Returns:
+      float32 [B, T] log-probs, or (log-probs, entropy) [B, T] each with `return_entropy`.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, t, d = hidden.shape
+    z = shards if shards >= 1 and b % shards == 0 else 1
+    mask_ZR = mask.reshape(z, b * t // z) != 0
+    order_ZR = jnp.argsort(~mask_ZR, axis=1, stable=True).astype(jnp.int32)
+    num_valid_Z = jnp.sum(mask_ZR, axis=1, dtype=jnp.int32)
+    logps_ZR, entropy_ZR = _head_logps(
+        hidden.reshape(z, b * t // z, d),
+        kernel,
+        targets.astype(jnp.int32).reshape(z, b * t // z),
+        order_ZR,
+        num_valid_Z,
+        _head_chunk_rows(kernel.shape[1], platform),
+        None if softcap is None else float(softcap),
+        float(temperature),
+    )
+    logps_BT = logps_ZR.reshape(b, t)
+    return (logps_BT, jax.lax.stop_gradient(entropy_ZR.reshape(b, t))) if return_entropy else logps_BT

@@ -187,14 +187,15 @@ def prompt_stream(num_prompts: int, *, seed: int, iteration: int, draw: int, cou
 
 
 def rows_logps(model, params, rows: dict, *, temperature: float, mesh, batch_size: int) -> np.ndarray:
-    """Per-token log-probs [R, T] of the rows' targets under softmax(logits / temperature)."""
+    """Per-token log-probs [R, T] of the rows' completion targets under softmax(logits / temperature), 0
+    off the loss mask (`steps.completion_logps`, as the training step computes them)."""
     fn = _jitted_token_logps(model, temperature)
     return scoring.map_rows(fn, params, rows, batch_size=batch_size, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_token_logps(model, temperature: float):
-    return jax.jit(lambda p, b: steps.token_logps(model, p, b, temperature=temperature))
+    return jax.jit(lambda p, b: steps.completion_logps(model, p, b, temperature=temperature))
 
 
 def sample_groups(

@@ -48,6 +48,32 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
     )  # fmt: skip
 
 
+def completion_logps(
+    model: nn.Module, params, batch, *, temperature: float = 1.0, return_entropy: bool = False,
+    return_hidden: bool = False,
+):  # fmt: skip
+    """Per-token log-probs [B, T] of the batch's targets on its loss-masked (completion) positions, 0
+    elsewhere, under softmax(cap(logits) / temperature), through the fused LM head (`losses.
+    token_logps_from_hidden`: prompt and padding positions never reach the head, no [B, T, V] logits).
+
+    With `return_entropy` also the per-token entropy of that distribution (no gradient); with
+    `return_hidden` also the final-normed hidden states [B, T, D] (a shared value head reads them).
+    Returns the log-probs alone, or a tuple (log-probs, [entropy], [hidden]) in that order.
+    """
+    hidden_BTD, w_DV, softcap = model.apply(
+        {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"], method="hidden_and_head",
+        return_softcap=True,
+    )  # fmt: skip
+    out = losses.token_logps_from_hidden(
+        hidden=hidden_BTD, kernel=w_DV, targets=batch["targets"], mask=batch["loss_mask"],
+        temperature=temperature, softcap=softcap, shards=_shards(model), return_entropy=return_entropy,
+        platform=layers.target_platform(getattr(model, "mesh", None)),
+    )  # fmt: skip
+    out = out if return_entropy else (out,)
+    out = (*out, hidden_BTD) if return_hidden else out
+    return out if len(out) > 1 else out[0]
+
+
 def pair_logps(model: nn.Module, params, batch) -> tuple[jax.Array, jax.Array]:
     """(chosen_B, rejected_B) summed log-probs from one forward over the concatenated 2B rows."""
     cat = lambda key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
@@ -232,20 +258,17 @@ def policy_gradient_objective(
     `reference_params` is unused (reference log-probs come precomputed).
     """
     del reference_params
-    logits_BTV = tempered_logits(model, params, batch, temperature=temperature)
+    logps_BT, entropy_BT = completion_logps(
+        model, params, batch, temperature=temperature, return_entropy=True
+    )
     return _policy_gradient_terms(
-        logits_BTV,
-        batch,
-        model=model,
-        aggregation=aggregation,
-        loss_kwargs=loss_kwargs,
-        max_length=max_length,
+        logps_BT, entropy_BT, batch, aggregation=aggregation, loss_kwargs=loss_kwargs, max_length=max_length
     )
 
 
-def _policy_gradient_terms(logits_BTV, batch, *, model, aggregation, loss_kwargs, max_length):
-    """`policy_gradient_objective`'s (loss, sums) from the batch's tempered logits."""
-    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
+def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwargs, max_length):
+    """`policy_gradient_objective`'s (loss, sums) from the completion tokens' tempered log-probs and
+    entropies (`completion_logps`; 0 off the loss mask, as the batch's `old_logps` are)."""
     mask_BT = batch["loss_mask"]
     # [B]: one advantage per sequence (the GRPO family); [B, T]: per token (PPO's GAE).
     adv_key = "advantages_BT" if batch["advantages"].ndim == 2 else "advantages_B"
@@ -271,8 +294,6 @@ def _policy_gradient_terms(logits_BTV, batch, *, model, aggregation, loss_kwargs
     )  # fmt: skip
     token_share = jnp.sum(mask_BT) / jnp.maximum(token_normalizer, 1.0)
     # The policy's entropy at the sampled positions (logged only; DAPO's clip-higher claim is about it).
-    logq_BTV = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BTV).astype(jnp.float32), axis=-1)
-    entropy_BT = -jnp.sum(jnp.exp(logq_BTV) * logq_BTV, axis=-1)
     entropy = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(token_normalizer, 1.0)
     sums = {"loss": loss, "weight": share, "entropy": entropy}
     sums.update({k: token_share * share_free for k, share_free in means.items()})
@@ -305,18 +326,11 @@ def shared_critic_objective(
     `value_objective`; `loss` is the total.
     """
     del reference_params
-    logits_BTV, hidden_BTD = model.apply(
-        {"params": params["policy"]}, batch["tokens"], segment_ids_BT=batch["segment_ids"], return_hidden=True
+    logps_BT, entropy_BT, hidden_BTD = completion_logps(
+        model, params["policy"], batch, temperature=temperature, return_entropy=True, return_hidden=True
     )
-    if temperature != 1.0:
-        logits_BTV = logits_BTV / jnp.asarray(temperature, logits_BTV.dtype)
     pg_loss, sums = _policy_gradient_terms(
-        logits_BTV,
-        batch,
-        model=model,
-        aggregation=aggregation,
-        loss_kwargs=loss_kwargs,
-        max_length=max_length,
+        logps_BT, entropy_BT, batch, aggregation=aggregation, loss_kwargs=loss_kwargs, max_length=max_length
     )
     values_BT = _value_head(hidden_BTD, params["value_head"])
     vf_loss, value_sums = _value_terms(values_BT, batch, clip=clip)
