@@ -95,10 +95,10 @@ def _shards(model: nn.Module) -> int:
 
 
 def sft_objective(params, batch, reference_params, *, model: nn.Module):
-    """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens)."""
+    """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens), through
+    the fused LM head on the loss-masked rows only (`completion_logps`)."""
     del reference_params
-    logits_BTV = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
-    logps_BT = losses.token_logps(logits=logits_BTV, targets=batch["targets"], shards=_shards(model))
+    logps_BT = completion_logps(model, params, batch)
     mask_BT = batch["loss_mask"] * batch["weights"][:, None]
     nll = -jnp.sum(jnp.where(mask_BT > 0, logps_BT * mask_BT, 0.0))
     return nll, {"loss": nll, "weight": jnp.sum(mask_BT)}
