@@ -22,6 +22,9 @@ neither is in the pairwise registry.
 # The registry of pairwise losses by name, as a namespace: `losses.registry.make("dpo", beta=0.1)`.
 from rlhf_jax.losses import registry
 
+# Direct Advantage Policy Optimization (arXiv 2412.18279; not ByteDance's DAPO): step-level, offline.
+from rlhf_jax.losses._advantage import direct_advantage_po
+
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
 from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
 
@@ -112,6 +115,8 @@ __all__ = [
     "exo_pair",
     "nca_pair",
     "sppo_hard",
+    # Direct Advantage Policy Optimization (step-level)
+    "direct_advantage_po",
     # policy-gradient losses and advantages
     "group_advantages",
     "policy_gradient_loss",
