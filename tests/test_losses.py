@@ -575,7 +575,7 @@ class TestRegistry:
         }  # fmt: skip
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
-        direct_advantage = {"direct_advantage_po"}
+        direct_advantage = {"critic_bce", "direct_advantage_po", "step_advantages"}
         assert before | {"registry"} | policy_gradient | ppo | direct_advantage == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):

@@ -23,7 +23,7 @@ neither is in the pairwise registry.
 from rlhf_jax.losses import registry
 
 # Direct Advantage Policy Optimization (arXiv 2412.18279; not ByteDance's DAPO): step-level, offline.
-from rlhf_jax.losses._advantage import direct_advantage_po
+from rlhf_jax.losses._advantage import critic_bce, direct_advantage_po, step_advantages
 
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
 from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
@@ -116,7 +116,9 @@ __all__ = [
     "nca_pair",
     "sppo_hard",
     # Direct Advantage Policy Optimization (step-level)
+    "critic_bce",
     "direct_advantage_po",
+    "step_advantages",
     # policy-gradient losses and advantages
     "group_advantages",
     "policy_gradient_loss",

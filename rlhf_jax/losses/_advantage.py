@@ -40,3 +40,38 @@ def direct_advantage_po(*, policy_logps, reference_logps, advantages, beta: floa
     target_B = jax.lax.stop_gradient(f32(advantages)) / beta
     log_ratio_B = f32(policy_logps) - f32(reference_logps)
     return 0.5 * (target_B - log_ratio_B) ** 2
+
+
+def critic_bce(*, value_logits, targets) -> Array:
+    """Per-state binary cross-entropy of a critic on soft Monte-Carlo targets (arXiv 2412.18279, §3.3).
+
+        loss(s) = -[MC_N(s) log σ(v(s)) + (1 - MC_N(s)) log(1 - σ(v(s)))]
+
+    with v(s) the critic's logit and MC_N(s) ∈ [0, 1] the share of N completions from s that are right;
+    V(s) = σ(v(s)). Minimised at σ(v) = MC_N(s); the gradient in v is σ(v) - MC_N(s).
+
+    Args:
+      value_logits: [B] the critic's scalar output per state.
+      targets: [B] soft targets in [0, 1] (constants).
+
+    Returns:
+      [B] the per-state loss, float32.
+    """
+    v_B = f32(value_logits)
+    y_B = jax.lax.stop_gradient(f32(targets))
+    return -(y_B * jax.nn.log_sigmoid(v_B) + (1.0 - y_B) * jax.nn.log_sigmoid(-v_B))
+
+
+def step_advantages(values_BM) -> Array:
+    """Â(s, a_i) = V(s∘a_i) - (1/M) Σ_j V(s∘a_j) (arXiv 2412.18279, §3.3) for M steps a_j ~ π_ref(·|s).
+
+    Args:
+      values_BM: [B, M] critic values V(s∘a_j) of the M sampled next states of each of B states.
+
+    Returns:
+      [B, M] advantages, float32; each row sums to zero.
+    """
+    v_BM = f32(values_BM)
+    if v_BM.ndim != 2:
+        raise ValueError(f"values_BM must be [B, M], got shape {v_BM.shape}")
+    return v_BM - v_BM.mean(axis=1, keepdims=True)
