@@ -449,3 +449,49 @@ def sample(
     )  # fmt: skip
     tokens, lengths, logps, sampling_logps, done = (x.reshape(P, num_samples, *x.shape[1:]) for x in outs)
     return SampleOutput(tokens, lengths, logps, sampling_logps, done)
+
+
+def with_prefix(
+    prompt_tokens_PT, prompt_lengths_P, prefix_tokens_PT, prefix_lengths_P
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joins each prompt with a prefix of its completion (token ids, not re-tokenised text) into one
+    right-padded prompt: the state s = prompt + previous steps of a step-level method.
+
+    Returns:
+      (tokens [P, Tp + Tq], lengths [P]) host int32 arrays, padded with the prompts' own filler (zeros).
+    """
+    prompt_PT, lengths_P = np.asarray(prompt_tokens_PT, np.int32), np.asarray(prompt_lengths_P, np.int32)
+    prefix_PT, plen_P = np.asarray(prefix_tokens_PT, np.int32), np.asarray(prefix_lengths_P, np.int32)
+    P = prompt_PT.shape[0]
+    if prefix_PT.shape[0] != P or plen_P.shape != (P,) or lengths_P.shape != (P,):
+        raise ValueError(
+            f"with_prefix needs P={P} rows everywhere, got prefix {prefix_PT.shape}, lengths "
+            f"{lengths_P.shape}, prefix lengths {plen_P.shape}"
+        )
+    if (plen_P < 0).any() or (plen_P > prefix_PT.shape[1]).any():
+        raise ValueError(f"prefix lengths must be in [0, {prefix_PT.shape[1]}], got {plen_P.tolist()}")
+    out_PT = np.zeros((P, prompt_PT.shape[1] + prefix_PT.shape[1]), np.int32)
+    for p in range(P):
+        n, m = lengths_P[p], plen_P[p]
+        out_PT[p, :n] = prompt_PT[p, :n]
+        out_PT[p, n : n + m] = prefix_PT[p, :m]
+    return out_PT, lengths_P + plen_P
+
+
+def continue_prefix(
+    model: nn.Module, params, prompt_tokens_PT, prompt_lengths_P, prefix_tokens_PT, prefix_lengths_P, **kwargs
+) -> SampleOutput:
+    """Samples continuations of prompt + prefix (`with_prefix`), e.g. N completions from a state s, or M
+    next steps a_j ~ π(·|s) when `eos_id` also holds the newline tokens (`stop_at_first` then cuts a
+    step at its first newline). `kwargs` are `sample`'s; the output holds the continuations only."""
+    tokens_PT, lengths_P = with_prefix(prompt_tokens_PT, prompt_lengths_P, prefix_tokens_PT, prefix_lengths_P)
+    return sample(model, params, tokens_PT, lengths_P, **kwargs)
+
+
+def stop_at_first(tokens_PNT, lengths_PN, stop_ids) -> np.ndarray:
+    """Post-hoc truncation: lengths cut just after the first token in `stop_ids` (kept lengths if none)."""
+    tokens_PNT, lengths_PN = np.asarray(tokens_PNT), np.asarray(lengths_PN)
+    T = tokens_PNT.shape[-1]
+    hit_PNT = np.isin(tokens_PNT, np.asarray(stop_ids)) & (np.arange(T) < lengths_PN[..., None])
+    first_PN = np.where(hit_PNT.any(-1), hit_PNT.argmax(-1) + 1, lengths_PN)
+    return first_PN.astype(np.int32)

@@ -310,25 +310,3 @@ def test_detection_and_format_override(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     examples, stats = data.load_math(str(tmp_path / "empty.jsonl"))
     assert examples == [] and stats.records == 0
-
-
-@pytest.mark.parametrize(
-    "solution, steps",
-    [
-        ("a = 1\nb = 2\n#### 2", ["a = 1\n", "b = 2\n", "#### 2"]),
-        ("a = 1\n\nb = 2\n#### 2\n", ["a = 1\n\n", "b = 2\n", "#### 2\n"]),  # blank line, trailing newline
-        ("\n\na = 1\n", ["\n\na = 1\n"]),  # leading blank lines join the first step
-        ("a = 1\n  \n\t\n#### 1\n\n", ["a = 1\n  \n\t\n", "#### 1\n\n"]),  # whitespace-only lines
-        ("#### 7", ["#### 7"]),
-        ("\n\n", ["\n\n"]),
-        ("", []),
-        ("x\r\ny\r\n", ["x\r\n", "y\r\n"]),
-    ],
-)
-def test_split_steps(solution, steps):
-    from rlhf_jax.data import math_formats
-
-    got = math_formats.split_steps(solution)
-    assert got == steps
-    assert "".join(got) == solution
-    assert all(s.strip() for s in got) or len(got) <= 1

@@ -292,3 +292,44 @@ def test_share_prefix_builds_groups_over_the_prefix_rows():
     assert cache.prefix_k is prefix.k
     with pytest.raises(ValueError, match="7 rows do not split into groups over 3 prefix rows"):
         models.share_prefix(prefix, 7, 7, config)
+
+
+# ------------------------------------------------------------------------------- prefix continuation
+
+
+def test_continue_prefix_with_an_empty_prefix_draws_the_same_samples(lm, prompts):
+    model, params = lm
+    kwargs = dict(config=POLICY, num_samples=N, rng=jax.random.key(1), pad_id=PAD, eos_id=None)
+    plain = sampling.sample(model, params, *prompts, **kwargs)
+    empty = np.zeros((P, 3), np.int32)
+    cont = sampling.continue_prefix(model, params, *prompts, empty, np.zeros(P, np.int32), **kwargs)
+    # Tokens exactly; log-probs to rounding (the joined prompt is wider, so another compiled shape).
+    for name in ("tokens_PNT", "lengths_PN", "finished_PN"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(cont, name))
+    np.testing.assert_allclose(plain.logps_PN, cont.logps_PN, atol=LOGP_ATOL)
+
+
+def test_greedy_continuation_of_a_greedy_prefix_is_its_rest(lm, prompts):
+    """Greedy decoding of prompt + the first k greedy tokens gives the remaining greedy tokens."""
+    model, params = lm
+    kwargs = dict(num_samples=1, rng=jax.random.key(0), pad_id=PAD, eos_id=None)
+    full = sampling.sample(
+        model, params, *prompts, config=sampling.SamplingConfig(NEW, greedy=True), **kwargs
+    )
+    k_P = np.array([0, 1, 2, 3, 4, 5, 6, 7]) % NEW
+    rest = sampling.continue_prefix(
+        model, params, *prompts, full.tokens_PNT[:, 0], k_P, config=sampling.SamplingConfig(NEW, greedy=True),
+        **kwargs,
+    )  # fmt: skip
+    for p in range(P):
+        np.testing.assert_array_equal(rest.tokens_PNT[p, 0, : NEW - k_P[p]], full.tokens_PNT[p, 0, k_P[p] :])
+    joined, lengths = sampling.with_prefix(*prompts, full.tokens_PNT[:, 0], k_P)
+    np.testing.assert_array_equal(lengths, prompts[1] + k_P)
+    np.testing.assert_array_equal(joined[1, : prompts[1][1]], prompts[0][1, : prompts[1][1]])
+
+
+def test_stop_at_first():
+    tokens = np.array([[[5, 9, 3, 9, 0], [4, 4, 4, 0, 0]]])
+    lengths = np.array([[4, 3]])
+    np.testing.assert_array_equal(sampling.stop_at_first(tokens, lengths, [9]), [[2, 3]])
+    np.testing.assert_array_equal(sampling.stop_at_first(tokens, np.array([[1, 3]]), [9, 4]), [[1, 1]])

@@ -209,29 +209,3 @@ def _text(record: Mapping, key: str, *, numbers: bool = False) -> str:
 def _number_text(value: Any) -> Any:
     """A number's text (MATH-style answers are sometimes plain numbers); any other value unchanged."""
     return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-
-
-def split_steps(solution: str) -> list[str]:
-    """A worked solution cut into reasoning steps: its lines, each with its newline (the step-level
-    actions of Direct Advantage PO, arXiv 2412.18279, where a state is the prompt and the steps so far).
-
-    Lines that are empty or whitespace only are not steps of their own: they join the step before them
-    (or, at the start, the first step), so every step holds text. A last line without a newline is a
-    step; a trailing newline belongs to the last step. `"".join(split_steps(s)) == s` always, and a
-    solution without any non-blank text is one step (or none when empty).
-
-    Example: "a = 1\n\nb = 2\n#### 2" → ["a = 1\n\n", "b = 2\n", "#### 2"].
-    """
-    steps: list[str] = []
-    pending = ""  # blank lines before the first step with text
-    for line in solution.splitlines(keepends=True):
-        if line.strip():
-            steps.append(pending + line)
-            pending = ""
-        elif steps:
-            steps[-1] += line
-        else:
-            pending += line
-    if pending:  # nothing but blank lines
-        steps.append(pending)
-    return steps

@@ -22,6 +22,9 @@ neither is in the pairwise registry.
 # The registry of pairwise losses by name, as a namespace: `losses.registry.make("dpo", beta=0.1)`.
 from rlhf_jax.losses import registry
 
+# Direct Advantage Policy Optimization (arXiv 2412.18279; not ByteDance's DAPO): step-level, offline.
+from rlhf_jax.losses._advantage import critic_bce, direct_advantage_po, step_advantages
+
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
 from rlhf_jax.losses._logps import (
     sequence_logps,
@@ -64,7 +67,7 @@ from rlhf_jax.losses._ppo import (
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
 
 # Step- and trajectory-level objectives: Direct Advantage PO (arXiv 2412.18279), GFlowNet trajectory balance.
-from rlhf_jax.losses._step import direct_advantage_po, trajectory_balance
+from rlhf_jax.losses._step import trajectory_balance
 
 # TRL's DPOTrainer loss types, under TRL's names.
 from rlhf_jax.losses._trl import (
@@ -113,8 +116,7 @@ __all__ = [
     "slic",
     # a control: SFT on the chosen responses
     "chosen_nll",
-    # step- and trajectory-level objectives
-    "direct_advantage_po",
+    # trajectory-level objectives
     "trajectory_balance",
     # TRL loss types
     "aot",
@@ -127,6 +129,10 @@ __all__ = [
     "exo_pair",
     "nca_pair",
     "sppo_hard",
+    # Direct Advantage Policy Optimization (step-level)
+    "critic_bce",
+    "direct_advantage_po",
+    "step_advantages",
     # policy-gradient losses and advantages
     "group_advantages",
     "policy_gradient_loss",

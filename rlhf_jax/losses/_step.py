@@ -1,5 +1,4 @@
-"""Step- and trajectory-level objectives: Direct Advantage Policy Optimization's squared loss and the
-GFlowNet trajectory-balance loss.
+"""Trajectory-level objectives: the GFlowNet trajectory-balance loss.
 
 Conventions: per-example quantities are [B] arrays of summed log-probs (a step's, or a whole
 trajectory's, tokens), float32 compute, keyword-only arguments, hyperparameters checked eagerly;
@@ -10,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from rlhf_jax.losses._common import Array, check_positive, f32
+from rlhf_jax.losses._common import Array, f32
 
 
 def _check_b(**arrays) -> None:
@@ -21,37 +20,6 @@ def _check_b(**arrays) -> None:
     for name, x in rest:
         if jnp.shape(x) != jnp.shape(x0):
             raise ValueError(f"{name} must have the shape of {name0} {jnp.shape(x0)}, got {jnp.shape(x)}")
-
-
-def direct_advantage_po(*, policy_logps, reference_logps, advantages, beta: float) -> Array:
-    """Direct Advantage Policy Optimization's step-level loss (Liu et al. 2024, "Improving Multi-Step
-    Reasoning Abilities of Large Language Models with Direct Advantage Policy Optimization", arXiv
-    2412.18279, Eq. 12-13):
-
-        loss = ½ (Â / β − (log π(a|s) − log π_ref(a|s)))²,
-
-    for a reasoning step a (a line of a solution) taken in state s (the prompt and the previous steps),
-    log π(a|s) the sum of the step's token log-probs, Â(s, a) its advantage estimated by a critic
-    (`rlhf_jax.pipelines` trains it: Â = V(s∘a) − mean_j V(s∘a_j) over steps a_j ~ π_ref(·|s)). Its
-    gradient in log π is −(Â/β − (log π − log π_ref)): zero where the log-ratio equals Â/β, the
-    KL-regularised optimum π ∝ π_ref·exp(Â/β) (up to normalisation). β > 0 sets the KL strength.
-
-    Not ByteDance's DAPO (Yu et al. 2025, arXiv 2503.14476, "Decoupled Clip and Dynamic sAmpling"),
-    which is the `dapo` aggregation of `policy_gradient_loss`; the two are never aliased.
-
-    Args:
-      policy_logps: [B] summed log-probs of each step under the policy being trained.
-      reference_logps: [B] the same under the frozen reference π_ref (the sampling policy).
-      advantages: [B] Â(s, a) of each step (constants: no gradient flows into them).
-      beta: β > 0.
-
-    Returns:
-      Per-step loss [B], float32.
-    """
-    check_positive("beta", beta)
-    _check_b(policy_logps=policy_logps, reference_logps=reference_logps, advantages=advantages)
-    log_ratio = f32(policy_logps) - f32(reference_logps)
-    return 0.5 * jnp.square(f32(advantages) / beta - log_ratio)
 
 
 def trajectory_balance(*, log_z, policy_logps, log_rewards) -> Array:
