@@ -57,6 +57,14 @@ from rlhf_jax.losses._ppo import (
 # Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
 
+# Turn- and trajectory-level losses: EPO's turn-level REINFORCE, GFlowNet trajectory balance.
+from rlhf_jax.losses._trajectory import (
+    discounted_turn_returns,
+    epo,
+    positive_log_rewards,
+    trajectory_balance,
+)
+
 # TRL's DPOTrainer loss types, under TRL's names.
 from rlhf_jax.losses._trl import (
     aot,
@@ -123,6 +131,11 @@ __all__ = [
     "last_token_mask",
     "value_loss",
     "whiten",
+    # turn- and trajectory-level losses
+    "discounted_turn_returns",
+    "epo",
+    "positive_log_rewards",
+    "trajectory_balance",
     # reward-model losses and metrics
     "bradley_terry",
     "preference_metrics",
