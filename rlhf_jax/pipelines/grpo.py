@@ -871,6 +871,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
                  "data": fingerprints.data_spec(cfg.data)}  # fmt: skip
     if plan.math:
         eval_spec["eval_reward"] = plan.eval_reward
+        eval_spec["math_metrics"] = 2  # 2: with distinct_correct; older cached evaluations lack it
     if rm_dir:
         eval_spec["reward_model"] = fingerprints.stage_input(rm_dir)
 
