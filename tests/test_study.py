@@ -40,11 +40,19 @@ def test_unknown_study_lists_the_studies(capsys):
     err = capsys.readouterr().err
     listed = err.rpartition("studies: ")[2].strip().split(", ")
     # Not _study, __init__.
-    assert listed == ["gencls_study", "grpo_variants", "inpo_iters", "rdpo_noise", "rpo_overopt", "rso_table"]
+    assert listed == [
+        "gencls_study",
+        "gflownet_study",
+        "grpo_variants",
+        "inpo_iters",
+        "rdpo_noise",
+        "rpo_overopt",
+        "rso_table",
+    ]
 
 
 def test_every_study_builds_valid_runs():
-    for name in ("rso_table", "rdpo_noise", "rpo_overopt", "inpo_iters"):
+    for name in ("rso_table", "rdpo_noise", "rpo_overopt", "inpo_iters", "gflownet_study"):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
             s = module.get_study(variant)

@@ -181,6 +181,7 @@ def format_table(results: dict, title: str) -> str:
             ("held-out accuracy, greedy (SFT)", fmt("accuracy_sft")),
             ("accuracy gain over SFT (paired)", fmt("accuracy_gain")),
             (f"pass@{results.get('k', 'k')} (policy)", fmt("pass_at_k")),
+            (f"distinct correct of {results.get('k', 'k')} samples (policy)", fmt("distinct_correct")),
             ("mean response length (tokens)", fmt("mean_response_length")),
             (
                 "  of sampled correct / wrong answers",
