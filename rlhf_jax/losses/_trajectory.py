@@ -45,7 +45,7 @@ def epo(
     turn_ids_BT,
     turn_rewards_BU,
     turn_mask_BU,
-    gamma: float = 1.0,
+    gamma: float = 0.99,
     normalize: bool = True,
     eps: float = 1e-8,
 ) -> Array:
@@ -60,14 +60,18 @@ def epo(
       ℓ̄_u      = (1/|u|) Σ_{t ∈ turn u} log π(y_t | y_<t)    (mean over the turn's tokens)
       loss_b   = −(1/n_b) Σ_u Ĝ_u · ℓ̄_u
 
-    Ĝ is a constant (rewards are data; the loss is offline). The paper writes the objective as the
-    policy-gradient J(θ) = E[Σ_t γ^t r_t] with REINFORCE's Σ_t G_t ∇log π(a_t|s_t) over turns
-    (§3, the RL objective for the reasoning model); the released code (LLaMA-Factory fork, offline
-    over logged trajectories) differs from the paper's text in two places reproduced here: a turn's
-    action log-prob is the *mean* over its tokens rather than the sum, and returns are rescaled by
-    their largest absolute value so every dialogue's weights lie in [-1, 1]. Details not verified
-    line-by-line against the released code in this session: the normalisation is taken per dialogue
-    (not over the batch) and the turn average uses the dialogue's own number of turns.
+    Ĝ is a constant (rewards are data; the loss is offline). The paper states the objective as
+    REINFORCE over turns (Σ_t G_t ∇log π(a_t|s_t), §3); the released code (AlibabaResearch/DAMO-ConvAI,
+    ``EPO/LLaMA-Factory``), reproduced here, works in two parts: the returns are computed in
+    data preparation (``data/utils/preprocessing.py``: ``compute_discounted_scores`` with γ = 0.99, then
+    ``max_abs_normalize`` per dialogue, 0 when every return is 0), and the trainer
+    (``src/llamafactory/train/sft/trainer.py``, ``reward_weighted_loss``) weights each assistant segment's
+    token log-probs by score / segment length and divides the dialogue's sum by its number of segments,
+    i.e. a turn's action log-prob is the *mean* over its tokens, not the paper's sum. The released
+    trainer sums the dialogues' losses over the batch; this function returns them per dialogue (take
+    the mean for a batch-size-independent scale: the released sum is B times that). The released
+    per-turn rewards (SOTOPIA-π) are 1 on turns that reach a selected milestone, the episode score / 10
+    on the last assistant turn and 0 otherwise; here they are the caller's ``turn_rewards_BU``.
 
     A turn with no tokens contributes ℓ̄_u = 0; a dialogue whose returns are all 0 gets loss 0
     (``eps`` guards the division). Sign: minimised; a positive return raises its turn's log-probs.
@@ -78,7 +82,7 @@ def epo(
         (prompt, user turns, padding).
       turn_rewards_BU: per-turn rewards [B, U].
       turn_mask_BU: 1 on real turns, 0 on padding [B, U]; valid turns form a prefix.
-      gamma: discount in [0, 1] (default 1.0).
+      gamma: discount in [0, 1] (default 0.99, as released).
       normalize: divide returns by max_u |G_u| per dialogue (default True, as released).
       eps: > 0, floor of the normaliser.
 
