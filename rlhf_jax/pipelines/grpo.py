@@ -403,7 +403,10 @@ def run(
     else:
         reference = jax.tree.map(lambda x: x.copy(), params) if keep_reference else None
     training.log_startup(
-        f"{name} ({grpo.estimator}/{grpo.aggregation})", mesh, model_cfg, cfg.train.batch_size
+        f"{name} ({'tb' if gflownet is not None else f'{grpo.estimator}/{grpo.aggregation}'})",
+        mesh,
+        model_cfg,
+        cfg.train.batch_size,
     )
 
     # Optimizer, state, step.
