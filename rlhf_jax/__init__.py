@@ -26,6 +26,7 @@ Arrays carry their shape in their name, so shapes never live in comments: ``logi
   L: layers
   P: prompts
   N: samples (candidates) per prompt
+  U: turns of a multi-turn dialogue (the assistant turns that carry loss; ``losses.epo``)
   M: accepted samples per prompt (rejection sampling; M <= N)
   A: candidate tokens per row left by top-k / top-p (sampling; A <= V)
   X: examples of a whole dataset, before batching (``ids_B`` index into it)

@@ -101,8 +101,9 @@ def test_math_eval_batches_prompts_without_changing_the_samples(tiny):
     chunked = math_eval.evaluate_math(config=dataclasses.replace(config, prompts_per_batch=2), **kw)
     assert whole["eval_problems"] == 4
     for key in ("accuracy", "accuracy_sft", "pass_at_k", "mean_response_length", "mean_length_correct",
-                "mean_length_wrong"):  # fmt: skip
+                "mean_length_wrong", "distinct_correct"):  # fmt: skip
         assert chunked[key] == whole[key], key
+    assert 0 <= whole["distinct_correct"] <= 3
     assert chunked["kl_to_sft"] == pytest.approx(whole["kl_to_sft"], abs=1e-5)
     everything = math_eval.evaluate_math(
         config=config, **{**kw, "correct": lambda *, prompts, completions, answer: np.ones(len(completions))}
@@ -110,6 +111,15 @@ def test_math_eval_batches_prompts_without_changing_the_samples(tiny):
     assert everything["mean_length_wrong"] is None and 1 <= everything["mean_length_correct"] <= 8
     with pytest.raises(ValueError, match="prompts_per_batch"):
         math_eval.MathEvalConfig(prompts_per_batch=-1)
+
+
+def test_distinct_correct_counts_distinct_accepted_texts():
+    """Hand-counted: duplicates (up to surrounding whitespace) count once, rejected texts not at all."""
+    from rlhf_jax.pipelines import math_eval
+
+    texts = [["a", " a\n", "b", "c"], ["x", "y", "x", "z"], ["p", "p", "p", "p"]]
+    ok = np.array([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(math_eval.distinct_correct(texts, ok), [2, 0, 1])
 
 
 def test_prompt_stream_depends_on_seed_iteration_and_draw_only():

@@ -583,11 +583,12 @@ class TestRegistry:
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
         controls = {"chosen_nll"}
-        step = {"trajectory_balance", "token_logps_from_hidden"}
+        fused = {"token_logps_from_hidden"}
         direct_advantage = {"critic_bce", "direct_advantage_po", "step_advantages"}
-        assert before | {"registry"} | policy_gradient | ppo | controls | step | direct_advantage == set(
-            losses.__all__
-        )
+        trajectory = {"discounted_turn_returns", "epo", "positive_log_rewards", "trajectory_balance"}
+        assert before | {
+            "registry"
+        } | policy_gradient | ppo | controls | fused | direct_advantage | trajectory == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
             assert getattr(losses, name) is getattr(losses.registry, name)

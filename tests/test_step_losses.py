@@ -1,6 +1,6 @@
-"""Step- and trajectory-level losses against hand-derived values, NumPy and their optima:
-`direct_advantage_po` (Direct Advantage Policy Optimization, arXiv 2412.18279; not ByteDance's DAPO)
-and `trajectory_balance` (GFlowNets)."""
+"""`direct_advantage_po` (Direct Advantage Policy Optimization, arXiv 2412.18279; not ByteDance's DAPO)
+against hand-derived values and gradients, its input checks, and its optimum on a bandit (a second
+set beside tests/test_direct_advantage_po.py's)."""
 
 import jax
 import jax.numpy as jnp
@@ -73,36 +73,3 @@ def test_on_a_bandit_the_trained_policy_does_not_lose_reward(beta):
     # All advantages zero (every arm equally good): π_ref is optimal and stays.
     flat = _train_bandit(pi_ref, jnp.zeros(5), beta, steps=200)
     np.testing.assert_allclose(flat, pi_ref, atol=1e-5)
-
-
-def test_trajectory_balance_values_gradients_and_optimum():
-    log_z = jnp.asarray(0.5)
-    lp, lr = jnp.array([-2.0, -1.0]), jnp.array([-1.0, 0.0])
-    # (0.5 - 2 + 1)² = 0.25; (0.5 - 1 - 0)² = 0.25
-    got = losses.trajectory_balance(log_z=log_z, policy_logps=lp, log_rewards=lr)
-    np.testing.assert_allclose(got, [0.25, 0.25], rtol=1e-6)
-    total = lambda z, p: jnp.sum(losses.trajectory_balance(log_z=z, policy_logps=p, log_rewards=lr))  # noqa: E731
-    gz, gp = jax.grad(total, argnums=(0, 1))(log_z, lp)
-    np.testing.assert_allclose(gp, [-1.0, -1.0], rtol=1e-6)  # 2(log Z + log π - log R)
-    np.testing.assert_allclose(gz, -2.0, rtol=1e-6)
-    # Trained to zero loss on every outcome of a 4-outcome space, π = R / Z and Z = Σ R.
-    rewards = jnp.array([4.0, 2.0, 1.0, 1.0])
-
-    def objective(params):
-        z, logits = params
-        log_pi = jax.nn.log_softmax(logits)
-        return jnp.mean(losses.trajectory_balance(log_z=z, policy_logps=log_pi, log_rewards=jnp.log(rewards)))
-
-    params = (jnp.asarray(0.0), jnp.zeros(4))
-    grad = jax.jit(jax.grad(objective))
-    for _ in range(2000):
-        params = jax.tree.map(lambda x, g: x - 0.1 * g, params, grad(params))
-    np.testing.assert_allclose(jax.nn.softmax(params[1]), rewards / rewards.sum(), atol=1e-4)
-    np.testing.assert_allclose(params[0], np.log(8.0), atol=1e-4)
-
-
-def test_trajectory_balance_checks_shapes():
-    with pytest.raises(ValueError, match="log_z must be a scalar or"):
-        losses.trajectory_balance(log_z=jnp.zeros(3), policy_logps=jnp.zeros(2), log_rewards=jnp.zeros(2))
-    with pytest.raises(ValueError, match="log_rewards must have the shape"):
-        losses.trajectory_balance(log_z=0.0, policy_logps=jnp.zeros(2), log_rewards=jnp.zeros(3))

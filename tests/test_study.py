@@ -42,6 +42,7 @@ def test_unknown_study_lists_the_studies(capsys):
     # Not _study, __init__.
     assert listed == [
         "gencls_study",
+        "gflownet_study",
         "grpo_variants",
         "inpo_iters",
         "rdpo_noise",
@@ -60,6 +61,7 @@ def test_every_study_builds_valid_runs():
         "inpo_iters",
         "rdpo_noise_long",
         "rso_table_paper",
+        "gflownet_study",
     ):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):

@@ -66,8 +66,13 @@ from rlhf_jax.losses._ppo import (
 # Reward-model losses and the preference metrics logged with every loss.
 from rlhf_jax.losses._reward import bradley_terry, preference_metrics
 
-# Step- and trajectory-level objectives: Direct Advantage PO (arXiv 2412.18279), GFlowNet trajectory balance.
-from rlhf_jax.losses._step import trajectory_balance
+# Turn- and trajectory-level losses: EPO's turn-level REINFORCE, GFlowNet trajectory balance.
+from rlhf_jax.losses._trajectory import (
+    discounted_turn_returns,
+    epo,
+    positive_log_rewards,
+    trajectory_balance,
+)
 
 # TRL's DPOTrainer loss types, under TRL's names.
 from rlhf_jax.losses._trl import (
@@ -116,8 +121,6 @@ __all__ = [
     "slic",
     # a control: SFT on the chosen responses
     "chosen_nll",
-    # trajectory-level objectives
-    "trajectory_balance",
     # TRL loss types
     "aot",
     "aot_unpaired",
@@ -144,6 +147,11 @@ __all__ = [
     "last_token_mask",
     "value_loss",
     "whiten",
+    # turn- and trajectory-level losses
+    "discounted_turn_returns",
+    "epo",
+    "positive_log_rewards",
+    "trajectory_balance",
     # reward-model losses and metrics
     "bradley_terry",
     "preference_metrics",

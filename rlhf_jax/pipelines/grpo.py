@@ -57,6 +57,7 @@ from rlhf_jax import losses, models, rewards, sampling, scoring, sharding
 from rlhf_jax.data import pipeline, synthetic_tldr
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.pipelines import evaluation, fingerprints, math_eval, reward, sft, tasks, training
+from rlhf_jax.pipelines import gflownet as gfn_lib
 from rlhf_jax.pipelines import ppo as ppo_lib
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, in_section, rm_kind, section_config, stage_config
@@ -329,6 +330,7 @@ def run(
     evaluate: Callable[[object], dict] | None = None,
     ppo: ppo_lib.PPOConfig | None = None,
     critic_from: str = "",
+    gflownet: gfn_lib.GFlowNetConfig | None = None,
 ) -> dict:
     """Trains (or resumes) the policy from `cfg.init_from` (an SFT stage) with online RL in `workdir`.
 
@@ -346,6 +348,9 @@ def run(
         proxy's reward).
       ppo, critic_from: with `grpo.estimator="gae"`, PPO's settings and the stage its critic starts
         from (the SFT stage, default `cfg.init_from`, or a reward-model stage; `pipelines.ppo`).
+      gflownet: GFlowNet trajectory balance instead of the clipped policy gradient
+        (`pipelines.gflownet`: a learnable log Z, positive rewards, a replay buffer); the estimator,
+        aggregation and clipping settings of `grpo` are then unused.
 
     Returns the stage's results (the last iteration's metrics); evaluation is the pipeline's.
     """
@@ -361,18 +366,24 @@ def run(
             "ppo.critic_init='shared' does not support LoRA (train.lora_rank > 0) yet: use 'sft'"
         )
     critic_from = (critic_from or cfg.init_from) if is_ppo and not shared else ""
+    if gflownet is not None and (ppo is not None or cfg.train.lora() is not None):
+        raise ValueError("gflownet: not with PPO (grpo.estimator='gae') or LoRA (train.lora_rank > 0)")
     os.makedirs(workdir, exist_ok=True)
     fingerprints.claim(
-        workdir, spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec, ppo=ppo, critic_from=critic_from), name
+        workdir,
+        spec(cfg, grpo, rm_dir=rm_dir, curve=curve_spec, ppo=ppo, critic_from=critic_from, gflownet=gflownet),
+        name,
     )
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
     if workdir_io.is_main():  # every stage keeps the tokenizer it used, for init_from and for export
         tokenizer.save(workdir)
-    rows_per_iteration = grpo.num_prompts * grpo.group_size
+    replay_rows = gflownet.replay_rows if gflownet is not None else 0
+    rows_per_iteration = grpo.num_prompts * grpo.group_size + replay_rows
     if rows_per_iteration % cfg.train.batch_size:
         raise ValueError(
-            f"grpo.num_prompts * grpo.group_size = {rows_per_iteration} rows per iteration do not split into "
+            f"grpo.num_prompts * grpo.group_size (+ gflownet.replay_rows) = {rows_per_iteration} rows per "
+            "iteration do not split into "
             f"mini-batches of train.batch_size={cfg.train.batch_size}"
         )
     steps_per_iteration = grpo.num_iterations * rows_per_iteration // cfg.train.batch_size
@@ -393,7 +404,10 @@ def run(
     else:
         reference = jax.tree.map(lambda x: x.copy(), params) if keep_reference else None
     training.log_startup(
-        f"{name} ({grpo.estimator}/{grpo.aggregation})", mesh, model_cfg, cfg.train.batch_size
+        f"{name} ({'tb' if gflownet is not None else f'{grpo.estimator}/{grpo.aggregation}'})",
+        mesh,
+        model_cfg,
+        cfg.train.batch_size,
     )
 
     # Optimizer, state, step.
@@ -403,7 +417,15 @@ def run(
         max_length=grpo.max_new_tokens,  # Dr. GRPO: the completion budget (TRL: max_completion_length)
     )  # fmt: skip
     train_cfg = dataclasses.replace(cfg.train, steps=total_steps)
-    if shared:  # one state {"policy", "value_head"}, one loss: pg + vf_coef · value loss
+    if gflownet is not None:  # one state {"policy", "log_z"}, the trajectory-balance loss
+        objective = functools.partial(
+            steps.trajectory_balance_objective, model=model, temperature=grpo.temperature
+        )
+        step_fn, state = gfn_lib.setup(
+            cfg, train_cfg, gflownet, model=model, params=params, mesh=mesh, objective=objective
+        )
+        replay = gfn_lib.ReplayBuffer(gflownet.replay_size, gflownet.replay_min_reward)
+    elif shared:  # one state {"policy", "value_head"}, one loss: pg + vf_coef · value loss
         objective = functools.partial(
             steps.shared_critic_objective, **objective.keywords, vf_coef=ppo.vf_coef,
             clip=ppo.value_clip if ppo.value_clip > 0 else None,
@@ -438,7 +460,8 @@ def run(
 
     def policy():
         """The current policy's params (the latest `state`; with LoRA, its adapters on the base)."""
-        return training.policy_params(state.params["policy"] if shared else state.params, base, lora)
+        nested = shared or gflownet is not None
+        return training.policy_params(state.params["policy"] if nested else state.params, base, lora)
 
     # Restore (an iteration's end; the prompts and keys of the next follow from its number).
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=cfg.checkpoint.every_steps,
@@ -488,7 +511,16 @@ def run(
                                    max_prompt_len=cfg.data.max_prompt_len)  # fmt: skip
             rows = training_rows(groups, pad_id=tokenizer.pad_id, mask_truncated=grpo.mask_truncated)
             kw = dict(temperature=grpo.temperature, mesh=mesh, batch_size=bs)
-            rows["old_logps"] = rows_logps(model, policy(), rows, **kw)
+            if gflownet is not None:  # log R; the replay rows after admitting this iteration's
+                rewards_R = groups["rewards"].reshape(-1)
+                rows["log_rewards"] = gflownet.log_rewards(rewards_R)
+                replay_added = replay.add(rows, rewards_R)
+                extra = replay.draw(replay_rows, np.random.default_rng([cfg.seed, 37, it]), rows)
+                rows = {k: np.concatenate([rows[k], extra[k]]) for k in gfn_lib.TB_KEYS} | {
+                    "truncated": np.concatenate([rows["truncated"], np.zeros(replay_rows, bool)])
+                }
+            else:
+                rows["old_logps"] = rows_logps(model, policy(), rows, **kw)
             if reference is not None:
                 rows["reference_logps"] = rows_logps(model, reference, rows, **kw)
             if ppo is not None:  # the critic's values, the shaped rewards, GAE
@@ -507,7 +539,8 @@ def run(
                 order = np.random.default_rng([cfg.seed, 29, it, epoch]).permutation(rows_per_iteration)
                 for start in range(0, rows_per_iteration, cfg.train.batch_size):
                     idx = order[start : start + cfg.train.batch_size]
-                    batch = place(minibatch(rows, idx, SHARED_KEYS if shared else None))
+                    keys = SHARED_KEYS if shared else (gfn_lib.TB_KEYS if gflownet is not None else None)
+                    batch = place(minibatch(rows, idx, keys))
                     with jax.transfer_guard("disallow"):
                         state, m = step_fn(state, batch, base)
                     step_metrics.append(m)
@@ -553,6 +586,9 @@ def run(
                 **{k: mean(k) for k in ("ratio_mean",) if k in step_metrics[0]},
                 **{k: v for k, v in groups.items() if k.startswith("reward/")},
             }  # fmt: skip
+            if gflownet is not None:
+                record.update(log_z=mean("log_z"), tb_residual=mean("tb_residual"), replay_size=len(replay),
+                              replay_added=replay_added)  # fmt: skip
             if shared:  # one step: `loss` is pg + vf_coef · value loss
                 record.update(
                     kl_coef=kl_coef, policy_loss=mean("policy_loss"), value_loss=mean("value_loss"),
@@ -596,7 +632,8 @@ def run(
     results = {"stage": name, "iterations": grpo.iterations, "steps": total_steps, **record}
     workdir_io.write_json(os.path.join(workdir, "results.json"), results)
     metrics.plot_curves(workdir, ("reward_mean", "loss", "entropy", "response_length"))
-    policy_state = state.replace(params=state.params["policy"]) if shared else state
+    nested = shared or gflownet is not None
+    policy_state = state.replace(params=state.params["policy"]) if nested else state
     training.save_policy(workdir, policy_state, base, model_cfg, lora)  # last: marks the stage as done
     return results
 
@@ -680,6 +717,7 @@ def rl_task(task: tasks.TaskData, grpo: GRPOConfig, *, reward_model: Callable | 
 def spec(
     cfg: StageConfig, grpo: GRPOConfig, *, rm_dir: str = "", curve: dict | None = None,
     ppo: ppo_lib.PPOConfig | None = None, critic_from: str = "",
+    gflownet: gfn_lib.GFlowNetConfig | None = None,
 ) -> dict:  # fmt: skip
     """What the online RL stage's output depends on (its fingerprint's input): with a learned reward,
     the reward-model stage; with a periodic evaluation, what its curve depends on; with PPO, its
@@ -697,6 +735,8 @@ def spec(
         out["ppo"] = ppo
         if not ppo.shared:
             out["critic_from"] = fingerprints.stage_input(critic_from or cfg.init_from)
+    if gflownet is not None:
+        out["gflownet"] = gflownet
     return out
 
 
@@ -719,6 +759,7 @@ class Plan:
     eval_reward: str
     rm: StageConfig | None = None
     ppo: ppo_lib.PPOConfig | None = None  # with grpo.estimator "gae"
+    gflownet: gfn_lib.GFlowNetConfig | None = None  # trajectory balance instead of the policy gradient
 
     @property
     def math(self) -> bool:
@@ -787,11 +828,15 @@ def plan(config) -> Plan:
         eval_reward=eval_reward,
         rm=rm,
         ppo=ppo,
+        gflownet=section_config(gfn_lib.GFlowNetConfig, config, "gflownet") if "gflownet" in config else None,
     )
 
 
-def method(grpo: GRPOConfig) -> str:
-    """The results' `method`: "grpo/dapo", "rloo/dapo+dynamic", ...; PPO: "ppo/<aggregation>"."""
+def method(grpo: GRPOConfig, gflownet: gfn_lib.GFlowNetConfig | None = None) -> str:
+    """The results' `method`: "grpo/dapo", "rloo/dapo+dynamic", ...; PPO: "ppo/<aggregation>";
+    trajectory balance: "gflownet/tb"."""
+    if gflownet is not None:
+        return "gflownet/tb"
     name = "ppo" if grpo.estimator == PPO_ESTIMATOR else grpo.estimator
     return f"{name}/{grpo.aggregation}" + ("+dynamic" if grpo.dynamic_sampling else "")
 
@@ -872,6 +917,7 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
                  "data": fingerprints.data_spec(cfg.data)}  # fmt: skip
     if plan.math:
         eval_spec["eval_reward"] = plan.eval_reward
+        eval_spec["math_metrics"] = 2  # 2: with distinct_correct; older cached evaluations lack it
     if rm_dir:
         eval_spec["reward_model"] = fingerprints.stage_input(rm_dir)
 
@@ -898,14 +944,15 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         evaluate_curve = lambda params: evaluate(sft_lm()[0], params, sft_lm()[1])  # noqa: E731
     critic_from = rm_dir if plan.ppo is not None and plan.ppo.critic_init == "reward_model" else ""
     critic_from = sft_dir if plan.ppo is not None and plan.ppo.critic_init == "sft" else critic_from
-    policy_spec = spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec, ppo=plan.ppo, critic_from=critic_from)
+    policy_spec = spec(cfg, plan.grpo, rm_dir=rm_dir, curve=curve_spec, ppo=plan.ppo, critic_from=critic_from,
+                       gflownet=plan.gflownet)  # fmt: skip
     ran.append(locate("policy", policy_spec, done=workdir_io.stage_done))
     policy_dir = ran[-1].dir
     rl = rl_task(task, plan.grpo, reward_model=reward_model)
     stage_results = run(cfg, policy_dir, grpo=plan.grpo, task=rl, tokenizer=tokenizer, rm_dir=rm_dir,
                         curve_spec=curve_spec, evaluate=evaluate_curve, ppo=plan.ppo,
-                        name="ppo" if plan.ppo is not None else "grpo",
-                        critic_from=critic_from)  # fmt: skip
+                        name=method(plan.grpo, plan.gflownet).split("/")[0],
+                        critic_from=critic_from, gflownet=plan.gflownet)  # fmt: skip
 
     # Evaluate the policy and the SFT policy on the held-out problems or prompts.
     evaluation_path = _evaluation_path(policy_dir, eval_spec)
@@ -921,7 +968,8 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         **{k: ev.get(k) for k in keys if k != "wall_time_s"},
         **ev,
         **training_summary(policy_dir, plan.grpo),
-        "method": method(plan.grpo),
+        "method": method(plan.grpo, plan.gflownet),
+        **({"gflownet": dataclasses.asdict(plan.gflownet)} if plan.gflownet is not None else {}),
         "grpo": dataclasses.asdict(plan.grpo),
         **({"ppo": dataclasses.asdict(plan.ppo)} if plan.ppo is not None else {}),
         "training": stage_results,

@@ -11,7 +11,11 @@
 * `mean_length_correct`, `mean_length_wrong`: the mean length (tokens incl. EOS) of the policy's k
   samples at the evaluation temperature that the checker accepts / rejects (None when there are none),
   the quantity of Dr. GRPO's claim (Liu et al. 2025, Sec. 3.1) that GRPO's per-sequence normalisation
-  lengthens wrong answers.
+  lengthens wrong answers;
+* `distinct_correct`: the mean over problems of the number of *distinct* accepted texts among the k
+  samples at the evaluation temperature (texts compared after stripping surrounding whitespace), with a
+  bootstrap interval (`distinct_correct_ci95`): the diversity of correct solutions, the quantity
+  GFlowNet trajectory balance claims to raise over reward maximisation (GFlowVLM, arXiv 2503.06514).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def evaluate_math(
     tempered = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     many, many_text = draw(policy_params, config=tempered, n=k, seed=seed + 1)
     many_ok_PN = score(many_text, k) > 0
+    distinct_P = distinct_correct(many_text, many_ok_PN)
     plain = sampling.SamplingConfig(max_new_tokens=config.max_new_tokens)
     kl, _ = draw(policy_params, config=plain, n=k, seed=seed + 2)
     rows = scoring.completions_to_batch(
@@ -143,10 +148,23 @@ def evaluate_math(
         "pass_at_k": float(many_ok_PN.any(axis=1).mean()),
         "mean_length_correct": _mean_or_none(many.lengths_PN[many_ok_PN]),
         "mean_length_wrong": _mean_or_none(many.lengths_PN[~many_ok_PN]),
+        "distinct_correct": float(distinct_P.mean()),
+        "distinct_correct_ci95": bootstrap_ci(distinct_P, resamples=config.bootstrap, seed=seed),
         "k": k,
         "mean_response_length": float(pol.lengths_PN.mean()),
         "kl_to_sft": float(np.mean(kl.logps_PN - sft_logps)),
     }
+
+
+def distinct_correct(texts_PN: list[list[str]], ok_PN: np.ndarray) -> np.ndarray:
+    """Per problem, the number of distinct accepted texts (whitespace-stripped) among its samples [P]."""
+    return np.asarray(
+        [
+            len({t.strip() for t, ok in zip(row, oks, strict=True) if ok})
+            for row, oks in zip(texts_PN, ok_PN, strict=True)
+        ],
+        np.float64,
+    )
 
 
 def _mean_or_none(values: np.ndarray) -> float | None:
@@ -163,6 +181,7 @@ def format_table(results: dict, title: str) -> str:
             ("held-out accuracy, greedy (SFT)", fmt("accuracy_sft")),
             ("accuracy gain over SFT (paired)", fmt("accuracy_gain")),
             (f"pass@{results.get('k', 'k')} (policy)", fmt("pass_at_k")),
+            (f"distinct correct of {results.get('k', 'k')} samples (policy)", fmt("distinct_correct")),
             ("mean response length (tokens)", fmt("mean_response_length")),
             (
                 "  of sampled correct / wrong answers",

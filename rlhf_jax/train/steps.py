@@ -301,6 +301,38 @@ def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwa
     return loss, sums
 
 
+def trajectory_balance_objective(params, batch, reference_params, *, model: nn.Module, temperature: float):
+    """GFlowNet trajectory balance (`losses.trajectory_balance`) on a mini-batch of sampled completions,
+    exact under gradient accumulation.
+
+    `params` is {"policy": the LM's params, "log_z": a scalar}; Σ_t log π(a_t|s_t) is the masked sum of
+    the tempered token log-probs of each row; the batch holds the rows, `log_rewards` [B],
+    `row_fraction` [B] (1 / the mini-batch's rows) and `token_normalizer` [B], so the loss is the
+    mini-batch mean of the squared residuals. `clip_frac_low`/`clip_frac_high` are logged as 0 (no
+    ratio is clipped), `log_z` and `tb_residual` (mean of log Z + Σ log π − log R) beside them.
+    `reference_params` is unused.
+    """
+    del reference_params
+    logps_BT, entropy_BT = completion_logps(
+        model, params["policy"], batch, temperature=temperature, return_entropy=True
+    )
+    mask_BT = batch["loss_mask"]
+    logps_B = jnp.sum(jnp.where(mask_BT > 0, logps_BT, 0.0), axis=-1)
+    log_z = params["log_z"]
+    per_B = losses.trajectory_balance(logps_B=logps_B, log_rewards_B=batch["log_rewards"], log_z=log_z)
+    fraction_B = batch["row_fraction"]
+    share = jnp.sum(fraction_B)
+    loss = jnp.sum(per_B * fraction_B)
+    entropy = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(batch["token_normalizer"][0], 1.0)
+    residual_B = jax.lax.stop_gradient(log_z + logps_B - batch["log_rewards"])
+    sums = {
+        "loss": loss, "weight": share, "clip_frac_low": 0.0 * share, "clip_frac_high": 0.0 * share,
+        "entropy": entropy,
+        "log_z": jax.lax.stop_gradient(log_z) * share, "tb_residual": jnp.sum(residual_B * fraction_B),
+    }  # fmt: skip
+    return loss, sums
+
+
 def shared_critic_objective(
     params,
     batch,
