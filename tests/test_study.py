@@ -40,7 +40,15 @@ def test_unknown_study_lists_the_studies(capsys):
     err = capsys.readouterr().err
     listed = err.rpartition("studies: ")[2].strip().split(", ")
     # Not _study, __init__.
-    assert listed == ["gencls_study", "grpo_variants", "inpo_iters", "rdpo_noise", "rft_study", "rpo_overopt", "rso_table"]
+    assert listed == [
+        "gencls_study",
+        "grpo_variants",
+        "inpo_iters",
+        "rdpo_noise",
+        "rft_study",
+        "rpo_overopt",
+        "rso_table",
+    ]
 
 
 def test_every_study_builds_valid_runs():
