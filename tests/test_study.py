@@ -47,6 +47,7 @@ def test_unknown_study_lists_the_studies(capsys):
         "inpo_iters",
         "rdpo_noise",
         "rdpo_noise_long",
+        "rft_study",
         "rpo_overopt",
         "rso_table",
         "rso_table_paper",
@@ -62,6 +63,7 @@ def test_every_study_builds_valid_runs():
         "rdpo_noise_long",
         "rso_table_paper",
         "gflownet_study",
+        "rft_study",
     ):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
