@@ -575,7 +575,8 @@ class TestRegistry:
         }  # fmt: skip
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
-        assert before | {"registry"} | policy_gradient | ppo == set(losses.__all__)
+        ift = {"ift_loss", "ift_weights"}
+        assert before | {"registry"} | policy_gradient | ppo | ift == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
             assert getattr(losses, name) is getattr(losses.registry, name)

@@ -23,6 +23,7 @@ neither is in the pairwise registry.
 from rlhf_jax.losses import registry
 
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
+from rlhf_jax.losses._ift import ift_loss, ift_weights
 from rlhf_jax.losses._logps import sequence_logps, sequence_logps_from_hidden, token_logps
 
 # Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
@@ -123,6 +124,9 @@ __all__ = [
     "last_token_mask",
     "value_loss",
     "whiten",
+    # IFT (Intuitive Fine-Tuning)
+    "ift_loss",
+    "ift_weights",
     # reward-model losses and metrics
     "bradley_terry",
     "preference_metrics",
