@@ -582,13 +582,11 @@ class TestRegistry:
         }  # fmt: skip
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
-        controls = {"chosen_nll"}
-        fused = {"token_logps_from_hidden"}
+        extra = {"chosen_nll", "token_logps_from_hidden", "ift_loss", "ift_weights"}
         direct_advantage = {"critic_bce", "direct_advantage_po", "step_advantages"}
         trajectory = {"discounted_turn_returns", "epo", "positive_log_rewards", "trajectory_balance"}
-        assert before | {
-            "registry"
-        } | policy_gradient | ppo | controls | fused | direct_advantage | trajectory == set(losses.__all__)
+        want = before | {"registry"} | policy_gradient | ppo | extra | direct_advantage | trajectory
+        assert want == set(losses.__all__)
         assert all(hasattr(losses, name) for name in losses.__all__)
         for name in ("INPUT_NAMES", "get", "hyperparameters", "make", "names", "required_inputs"):
             assert getattr(losses, name) is getattr(losses.registry, name)
