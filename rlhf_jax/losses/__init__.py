@@ -37,7 +37,6 @@ from rlhf_jax.losses._logps import (
 # Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
 from rlhf_jax.losses._pairwise import (
     cdpo,
-    chosen_nll,
     dpo,
     hinge,
     hinge_norm,
@@ -120,8 +119,6 @@ __all__ = [
     "sigmoid_norm",
     "simpo",
     "slic",
-    # a control: SFT on the chosen responses
-    "chosen_nll",
     # TRL loss types
     "aot",
     "aot_unpaired",
