@@ -207,13 +207,18 @@ def _scatter_add(x_ZR, idx_ZC, y_ZC):
     return jax.vmap(lambda x, i, y: x.at[i].add(y))(x_ZR, idx_ZC, y_ZC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _head_logps(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0):
-    """(per-row log-probs [Z, R], per-row entropy [Z, R]); the entropy carries no gradient."""
-    return _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk, softcap, temperature)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _head_logps(
+    h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0, entropy=False
+):
+    """(per-row log-probs [Z, R], per-row entropy [Z, R], zeros unless `entropy`); the entropy carries
+    no gradient."""
+    return _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk, softcap, temperature, entropy)[0]
 
 
-def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0):
+def _head_logps_fwd(
+    h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softcap, temperature=1.0, entropy=False
+):
     z, num_rows = t_ZR.shape
     # Padded so the last chunk's slice of `order_ZR` never runs off the end.
     order_ZR = jnp.pad(order_ZR, ((0, 0), (0, chunk)))
@@ -224,11 +229,11 @@ def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softca
             h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, i, chunk, softcap, temperature
         )
         lse_ZC, target_ZC = _head_lse_and_target(logits_ZCV, t_ZC)
-        # H = lse - Σ softmax · logits (the same chunk: no second pass over the vocabulary).
-        entropy_ZC = lse_ZC - jnp.sum(jnp.exp(logits_ZCV - lse_ZC[..., None]) * logits_ZCV, axis=-1)
         # Rows past a shard's `num_valid` (its last chunk's tail) point at masked rows, which stay 0.
         logps_ZR = _scatter_add(logps_ZR, idx_ZC, jnp.where(valid_ZC, target_ZC - lse_ZC, 0.0))
-        entropy_ZR = _scatter_add(entropy_ZR, idx_ZC, jnp.where(valid_ZC, entropy_ZC, 0.0))
+        if entropy:  # H = lse - Σ softmax · logits (the same chunk: no second pass over the vocabulary)
+            entropy_ZC = lse_ZC - jnp.sum(jnp.exp(logits_ZCV - lse_ZC[..., None]) * logits_ZCV, axis=-1)
+            entropy_ZR = _scatter_add(entropy_ZR, idx_ZC, jnp.where(valid_ZC, entropy_ZC, 0.0))
         return logps_ZR, entropy_ZR, jax.lax.dynamic_update_slice_in_dim(lse_ZR, lse_ZC, i * chunk, axis=1)
 
     zeros_ZR = jnp.zeros((z, num_rows + chunk), jnp.float32)
@@ -237,7 +242,8 @@ def _head_logps_fwd(h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, chunk: int, softca
     return (logps_ZR, entropy_ZR), (h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR)
 
 
-def _head_logps_bwd(chunk: int, softcap, temperature, residuals, g):
+def _head_logps_bwd(chunk: int, softcap, temperature, entropy, residuals, g):
+    del entropy
     h_ZRD, w_DV, t_ZR, order_ZR, num_valid_Z, lse_ZR = residuals
     vocab = w_DV.shape[1]
     g_ZR = g[0].astype(jnp.float32)  # the entropy's cotangent is dropped: it is logged, not trained
@@ -307,22 +313,16 @@ def sequence_logps_from_hidden(
       [B] float32 summed log-probs, equal to `sequence_logps(logits=hidden @ kernel, ...)` (of the
       soft-capped logits with `softcap`).
     """
-    b, t, d = hidden.shape
-    z = shards if shards >= 1 and b % shards == 0 else 1
-    mask_ZR = mask.reshape(z, b * t // z) != 0
-    # Masked-in rows first, in order, within each shard; chunks past the last masked-in row are never run.
-    order_ZR = jnp.argsort(~mask_ZR, axis=1, stable=True).astype(jnp.int32)
-    num_valid_Z = jnp.sum(mask_ZR, axis=1, dtype=jnp.int32)
-    logps_ZR, _ = _head_logps(
-        hidden.reshape(z, b * t // z, d),
-        kernel,
-        targets.astype(jnp.int32).reshape(z, b * t // z),
-        order_ZR,
-        num_valid_Z,
-        _head_chunk_rows(kernel.shape[1], platform),
-        None if softcap is None else float(softcap),
+    logps_BT = token_logps_from_hidden(
+        hidden=hidden,
+        kernel=kernel,
+        targets=targets,
+        mask=mask,
+        softcap=softcap,
+        platform=platform,
+        shards=shards,
     )
-    return jnp.sum(logps_ZR.reshape(b, t), axis=-1)
+    return jnp.sum(logps_BT, axis=-1)
 
 
 def token_logps_from_hidden(
@@ -356,6 +356,7 @@ def token_logps_from_hidden(
     b, t, d = hidden.shape
     z = shards if shards >= 1 and b % shards == 0 else 1
     mask_ZR = mask.reshape(z, b * t // z) != 0
+    # Masked-in rows first, in order, within each shard; chunks past the last masked-in row are never run.
     order_ZR = jnp.argsort(~mask_ZR, axis=1, stable=True).astype(jnp.int32)
     num_valid_Z = jnp.sum(mask_ZR, axis=1, dtype=jnp.int32)
     logps_ZR, entropy_ZR = _head_logps(
@@ -367,6 +368,7 @@ def token_logps_from_hidden(
         _head_chunk_rows(kernel.shape[1], platform),
         None if softcap is None else float(softcap),
         float(temperature),
+        return_entropy,
     )
     logps_BT = logps_ZR.reshape(b, t)
     return (logps_BT, jax.lax.stop_gradient(entropy_ZR.reshape(b, t))) if return_entropy else logps_BT
