@@ -179,3 +179,149 @@ def test_the_tpu_compiler_lowers_auto_attention_to_the_splash_kernel():
 
     assert "tpu_custom_call" in hlo("auto")
     assert "tpu_custom_call" not in hlo(None)
+
+
+# ------------------------------------------------------------------ decode attention bounded by the fill
+
+
+@pytest.mark.parametrize(
+    "decode, platform, kernel",
+    [(None, "cpu", "full"), (None, "tpu", "bounded"), (None, "gpu", "bounded"), ("bounded", "cpu", "bounded"),
+     ("full", "tpu", "full")],
+)  # fmt: skip
+def test_decode_kernel_per_platform(decode, platform, kernel):
+    assert layers.decode_kernel(_config(decode_attention=decode), platform) == kernel
+
+
+def test_an_unknown_decode_attention_is_refused():
+    with pytest.raises(ValueError, match=r"decode_attention must be one of .*'bounded'.*got 'paged'"):
+        _config(decode_attention="paged")
+
+
+def _cache_case(B=4, T=2, H=4, G=2, K=8, S=37, seed=0):
+    """Queries, a [B, G, S, K] cache whose row b holds lengths[b] + T filled slots, the causal mask over
+    them, and NaN in every slot from 24 on (past the filled ones): a read of those slots would poison
+    the output (0 · NaN = NaN), so a finite result shows they were not read."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([3, 11, 0, 7])[:B]
+    q = rng.normal(size=(B, T, H, K)).astype(np.float32)
+    k = rng.normal(size=(B, G, S, K)).astype(np.float32)
+    v = rng.normal(size=(B, G, S, K)).astype(np.float32)
+    pos = lengths[:, None] + np.arange(T)[None, :]
+    mask = (np.arange(S)[None, None, None, :] <= pos[:, None, :, None]) & np.ones((B, 1, T, S), bool)
+    k_nan, v_nan = k.copy(), v.copy()
+    k_nan[:, :, 24:], v_nan[:, :, 24:] = np.nan, np.nan
+    return q, k, v, k_nan, v_nan, mask, int(lengths.max() + T)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("chunk", [8, 5, 64])
+def test_bounded_decode_attention_equals_the_full_read(softcap, chunk):
+    """Over ragged rows (one empty before the new tokens), grouped-query heads and soft-capping, with a
+    chunk that divides S or not (the last chunk then overlaps the one before: its columns must be
+    counted once) or exceeds it, the bounded read equals `_cached_attention` over the whole buffer; with
+    NaN past slot 24 and chunks that stop before it (13 slots filled), it still does, while the full
+    read is NaN: the bounded read never touched those slots."""
+    q, k, v, k_nan, v_nan, mask, num_slots = _cache_case()
+    full = layers._cached_attention(jnp.asarray(q), k, v, mask, softcap=softcap)
+    out = layers.bounded_cached_attention(q, k, v, mask, jnp.int32(num_slots), softcap=softcap, chunk=chunk)
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-6)
+    if chunk != 64:  # 64 > S: one chunk of the whole buffer
+        poisoned = layers.bounded_cached_attention(q, k_nan, v_nan, mask, jnp.int32(num_slots), chunk=8)
+        assert np.isnan(np.asarray(layers._cached_attention(jnp.asarray(q), k_nan, v_nan, mask))).all()
+        np.testing.assert_allclose(
+            poisoned, layers._cached_attention(jnp.asarray(q), k, v, mask), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_bounded_decode_attention_over_a_shared_prefix_equals_the_two_part_read():
+    """With a prefix shared by groups of rows (`KVCache.prefix_k`: 2 prompts × 2 samples), the bounded
+    read of prefix and own slots equals `_shared_prefix_attention`, also with NaN past the prefix's
+    filled slots."""
+    rng = np.random.default_rng(1)
+    P, N, T, H, G, K, R, S = 2, 2, 1, 4, 2, 8, 21, 13
+    B = P * N
+    q = rng.normal(size=(B, T, H, K)).astype(np.float32)
+    kp, vp = rng.normal(size=(2, P, G, R, K)).astype(np.float32)
+    ko, vo = rng.normal(size=(2, B, G, S, K)).astype(np.float32)
+    prefix_len, own_len = np.array([5, 9]), np.array([0, 2, 4, 1])
+    filled = np.concatenate(
+        [
+            np.arange(R)[None, :] < np.repeat(prefix_len, N)[:, None],
+            np.arange(S)[None, :] <= own_len[:, None],
+        ],
+        1,
+    )
+    mask = filled[:, None, None, :]
+    full = layers._shared_prefix_attention(jnp.asarray(q), kp, vp, ko, vo, mask)
+    kp_nan, vp_nan = kp.copy(), vp.copy()
+    kp_nan[:, :, 12:], vp_nan[:, :, 12:] = np.nan, np.nan
+    for kpp, vpp in ((kp, vp), (kp_nan, vp_nan)):
+        out = layers.bounded_cached_attention(
+            q, ko, vo, mask, jnp.int32(own_len.max() + 1), prefix=(kpp, vpp, jnp.int32(9)), chunk=4
+        )
+        np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_the_sampler_with_bounded_decode_attention_samples_what_the_full_read_samples(shared_prefix):
+    """`decode_attention="bounded"` (the TPU/GPU default) on the CPU: the same tokens and lengths for the
+    same keys as "full", log-probs equal up to float32 rounding, on a mesh, with sliding windows and
+    soft-capping, and chunks smaller than the cache (the model's chunk is patched to 4 slots)."""
+    from rlhf_jax import sampling
+
+    config = _config(
+        sliding_window=5, layer_types=("sliding_attention", "full_attention"), attn_softcap=3.0,
+        final_softcap=20.0,
+    )  # fmt: skip
+    params = models.init_params(models.Transformer(config), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, 64, size=(3, 9)).astype(np.int32)
+    lengths = np.array([9, 4, 6], np.int32)
+    kw = dict(
+        config=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0), num_samples=2,
+        rng=jax.random.key(3), eos_id=None, pad_id=0, shared_prefix=shared_prefix,
+    )  # fmt: skip
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    out = {}
+    for decode in ("full", "bounded"):
+        model = models.Transformer(dataclasses.replace(config, decode_attention=decode), mesh=mesh)
+        p = jax.device_put(params, models.param_shardings(model))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layers, "_DECODE_CHUNK", 4)
+            out[decode] = sampling.sample(model, p, prompts, lengths, **kw)
+    np.testing.assert_array_equal(out["bounded"].tokens_PNT, out["full"].tokens_PNT)
+    np.testing.assert_array_equal(out["bounded"].lengths_PN, out["full"].lengths_PN)
+    np.testing.assert_allclose(out["bounded"].logps_PN, out["full"].logps_PN, atol=1e-4)
+
+
+@needs_libtpu
+def test_the_tpu_compiler_builds_the_bounded_decode_loop_by_default():
+    """Compiled for 4 v5e chips, one decode step (`Transformer.extend` of one token over a 1,024-slot
+    cache) reads the cache in a while loop over chunks by default (`decode_attention=None` on a TPU) and
+    in one pass with "full"."""
+    from bench import tpu_plan
+
+    mesh = sharding.make_mesh(
+        sharding.MeshConfig(data=4, fsdp=1, tensor=1), tpu_plan.topology_devices("v5e:2x2")
+    )
+
+    def hlo(decode):
+        config = _config(
+            max_len=1024, dtype="bfloat16", head_dim=128, num_heads=2, num_kv_heads=1, decode_attention=decode
+        )
+        model = models.Transformer(config, mesh=mesh)
+        params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            models.param_shapes(models.Transformer(config)), models.param_shardings(model),
+        )  # fmt: skip
+        cache = jax.eval_shape(lambda: models.init_cache(config, 8, 1024))
+
+        def step(p, tokens, cache):
+            return model.apply({"params": p}, tokens, jnp.ones((8,), jnp.int32), cache, method=model.extend)
+
+        tokens = jax.ShapeDtypeStruct((8, 1), jnp.int32)
+        return jax.jit(step).lower(params, tokens, cache).compile().as_text()
+
+    # Each has the scan over layers' loop; the bounded read adds its loop over chunks.
+    assert hlo(None).count(" while(") > hlo("full").count(" while(") >= 1

@@ -69,8 +69,8 @@ def load_config(path: str, **overrides) -> ModelConfig:
 
     Args:
       path: a directory with config.json.
-      **overrides: runtime fields (param_dtype, dtype, remat, scan_layers, attention_impl, max_len);
-        max_len defaults to the checkpoint's max_position_embeddings.
+      **overrides: runtime fields (param_dtype, dtype, remat, scan_layers, attention_impl, decode_attention,
+        max_len); max_len defaults to the checkpoint's max_position_embeddings.
 
     Returns:
       The validated architecture.

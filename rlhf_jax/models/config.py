@@ -17,6 +17,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # The values of `ModelConfig.attention_impl` (see its docstring and `layers.attention_kernel`).
 ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
+# The values of `ModelConfig.decode_attention` (see its docstring and `layers.decode_kernel`).
+DECODE_ATTENTIONS = (None, "full", "bounded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,13 @@ class ModelConfig:
         sequences by segment ids, scores soft-capped in the kernel; XLA when the model has sliding
         windows or the sequence is not a multiple of 128). With `attn_softcap` set the uncached forward
         uses `layers.causal_attention` except under splash (JAX's attention has no soft-capping).
+      decode_attention: the attention over a KV cache (decoding, `extend`), chosen per platform by
+        `layers.decode_kernel`: "full" reads every slot of the cache each step (one matmul per row and
+        kv head over the whole buffer, masked: the fastest on the CPU, where the buffer is read at
+        memory speed either way); "bounded" (`layers.bounded_cached_attention`) reads the cache in
+        chunks of slots up to the batch's last filled slot, with an online softmax, so the empty tail
+        of the buffer is never read (the TPU/GPU decode path: a decode step there is bound by the
+        bytes of cache it reads); None: "full" on the CPU, "bounded" elsewhere.
       qk_norm: RMSNorm over the head dimension of every query and key head before RoPE, one scale
         [K] each for queries and keys (Qwen3, Gemma 3).
       sandwich_norms: RMSNorm also on the outputs of attention and MLP before they join the residual
@@ -105,6 +114,7 @@ class ModelConfig:
     embed_scale: bool = False
     mlp_activation: str = "silu"
     attention_impl: str | None = None
+    decode_attention: str | None = None
     qk_norm: bool = False
     sandwich_norms: bool = False
     query_pre_attn_scalar: float | None = None
@@ -118,6 +128,11 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
+        if self.decode_attention not in DECODE_ATTENTIONS:
+            raise ValueError(
+                f"ModelConfig.decode_attention must be one of {DECODE_ATTENTIONS}, "
+                f"got {self.decode_attention!r}"
             )
         scaling = tuple(
             sorted((str(k), v) for k, v in (dict(self.rope_scaling) if self.rope_scaling else {}).items())

@@ -176,6 +176,126 @@ def _shared_prefix_attention(
     return (out_PNTGQK.reshape(B, T, G, Q, K) + out_BTGQK).reshape(B, T, H, K)
 
 
+# Cache slots per iteration of `bounded_cached_attention` (a multiple of the TPU's 128-lane tiles).
+_DECODE_CHUNK = 256
+
+
+def decode_kernel(config: ModelConfig, platform: str) -> str:
+    """The attention over a KV cache: "full" (`_cached_attention`, every slot of the buffer) or "bounded"
+    (`bounded_cached_attention`, the filled slots only), from `config.decode_attention` and the target
+    platform; None: "full" on the CPU, "bounded" on a TPU or GPU."""
+    if config.decode_attention is not None:
+        return config.decode_attention
+    return "full" if platform == "cpu" else "bounded"
+
+
+def _online_softmax_chunks(scores_fn, values_fn, k_XGSK, v_XGSK, mask_B1TS, num_slots, chunk, state, dtype):
+    """Flash-decoding over the first `num_slots` (traced) slots of a [X, G, S, K] cache, `chunk` slots
+    per iteration of a while loop, so the slots past the last chunk that holds a filled slot are never
+    read; each chunk is cast to `dtype` (the compute dtype) after it is sliced. `state` = (acc_BGQTK,
+    max_BGQT, sum_BGQT), float32, updated as in an online softmax:
+    m' = max(m, max_c s), l' = l·e^(m−m') + Σ_c e^(s−m'), acc' = acc·e^(m−m') + Σ_c e^(s−m')·v.
+    A last chunk that would run past S starts at S − chunk; its columns below the chunk's own start were
+    counted by the previous chunk and are masked."""
+    S = k_XGSK.shape[2]
+    C = min(chunk, S)
+    num_chunks = (num_slots + C - 1) // C
+    neg = jnp.finfo(jnp.float32).min
+
+    def body(i, state):
+        acc_BGQTK, max_BGQT, sum_BGQT = state
+        start = jnp.minimum(i * C, S - C)
+        # Cast after slicing: a cache stored in another dtype is converted chunk by chunk, never whole.
+        k_XGCK = jax.lax.dynamic_slice_in_dim(k_XGSK, start, C, axis=2).astype(dtype)
+        v_XGCK = jax.lax.dynamic_slice_in_dim(v_XGSK, start, C, axis=2).astype(dtype)
+        mask_B1TC = jax.lax.dynamic_slice_in_dim(mask_B1TS, start, C, axis=3)
+        fresh_C = start + jnp.arange(C) >= i * C
+        scores_BGQTC = scores_fn(k_XGCK)
+        scores_BGQTC = jnp.where(
+            mask_B1TC[:, :, None] & fresh_C[None, None, None, None, :], scores_BGQTC, neg
+        )
+        new_max_BGQT = jnp.maximum(max_BGQT, jnp.max(scores_BGQTC, axis=-1))
+        rescale_BGQT = jnp.exp(max_BGQT - new_max_BGQT)
+        probs_BGQTC = jnp.exp(scores_BGQTC - new_max_BGQT[..., None])
+        sum_BGQT = sum_BGQT * rescale_BGQT + jnp.sum(probs_BGQTC, axis=-1)
+        acc_BGQTK = acc_BGQTK * rescale_BGQT[..., None] + values_fn(probs_BGQTC.astype(v_XGCK.dtype), v_XGCK)
+        return acc_BGQTK, new_max_BGQT, sum_BGQT
+
+    return jax.lax.fori_loop(0, num_chunks, body, state)
+
+
+def bounded_cached_attention(
+    q_BTHK: jax.Array,
+    k_BGSK: jax.Array,
+    v_BGSK: jax.Array,
+    mask_B1TS: jax.Array,
+    num_slots: jax.Array,
+    scale: float | None = None,
+    softcap: float | None = None,
+    prefix: tuple | None = None,
+    chunk: int = _DECODE_CHUNK,
+):
+    """`_cached_attention` (or `_shared_prefix_attention` with `prefix`) that reads the cache only up to
+    its last filled slot: a loop over chunks of `chunk` slots with an online softmax (Milakov & Gimelshein
+    2018; flash-decoding), float32 accumulators, the same scaling, soft-capping and mask.
+
+    Args:
+      q_BTHK, k_BGSK, v_BGSK, mask_B1TS, scale, softcap: as in `_cached_attention` (the cache in any
+        dtype: each chunk is cast to q's); with `prefix`, the mask's columns are the prefix's R slots, then
+        the row's own S.
+      num_slots: int32 scalar, the row slots any query may attend to (max over rows of the filled
+        slots, the new tokens' included); slots from the first chunk past it on are not read.
+      prefix: None, or (k_PGRK, v_PGRK, num_prefix_slots): a prefix shared by groups of B / P
+        consecutive rows (`KVCache.prefix_k`), read up to num_prefix_slots.
+      chunk: slots per iteration.
+
+    Returns:
+      [B, T, H, K], equal to the full read up to the order of float32 additions.
+    """
+    B, T, H, K = q_BTHK.shape
+    G = k_BGSK.shape[1]
+    Q = H // G
+    scale = K**-0.5 if scale is None else scale
+    q_BTGQK = q_BTHK.reshape(B, T, G, Q, K)
+    state = (
+        jnp.zeros((B, G, Q, T, K), jnp.float32),
+        jnp.full((B, G, Q, T), jnp.finfo(jnp.float32).min, jnp.float32),
+        jnp.zeros((B, G, Q, T), jnp.float32),
+    )
+    if prefix is not None:
+        k_PGRK, v_PGRK, num_prefix_slots = prefix
+        P, R = k_PGRK.shape[0], k_PGRK.shape[2]
+        q_PNTGQK = q_BTGQK.reshape(P, B // P, T, G, Q, K)
+
+        def prefix_scores(k_PGCK):
+            s_PNGQTC = jnp.einsum("PNTGQK,PGCK->PNGQTC", q_PNTGQK, k_PGCK, preferred_element_type=jnp.float32)
+            return _softcap(s_PNGQTC.reshape(B, G, Q, T, -1) * scale, softcap)
+
+        def prefix_values(p_BGQTC, v_PGCK):
+            p_PNGQTC = p_BGQTC.reshape(P, B // P, G, Q, T, -1)
+            out = jnp.einsum("PNGQTC,PGCK->PNGQTK", p_PNGQTC, v_PGCK, preferred_element_type=jnp.float32)
+            return out.reshape(B, G, Q, T, K)
+
+        state = _online_softmax_chunks(
+            prefix_scores, prefix_values, k_PGRK, v_PGRK, mask_B1TS[..., :R], num_prefix_slots, chunk, state,
+            q_BTHK.dtype,
+        )  # fmt: skip
+        mask_B1TS = mask_B1TS[..., R:]
+
+    def scores(k_BGCK):
+        s_BGQTC = jnp.einsum("BTGQK,BGCK->BGQTC", q_BTGQK, k_BGCK, preferred_element_type=jnp.float32)
+        return _softcap(s_BGQTC * scale, softcap)
+
+    def values(p_BGQTC, v_BGCK):
+        return jnp.einsum("BGQTC,BGCK->BGQTK", p_BGQTC, v_BGCK, preferred_element_type=jnp.float32)
+
+    acc_BGQTK, _, sum_BGQT = _online_softmax_chunks(
+        scores, values, k_BGSK, v_BGSK, mask_B1TS, num_slots, chunk, state, q_BTHK.dtype
+    )
+    out_BGQTK = acc_BGQTK / sum_BGQT[..., None]
+    return jnp.einsum("BGQTK->BTGQK", out_BGQTK).reshape(B, T, H, K).astype(q_BTHK.dtype)
+
+
 # Query rows per block of `causal_attention`: the fastest block size measured on CPU (bench/README.md).
 _ATTENTION_BLOCK = 64
 
@@ -533,7 +653,19 @@ class Attention(nn.Module):
             )
         else:
             k_BGSK, v_BGSK = _write(kv[0], k_BTGK, start_B), _write(kv[1], v_BTGK, start_B)
-            if len(kv) == 4:  # + a prefix shared by groups of rows (`KVCache.prefix_k`): read only
+            if decode_kernel(c, target_platform(self.mesh)) == "bounded":
+                prefix = None
+                if len(kv) == 4:  # the prefix's filled slots: the columns some query may attend to
+                    R = kv[2].shape[-2]
+                    any_R = jnp.any(mask_B1TS[..., :R], axis=(0, 1, 2))
+                    prefix = (kv[2], kv[3], jnp.max(jnp.where(any_R, jnp.arange(1, R + 1), 0)))
+                num_slots = jnp.max(start_B) + T  # row b's slots up to start_B[b] + T are filled
+                out_BTHK = bounded_cached_attention(
+                    q_BTHK, k_BGSK, v_BGSK, mask_B1TS, num_slots, scale, c.attn_softcap, prefix,
+                    chunk=_DECODE_CHUNK,
+                )  # fmt: skip
+                kv = (k_BGSK, v_BGSK) + tuple(kv[2:])
+            elif len(kv) == 4:  # + a prefix shared by groups of rows (`KVCache.prefix_k`): read only
                 out_BTHK = _shared_prefix_attention(
                     q_BTHK, kv[2].astype(dtype), kv[3].astype(dtype), k_BGSK.astype(dtype),
                     v_BGSK.astype(dtype), mask_B1TS, scale, c.attn_softcap,

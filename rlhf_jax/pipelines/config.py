@@ -327,7 +327,7 @@ def section_fields(cls, section, name: str) -> dict:
     return given
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "decode_attention")
 
 
 def model_config(section) -> models.ModelConfig:
