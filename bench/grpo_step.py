@@ -1,6 +1,6 @@
 """One GRPO iteration, ours against TRL's `GRPOTrainer`: generation and training timed apart.
 
-    python -m bench.grpo_step --preset=small [--compare=trl] [--iters=3] [--warmup=1] [--json=PATH]
+    python -m bench.grpo_step --preset=small [--compare=trl,torch] [--iters=3] [--warmup=1] [--json=PATH]
 
 The workload (issue 16's): `--prompts` (8) prompts of the preset's prompt length (128 random tokens for
 `small`), `--group` (8) samples of each, `--new_tokens` (64) new tokens per sample at temperature 1 with
@@ -21,13 +21,23 @@ of P·G completions and one optimizer step per iteration), `num_iterations` = 1,
   generation = its `_generate_and_score_completions` (generate, decode, rewards, advantages; with
                μ = 1 and one step per generation TRL skips the old log-probs forward);
   training   = the rest of its optimizer step (forward, backward, clip, AdamW).
+Torch (`--compare=torch`): the same iteration hand-written in PyTorch, as well as we would write it
+ourselves, on `transformers.LlamaForCausalLM` (SDPA attention, float32, `torch.set_num_threads(cores)`):
+  generation = `model.generate` under `torch.inference_mode()` with `num_return_sequences` = G (each
+               prompt's cache prefilled once and expanded to its G rows), the same sampling settings and
+               `min_new_tokens` = `max_new_tokens`, group advantages in torch; no old log-probs forward
+               (at μ = 1 the ratio is exp(log π − sg(log π)), as TRL does);
+  training   = one forward of the P·G rows, the LM head and log-softmax on the completion positions only
+               (the trick our step uses), the token-mean clipped surrogate, backward, `clip_grad_norm_`,
+               `torch.optim.AdamW(fused=True)`.
 TRL's prompts are our token ids through a word-level tokenizer ("w17" -> 17, `bench.train_step`), and
 its batch shape is checked against ours. The median over `--iters` timed iterations after `--warmup`
 (which compiles ours) is reported; ours and TRL's run one after the other, so compare rows of one run.
 
 Throughputs: gen_tok_s = P·G·new_tokens / generation seconds; train_tok_s = P·G·(prompt + new tokens) /
 training seconds (every row's tokens go through the forward and backward). The last line is
-`iter_s=<ours> gen_tok_s=<ours> train_tok_s=<ours> ratio_vs_trl=<TRL iter_s / ours, or na>`.
+`iter_s=<ours> gen_tok_s=<ours> train_tok_s=<ours> ratio_vs_trl=<TRL iter_s / ours, or na>
+ratio_vs_torch=<torch iter_s / ours, or na>`.
 """
 
 from __future__ import annotations
@@ -222,22 +232,92 @@ def time_trl(p: common.BenchPreset, w: Workload, *, warmup: int, iters: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
+# A hand-written PyTorch iteration.
+
+
+def time_torch(p: common.BenchPreset, w: Workload, *, warmup: int, iters: int) -> dict:
+    """Generation and training seconds of a hand-written PyTorch GRPO iteration (module docstring)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(common.cores())
+    hf_config = common.hf_llama_config(p.model)
+    hf_config.use_cache = True
+    model = transformers.LlamaForCausalLM(hf_config).float()
+    cfg = common.optim_config()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, fused=True,
+    )  # fmt: skip
+    generation = transformers.GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=w.group,
+        max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens, use_cache=True, pad_token_id=0,
+        eos_token_id=None, bos_token_id=2,
+    )  # fmt: skip
+    eps = 0.2
+    gen, train = [], []
+    for it in range(warmup + iters):
+        prompts = torch.from_numpy(_prompts(w, p.model.vocab_size, it)).long()
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.inference_mode():
+            rows = model.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), generation_config=generation
+            )
+        if tuple(rows.shape) != (w.rows, w.prompt_len + w.new_tokens):
+            raise RuntimeError(
+                f"torch generated {tuple(rows.shape)}, not {(w.rows, w.prompt_len + w.new_tokens)}"
+            )
+        rewards = torch.from_numpy(np.random.default_rng(it).random((w.prompts, w.group), dtype=np.float32))
+        advantages = (
+            (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+        ).reshape(-1)
+        rows = rows.clone()  # out of inference mode
+        t1 = time.perf_counter()
+        model.train()
+        hidden = model.model(input_ids=rows, use_cache=False).last_hidden_state
+        # Position t predicts token t + 1: the completion's tokens are predicted from prompt_len - 1 on.
+        logits = model.lm_head(hidden[:, w.prompt_len - 1 : -1])
+        targets = rows[:, w.prompt_len :]
+        logps = torch.gather(logits.log_softmax(-1), 2, targets[..., None])[..., 0]
+        ratio = torch.exp(logps - logps.detach())
+        adv = advantages[:, None]
+        loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+        t2 = time.perf_counter()
+        if it >= warmup:
+            gen.append(t1 - t0)
+            train.append(t2 - t1)
+    row = _row("torch (hand-written)", w, gen, train)
+    row.update(
+        torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads()
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
 # The benchmark.
 
 
-def summary_line(ours: dict, ratio: float | None) -> str:
+def summary_line(ours: dict, ratio: float | None, ratio_torch: float | None = None) -> str:
     """The last line, for scripts."""
+    fmt = lambda r: "na" if r is None else format(r, ".4f")  # noqa: E731
     return (
         f"iter_s={ours['iter_s']:.4f} gen_tok_s={ours['gen_tok_s']:.2f} "
         f"train_tok_s={ours['train_tok_s']:.2f} "
-        f"ratio_vs_trl={'na' if ratio is None else format(ratio, '.4f')}"
+        f"ratio_vs_trl={fmt(ratio)} ratio_vs_torch={fmt(ratio_torch)}"
     )
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(common.PRESETS))
-    ap.add_argument("--compare", default="", choices=["", "trl"])
+    ap.add_argument("--compare", default="", help="comma-separated: trl, torch")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -247,6 +327,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if min(args.prompts, args.new_tokens, args.iters) < 1 or args.group < 2 or args.warmup < 0:
         ap.error("--prompts, --new_tokens and --iters must be >= 1, --group >= 2, --warmup >= 0")
+    compare = [c for c in args.compare.split(",") if c]
+    if set(compare) - {"trl", "torch"}:
+        ap.error(f"--compare takes trl and/or torch, got {args.compare!r}")
     p = common.get_preset(args.preset)
     w = Workload(args.prompts, args.group, p.prompt_len, args.new_tokens)
     if w.prompt_len + w.new_tokens > p.model.max_len:
@@ -254,11 +337,14 @@ def main(argv=None) -> dict:
             f"prompt {w.prompt_len} + {w.new_tokens} new tokens exceed the preset's max_len {p.model.max_len}"
         )
     rows = [time_ours(p, w, warmup=args.warmup, iters=args.iters)]
-    if args.compare == "trl":
-        rows.append(time_trl(p, w, warmup=args.warmup, iters=args.iters))
+    timers = {"trl": time_trl, "torch": time_torch}
+    for name in compare:
+        rows.append(timers[name](p, w, warmup=args.warmup, iters=args.iters))
     for r in rows:
         r["ours/this"] = r["iter_s"] / rows[0]["iter_s"]  # >1: ours is faster
-    ratio = rows[1]["iter_s"] / rows[0]["iter_s"] if len(rows) > 1 else None
+    by_impl = dict(zip(["ours", *compare], rows, strict=True))
+    ratio = by_impl["trl"]["iter_s"] / rows[0]["iter_s"] if "trl" in by_impl else None
+    ratio_torch = by_impl["torch"]["iter_s"] / rows[0]["iter_s"] if "torch" in by_impl else None
     record = {
         "benchmark": "grpo_step",
         "preset": args.preset,
@@ -268,6 +354,7 @@ def main(argv=None) -> dict:
         "gen_tok_s": rows[0]["gen_tok_s"],
         "train_tok_s": rows[0]["train_tok_s"],
         "ratio_vs_trl": ratio,
+        "ratio_vs_torch": ratio_torch,
         "machine": common.machine(),
     }
     print(
@@ -278,7 +365,7 @@ def main(argv=None) -> dict:
     common.write_json(
         f"bench_results/grpo_step_{args.preset}.json" if args.json is None else args.json, record
     )
-    print(summary_line(rows[0], ratio))
+    print(summary_line(rows[0], ratio, ratio_torch))
     return record
 
 

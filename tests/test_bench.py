@@ -189,7 +189,9 @@ def test_grpo_step_record_and_summary_line(tmp_path, capsys):
     path = tmp_path / "grpo.json"
     record = grpo_step.main([*GRPO_ARGS, f"--json={path}"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=na", last), last
+    assert re.fullmatch(
+        r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=na ratio_vs_torch=na", last
+    ), last
     assert json.loads(path.read_text())["workload"] == {
         "prompts": 2, "group": 4, "prompt_len": 8, "new_tokens": 8, "warmup": 1, "iters": 1,
         "dtype": "float32",
@@ -203,13 +205,19 @@ def test_grpo_step_record_and_summary_line(tmp_path, capsys):
         grpo_step.main(["--preset=tiny", "--new_tokens=64", "--json="])
 
 
-def test_grpo_step_compares_with_trl_grpo_trainer(capsys):
+def test_grpo_step_compares_with_trl_grpo_trainer_and_a_torch_iteration(capsys):
     pytest.importorskip("trl")
     from bench import grpo_step
 
-    record = grpo_step.main([*GRPO_ARGS, "--compare=trl", "--json="])
+    record = grpo_step.main([*GRPO_ARGS, "--compare=trl,torch", "--json="])
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=[\d.]+", last), last
-    trl_row = record["rows"][1]
+    assert re.fullmatch(
+        r"iter_s=[\d.]+ gen_tok_s=[\d.]+ train_tok_s=[\d.]+ ratio_vs_trl=[\d.]+ ratio_vs_torch=[\d.]+", last
+    ), last
+    _, trl_row, torch_row = record["rows"]
     assert trl_row["impl"] == "trl GRPOTrainer" and trl_row["gen_s"] > 0 and trl_row["train_s"] > 0
     assert record["ratio_vs_trl"] == pytest.approx(trl_row["iter_s"] / record["iter_s"])
+    assert torch_row["impl"] == "torch (hand-written)" and torch_row["gen_s"] > 0 and torch_row["train_s"] > 0
+    assert record["ratio_vs_torch"] == pytest.approx(torch_row["iter_s"] / record["iter_s"])
+    with pytest.raises(SystemExit):
+        grpo_step.main([*GRPO_ARGS, "--compare=vllm", "--json="])
