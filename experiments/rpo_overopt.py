@@ -13,6 +13,8 @@ policy/eval_curve.jsonl), on 64 held-out prompts × 2 samples (the smoke variant
 The first run of this study (rows `dpo`, `rpo`) found RPO far ahead of DPO by gold, but DPO had
 collapsed at lr 3e-4 and there was no control. The controls:
 
+* `sft_chosen`: the chosen responses' NLL alone (loss `chosen_nll`), the same steps and learning rate:
+  is RPO just SFT on the chosen responses? Paired with `rpo`.
 * `dpo_lr1e-4`, `dpo_lr3e-5`: DPO at lower learning rates, bracketing the KL from the SFT policy that RPO
   ends at (~1 nat in the first run): is RPO's gain only a smaller step? Paired with `rpo`.
 * `rpo_eta0.1`, `rpo_eta0.005` (the paper's default η; `rpo` is η = 1): how the gain scales with the
@@ -32,6 +34,7 @@ _ROWS = (
     ("rpo", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 1.0}, "dpo"),
     ("rpo_eta0.1", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 0.1}, "dpo"),
     ("rpo_eta0.005", {"loss.name": "rpo", "loss.beta": 0.1, "loss.eta": 0.005}, "dpo"),
+    ("sft_chosen", {"loss.name": "chosen_nll"}, "rpo"),
     ("dpo_lr1e-4", {**_DPO, "train.learning_rate": 1e-4}, "rpo"),
     ("dpo_lr3e-5", {**_DPO, "train.learning_rate": 3e-5}, "rpo"),
 )
@@ -48,6 +51,6 @@ def get_study(arg=None):
         curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
         note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table) on "
         f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO at each η paired with DPO, the "
-        "controls (DPO at lower learning rates) paired with RPO (η = 1).",
+        "controls (SFT on the chosen responses, DPO at lower learning rates) paired with RPO (η = 1).",
         baseline={name: base for name, _, base in _ROWS if base},
     )

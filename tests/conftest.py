@@ -12,7 +12,14 @@ import tempfile
 # Must happen before any `import jax` in this process; pytest imports conftest.py first.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU's concurrency-optimised scheduler can order two collectives differently on different simulated
+# devices of one process, and the step then deadlocks until the rendezvous aborts the process (seen with
+# the `chosen_nll` loss in the `rso_tldr` policy stage on 8 devices: half the devices waiting in a
+# collective-permute, the rest in an all-reduce). The default scheduler orders them the same everywhere.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+    _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, subprocesses included: the end-to-end tests
 # compile the same train, eval and sampling programs many times over (kept between runs; delete freely).

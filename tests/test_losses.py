@@ -114,6 +114,10 @@ class TestHandDerivedValues:
         want = -_logsig(0.15) - 0.005 * 0.1 * PC
         assert _call("rpo", PC, PR, RC, RR) == pytest.approx(want, rel=1e-6)
 
+    def test_chosen_nll(self):
+        assert _call("chosen_nll", PC, PR, RC, RR) == pytest.approx(10.0, rel=1e-6)
+        assert not losses.uses_reference("chosen_nll")
+
     def test_simpo(self):
         # lp_w / 4 - lp_l / 5 = -2.5 + 2.4 = -0.1; -logσ(2 * -0.1 - 0.5)
         assert _call("simpo", PC, PR, RC, RR) == pytest.approx(-_logsig(-0.7), rel=1e-6)
@@ -316,6 +320,9 @@ class TestEveryLoss:
         g_w, g_l = jax.grad(total, argnums=(0, 1))(
             inputs["policy_chosen_logps"], inputs["policy_rejected_logps"]
         )
+        if name == "chosen_nll":  # SFT on the chosen half: the rejected response plays no part
+            assert np.all(np.asarray(g_l) == 0) and np.all(np.asarray(g_w) < 0), (name, g_w, g_l)
+            return
         assert np.all(np.asarray(g_l) > 0), (name, g_l)
         if name == "apo_down":  # lowers the chosen likelihood by design; still widens the margin.
             assert np.all(np.asarray(g_w - g_l) < 0), (name, g_w, g_l)
@@ -526,7 +533,7 @@ class TestRegistry:
         want = {
             "dpo", "rdpo", "ipo", "hinge_norm", "hinge", "slic", "inpo", "rpo", "simpo", "orpo",
             "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
-            "apo_down", "discopop", "dpo_length_normalized", "cdpo", "sigmoid_norm",
+            "apo_down", "discopop", "dpo_length_normalized", "cdpo", "sigmoid_norm", "chosen_nll",
         }  # fmt: skip
         assert want == set(losses.names())
         for n in losses.names():
@@ -575,7 +582,7 @@ class TestRegistry:
         }  # fmt: skip
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
-        extra = {"token_logps_from_hidden", "ift_loss", "ift_weights"}
+        extra = {"chosen_nll", "token_logps_from_hidden", "ift_loss", "ift_weights"}
         direct_advantage = {"critic_bce", "direct_advantage_po", "step_advantages"}
         trajectory = {"discounted_turn_returns", "epo", "positive_log_rewards", "trajectory_balance"}
         want = before | {"registry"} | policy_gradient | ppo | extra | direct_advantage | trajectory

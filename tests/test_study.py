@@ -181,7 +181,7 @@ def test_smoke_study_runs_and_shares_stages(tmp_path, capsys):
     for name in ("table.md", "table.json", "plot.png"):
         assert os.path.exists(tmp_path / name), name
     table = json.loads((tmp_path / "table.json").read_text())
-    assert set(table["methods"]) == {"dpo", "rpo", "rpo_eta0.1", "rpo_eta0.005", "dpo_lr1e-4",
+    assert set(table["methods"]) == {"dpo", "rpo", "rpo_eta0.1", "rpo_eta0.005", "sft_chosen", "dpo_lr1e-4",
                                      "dpo_lr3e-5"}  # fmt: skip
     assert table["methods"]["rpo"]["win_rate_vs_sft_gold"]["values"]
     # The SFT and reward-model stages were computed once, by the first method, and copied to the second

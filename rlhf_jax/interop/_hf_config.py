@@ -388,7 +388,8 @@ def _check_representable(config: ModelConfig, family: str) -> None:
 
 
 _RUNTIME = (
-    "param_dtype", "dtype", "remat", "scan_layers", "scan_unroll", "attention_impl", "decode_attention", "max_len",
+    "param_dtype", "dtype", "remat", "scan_layers", "scan_unroll", "attention_impl", "decode_attention",
+    "max_len",
 )  # fmt: skip
 
 
@@ -489,7 +490,9 @@ def build_config(
 
 def runtime_overrides(config: ModelConfig, overrides: dict) -> ModelConfig:
     """`config` with runtime fields replaced; architecture fields are fixed by the checkpoint."""
-    allowed = {"param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "decode_attention", "max_len"}
+    allowed = {
+        "param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "decode_attention", "max_len",
+    }  # fmt: skip
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise ValueError(

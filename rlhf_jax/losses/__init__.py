@@ -37,6 +37,7 @@ from rlhf_jax.losses._logps import (
 # Paper losses: DPO and its variants (cDPO, rDPO, IPO, RSO's sigmoid/hinge, SLiC, INPO, RPO, SimPO, ORPO).
 from rlhf_jax.losses._pairwise import (
     cdpo,
+    chosen_nll,
     dpo,
     hinge,
     hinge_norm,
@@ -119,6 +120,8 @@ __all__ = [
     "sigmoid_norm",
     "simpo",
     "slic",
+    # a control: SFT on the chosen responses
+    "chosen_nll",
     # TRL loss types
     "aot",
     "aot_unpaired",

@@ -304,6 +304,28 @@ def rpo(
     return base - eta * beta * f32(policy_chosen_logps)
 
 
+def chosen_nll(*, policy_chosen_logps, policy_rejected_logps) -> Array:
+    """The negative log-likelihood of the chosen response alone: SFT on the chosen half of each pair.
+
+    loss = -lp_w (summed over the response's tokens).
+
+    Not a preference loss: the control that asks whether a preference method's gain is only its SFT
+    term, e.g. RPO's η·β·NLL (Liu et al. 2024, `rpo`); trained through the same preference stage (same
+    pairs, steps, optimizer and evaluation). Needs no reference model. With Adam the scale of the loss
+    barely matters (updates are normalised), so no weight is offered.
+
+    Args:
+      policy_chosen_logps: summed log-probs of the chosen responses under the policy, [B].
+      policy_rejected_logps: taken, as by every registered pairwise loss; enters as 0·lp_l (zero gradient).
+
+    Returns:
+      Per-example loss [B], float32.
+    """
+    # 0·lp_l, not `del`: the rejected half stays in the program with an exactly-zero gradient. Dropped,
+    # XLA:CPU pruned the rejected rows' backward on the 8-device test mesh and its collectives deadlocked.
+    return -f32(policy_chosen_logps) + 0.0 * f32(policy_rejected_logps)
+
+
 def simpo(
     *,
     policy_chosen_logps,

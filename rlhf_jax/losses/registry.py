@@ -40,6 +40,7 @@ _LOSSES: dict[str, Callable] = {
         _pairwise.slic,
         _pairwise.inpo,
         _pairwise.rpo,
+        _pairwise.chosen_nll,
         _pairwise.simpo,
         _pairwise.orpo,
         _trl.exo_pair,
