@@ -76,7 +76,8 @@ def test_token_weight_is_the_largest_overlapping_span():
 
 def test_truncation_cuts_the_weights_with_the_tokens(tmp_path, tok):
     completion = " ".join(["the cat sat on a mat"] * 6)
-    rec = {"prompt": "Q:", "completion": completion, "weight_spans": [[len(completion) - 3, len(completion), 4.0]]}
+    end = len(completion)
+    rec = {"prompt": "Q:", "completion": completion, "weight_spans": [[end - 3, end, 4.0]]}
     (example,), _ = data.load_sft(_write(tmp_path / "t.jsonl", [rec]))
     stats = data.LoadStats()
     tokenized = pipeline.tokenize_sft([example], tok, pipeline.SequenceLayout(12, 4), stats)
@@ -107,7 +108,8 @@ def test_bad_weights_raise_naming_file_line_and_field(tmp_path, spans, field, me
     records = records + [{"prompt": "Q:", "completion": "the cat sat", "weight_spans": spans}]
     path = _write(tmp_path / "bad.jsonl", records)
     for strict in (False, True):  # never silently skipped
-        with pytest.raises(data.DataError, match=rf"bad\.jsonl:3: field '{field}': invalid_weights: .*{message}"):
+        pattern = rf"bad\.jsonl:3: field '{field}': invalid_weights: .*{message}"
+        with pytest.raises(data.DataError, match=pattern):
             data.load_sft(path, strict=strict)
 
 
@@ -143,7 +145,12 @@ def test_uniform_weights_are_plain_sft_bit_for_bit(tmp_path, tok, model_and_para
     for key in plain:
         np.testing.assert_array_equal(plain[key], ones[key])
     objective = functools.partial(steps.sft_objective, model=model)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: (lambda s: s[0] / s[1]["weight"])(objective(p, b, None))))
+
+    def mean_loss(p, b):
+        loss_sum, sums = objective(p, b, None)
+        return loss_sum / sums["weight"]
+
+    grad_fn = jax.jit(jax.value_and_grad(mean_loss))
     (loss_a, grads_a), (loss_b, grads_b) = grad_fn(params, plain), grad_fn(params, ones)
     assert np.asarray(loss_a) == np.asarray(loss_b)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):

@@ -262,7 +262,8 @@ def parse_sft(record: Mapping, format_name: str, template: ChatTemplate | None =
                 token_weights.FIELD, "per-token weights are read for `sft` records with a string "
                 "completion (rendered without a chat template) only",
             )  # fmt: skip
-        spans = token_weights.parse_weight_spans(record[token_weights.FIELD], record["completion"], completion)
+        value = record[token_weights.FIELD]
+        spans = token_weights.parse_weight_spans(value, record["completion"], completion)
     return rec.SFTExample(prompt=prompt, completion=completion, segments=segments, weight_spans=spans)
 
 

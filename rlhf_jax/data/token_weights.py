@@ -46,7 +46,8 @@ def parse_weight_spans(value: Any, raw: str, completion: str) -> tuple[tuple[int
       InvalidWeightsError: naming the bad span (`weight_spans[i]`).
     """
     if not isinstance(value, list):
-        raise rec.InvalidWeightsError(FIELD, f"expected a list of [start, end, weight], got {type(value).__name__}")
+        kind = type(value).__name__
+        raise rec.InvalidWeightsError(FIELD, f"expected a list of [start, end, weight], got {kind}")
     spans = []
     for i, span in enumerate(value):
         field = f"{FIELD}[{i}]"
@@ -65,7 +66,7 @@ def parse_weight_spans(value: Any, raw: str, completion: str) -> tuple[tuple[int
             )
         spans.append((start, end, float(weight), field))
     spans.sort()
-    for (_, end_a, _, field_a), (start_b, _, _, field_b) in zip(spans, spans[1:]):
+    for (_, end_a, _, field_a), (start_b, _, _, field_b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
             raise rec.InvalidWeightsError(field_b, f"overlaps {field_a}")
     stripped = raw.lstrip(" \t")

@@ -82,7 +82,7 @@ def tool_name_token_weights(
 def _common_prefix(a: str, b: str) -> int:
     """Length of the longest common prefix of two strings."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
