@@ -112,6 +112,26 @@ def sft_weight(batch) -> jax.Array:
     return jnp.sum(batch["loss_mask"] * batch["weights"][:, None])
 
 
+def epo_objective(params, batch, reference_params, *, model: nn.Module, gamma: float, normalize: bool):
+    """EPO's offline turn-level REINFORCE (`losses.epo`, arXiv 2502.12486) on a batch of dialogues in
+    the turn layout (`rlhf_jax.data.turns`: `turn_ids`, `turn_rewards`, `turn_mask`): the per-dialogue
+    losses summed with the row weights; the weight is the number of dialogues (`pair_weight`)."""
+    del reference_params
+    logps_BT = completion_logps(model, params, batch)
+    loss_B = losses.epo(
+        token_logps_BT=logps_BT, turn_ids_BT=batch["turn_ids"], turn_rewards_BU=batch["turn_rewards"],
+        turn_mask_BU=batch["turn_mask"], gamma=gamma, normalize=normalize,
+    )  # fmt: skip
+    w_B = batch["weights"]
+    total = jnp.sum(w_B * loss_B)
+    turns_B = jnp.sum(batch["turn_mask"], axis=1)
+    return total, {
+        "loss": total,
+        "weight": jnp.sum(w_B),
+        "turn_reward": jnp.sum(w_B * jnp.sum(batch["turn_rewards"] * batch["turn_mask"], 1) / jnp.maximum(turns_B, 1)),
+    }
+
+
 def pair_weight(batch) -> jax.Array:
     """Denominator of the pairwise losses: weighted pairs (padding rows weigh 0)."""
     return jnp.sum(batch["weights"])
