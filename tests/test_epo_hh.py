@@ -44,7 +44,8 @@ def test_turn_reward_reads_the_first_integer_of_the_first_line():
 def test_generated_rewards_follow_the_rule():
     for d in sd.generate(50, seed=2, config=CONFIG):
         replies = [t for t, u in d.pieces if u >= 0]
-        assert d.turn_rewards == tuple(sd.turn_reward(r, t) for r, t in zip(replies, d.meta["totals"], strict=True))
+        want = tuple(sd.turn_reward(r, t) for r, t in zip(replies, d.meta["totals"], strict=True))
+        assert d.turn_rewards == want
     clean = sd.generate(50, seed=2, config=CONFIG, slips=False)
     assert all(r == 1.0 for d in clean for r in d.turn_rewards)
     slipped = [r for d in sd.generate(200, seed=3, config=CONFIG) for r in d.turn_rewards]
@@ -156,5 +157,6 @@ def test_epo_hh_smoke_end_to_end(tmp_path):
     assert low <= results["turn_reward_gain"] <= high
     assert results["nonfinite_steps"] == 0 and results["truncated"] == {}
     assert -1.0 < results["train_turn_reward"] < 1.0  # the demonstrations' slips give mixed rewards
-    records = [json.loads(line) for line in open(os.path.join(run, results["stages"]["epo"]["dir"], "metrics.jsonl"))]
+    metrics_path = os.path.join(run, results["stages"]["epo"]["dir"], "metrics.jsonl")
+    records = [json.loads(line) for line in open(metrics_path)]
     assert records and all(np.isfinite(r["loss"]) for r in records)

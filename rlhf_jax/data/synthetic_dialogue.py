@@ -107,7 +107,9 @@ def turn_reward(reply: str, total: int) -> float:
     return 1.0 if first_integer(reply) == total else -1.0
 
 
-def generate(n: int, *, seed: int, config: DialogueConfig = DialogueConfig(), slips: bool = True) -> list[DialogueExample]:
+def generate(
+    n: int, *, seed: int, config: DialogueConfig = DialogueConfig(), slips: bool = True
+) -> list[DialogueExample]:
     """`n` dialogues from `seed` (module docstring); `slips=False` gives correct demonstrations."""
     rng = np.random.default_rng(seed)
     out = []

@@ -115,7 +115,9 @@ def tokenize_dialogues(
     mask_XU = np.zeros((len(dialogues), max_turns), np.float32)
     for x, dialogue in enumerate(dialogues):
         if dialogue.num_turns > max_turns:
-            raise ValueError(f"dialogue {x} has {dialogue.num_turns} assistant turns, more than max_turns={max_turns}")
+            raise ValueError(
+                f"dialogue {x} has {dialogue.num_turns} assistant turns, more than max_turns={max_turns}"
+            )
         ids, turns = list(bos), [-1] * len(bos)
         for _, u in dialogue.pieces:
             piece = next(encoded)
@@ -141,7 +143,10 @@ def tokenize_dialogues(
 
 
 def turn_prompts(
-    dialogues: Sequence[DialogueExample], tokenizer: Tokenizer, *, max_prompt_len: int,
+    dialogues: Sequence[DialogueExample],
+    tokenizer: Tokenizer,
+    *,
+    max_prompt_len: int,
     stats: rec.LoadStats | None = None,
 ) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
     """The prompt of every assistant turn of `dialogues`, encoded as the training rows are (BOS, then the

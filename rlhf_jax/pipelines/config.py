@@ -103,7 +103,12 @@ class DataConfig:
                 f"data.task must be 'tldr', 'hh', 'arith', 'math' or 'dialogue', got {self.task!r}"
             )
         if self.task == "dialogue":
-            synthetic_dialogue.DialogueConfig(max_turns=self.dialogue_max_turns, error_rate=self.dialogue_error_rate)
+            try:
+                synthetic_dialogue.DialogueConfig(
+                    max_turns=self.dialogue_max_turns, error_rate=self.dialogue_error_rate
+                )
+            except ValueError as e:
+                raise ValueError(f"data.dialogue_max_turns / dialogue_error_rate: {e}") from e
         if self.task == "math" and not self.preference_path:
             raise ValueError("data.task='math' needs --config.data.path=PROBLEMS.jsonl (GSM8K or MATH-style)")
         if not 0 < self.max_prompt_len < self.max_len:

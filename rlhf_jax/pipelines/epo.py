@@ -80,8 +80,9 @@ def run(cfg: StageConfig, workdir: str, *, epo_config: EPOConfig, eval_config: e
     tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from)
     stats = rec.LoadStats()
     train_data = turns.tokenize_dialogues(
-        task.dialogues, tokenizer, max_len=cfg.data.max_len, max_turns=cfg.data.dialogue_max_turns, stats=stats
-    )
+        task.dialogues, tokenizer, max_len=cfg.data.max_len, max_turns=cfg.data.dialogue_max_turns,
+        stats=stats,
+    )  # fmt: skip
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
     # Model and optimizer.
@@ -145,10 +146,11 @@ def evaluate_turns(
             num_samples=S, rng=rng, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
         )  # fmt: skip
         texts = evaluation.decode_completions(tokenizer, out.tokens_PNT, out.lengths_PN)
+        totals_P = [dialogues[x].meta["totals"][u] for x, u in keys]
         scores[name] = np.array(
             [
-                [synthetic_dialogue.turn_reward(texts[p][s], dialogues[x].meta["totals"][u]) for s in range(S)]
-                for p, (x, u) in enumerate(keys)
+                [synthetic_dialogue.turn_reward(text, total) for text in row]
+                for row, total in zip(texts, totals_P, strict=True)
             ]
         )  # [P, S]
     dialogue_of_P = np.array([x for x, _ in keys])
@@ -165,7 +167,8 @@ def evaluate_turns(
     for name, r_PS in scores.items():
         out[f"turn_reward_{name}"] = float(r_PS.mean())
         out[f"turn_accuracy_{name}"] = float((r_PS > 0).mean())
-        out[f"turn_reward_by_turn_{name}"] = [float(r_PS[turn_of_P == u].mean()) for u in range(turn_of_P.max() + 1)]
+        by_turn = [float(r_PS[turn_of_P == u].mean()) for u in range(turn_of_P.max() + 1)]
+        out[f"turn_reward_by_turn_{name}"] = by_turn
     return out
 
 

@@ -125,11 +125,8 @@ def epo_objective(params, batch, reference_params, *, model: nn.Module, gamma: f
     w_B = batch["weights"]
     total = jnp.sum(w_B * loss_B)
     turns_B = jnp.sum(batch["turn_mask"], axis=1)
-    return total, {
-        "loss": total,
-        "weight": jnp.sum(w_B),
-        "turn_reward": jnp.sum(w_B * jnp.sum(batch["turn_rewards"] * batch["turn_mask"], 1) / jnp.maximum(turns_B, 1)),
-    }
+    mean_reward_B = jnp.sum(batch["turn_rewards"] * batch["turn_mask"], axis=1) / jnp.maximum(turns_B, 1.0)
+    return total, {"loss": total, "weight": jnp.sum(w_B), "turn_reward": jnp.sum(w_B * mean_reward_B)}
 
 
 def pair_weight(batch) -> jax.Array:
