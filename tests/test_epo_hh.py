@@ -135,6 +135,17 @@ def test_epo_objective_matches_a_numpy_reference(tok, dialogues):
     assert float(sums["weight"]) == 5.0
 
 
+def test_bad_dialogue_and_epo_settings_name_the_field():
+    from rlhf_jax.pipelines import config, epo
+
+    with pytest.raises(ValueError, match="data.dialogue_max_turns"):
+        config.DataConfig(task="dialogue", dialogue_max_turns=1)
+    with pytest.raises(ValueError, match="dialogue_error_rate"):
+        config.DataConfig(task="dialogue", dialogue_error_rate=1.5)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        epo.EPOConfig(gamma=1.5)
+
+
 @pytest.mark.slow
 def test_epo_hh_smoke_end_to_end(tmp_path):
     run = tmp_path / "run"
