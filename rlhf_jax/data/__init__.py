@@ -5,7 +5,10 @@ problems), `chat_template` and `conversations` (message lists through a checkpoi
 `readers` (JSONL, JSONL.gz, JSON arrays, Parquet, globs), `loading` (`load_preference`, `load_sft`,
 `load_math`), `tokenizer` (`Tokenizer`), `pipeline` (tokenisation to fixed shapes, grain
 batches, resumable iterators), `synthetic_tldr` (the embedded default task and its gold reward),
-`synthetic_arith` (the embedded math task). Command lines: `python -m rlhf_jax.data.inspect FILE...`,
+`synthetic_arith` (the embedded math task), `synthetic_dialogue` (the embedded multi-turn dialogue task
+with per-turn rewards) and `turns` (its turn layout for EPO), `token_weights` (per-token SFT loss weights
+from `weight_spans`) and `tool_weights` (TL-Training's key-token rule).
+Command lines: `python -m rlhf_jax.data.inspect FILE...`,
 `python -m rlhf_jax.data.tokenizer train ...`, `python -m rlhf_jax.data.synthetic_tldr --out DIR`,
 `python -m rlhf_jax.data.synthetic_arith --out DIR`.
 """

@@ -3,7 +3,9 @@
 Formats (the name is what `detect_format` returns and what `format=` accepts):
 
   preference               {"prompt", "chosen", "rejected"}: strings or chat-message lists
-  sft                      {"prompt", "completion"}: strings or chat-message lists
+  sft                      {"prompt", "completion"}: strings or chat-message lists; a string
+                           completion may carry per-token loss weights, "weight_spans"
+                           ([[start, end, weight], ...] character spans: `token_weights.py`)
   messages                 TRL's conversational SFT {"messages": [{"role", "content"}, ...]}
   hh                       Anthropic HH {"chosen", "rejected"}: two full dialogues sharing a prefix
                            (strings, or message lists: TRL's implicit-prompt preference form)
@@ -65,6 +67,7 @@ from typing import Any
 
 from rlhf_jax.data import conversations as conv
 from rlhf_jax.data import records as rec
+from rlhf_jax.data import token_weights
 from rlhf_jax.data.chat_template import ChatTemplate
 
 PREFERENCE_FORMATS = (
@@ -252,7 +255,16 @@ def parse_sft(record: Mapping, format_name: str, template: ChatTemplate | None =
         raise BadRecordError(rec.EMPTY_PROMPT, "prompt", "empty prompt")
     if not completion.strip():
         raise BadRecordError(rec.EMPTY_RESPONSE, "completion", "empty completion")
-    return rec.SFTExample(prompt=prompt, completion=completion, segments=segments)
+    spans = ()
+    if record.get(token_weights.FIELD) is not None:
+        if format_name != "sft" or segments or not isinstance(record.get("completion"), str):
+            raise rec.InvalidWeightsError(
+                token_weights.FIELD, "per-token weights are read for `sft` records with a string "
+                "completion (rendered without a chat template) only",
+            )  # fmt: skip
+        value = record[token_weights.FIELD]
+        spans = token_weights.parse_weight_spans(value, record["completion"], completion)
+    return rec.SFTExample(prompt=prompt, completion=completion, segments=segments, weight_spans=spans)
 
 
 def _conversational(record: Mapping, format_name: str) -> bool:

@@ -144,6 +144,10 @@ class HFTokenizer:
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
 
+    def char_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_offsets` under the name the sentencepiece `Tokenizer` shares (`token_weights.py`)."""
+        return self.encode_offsets(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 

@@ -6,7 +6,8 @@ whose keys identify one, or taken from `format=`. A bad record (malformed line, 
 a string holding a lone surrogate, missing field, wrong type, empty response, chosen identical to
 rejected, failed HH split, a math solution without a final answer, a conversation the chat template
 rejects) is skipped and counted by reason in
-the file's `FileStats`; with `strict=True` it raises `DataError` naming the file, the 1-based line (row,
+the file's `FileStats`; bad per-token loss weights (`weight_spans`, `token_weights.py`) raise in both
+modes; with `strict=True` any bad record raises `DataError` naming the file, the 1-based line (row,
 for Parquet and JSON arrays) and the field instead. A file that cannot be read to its end (truncated or
 corrupt gzip, corrupt Parquet, unreadable) raises `DataError` naming it in both modes (see `readers.py`).
 The load's one-line summary is logged at INFO.
@@ -73,7 +74,7 @@ def _parse_records(path: str, records: list, parse, format_name: str, kind: str,
                 )
             examples.append(parse(record, format_name))
         except formats.BadRecordError as bad:
-            if strict:
+            if strict or isinstance(bad, rec.InvalidWeightsError):
                 raise rec.DataError(path, line, bad.field, f"{bad.reason}: {bad.message}") from None
             stats.skipped[bad.reason] += 1
     stats.kept = len(examples)

@@ -7,6 +7,7 @@ Sequence layout (one row of T tokens; P = prompt tokens including BOS, R = respo
   tokens       BOS p_1 .. p_{P-1} r_1 .. r_{R-1} EOS PAD .. PAD      the model's input, all T positions
   targets      tokens shifted left by one, PAD last: targets[t] = tokens[t + 1]
   loss_mask    1.0 where targets[t] is a response token or the EOS, i.e. for P-1 <= t < P-1+R; else 0.0
+               (an SFT example with per-token weights, `token_weights.py`: the token's weight there)
   segment_ids  1 on the P+R real tokens, 0 on padding
 
 so the logits at position t predict `targets[t]`, and `sum_t loss_mask[t] * log p(targets[t] | tokens[:t+1])`
@@ -68,6 +69,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import records as rec
+from rlhf_jax.data import token_weights
 from rlhf_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger("rlhf_jax")
@@ -189,8 +191,9 @@ class TokenizedPreference:
 class TokenizedSFT:
     """Tokenised SFT examples: prompt ids (BOS + prompt) and completion ids (+ EOS), truncated.
 
-    `completion_masks` (float32, one per completion) marks the completion tokens in the loss when some
-    are not (a templated conversation: later user turns, headers); None: every completion token is.
+    `completion_masks` (float32, one per completion) is each completion token's loss weight when they
+    are not all 1: 0 on tokens out of the loss (a templated conversation: later user turns, headers),
+    the token's weight for an example with `weight_spans` (`token_weights.py`); None: all are 1.
     """
 
     prompt_ids: list[np.ndarray]
@@ -312,10 +315,13 @@ def tokenize_sft(
     plain_completions = _response_ids(tokenizer, texts, budgets, "completion", stats)
     for i, prompt, completion in zip(plain, plain_prompts, plain_completions, strict=True):
         prompts[i], completions[i], masks[i] = prompt, completion, np.ones(len(completion), np.float32)
+        if examples[i].weight_spans:
+            masks[i] = _weighted_mask(tokenizer, examples[i], completion, i)
     for i, ex in enumerate(examples):
         if ex.segments:
             prompts[i], completions[i], masks[i] = _segmented(tokenizer, ex.segments, layout, stats)
-    masks = None if len(plain) == len(examples) else masks
+    plain_unweighted = len(plain) == len(examples) and not any(ex.weight_spans for ex in examples)
+    masks = None if plain_unweighted else masks
     weights_X = np.ones(len(examples), np.float32)
     return TokenizedSFT(prompts, completions, weights_X, tokenizer.pad_id, layout.max_len, masks)
 
@@ -564,6 +570,17 @@ def segment_ids(tokenizer: Tokenizer, segments) -> tuple[list[int], np.ndarray]:
             mask_X |= (spans_X2[:, 0] < start + len(text)) & (spans_X2[:, 1] > start)
         start += len(text)
     return list(ids), mask_X.astype(np.float32)
+
+
+def _weighted_mask(tokenizer: Tokenizer, example: rec.SFTExample, completion_ids: np.ndarray, i: int):
+    """The loss mask of a plain example with `weight_spans`: each (kept) completion token's weight
+    (`token_weights.py`), 1 on the appended EOS."""
+    ids, spans_X2 = token_weights.char_offsets(tokenizer, example.completion)
+    if ids != tokenizer.encode_batch([example.completion])[0]:
+        raise ValueError(f"SFT example {i}: the tokenizer's char_offsets ids differ from its encode ids")
+    weights = token_weights.token_weights(spans_X2, example.weight_spans)
+    weights = np.concatenate([weights, np.ones(max(len(completion_ids) - len(weights), 0), np.float32)])
+    return weights[: len(completion_ids)]
 
 
 def _segmented(tokenizer: Tokenizer, segments, layout: SequenceLayout, stats: rec.LoadStats):

@@ -27,6 +27,8 @@ SPLIT_FAILED = "split_failed"  # an HH pair shares no prefix ending at an Assist
 UNPARSED_PROMPT = "unparsed_prompt"  # a TL;DR prompt without SUBREDDIT/TITLE/POST fields
 NO_FINAL_ANSWER = "no_final_answer"  # a math solution without a `#### N` line or a `\boxed{}` answer
 TEMPLATE_ERROR = "template_error"  # the chat template raised on a conversation, or is not prefix-consistent
+# Not a skip reason: a record with bad per-token loss weights always raises (`InvalidWeightsError`).
+INVALID_WEIGHTS = "invalid_weights"
 SKIP_REASONS = (
     MALFORMED,
     INVALID_UTF8,
@@ -68,16 +70,27 @@ class SFTExample:
     the rest (later user turns included). Such an example is tokenised as one text, the template's own
     ids (no EOS added), with the loss on the trainable pieces only (`pipeline.tokenize_sft`). Without
     segments the example is the plain pair: prompt untrained, completion + EOS trained.
+
+    `weight_spans` (token-weighted SFT, `token_weights.py`) are (start, end, weight) character spans of
+    `completion` (end exclusive, non-overlapping): each completion token takes the largest weight of
+    the spans it overlaps, 1 where none does (the EOS too). Empty: every token weighs 1.
     """
 
     prompt: str
     completion: str
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     segments: tuple[tuple[str, bool], ...] = ()
+    weight_spans: tuple[tuple[int, int, float], ...] = ()
 
     def __post_init__(self):
         if self.segments and "".join(t for t, _ in self.segments) != self.prompt + self.completion:
             raise ValueError("SFTExample: the segments must join to prompt + completion")
+        if self.segments and self.weight_spans:
+            raise ValueError("SFTExample: weight_spans apply to plain examples, not segmented ones")
+        for start, end, weight in self.weight_spans:
+            if not (0 <= start < end <= len(self.completion) and weight >= 0):
+                raise ValueError(f"SFTExample: bad weight span {(start, end, weight)} of a completion "
+                                 f"of {len(self.completion)} characters")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +122,14 @@ class BadRecordError(Exception):
     def __init__(self, reason: str, field: str | None, message: str):
         super().__init__(message)
         self.reason, self.field, self.message = reason, field, message
+
+
+class InvalidWeightsError(BadRecordError):
+    """Per-token loss weights that are wrong (negative, not finite, a span out of range): raised, never
+    skipped, since dropping the record or the weights would silently train on another objective."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(INVALID_WEIGHTS, field, message)
 
 
 class DataError(ValueError):

@@ -23,6 +23,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -62,6 +63,28 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Returns the ids of each text (no specials); faster than a loop of `encode`."""
         return self._sp.encode(list(texts)) if texts else []
+
+    def char_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (as `encode`) and each one's [start, end) character span in `text`.
+
+        Sentencepiece reports UTF-8 byte offsets; a byte-fallback piece that begins a multi-byte
+        character has none of its own and gets that character's span. (Not named `encode_offsets`: that
+        method's presence makes `pipeline.segment_ids` encode chat segments as one text.)
+        """
+        pieces = self._sp.encode(text, out_type="proto").pieces
+        # Byte offset at which each character starts: a byte offset b lies in character
+        # searchsorted(starts, b, "right") - 1, and ends are rounded up to a whole character.
+        starts = np.cumsum([0] + [len(c.encode("utf-8")) for c in text[:-1]]) if text else np.zeros(0)
+        ends = [p.end for p in pieces]
+        for k in range(len(pieces) - 2, -1, -1):  # an empty piece ends where the next one at its start ends
+            if pieces[k].end <= pieces[k].begin and pieces[k + 1].begin == pieces[k].begin:
+                ends[k] = ends[k + 1]
+        spans = []
+        for piece, end in zip(pieces, ends, strict=True):
+            start = int(np.searchsorted(starts, piece.begin, "right")) - 1
+            stop = int(np.searchsorted(starts, end, "left"))
+            spans.append((max(start, 0), max(stop, start, 0)))
+        return [p.id for p in pieces], spans
 
     def decode(self, ids: Sequence[int]) -> str:
         """Returns the text of `ids`; pad, BOS and EOS ids decode to nothing."""

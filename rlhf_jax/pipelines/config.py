@@ -12,6 +12,7 @@ from typing import Any
 
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses, models, sharding
+from rlhf_jax.data import synthetic_dialogue
 from rlhf_jax.pipelines import fingerprints
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.trainer import LoopConfig
@@ -23,8 +24,10 @@ class DataConfig:
 
     Attributes:
       task: "tldr" (synthetic task when no path is given), "hh" (paths required), "arith" (the synthetic
-        math task, `data.synthetic_arith`) or "math" (GSM8K / MATH-style problem files: `path` holds
-        the training problems, `eval_path` the held-out ones; `rlhf_jax.data.load_math`).
+        math task, `data.synthetic_arith`), "math" (GSM8K / MATH-style problem files: `path` holds
+        the training problems, `eval_path` the held-out ones; `rlhf_jax.data.load_math`) or "dialogue"
+        (the embedded multi-turn running-total dialogues with per-turn rewards,
+        `data.synthetic_dialogue`: `num_sft` training and `num_eval` held-out dialogues).
       tokenizer: a sentencepiece .model; empty: train one on the training text (cached in the workdir).
       path: the user's preference file(s): shorthand for `preference_path` (SFT examples then come from
         the pairs' prompts and chosen responses unless `sft_path` is given).
@@ -50,6 +53,8 @@ class DataConfig:
         steps per problem), the share of SFT demonstrations with an arithmetic slip, and the
         probability that a demonstration's subtraction step is misread as an addition
         (`synthetic_arith`).
+      dialogue_max_turns, dialogue_error_rate: the dialogue task's most assistant turns per dialogue
+        (at least 2) and the per-turn slip probability of its training demonstrations.
       vary_with_seed: tie the data to the run's `seed`: the synthetic task is generated from
         (synthetic_seed, seed) instead of synthetic_seed alone (so its pairs and held-out evaluation
         prompts change with the seed), and the prompts of an `eval_path` are evaluated in a seeded
@@ -82,6 +87,8 @@ class DataConfig:
     arith_max_steps: int = 3
     arith_error_rate: float = 0.2
     arith_misread_rate: float = 0.0
+    dialogue_max_turns: int = 4
+    dialogue_error_rate: float = 0.3
 
     def __post_init__(self):
         if self.path:
@@ -91,8 +98,17 @@ class DataConfig:
                     f"{self.preference_path!r}: give one of them"
                 )
             object.__setattr__(self, "preference_path", self.path)
-        if self.task not in ("tldr", "hh", "arith", "math"):
-            raise ValueError(f"data.task must be 'tldr', 'hh', 'arith' or 'math', got {self.task!r}")
+        if self.task not in ("tldr", "hh", "arith", "math", "dialogue"):
+            raise ValueError(
+                f"data.task must be 'tldr', 'hh', 'arith', 'math' or 'dialogue', got {self.task!r}"
+            )
+        if self.task == "dialogue":
+            try:
+                synthetic_dialogue.DialogueConfig(
+                    max_turns=self.dialogue_max_turns, error_rate=self.dialogue_error_rate
+                )
+            except ValueError as e:
+                raise ValueError(f"data.dialogue_max_turns / dialogue_error_rate: {e}") from e
         if self.task == "math" and not self.preference_path:
             raise ValueError("data.task='math' needs --config.data.path=PROBLEMS.jsonl (GSM8K or MATH-style)")
         if not 0 < self.max_prompt_len < self.max_len:

@@ -108,6 +108,9 @@ def data_spec(data) -> dict:
     if data.task not in ("arith", "math"):  # math-only fields: the other tasks' fingerprints predate them
         for key in ("num_train", "arith_max_steps", "arith_error_rate", "arith_misread_rate"):
             spec.pop(key, None)
+    if data.task != "dialogue":  # dialogue-only fields: the other tasks' fingerprints predate them
+        for key in ("dialogue_max_turns", "dialogue_error_rate"):
+            spec.pop(key, None)
     # A template file enters by content; "auto" uses the tokenizer's template, which enters through the
     # tokenizer's source. "auto" is kept in the spec of runs on the user's files, whose conversational
     # records were rendered HH-style before templates were applied (so such a stage is recomputed, never

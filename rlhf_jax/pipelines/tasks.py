@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_tldr
+from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_dialogue, synthetic_tldr
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.chat_template import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import TOKENIZER_JSON
@@ -36,6 +36,9 @@ class TaskData:
     stats: dict
     problems: list[rec.MathExample] = dataclasses.field(default_factory=list)  # math tasks: RL prompts
     eval_problems: list[rec.MathExample] = dataclasses.field(default_factory=list)  # and held-out ones
+    # The dialogue task: training dialogues with per-turn rewards, and held-out (slip-free) ones.
+    dialogues: list[synthetic_dialogue.DialogueExample] = dataclasses.field(default_factory=list)
+    eval_dialogues: list[synthetic_dialogue.DialogueExample] = dataclasses.field(default_factory=list)
 
 
 def _flip(pairs: list[rec.PreferenceExample], rate: float, seed: int) -> list[rec.PreferenceExample]:
@@ -69,6 +72,8 @@ def load_task(
     """
     if data.task == "arith":
         return _load_math_task(data, seed, None)
+    if data.task == "dialogue":
+        return _load_dialogue_task(data, seed)
     files = bool(data.sft_path or data.preference_path or data.eval_path)
     if files and tokenizer is None and data.chat_template != "none":
         source = tokenizer_source(data, init_from, init_from_hf)
@@ -149,6 +154,28 @@ def load_task(
         eval_prompts=eval_prompts,
         synthetic=False,
         stats=stats,
+    )
+
+
+def _load_dialogue_task(data: DataConfig, seed: int) -> TaskData:
+    """The embedded dialogue task (`synthetic_dialogue`): `num_sft` training dialogues (with slips; SFT
+    trains on all their replies) and `num_eval` held-out slip-free ones, from independent streams."""
+    task_seed = data.synthetic_seed
+    if data.vary_with_seed:
+        task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
+    config = synthetic_dialogue.DialogueConfig(max_turns=data.dialogue_max_turns,
+                                               error_rate=data.dialogue_error_rate)  # fmt: skip
+    train = synthetic_dialogue.generate(data.num_sft, seed=task_seed, config=config)
+    held = synthetic_dialogue.generate(data.num_eval, seed=task_seed + 1_000_003, config=config, slips=False)
+    return TaskData(
+        sft=[d.to_sft() for d in train],
+        preference=[],
+        eval_preference=[],
+        eval_prompts=[d.to_sft() for d in held],
+        synthetic=True,
+        stats={"source": "synthetic_dialogue", "dialogues": len(train), "eval_dialogues": len(held)},
+        dialogues=train,
+        eval_dialogues=held,
     )
 
 

@@ -95,8 +95,11 @@ def _shards(model: nn.Module) -> int:
 
 
 def sft_objective(params, batch, reference_params, *, model: nn.Module):
-    """Token-level NLL of the completion tokens (summed; the weight is the number of loss tokens), through
-    the fused LM head on the loss-masked rows only (`completion_logps`)."""
+    """Token-level NLL of the completion tokens, through the fused LM head on the loss-masked rows only
+    (`completion_logps`): the sum Σ_t m_t · (−log π(y_t | ·)) and its weight Σ_t m_t, with m_t the
+    float `loss_mask` times the row's weight. m_t is 1 on completion tokens, or the token's weight for
+    token-weighted SFT (TL-Training, arXiv 2412.15495; `rlhf_jax.data.token_weights`), so `train_step`
+    minimises the weighted per-token mean over the whole batch, exactly under accumulation."""
     del reference_params
     logps_BT = completion_logps(model, params, batch)
     mask_BT = batch["loss_mask"] * batch["weights"][:, None]
@@ -105,8 +108,25 @@ def sft_objective(params, batch, reference_params, *, model: nn.Module):
 
 
 def sft_weight(batch) -> jax.Array:
-    """Denominator of the SFT loss: weighted completion tokens."""
+    """Denominator of the SFT loss: Σ loss_mask · row weight (completion tokens, or their weights)."""
     return jnp.sum(batch["loss_mask"] * batch["weights"][:, None])
+
+
+def epo_objective(params, batch, reference_params, *, model: nn.Module, gamma: float, normalize: bool):
+    """EPO's offline turn-level REINFORCE (`losses.epo`, arXiv 2502.12486) on a batch of dialogues in
+    the turn layout (`rlhf_jax.data.turns`: `turn_ids`, `turn_rewards`, `turn_mask`): the per-dialogue
+    losses summed with the row weights; the weight is the number of dialogues (`pair_weight`)."""
+    del reference_params
+    logps_BT = completion_logps(model, params, batch)
+    loss_B = losses.epo(
+        token_logps_BT=logps_BT, turn_ids_BT=batch["turn_ids"], turn_rewards_BU=batch["turn_rewards"],
+        turn_mask_BU=batch["turn_mask"], gamma=gamma, normalize=normalize,
+    )  # fmt: skip
+    w_B = batch["weights"]
+    total = jnp.sum(w_B * loss_B)
+    turns_B = jnp.sum(batch["turn_mask"], axis=1)
+    mean_reward_B = jnp.sum(batch["turn_rewards"] * batch["turn_mask"], axis=1) / jnp.maximum(turns_B, 1.0)
+    return total, {"loss": total, "weight": jnp.sum(w_B), "turn_reward": jnp.sum(w_B * mean_reward_B)}
 
 
 def pair_weight(batch) -> jax.Array:
