@@ -76,6 +76,8 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
     c.loss = ml_collections.ConfigDict(dict(name="dpo", beta=0.1))
     c.train = train_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
     c.sft = train_section(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=30)
+    # The SFT objective (`rlhf_jax.train.ift.SFTObjectiveConfig`): "nll", or "ift" (arXiv 2405.11870).
+    c.sft.update(objective="nll", ift_lambda=0.2, ift_gamma=0.95)
     c.eval = ml_collections.ConfigDict(
         dict(
             num_prompts=128,
