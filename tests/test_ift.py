@@ -134,12 +134,10 @@ def test_embeddings_path_is_bit_identical_to_tokens(cfg):
     params = models.init_params(model, jax.random.key(1))
     batch = _batch()
     x_BTD = model.apply({"params": params}, batch["tokens"], method="embed")
-    kw = dict(segment_ids_BT=batch["segment_ids"])
-    np.testing.assert_array_equal(
-        model.apply({"params": params}, embeds_BTD=x_BTD, **kw), model.apply({"params": params}, batch["tokens"], **kw)
-    )
-    by_embeds = model.apply({"params": params}, embeds_BTD=x_BTD, method="hidden_and_head", return_softcap=True, **kw)
-    by_tokens = model.apply({"params": params}, batch["tokens"], method="hidden_and_head", return_softcap=True, **kw)
+    apply = functools.partial(model.apply, {"params": params}, segment_ids_BT=batch["segment_ids"])
+    np.testing.assert_array_equal(apply(embeds_BTD=x_BTD), apply(batch["tokens"]))
+    by_embeds = apply(embeds_BTD=x_BTD, method="hidden_and_head", return_softcap=True)
+    by_tokens = apply(batch["tokens"], method="hidden_and_head", return_softcap=True)
     _assert_trees_equal(by_embeds, by_tokens)
     # λ = 0: the IFT objective's forward is the token path's; its loss is the same formula on those logps.
     loss, _ = _objective(model, 0.0, 0.95)(params, batch, ift.frozen_embedding(params))
@@ -277,7 +275,8 @@ def test_gradient_accumulation_is_exact(tiny):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)  # sums reordered
     # The padding row is out: the loss is the mean over the 3 weighted rows.
-    per_row = [float(objective(params, jax.tree.map(lambda x: x[i : i + 1], batch), frozen)[0]) for i in (0, 1, 3)]
+    rows = [jax.tree.map(lambda x, i=i: x[i : i + 1], batch) for i in (0, 1, 3)]
+    per_row = [float(objective(params, row, frozen)[0]) for row in rows]
     np.testing.assert_allclose(float(loss1), np.mean(per_row), rtol=1e-5)
 
 
