@@ -349,3 +349,17 @@ def test_smoke_experiment_trains_sft_with_ift(tmp_path, experiment, metric):
     records = [json.loads(line) for line in open(sft_dir / "metrics.jsonl")]
     assert records and all({"loss", "nll", "guess_accuracy"} <= set(r) for r in records)
     assert "rm" not in stages  # ift_tldr: no reward-model stage
+
+
+def test_config_keys_reach_the_sft_stage():
+    from launch import train
+
+    plan = train.build_plan(train.resolve_config("sft_tldr:smoke", ["--config.train.objective=ift"]))
+    assert plan.main.sft_objective == ift.SFTObjectiveConfig("ift", 0.2, 0.95)
+    overrides = ["--config.sft.objective=ift", "--config.sft.ift_gamma=0.5"]
+    config = train.resolve_config("dpo_tldr:smoke", overrides)
+    plan = train.build_plan(config)
+    assert plan.sft.sft_objective == ift.SFTObjectiveConfig("ift", 0.2, 0.5)
+    assert plan.main.sft_objective == ift.SFTObjectiveConfig()  # the preference stage is not SFT
+    with pytest.raises(ValueError, match=r"config.sft.ift_lambda must be a number in \[0, 1\], got 2.0"):
+        train.build_plan(train.resolve_config("dpo_tldr:smoke", ["--config.sft.ift_lambda=2"]))

@@ -28,8 +28,8 @@ def ift_weights(*, token_logps_BT, mask_BT, gamma):
         s_bt = Σ_{k ≥ t} γ^{k−t} u_bk           (discounted suffix sum, ``discounted_cumsum_right``)
         w_bt = m_bt · s_bt · n_b / Σ_k m_bk s_bk  (rescaled to sum to n_b)
     γ = 0 gives w = m (the code returns ones), so `ift_loss` is then per-sequence-mean SFT.
-    Source: arXiv 2405.11870 (Sec. 4, Eq. 21 up to the normalisation above) and the official code's
-    ``get_cumsum_weight``.
+    Source: the official code's ``get_cumsum_weight`` (arXiv 2405.11870's relation propagation; the
+    paper's Eq. 21 itself is not checked against it here, README "IFT").
     """
     mask = mask_BT.astype(token_logps_BT.dtype)
     if gamma == 0:
