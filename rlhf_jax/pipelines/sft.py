@@ -65,8 +65,8 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     # The step's read-only input: with LoRA the frozen base; with IFT (full fine-tuning) the init's
     # embedding table E₀, rebuilt from the same init on resume (`rlhf_jax.train.ift`); else nothing.
     ift_on = cfg.sft_objective.objective == "ift" and lora is None
-    read_only = ift.frozen_embedding(params) if ift_on else None
     read_only_sh = ift.frozen_embedding(models.param_shardings(model, mesh)) if ift_on else None
+    read_only = jax.device_put(ift.frozen_embedding(params), read_only_sh) if ift_on else None
     step_fn, state = training.setup(
         cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
         weight_fn=weight_fn, lora=lora, reference_shardings=read_only_sh,
