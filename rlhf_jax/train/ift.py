@@ -89,9 +89,7 @@ def make(config: SFTObjectiveConfig, model: nn.Module):
     """(objective, weight_fn) of the SFT stage's training step."""
     if config.objective == "nll":
         return functools.partial(steps.sft_objective, model=model), steps.sft_weight
-    objective = functools.partial(
-        ift_objective, model=model, lam=config.ift_lambda, gamma=config.ift_gamma
-    )
+    objective = functools.partial(ift_objective, model=model, lam=config.ift_lambda, gamma=config.ift_gamma)
     return objective, sequence_weight
 
 
