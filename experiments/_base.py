@@ -45,6 +45,15 @@ def train_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule=
     )
 
 
+def sft_section(*, steps, batch_size, learning_rate, warmup_steps=0, schedule="cosine"):
+    """An `sft` section: the train keys plus the SFT objective (`rlhf_jax.train.ift.SFTObjectiveConfig`):
+    `objective` "nll" (token-level NLL) or "ift" (Intuitive Fine-Tuning, arXiv 2405.11870) with its λ, γ."""
+    section = train_section(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                            warmup_steps=warmup_steps, schedule=schedule)  # fmt: skip
+    section.update(dict(objective="nll", ift_lambda=0.2, ift_gamma=0.95))
+    return section
+
+
 def rm_section(*, steps, batch_size, learning_rate, warmup_steps=0, kind="pointwise"):
     """An `rm` section: the reward-model stage's train keys plus its `kind`, "pointwise" (a Bradley-Terry
     reward model) or "pairwise" (RSO's ranking model), the one name of that choice in every pipeline."""
@@ -75,7 +84,7 @@ def base(*, pipeline: str, task: str = "tldr", smoke: bool = False) -> ml_collec
     )
     c.loss = ml_collections.ConfigDict(dict(name="dpo", beta=0.1))
     c.train = train_section(steps=400, batch_size=32, learning_rate=3e-4, warmup_steps=20)
-    c.sft = train_section(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=30)
+    c.sft = sft_section(steps=600, batch_size=32, learning_rate=1e-3, warmup_steps=30)
     c.eval = ml_collections.ConfigDict(
         dict(
             num_prompts=128,

@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.data.update(dict(max_len=96, max_prompt_len=80, vocab_size=600))
     # 25 SFT steps leave the SFT policy well short of the task's ceiling (60 steps reach ~96% held-out
     # accuracy, leaving RL nothing to add): the regime GenCLS++ studies, SFT warm-up then RL.
-    c.sft = _base.train_section(steps=25, batch_size=32, learning_rate=1e-3, warmup_steps=10)
+    c.sft = _base.sft_section(steps=25, batch_size=32, learning_rate=1e-3, warmup_steps=10)
     c.train = _base.train_section(steps=0, batch_size=64, learning_rate=1e-4, warmup_steps=0,
                                   schedule="constant")  # fmt: skip
     c.cls = ml_collections.ConfigDict(

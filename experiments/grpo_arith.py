@@ -24,7 +24,7 @@ def get_config(arg=None):
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
     c.data.update(dict(max_len=112, max_prompt_len=48, num_sft=4096, num_train=2048, num_eval=256,
                        arith_max_steps=3, arith_error_rate=0.0, arith_misread_rate=0.7))  # fmt: skip
-    c.sft = _base.train_section(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20)
+    c.sft = _base.sft_section(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.train = _base.train_section(
         steps=0, batch_size=64, learning_rate=5e-5, warmup_steps=0, schedule="constant"
     )

@@ -41,7 +41,7 @@ def get_config(arg=None):
     # The architecture is the checkpoint's (`init_from_hf`); only runtime fields may be set with it.
     c.model.update(dict(dtype="bfloat16", param_dtype="float32", remat="full"))
     c.data.update(dict(max_len=640, max_prompt_len=256, eval_fraction=0.05))
-    c.sft = _base.train_section(steps=240, batch_size=32, learning_rate=1e-5, warmup_steps=20)
+    c.sft = _base.sft_section(steps=240, batch_size=32, learning_rate=1e-5, warmup_steps=20)
     c.sft.grad_accum_steps = 4
     c.train = _base.train_section(
         steps=0, batch_size=128, learning_rate=1e-6, warmup_steps=0, schedule="constant"

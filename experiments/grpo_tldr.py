@@ -31,7 +31,7 @@ def get_config(arg=None):
     smoke = arg == "smoke"
     c = _base.base(pipeline="grpo", task="tldr", smoke=False)
     c.model.update(dict(d_model=128, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352))
-    c.sft = _base.train_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
+    c.sft = _base.sft_section(steps=250, batch_size=32, learning_rate=2e-3, warmup_steps=20)
     c.rm = _base.rm_section(steps=150, batch_size=32, learning_rate=1e-3, warmup_steps=10)
     c.train = _base.train_section(
         steps=0, batch_size=64, learning_rate=1e-4, warmup_steps=0, schedule="constant"

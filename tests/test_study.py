@@ -44,6 +44,7 @@ def test_unknown_study_lists_the_studies(capsys):
         "gencls_study",
         "gflownet_study",
         "grpo_variants",
+        "ift_study",
         "inpo_iters",
         "rdpo_noise",
         "rdpo_noise_long",
@@ -64,6 +65,7 @@ def test_every_study_builds_valid_runs():
         "rso_table_paper",
         "gflownet_study",
         "rft_study",
+        "ift_study",
     ):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):

@@ -26,7 +26,7 @@ from rlhf_jax.losses import registry
 from rlhf_jax.losses._advantage import critic_bce, direct_advantage_po, step_advantages
 
 # Log-probs: per token and summed per sequence, from logits or straight from hidden states.
-from rlhf_jax.losses._ift import ift_loss, ift_weights
+from rlhf_jax.losses._ift import ift_loss, ift_sequence_losses, ift_weights
 from rlhf_jax.losses._logps import (
     sequence_logps,
     sequence_logps_from_hidden,
@@ -155,6 +155,7 @@ __all__ = [
     "trajectory_balance",
     # IFT (Intuitive Fine-Tuning)
     "ift_loss",
+    "ift_sequence_losses",
     "ift_weights",
     # reward-model losses and metrics
     "bradley_terry",

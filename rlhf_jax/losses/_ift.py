@@ -5,15 +5,16 @@ lambda 0.2, gamma 0.95, propagation_type=loss, propagation_side=left, propagatio
 
 1. a no-grad pass on the gold sequence; ŷ = argmax of the logits, SHIFTED so that the input at position t
    becomes the prediction made at position t−1 (``cat(input_ids[:, :1], argmax(logits)[:, :-1])``), i.e. the
-   model's guess of token t from the gold prefix y*_<t; only completion positions (label != −100) change;
-2. input embeddings (1−λ)·E[y*_t] + λ·E[ŷ_t] from a no-grad embedding copy (the code re-copies the policy's
-   embedding table after every optimizer step, so the copy is gradient-free, not frozen at init);
+   model's guess of token t from the gold prefix y*_<t; only positions whose input token is a completion
+   token (label != −100) change;
+2. input embeddings (1−λ)·E[y*_t] + λ·E[ŷ_t] from a no-grad embedding copy (both terms, and the first
+   pass's inputs too; the copy is re-taken from the policy after every optimizer step);
 3. a second (with-grad) pass giving per-token log p_t of the gold tokens;
 4. these weights (`ift_weights`) and this loss (`ift_loss`).
 
 The code's default is the L1 (``propagation_norm=L1``), rescaled, not-detached suffix sum below, and
-γ = 0 is special-cased to uniform weights (plain SFT). How this default differs from the paper's Eq. 21
-term by term is not documented here yet (issue 19 part 2 lists it as open).
+γ = 0 is special-cased to uniform weights (plain SFT). The training objective built on these (steps 1-3 in
+this codebase, and how they differ from the code) is `rlhf_jax.train.ift`.
 """
 
 import jax
@@ -27,8 +28,8 @@ def ift_weights(*, token_logps_BT, mask_BT, gamma):
         s_bt = Σ_{k ≥ t} γ^{k−t} u_bk           (discounted suffix sum, ``discounted_cumsum_right``)
         w_bt = m_bt · s_bt · n_b / Σ_k m_bk s_bk  (rescaled to sum to n_b)
     γ = 0 gives w = m (the code returns ones), so `ift_loss` is then per-sequence-mean SFT.
-    Source: arXiv 2405.11870 (Sec. 4, Eq. 21 up to the normalisation above) and the official code's
-    ``get_cumsum_weight``.
+    Source: the official code's ``get_cumsum_weight`` (arXiv 2405.11870's relation propagation; the
+    paper's Eq. 21 itself is not checked against it here, README "IFT").
     """
     mask = mask_BT.astype(token_logps_BT.dtype)
     if gamma == 0:
@@ -47,9 +48,15 @@ def ift_weights(*, token_logps_BT, mask_BT, gamma):
     return s_BT * (n_B / total_B)[:, None]
 
 
-def ift_loss(*, token_logps_BT, mask_BT, gamma):
-    """IFT loss = (1/B) Σ_b Σ_t −log p_bt · w_bt / n_b, with w = `ift_weights` (gradient flows through w)."""
+def ift_sequence_losses(*, token_logps_BT, mask_BT, gamma):
+    """Per-sequence IFT losses [B]: ℓ_b = Σ_t −log p_bt · w_bt / n_b, with w = `ift_weights` (gradient
+    flows through w); 0 for a row without loss tokens."""
     mask = mask_BT.astype(token_logps_BT.dtype)
     n_B = jnp.maximum(mask.sum(-1), 1.0)
     w_BT = ift_weights(token_logps_BT=token_logps_BT, mask_BT=mask_BT, gamma=gamma)
-    return jnp.mean((-token_logps_BT * w_BT * mask).sum(-1) / n_B)
+    return (-token_logps_BT * w_BT * mask).sum(-1) / n_B
+
+
+def ift_loss(*, token_logps_BT, mask_BT, gamma):
+    """IFT loss = (1/B) Σ_b Σ_t −log p_bt · w_bt / n_b (the mean of `ift_sequence_losses`)."""
+    return jnp.mean(ift_sequence_losses(token_logps_BT=token_logps_BT, mask_BT=mask_BT, gamma=gamma))

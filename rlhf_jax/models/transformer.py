@@ -88,11 +88,13 @@ class Decoder(nn.Module):
             self.layers = [block(c, self.mesh, self.rules) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(c)
 
-    def embed(self, tokens_BT: jax.Array) -> jax.Array:
-        """Token embeddings [B, T, D] in the compute dtype (times sqrt(D) with `embed_scale`)."""
+    def embed(self, tokens_BT: jax.Array, table_VD: jax.Array | None = None) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype (times sqrt(D) with `embed_scale`), looked up in
+        the model's table, or in `table_VD` (same shape; IFT's frozen copy, `rlhf_jax.train.ift`)."""
+        table_VD = self.embedding if table_VD is None else table_VD
         # Gather the table's `embed` shards first (as FSDP does for every weight at use), so the lookup
         # result can be split over the batch without a full rematerialisation by the partitioner.
-        table_VD = sharding.constrain(self.embedding, self.mesh, ("vocab", None), self.rules)
+        table_VD = sharding.constrain(table_VD, self.mesh, ("vocab", None), self.rules)
         x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(self.config.dtype)
         if self.config.embed_scale:
             x_BTD = x_BTD * jnp.asarray(self.config.d_model**0.5, x_BTD.dtype)
@@ -192,11 +194,16 @@ class Transformer(nn.Module):
                 jnp.dtype(c.param_dtype),
             )
 
-    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_hidden=False):
+    def __call__(
+        self, tokens_BT=None, *, embeds_BTD=None, positions_BT=None, segment_ids_BT=None, return_hidden=False
+    ):
         """Full forward.
 
         Args:
-          tokens_BT: int token ids.
+          tokens_BT: int token ids (or None with `embeds_BTD`).
+          embeds_BTD: input embeddings instead of token ids (exactly one of the two is given), in the
+            compute dtype and scale of `embed`'s output: `embed(tokens_BT)` here gives the same result,
+            bit for bit, as `tokens_BT` (IFT's mixed inputs, `rlhf_jax.train.ift`).
           positions_BT: rotary positions; default 0, 1, ... per row, restarting at each segment.
           segment_ids_BT: packed-sequence ids, 0 = padding; tokens attend only within their segment.
             None: every token is real and the row is one sequence.
@@ -205,10 +212,29 @@ class Transformer(nn.Module):
         Returns:
           float32 logits_BTV, or (logits_BTV, hidden_BTD) with `return_hidden`.
         """
-        x_BTD = self.decoder.embed(tokens_BT)
+        x_BTD = self._inputs(tokens_BT, embeds_BTD)
         return self.from_embeddings(
             x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, return_hidden=return_hidden
         )
+
+    def embed(self, tokens_BT, *, table_VD=None):
+        """The input embeddings [B, T, D] of token ids (`Decoder.embed`), from the model's table or from
+        `table_VD` [V, D] (a frozen copy of it); `__call__(embeds_BTD=embed(tokens_BT))` is
+        `__call__(tokens_BT)`."""
+        return self.decoder.embed(tokens_BT, table_VD)
+
+    def _inputs(self, tokens_BT, embeds_BTD):
+        """The input embeddings from exactly one of token ids and embeddings; ValueError otherwise."""
+        if (tokens_BT is None) == (embeds_BTD is None):
+            raise ValueError(
+                "give exactly one of tokens_BT and embeds_BTD, got "
+                f"{'both' if tokens_BT is not None else 'neither'}"
+            )
+        if embeds_BTD is None:
+            return self.decoder.embed(tokens_BT)
+        if embeds_BTD.ndim != 3 or embeds_BTD.shape[-1] != self.config.d_model:
+            raise ValueError(f"embeds_BTD must be [B, T, D={self.config.d_model}], got {embeds_BTD.shape}")
+        return sharding.constrain(embeds_BTD, self.mesh, ("batch", "length", "act_embed"), self.rules)
 
     def from_embeddings(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, return_hidden=False):
         """The forward from input embeddings [B, T, D] (same arguments and result as `__call__`)."""
@@ -230,7 +256,9 @@ class Transformer(nn.Module):
             logits_BTV = cap * jnp.tanh(logits_BTV / cap)
         return sharding.constrain(logits_BTV, self.mesh, ("batch", "length", "act_vocab"), self.rules)
 
-    def hidden_and_head(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, return_softcap=False):
+    def hidden_and_head(
+        self, tokens_BT=None, *, embeds_BTD=None, positions_BT=None, segment_ids_BT=None, return_softcap=False
+    ):
         """The forward without the LM head: (final-normed hidden_BTD, LM-head kernel w_DV).
 
         `hidden_BTD @ w_DV` are the logits of `__call__` before soft-capping; a caller that only needs
@@ -239,7 +267,7 @@ class Transformer(nn.Module):
         dtype.
 
         Args:
-          tokens_BT, positions_BT, segment_ids_BT: as for `__call__`.
+          tokens_BT, embeds_BTD, positions_BT, segment_ids_BT: as for `__call__`.
           return_softcap: also return the model's `final_softcap` (a float, or None), which the caller
             must apply to `hidden_BTD @ w_DV` (`sequence_logps_from_hidden(..., softcap=)`).
 
@@ -256,7 +284,7 @@ class Transformer(nn.Module):
                 "hidden_and_head with return_softcap=True and apply the cap (sequence_logps_from_hidden's "
                 "softcap=)"
             )
-        x_BTD = self.decoder.embed(tokens_BT)
+        x_BTD = self._inputs(tokens_BT, embeds_BTD)
         positions_BT, mask_B1TS = _positions_and_mask(x_BTD, positions_BT, segment_ids_BT)
         hidden_BTD, _ = self.decoder(x_BTD, positions_BT, mask_B1TS, segment_ids_BT=segment_ids_BT)
         if self.config.tie_embeddings:

@@ -14,6 +14,7 @@ from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses, models, sharding
 from rlhf_jax.data import synthetic_dialogue
 from rlhf_jax.pipelines import fingerprints
+from rlhf_jax.train.ift import SFTObjectiveConfig
 from rlhf_jax.train.optim import OptimConfig
 from rlhf_jax.train.trainer import LoopConfig
 
@@ -318,6 +319,8 @@ class StageConfig:
       data: data sources and shapes.
       init_from: a previous stage's workdir whose final params (and tokenizer) start this stage.
       progress: show progress bars.
+      sft_objective: an SFT stage's objective (`config.sft.objective`, `.ift_lambda`, `.ift_gamma`; the
+        `sft` pipeline's `train` section); the default ("nll") elsewhere.
     """
 
     seed: int
@@ -331,6 +334,10 @@ class StageConfig:
     init_from: str = ""
     init_from_hf: str = ""
     progress: bool = True
+    sft_objective: SFTObjectiveConfig = SFTObjectiveConfig()
+
+
+_SFT_OBJECTIVE_KEYS = tuple(f.name for f in dataclasses.fields(SFTObjectiveConfig))
 
 
 def section_fields(cls, section, name: str) -> dict:
@@ -409,6 +416,10 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
     section = dict(config[train_section])
     if train_section == "rm":
         section.pop("kind", None)
+    # The SFT objective's keys belong to the section that trains the SFT stage: `sft` (every pipeline
+    # that starts from SFT), or `train` in the `sft` pipeline; elsewhere they are unknown keys.
+    sft_keys = train_section == "sft" or (train_section == "train" and config.get("pipeline") == "sft")
+    objective = {k: section.pop(k) for k in _SFT_OBJECTIVE_KEYS if k in section} if sft_keys else {}
     optim_keys = {f.name for f in dataclasses.fields(OptimConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     optim_keys = (optim_keys - {"name"}) | {"optimizer"}  # `train.optimizer` is OptimConfig.name
@@ -449,4 +460,5 @@ def stage_config(config, train_section: str = "train", *, init_from: str | None 
         else init_from,
         init_from_hf=str(config.model.get("init_from_hf", "") or ""),
         progress=bool(config.get("progress", True)),
+        sft_objective=in_section(train_section, SFTObjectiveConfig, **objective),
     )

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: token-level NLL of the completions. A stage, and the `sft` pipeline.
+"""Supervised fine-tuning: token-level NLL of the completions, or IFT (`config.sft.objective="ift"`,
+`rlhf_jax.train.ift`). A stage, and the `sft` pipeline.
 
     results = sft.run(stage_config, workdir)                       # one stage, in `workdir`
     stage = sft.run_stage(stage_config, locate)                    # in WORKDIR/sft/{fingerprint}/
@@ -23,12 +24,16 @@ from rlhf_jax.data import records as rec
 from rlhf_jax.pipelines import fingerprints, tasks, training
 from rlhf_jax.pipelines import workdir as workdir_io
 from rlhf_jax.pipelines.config import StageConfig, stage_config
-from rlhf_jax.train import metrics, steps
+from rlhf_jax.train import ift, metrics, steps
 
 
 def spec(cfg: StageConfig) -> dict:
-    """What the SFT stage's output depends on (its fingerprint's input)."""
-    return fingerprints.trainer_spec(cfg, kind="sft", loss=False)
+    """What the SFT stage's output depends on (its fingerprint's input); the objective only when it is
+    not the default NLL, so stages fingerprinted before IFT existed still match."""
+    out = fingerprints.trainer_spec(cfg, kind="sft", loss=False)
+    if cfg.sft_objective.objective != "nll":
+        out["sft_objective"] = dataclasses.asdict(cfg.sft_objective)
+    return out
 
 
 def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
@@ -55,13 +60,19 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     params = training.init_lm_params(
         model, jax.random.key(cfg.seed), init_from=cfg.init_from, init_from_hf=cfg.init_from_hf
     )
-    objective = functools.partial(steps.sft_objective, model=model)
+    objective, weight_fn = ift.make(cfg.sft_objective, model)
     lora = cfg.train.lora()  # LoRA: the state holds the adapters, `params` stays the frozen base
+    # The step's read-only input: with LoRA the frozen base; with IFT (full fine-tuning) the init's
+    # embedding table E₀, rebuilt from the same init on resume (`rlhf_jax.train.ift`); else nothing.
+    ift_on = cfg.sft_objective.objective == "ift" and lora is None
+    read_only_sh = ift.frozen_embedding(models.param_shardings(model, mesh)) if ift_on else None
+    read_only = jax.device_put(ift.frozen_embedding(params), read_only_sh) if ift_on else None
     step_fn, state = training.setup(
         cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
-        weight_fn=steps.sft_weight, lora=lora,
+        weight_fn=weight_fn, lora=lora, reference_shardings=read_only_sh,
     )  # fmt: skip
     base = params if lora is not None else None  # full fine-tuning: the state holds the only copy
+    read_only = base if lora is not None else read_only
     del params
     training.log_startup(name, mesh, model_cfg, cfg.train.batch_size, task.stats)
 
@@ -71,13 +82,13 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     # Loop.
     state = training.fit(
         workdir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
-        data_iter=data_iter, reference_params=base, name=name,
+        data_iter=data_iter, reference_params=read_only, name=name,
     )  # fmt: skip
 
-    # Evaluate.
+    # Evaluate: the token-level NLL whatever the training objective, so NLL and IFT stages compare.
     ev = training.evaluate_objective(
-        objective, training.policy_params(state.params, base, lora), None, eval_data, mesh=mesh,
-        batch_size=cfg.train.eval_batch_size,
+        functools.partial(steps.sft_objective, model=model), training.policy_params(state.params, base, lora),
+        None, eval_data, mesh=mesh, batch_size=cfg.train.eval_batch_size,
     )  # fmt: skip
     results = {
         "stage": name,

@@ -50,18 +50,20 @@ def sequence_logps(model: nn.Module, params, tokens_BT, targets_BT, loss_mask_BT
 
 def completion_logps(
     model: nn.Module, params, batch, *, temperature: float = 1.0, return_entropy: bool = False,
-    return_hidden: bool = False,
+    return_hidden: bool = False, embeds_BTD=None,
 ):  # fmt: skip
     """Per-token log-probs [B, T] of the batch's targets on its loss-masked (completion) positions, 0
     elsewhere, under softmax(cap(logits) / temperature), through the fused LM head (`losses.
     token_logps_from_hidden`: prompt and padding positions never reach the head, no [B, T, V] logits).
+    With `embeds_BTD`, the forward reads these input embeddings instead of the batch's `tokens` (IFT).
 
     With `return_entropy` also the per-token entropy of that distribution (no gradient); with
     `return_hidden` also the final-normed hidden states [B, T, D] (a shared value head reads them).
     Returns the log-probs alone, or a tuple (log-probs, [entropy], [hidden]) in that order.
     """
+    inputs = {"tokens_BT": batch["tokens"]} if embeds_BTD is None else {"embeds_BTD": embeds_BTD}
     hidden_BTD, w_DV, softcap = model.apply(
-        {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"], method="hidden_and_head",
+        {"params": params}, **inputs, segment_ids_BT=batch["segment_ids"], method="hidden_and_head",
         return_softcap=True,
     )  # fmt: skip
     out = losses.token_logps_from_hidden(
