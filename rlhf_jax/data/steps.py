@@ -41,7 +41,7 @@ def token_step_ends(ids, *, newline_ids, decode) -> list[int]:
 
     A line ends just after a token of `newline_ids` (the tokenizer's newline piece); a line whose
     `decode(line_ids)` is blank joins the step before it, or the first step when it leads, exactly as
-    `split_steps` treats blank lines, so ``[decode(ids[a:b]) for a, b in zip([0, *ends], ends)]`` equals
+    `split_steps` treats blank lines, so ``[decode(ids[a:b]) for a, b in zip([0, *ends][:-1], ends)]`` equals
     ``split_steps(decode(ids))`` whenever decoding is additive over pieces. A final line without a newline
     (e.g. ``#### 12`` + EOS) is a step. Returns ``[]`` when every line is blank.
     """
