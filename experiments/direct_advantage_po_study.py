@@ -36,7 +36,9 @@ def get_study(arg=None):
     return Study(
         name="direct_advantage_po_study",
         methods=tuple(
-            Method(name, experiment + suffix, {k: v for k, v in overrides.items() if not smoke or "rounds" in k})
+            Method(
+                name, experiment + suffix, {k: v for k, v in overrides.items() if not smoke or "rounds" in k}
+            )
             for name, experiment, overrides, _ in _ROWS
         ),
         metrics=METRICS,

@@ -80,7 +80,10 @@ def test_mc_targets_next_state_values_and_advantage_rows():
     adv = np.asarray(losses.step_advantages(values))
     np.testing.assert_allclose(adv, [[0.0, -0.2, 0.2], [0.2, -0.3, 0.1]], atol=1e-6)
     states = [np.array([1, 2]), np.array([1, 2, 3])]
-    steps_SM = [[np.array([5]), np.array([], np.int32), np.array([6, 7])], [np.array([8]), np.array([9]), np.array([4])]]
+    steps_SM = [
+        [np.array([5]), np.array([], np.int32), np.array([6, 7])],
+        [np.array([8]), np.array([9]), np.array([4])],
+    ]
     rows = dapo.advantage_rows(states, steps_SM, adv)
     assert len(rows) == 5  # the empty step of state 0 is dropped
     assert [r[1].tolist() for r in rows] == [[5], [6, 7], [8], [9], [4]]
@@ -117,7 +120,11 @@ def test_policy_objective_is_the_loss_on_step_logps():
     model = models.Transformer(models.preset("tiny", vocab_size=32, max_len=16))
     params = models.init_params(model, jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in _state_step_rows().items()}
-    logps = np.asarray(steps.sequence_logps(model, params, *(batch[k] for k in ("tokens", "targets", "loss_mask", "segment_ids"))))
+    logps = np.asarray(
+        steps.sequence_logps(
+            model, params, *(batch[k] for k in ("tokens", "targets", "loss_mask", "segment_ids"))
+        )
+    )
     # By hand: the step's summed token log-probs.
     logits = np.asarray(model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"]))
     logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -138,7 +145,9 @@ def test_critic_objective_is_the_bce_on_the_states_last_token():
     model = models.RewardModel(cfg)
     params = models.init_params(model, jax.random.key(1))
     empty = [np.zeros(0, np.int32)] * 2
-    batch = pipeline.TokenizedSFT([np.array([1, 5, 6]), np.array([1, 9, 4, 3])], empty, np.ones(2, np.float32), 0, 8)
+    batch = pipeline.TokenizedSFT(
+        [np.array([1, 5, 6]), np.array([1, 9, 4, 3])], empty, np.ones(2, np.float32), 0, 8
+    )
     batch = {k: jnp.asarray(v) for k, v in batch.batch(np.arange(2), 8).items()}
     batch["mc_targets"] = jnp.asarray([0.25, 1.0])
     loss, sums = steps.critic_objective(params, batch, None, model=model)
@@ -158,8 +167,8 @@ def test_critic_objective_is_the_bce_on_the_states_last_token():
 def _launch(workdir, *extra):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = ["--experiment=direct_advantage_po_arith:smoke", "--config.progress=false", f"--workdir={workdir}"]
-    out = subprocess.run([sys.executable, "-m", "launch.train", *args, *extra], capture_output=True, text=True,
-                         cwd=ROOT, env=env)  # fmt: skip
+    cmd = [sys.executable, "-m", "launch.train", *args, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out, json.load(open(os.path.join(workdir, "results.json")))
 
@@ -178,8 +187,9 @@ def test_smoke_results_and_stage_reuse(smoke_run, tmp_path):
     interrupted inside the MC stage (its last part file and the stages after it gone) resumes from the
     parts it finished and recomputes the rest (~20 s more)."""
     workdir, out, results = smoke_run
-    for key in ("accuracy", "accuracy_sft", "accuracy_vs_sft", "accuracy_vs_sft_ci95", "accuracy_round1",
-                "samples_generated", "sampled_tokens", "critic_eval_bce", "critic_eval_corr", "rounds"):  # fmt: skip
+    keys = ("accuracy", "accuracy_sft", "accuracy_vs_sft", "accuracy_vs_sft_ci95", "accuracy_round1",
+            "samples_generated", "sampled_tokens", "critic_eval_bce", "critic_eval_corr")  # fmt: skip
+    for key in (*keys, "rounds"):
         assert key in results, key
     assert results["method"] == "direct_advantage_po x1" and "Direct Advantage PO on arith" in out.stdout
     assert results["accuracy_vs_sft"] == pytest.approx(results["accuracy"] - results["accuracy_sft"])
@@ -196,7 +206,10 @@ def test_smoke_results_and_stage_reuse(smoke_run, tmp_path):
     # A rerun: every stage reused, the same numbers.
     again, results2 = _launch(workdir)
     assert "computing" not in again.stdout and all(s["reused"] for s in results2["stages"].values())
-    assert results2["accuracy"] == results["accuracy"] and results2["samples_generated"] == results["samples_generated"]
+    assert (
+        results2["accuracy"] == results["accuracy"]
+        and results2["samples_generated"] == results["samples_generated"]
+    )
 
     # Interrupted in the MC stage: part 0 kept, part 1, mc.npz and every later stage gone.
     copy = tmp_path / "copy"
@@ -215,7 +228,10 @@ def test_smoke_results_and_stage_reuse(smoke_run, tmp_path):
     for k, v in before.items():  # the same seeds give the same data
         np.testing.assert_array_equal(after[k], v, err_msg=k)
     assert results3["accuracy"] == results["accuracy"]
-    assert results3["stages"]["round_1/policy"]["fingerprint"] == results["stages"]["round_1/policy"]["fingerprint"]
+    assert (
+        results3["stages"]["round_1/policy"]["fingerprint"]
+        == results["stages"]["round_1/policy"]["fingerprint"]
+    )
 
 
 @pytest.mark.slow

@@ -150,7 +150,9 @@ def advantage_rows(states: list[np.ndarray], steps_SM: list[list[np.ndarray]], a
     for s, state in enumerate(states):
         for j, step in enumerate(steps_SM[s]):
             if len(step):
-                out.append((np.asarray(state, np.int32), np.asarray(step, np.int32), float(advantages_SM[s, j])))
+                out.append(
+                    (np.asarray(state, np.int32), np.asarray(step, np.int32), float(advantages_SM[s, j]))
+                )
     return out
 
 
@@ -199,7 +201,8 @@ def _newline_ids(tokenizer) -> tuple[int, ...]:
     ids = tuple(tokenizer.encode("\n"))
     if len(ids) != 1:
         raise ValueError(
-            f"the tokenizer encodes a newline as {ids}, not one piece; steps are lines, cut at a newline token"
+            f"the tokenizer encodes a newline as {ids}, not one piece; steps are lines, cut at a newline "
+            "token"
         )
     return ids
 
@@ -349,8 +352,8 @@ def _with(column: str, values_X: np.ndarray):
     return transform
 
 
-def run_critic(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, *, mc: dict, chosen, tokenizer,
-               problems) -> dict:  # fmt: skip
+def run_critic(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, *, mc: dict, chosen,
+               tokenizer, problems) -> dict:  # fmt: skip
     """Stage 2 (module docstring) in `stage_dir` (`cfg.init_from`: π_ref, whose trunk it starts from)."""
     os.makedirs(stage_dir, exist_ok=True)
     if workdir_io.stage_done(stage_dir):
@@ -359,7 +362,9 @@ def run_critic(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, 
         tokenizer.save(stage_dir)
     mesh = sharding.make_mesh(cfg.mesh)
     width = cfg.data.max_prompt_len + dapo.max_new_tokens + dapo.max_step_tokens
-    ids = _state_ids(problems, tokenizer, cfg.data.max_prompt_len, mc["problem"], mc["prefix"], mc["prefix_length"])
+    ids = _state_ids(
+        problems, tokenizer, cfg.data.max_prompt_len, mc["problem"], mc["prefix"], mc["prefix_length"]
+    )
     held_S = critic_split(mc["problem"], chosen, dapo.critic_holdout)
     train_idx, eval_idx = np.flatnonzero(~held_S), np.flatnonzero(held_S)
     if not len(train_idx) or not len(eval_idx):
@@ -372,13 +377,16 @@ def run_critic(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, 
     model = models.RewardModel(model_cfg, mesh=mesh)
     params = reward.init_reward_params(model, jax.random.key(cfg.seed), init_from=cfg.init_from)
     objective = functools.partial(train_steps.critic_objective, model=model)
-    step_fn, state = training.setup(cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params,
-                                    objective=objective, weight_fn=train_steps.pair_weight)  # fmt: skip
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+        weight_fn=train_steps.pair_weight,
+    )  # fmt: skip
     training.log_startup("critic", mesh, model_cfg, cfg.train.batch_size)
     ckpt, state = training.restore(stage_dir, cfg.checkpoint, state, data_iter)
-    state = training.fit(stage_dir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt,
-                         mesh=mesh, data_iter=data_iter, transform=_with("mc_targets", mc["mc_targets"][train_idx]),
-                         name="critic")  # fmt: skip
+    state = training.fit(
+        stage_dir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
+        data_iter=data_iter, transform=_with("mc_targets", mc["mc_targets"][train_idx]), name="critic",
+    )  # fmt: skip
     held = _rows([ids[i] for i in eval_idx], width, tokenizer.pad_id).batch(np.arange(len(eval_idx)), width)
     logits = scoring.score_pointwise(model, state.params, held, batch_size=cfg.train.eval_batch_size)
     y = mc["mc_targets"][eval_idx]
@@ -391,7 +399,8 @@ def run_critic(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, 
         # The BCE of predicting the training states' mean target everywhere: what the critic must beat.
         "critic_eval_bce_constant": float(np.mean(losses.critic_bce(
             value_logits=np.full_like(y, _logit(mc["mc_targets"][train_idx].mean())), targets=y))),
-        "critic_eval_corr": corr, "critic_eval_value_mean": float(v.mean()), "mc_target_eval_mean": float(y.mean()),
+        "critic_eval_corr": corr, "critic_eval_value_mean": float(v.mean()),
+        "mc_target_eval_mean": float(y.mean()),
         "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
     }  # fmt: skip
     workdir_io.write_json(os.path.join(stage_dir, "results.json"), results)
@@ -438,7 +447,9 @@ def run_advantages(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConf
     mesh = sharding.make_mesh(cfg.mesh)
     model, params = workdir_io.load_lm(ref_dir, mesh)
     newline = _newline_ids(tokenizer)
-    pb = pipeline.tokenize_prompts([problems[i].prompt for i in mc["problem"]], tokenizer, cfg.data.max_prompt_len)
+    pb = pipeline.tokenize_prompts(
+        [problems[i].prompt for i in mc["problem"]], tokenizer, cfg.data.max_prompt_len
+    )
     pb = pb.batch(np.arange(len(mc["problem"])), cfg.data.max_prompt_len)
     M, Ts = dapo.next_steps, dapo.max_step_tokens
     out = _continue_states(
@@ -457,8 +468,12 @@ def run_advantages(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConf
             answer=[problems[i].answer for i in mc["problem"] for _ in range(M)],
         ), np.float32,
     ).reshape(S, M)  # fmt: skip
-    state_PT, state_len_P = sampling.with_prefix(pb["prompt_tokens"], pb["prompt_lengths"], mc["prefix"], mc["prefix_length"])
-    rows = scoring.completions_to_batch(state_PT, state_len_P, out.tokens_PNT, lengths_SM, pad_id=tokenizer.pad_id)
+    state_PT, state_len_P = sampling.with_prefix(
+        pb["prompt_tokens"], pb["prompt_lengths"], mc["prefix"], mc["prefix_length"]
+    )
+    rows = scoring.completions_to_batch(
+        state_PT, state_len_P, out.tokens_PNT, lengths_SM, pad_id=tokenizer.pad_id
+    )
     critic_model, critic_params = load_critic(critic_dir, mesh)
     logits = scoring.score_pointwise(critic_model, critic_params, rows, batch_size=cfg.train.eval_batch_size)
     critic_SM = (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).reshape(S, M)
@@ -494,7 +509,9 @@ def run_policy(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, 
         tokenizer.save(stage_dir)
     mesh = sharding.make_mesh(cfg.mesh)
     width = cfg.data.max_prompt_len + dapo.max_new_tokens + dapo.max_step_tokens
-    states = _state_ids(problems, tokenizer, cfg.data.max_prompt_len, mc["problem"], mc["prefix"], mc["prefix_length"])
+    states = _state_ids(
+        problems, tokenizer, cfg.data.max_prompt_len, mc["problem"], mc["prefix"], mc["prefix_length"]
+    )
     steps_SM = [[adv["steps"][s, j, : adv["step_lengths"][s, j]] for j in range(dapo.next_steps)]
                 for s in range(len(states))]  # fmt: skip
     rows = advantage_rows(states, steps_SM, adv["advantages"])
@@ -513,23 +530,27 @@ def run_policy(cfg: StageConfig, stage_dir: str, dapo: DirectAdvantagePOConfig, 
                                              batch_size=cfg.train.eval_batch_size)  # fmt: skip
         workdir_io.write_npz(ref_path, {"logps": reference_X})
     objective = functools.partial(train_steps.direct_advantage_po_objective, model=model, beta=dapo.beta)
-    step_fn, state = training.setup(cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params,
-                                    objective=objective, weight_fn=train_steps.pair_weight)  # fmt: skip
+    step_fn, state = training.setup(
+        cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,
+        weight_fn=train_steps.pair_weight,
+    )  # fmt: skip
     del params
     training.log_startup(name, mesh, model_cfg, cfg.train.batch_size)
     data_iter = iter(pipeline.batches(data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
     ckpt, state = training.restore(stage_dir, cfg.checkpoint, state, data_iter)
     add_ref, add_adv = _with("reference_logps", reference_X), _with("advantages", advantages_X)
-    state = training.fit(stage_dir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt,
-                         mesh=mesh, data_iter=data_iter, transform=lambda b: add_adv(add_ref(b)), name=name)  # fmt: skip
+    state = training.fit(
+        stage_dir, state, step_fn, loop=cfg.train.loop(cfg.progress), checkpointer=ckpt, mesh=mesh,
+        data_iter=data_iter, transform=lambda b: add_adv(add_ref(b)), name=name,
+    )  # fmt: skip
     final = scoring.sequence_logps(model, state.params, data.batch(np.arange(len(data)), width),
                                    batch_size=cfg.train.eval_batch_size)  # fmt: skip
     log_ratio = final - reference_X
     results = {
         "stage": name, "steps": cfg.train.steps, "rows": len(rows),
         "nonfinite_steps": int(jax.device_get(state.nonfinite_count)),
-        "final_loss": float(np.mean(losses.direct_advantage_po(policy_logps=final, reference_logps=reference_X,
-                                                               advantages=advantages_X, beta=dapo.beta))),
+        "final_loss": float(np.mean(losses.direct_advantage_po(
+            policy_logps=final, reference_logps=reference_X, advantages=advantages_X, beta=dapo.beta))),
         "initial_loss": float(np.mean(0.5 * (advantages_X / dapo.beta) ** 2)),
         # Does the trained log-ratio follow its target Â/β (the loss's minimiser)?
         "log_ratio_corr": float(np.corrcoef(log_ratio, advantages_X)[0, 1])
@@ -561,7 +582,9 @@ class Plan:
 def plan(config) -> Plan:
     """Validates an experiment's ConfigDict into the pipeline's stage configs."""
     if config.data.task not in ("arith", "math"):
-        raise ValueError(f"direct_advantage_po needs a math task (data.task arith or math), got {config.data.task!r}")
+        raise ValueError(
+            f"direct_advantage_po needs a math task (data.task arith or math), got {config.data.task!r}"
+        )
     return Plan(
         sft=stage_config(config, "sft"),
         critic=stage_config(config, "critic"),
@@ -598,7 +621,9 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         mc_dir = ran[-1].dir
         mc = run_mc(plan.main, mc_dir, dapo, r, ref_dir=ref_dir, tokenizer=tokenizer, problems=task.problems)
         critic_cfg = dataclasses.replace(plan.critic, init_from=ref_dir)
-        ran.append(locate(f"round_{r}/critic", critic_spec(critic_cfg, dapo, mc_dir), done=workdir_io.stage_done))
+        ran.append(
+            locate(f"round_{r}/critic", critic_spec(critic_cfg, dapo, mc_dir), done=workdir_io.stage_done)
+        )
         critic_dir = ran[-1].dir
         chosen = round_problems(task.problems, dapo, seed=plan.main.seed, round_=r)
         critic = run_critic(critic_cfg, critic_dir, dapo, mc=mc, chosen=chosen, tokenizer=tokenizer,
@@ -608,10 +633,12 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         adv = run_advantages(plan.main, ran[-1].dir, dapo, r, mc=mc, ref_dir=ref_dir, critic_dir=critic_dir,
                              tokenizer=tokenizer, problems=task.problems)  # fmt: skip
         cfg = dataclasses.replace(plan.main, init_from=ref_dir)
-        ran.append(locate(f"round_{r}/policy", policy_spec(cfg, dapo, ran[-1].dir), done=workdir_io.stage_done))
+        ran.append(
+            locate(f"round_{r}/policy", policy_spec(cfg, dapo, ran[-1].dir), done=workdir_io.stage_done)
+        )
         policy_dir = ran[-1].dir
-        trained = run_policy(cfg, policy_dir, dapo, mc=mc, adv=adv, tokenizer=tokenizer, problems=task.problems,
-                             name=f"policy (round {r})")  # fmt: skip
+        trained = run_policy(cfg, policy_dir, dapo, mc=mc, adv=adv, tokenizer=tokenizer,
+                             problems=task.problems, name=f"policy (round {r})")  # fmt: skip
         ev_path = os.path.join(policy_dir, f"evaluation_{fingerprints.fingerprint(eval_spec)[:12]}.json")
         if os.path.exists(ev_path):
             ev = workdir_io.read_json(ev_path)
