@@ -41,6 +41,7 @@ def test_unknown_study_lists_the_studies(capsys):
     listed = err.rpartition("studies: ")[2].strip().split(", ")
     # Not _study, __init__.
     assert listed == [
+        "direct_advantage_po_study",
         "gencls_study",
         "gflownet_study",
         "grpo_variants",
@@ -66,6 +67,7 @@ def test_every_study_builds_valid_runs():
         "gflownet_study",
         "rft_study",
         "ift_study",
+        "direct_advantage_po_study",
     ):
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):

@@ -34,3 +34,29 @@ def states_and_actions(prompt: str, completion: str) -> list[tuple[str, str]]:
         pairs.append((state, step))
         state += step
     return pairs
+
+
+def token_step_ends(ids, *, newline_ids, decode) -> list[int]:
+    """`split_steps` on token ids: the token count at which each step of `ids` ends.
+
+    A line ends just after a token of `newline_ids` (the tokenizer's newline piece); a line whose
+    `decode(line_ids)` is blank joins the step before it, or the first step when it leads, exactly as
+    `split_steps` treats blank lines, so ``[decode(ids[a:b]) for a, b in zip([0, *ends][:-1], ends)]`` equals
+    ``split_steps(decode(ids))`` whenever decoding is additive over pieces. A final line without a newline
+    (e.g. ``#### 12`` + EOS) is a step. Returns ``[]`` when every line is blank.
+    """
+    newline = set(int(i) for i in newline_ids)
+    lines, start = [], 0
+    for t, token in enumerate(ids):
+        if int(token) in newline:
+            lines.append((start, t + 1))
+            start = t + 1
+    if start < len(ids):
+        lines.append((start, len(ids)))
+    ends: list[int] = []
+    for a, b in lines:
+        if decode(ids[a:b]).strip():
+            ends.append(b)
+        elif ends:
+            ends[-1] = b
+    return ends

@@ -355,6 +355,47 @@ def trajectory_balance_objective(params, batch, reference_params, *, model: nn.M
     return loss, sums
 
 
+def critic_objective(params, batch, reference_params, *, model: nn.Module):
+    """A state critic (Direct Advantage Policy Optimization, arXiv 2412.18279 §3.3): `losses.critic_bce`
+    of the scalar head on each row's last real token (`RewardModel`) against the soft Monte-Carlo
+    targets `mc_targets` [B], summed with the row weights (the weight is the rows)."""
+    del reference_params
+    logits_B = model.apply({"params": params}, batch["tokens"], batch["segment_ids"])
+    w_B = batch["weights"]
+    loss = jnp.sum(w_B * losses.critic_bce(value_logits=logits_B, targets=batch["mc_targets"]))
+    value_B = jax.nn.sigmoid(logits_B)
+    return loss, {
+        "loss": loss,
+        "value_mean": jnp.sum(w_B * value_B),
+        "abs_error": jnp.sum(w_B * jnp.abs(value_B - batch["mc_targets"])),
+        "weight": jnp.sum(w_B),
+    }
+
+
+def direct_advantage_po_objective(params, batch, reference_params, *, model: nn.Module, beta: float):
+    """`losses.direct_advantage_po` on (state, step) rows: log π(a|s) is the summed log-prob of the step's
+    tokens (the rows' loss mask covers the step only), against the batch's precomputed `reference_logps`
+    and critic `advantages` [B]; summed with the row weights (the weight is the rows). Also logs the mean
+    log-ratio log π/π_ref and its target Â/β."""
+    del reference_params
+    logps_B = sequence_logps(
+        model, params, batch["tokens"], batch["targets"], batch["loss_mask"], batch["segment_ids"]
+    )
+    w_B = batch["weights"]
+    per_B = losses.direct_advantage_po(
+        policy_logps=logps_B, reference_logps=batch["reference_logps"], advantages=batch["advantages"],
+        beta=beta,
+    )  # fmt: skip
+    loss = jnp.sum(w_B * per_B)
+    log_ratio_B = jax.lax.stop_gradient(logps_B - batch["reference_logps"])
+    return loss, {
+        "loss": loss,
+        "log_ratio": jnp.sum(w_B * log_ratio_B),
+        "target_log_ratio": jnp.sum(w_B * batch["advantages"] / beta),
+        "weight": jnp.sum(w_B),
+    }
+
+
 def shared_critic_objective(
     params,
     batch,
