@@ -252,15 +252,18 @@ def _evaluation_path(policy_dir: str, eval_spec: dict) -> str:
 
 def format_rounds(rounds: list[dict]) -> str:
     """The rounds as a plain-text table."""
-    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}" if isinstance(v, float) and v < 0 else f"{v:.3f}"  # noqa: E731
-    lines = [f"{'round':>5} {'solved':>7} {'verified':>9} {'kept':>6} {'dups':>6} {'steps':>6} {'accuracy':>9} "
-             f"{'vs SFT [95% CI]':>26}"]  # fmt: skip
+    header = ("round", "solved", "verified", "kept", "dups", "steps", "accuracy", "vs SFT [95% CI]")
+    lines = [" ".join(f"{h:>{w}}" for h, w in zip(header, _WIDTHS, strict=True))]
     for r in rounds:
         ci = r["accuracy_vs_sft_ci95"]
         vs = f"{r['accuracy_vs_sft']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-        lines.append(f"{r['round']:>5} {r['problems_solved']:>7} {r['verified']:>9} {r['kept']:>6} "
-                     f"{r['duplicates']:>6} {r['sft_steps']:>6} {fmt(r['accuracy']):>9} {vs:>26}")  # fmt: skip
+        counts = (r[k] for k in ("round", "problems_solved", "verified", "kept", "duplicates", "sft_steps"))
+        cells = (*counts, f"{r['accuracy']:.3f}", vs)
+        lines.append(" ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True)))
     return "\n".join(lines)
+
+
+_WIDTHS = (5, 7, 9, 6, 6, 6, 9, 26)
 
 
 def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
@@ -329,8 +332,9 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
             policy_dir = ran[-1].dir
             records_path = os.path.join(policy_dir, "sft_records.jsonl")
             if not os.path.exists(records_path):  # written before training: inspectable while it runs
-                workdir_io.write_jsonl(records_path, ({"problem": r.meta["problem"], "prompt": r.prompt,
-                                                       "completion": r.completion} for r in records))  # fmt: skip
+                rows = ({"problem": r.meta["problem"], "prompt": r.prompt, "completion": r.completion}
+                        for r in records)  # fmt: skip
+                workdir_io.write_jsonl(records_path, rows)
             sft_results = sft.run(round_cfg, policy_dir, name=f"rft round {k}", examples=records)
 
         # Evaluate π_k against π_0.
