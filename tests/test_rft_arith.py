@@ -188,3 +188,25 @@ def test_rft_arith_smoke_rounds_train_on_the_kept_samples_and_rerun_reuses_them(
     assert "computing" not in out and out.count("[stages] reused") == len(third["stages"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "round_s"} for r in rs]  # noqa: E731
     assert strip(third["rounds"]) == strip(second["rounds"])
+
+
+@pytest.mark.parametrize("variant", [None, "smoke"])
+def test_rft_study_rows_pair_with_the_sft_row(variant):
+    """rft_study's RFT rows train from the SFT stage of its 0% row (same fingerprint), and report
+    `accuracy_vs_sft`, paired with that row."""
+    from experiments import rft_study
+    from launch import study
+
+    s = rft_study.get_study(variant)
+    methods = {m.name: m for m in s.methods}
+    assert list(methods)[:4] == ["sft_wrong_0", "sft_wrong_10", "sft_wrong_20", "sft_wrong_40"]  # kept
+
+    def sft_fingerprint(name):
+        m = methods[name]
+        config = train.resolve_config(m.experiment, study.render_overrides(m.overrides))
+        return fingerprints.fingerprint(sft.spec(train.build_plan(config).sft))
+
+    assert sft_fingerprint("rft_1") == sft_fingerprint("rft_2") == sft_fingerprint("sft_wrong_0")
+    assert sft_fingerprint("sft_wrong_10") != sft_fingerprint("sft_wrong_0")
+    assert s.baseline_of("rft_1") == s.baseline_of("rft_2") == "sft_wrong_0"
+    assert s.metrics == ("accuracy_sft", "accuracy_vs_sft")
