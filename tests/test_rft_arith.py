@@ -58,7 +58,10 @@ def test_check_counts_accepts_a_selection_and_rejects_inconsistent_counts():
 
 def test_read_samples_round_trips_and_names_bad_lines(tmp_path):
     path = tmp_path / "samples.jsonl"
-    rows = [{"problem": 0, "solutions": ["x", "y"], "correct": [True, False]}, {"solutions": [], "correct": []}]
+    rows = [
+        {"problem": 0, "solutions": ["x", "y"], "correct": [True, False]},
+        {"solutions": [], "correct": []},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert rft_pipe.read_samples(str(path)) == ([["x", "y"], []], [[True, False], []])
     for line, want in (
@@ -90,7 +93,9 @@ def test_rft_arith_shares_the_sft_stage_of_grpo_arith(variant):
     samples do not depend on the SFT settings of the rounds (epochs, init, optimizer) nor on K."""
     rft_plan = train.build_plan(train.resolve_config("rft_arith" + variant, []))
     grpo_plan = train.build_plan(train.resolve_config("grpo_arith" + variant, []))
-    assert fingerprints.fingerprint(sft.spec(rft_plan.sft)) == fingerprints.fingerprint(sft.spec(grpo_plan.sft))
+    assert fingerprints.fingerprint(sft.spec(rft_plan.sft)) == fingerprints.fingerprint(
+        sft.spec(grpo_plan.sft)
+    )
     spec = lambda r: rft_pipe.samples_spec(rft_plan.main, r, 1, policy_dir="")  # noqa: E731
     base = rft_plan.rft
     same = dataclasses.replace(base, epochs=7.0, init="sft", rounds=5)
@@ -167,15 +172,15 @@ def test_rft_arith_smoke_rounds_train_on_the_kept_samples_and_rerun_reuses_them(
     assert "reused sft/" in out and "reused round_1/samples/" in out and "computing round_1/policy/" in out
     _check_rounds(second, N, P)
     r1, r2 = second["rounds"]
-    assert {k: r1[k] for k in rft_pipe.COUNT_KEYS} == {"problems": 8, "problems_solved": 8, "samples": 32,
-                                                      "verified": 20, "kept": 12, "duplicates": 8}  # fmt: skip
+    want = {"problems": 8, "problems_solved": 8, "samples": 32, "verified": 20, "kept": 12, "duplicates": 8}
+    assert {k: r1[k] for k in rft_pipe.COUNT_KEYS} == want
     assert r1["trained"] and r1["sft_steps"] == 2 and r1["init"] == "sft"  # ceil(1 epoch · 12 / 8)
     assert r2["init"] == "round_1" and r1["policy"].startswith("round_1/policy/")
     stage = tmp_path / r1["policy"]
     kept = [json.loads(line) for line in open(stage / "sft_records.jsonl")]
-    assert [(k["problem"], k["completion"].split(".")[0]) for k in kept[:3]] == [
-        (0, f" He has {rows[0]['answer']}"), (0, f" So {rows[0]['answer']}"), (1, f" He has {rows[1]['answer']}"),
-    ]  # fmt: skip
+    a0, a1 = rows[0]["answer"], rows[1]["answer"]
+    first_three = [(k["problem"], k["completion"].split(".")[0]) for k in kept[:3]]
+    assert first_three == [(0, f" He has {a0}"), (0, f" So {a0}"), (1, f" He has {a1}")]
     assert len(kept) == 12 and json.load(open(stage / "results.json"))["steps"] == 2
     assert [json.loads(line)["step"] for line in open(stage / "metrics.jsonl")][-1] == 2
     # Round 2 samples the policy round 1 trained, so its samples stage is new.
