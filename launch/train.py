@@ -107,7 +107,9 @@ def _init_distributed(args) -> None:
 # The pipelines, by `config.pipeline`: modules of `rlhf_jax.pipelines`, each with `plan(config)` (the
 # experiment's ConfigDict validated into its frozen stage configs) and `run_pipeline(plan, workdir,
 # reuse_from=)`.
-PIPELINES = ("sft", "reward", "preference", "rso", "inpo", "grpo", "gencls", "epo", "direct_advantage_po")
+PIPELINES = (
+    "sft", "reward", "preference", "rso", "inpo", "grpo", "gencls", "epo", "direct_advantage_po", "rft",
+)  # fmt: skip
 
 
 def pipeline_module(name: str):

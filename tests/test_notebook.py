@@ -11,7 +11,8 @@ RSO = os.path.join(NOTEBOOKS, "rso_tldr_colab.ipynb")
 GRPO = os.path.join(NOTEBOOKS, "grpo_arith_colab.ipynb")
 PPO = os.path.join(NOTEBOOKS, "ppo_arith_colab.ipynb")
 GENCLS = os.path.join(NOTEBOOKS, "gencls_colab.ipynb")
-ALL = pytest.mark.parametrize("notebook", [RSO, GRPO, PPO, GENCLS], ids=os.path.basename)
+STEP_LEVEL = os.path.join(NOTEBOOKS, "step_level_colab.ipynb")
+ALL = pytest.mark.parametrize("notebook", [RSO, GRPO, PPO, GENCLS, STEP_LEVEL], ids=os.path.basename)
 
 
 def _load_json(notebook):
@@ -130,3 +131,24 @@ def test_gencls_notebook_runs_headless(tmp_path, monkeypatch):
     markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
     assert any("RL − SFT" in m for m in markdown) and any("gold \\ answer" in m for m in markdown)
     assert any("image/png" in d for d in data), "the training curve was not plotted inline"
+
+
+@pytest.mark.slow
+def test_step_level_notebook_runs_headless(tmp_path, monkeypatch):
+    workdir = tmp_path / "step_level"
+    outputs = _execute(STEP_LEVEL, tmp_path, monkeypatch, workdir)
+    with open(workdir / "rft_arith" / "results.json", encoding="utf-8") as f:
+        rft = json.load(f)
+    with open(workdir / "gflownet_arith" / "results.json", encoding="utf-8") as f:
+        gfn = json.load(f)
+    assert [r["round"] for r in rft["rounds"]] == [1, 2] and gfn["method"] == "gflownet/tb"
+    # One SFT stage: computed by the RFT run, copied into the GFlowNet run by fingerprint.
+    assert rft["stages"]["sft"]["fingerprint"] == gfn["stages"]["sft"]["fingerprint"]
+    assert gfn["stages"]["sft"]["reused"] and gfn["accuracy_sft"] == rft["accuracy_sft"]
+    text = _stream_text(outputs)
+    assert "RFT on arith: rft x2 (init=previous)" in text and "Online RL on arith: gflownet/tb" in text
+    assert "round  solved  verified" in text  # rft.format_rounds's printout
+    data = _displayed(outputs)
+    markdown = [d["text/markdown"] for d in data if "text/markdown" in d]
+    assert any("| round | problems | solved |" in m for m in markdown), "the rounds table was not displayed"
+    assert any("| | RFT | GFlowNet TB |" in m for m in markdown), "the comparison was not displayed"

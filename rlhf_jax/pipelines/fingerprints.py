@@ -216,6 +216,15 @@ def arrays_digest(*arrays) -> str:
     return h.hexdigest()
 
 
+def examples_digest(examples) -> str:
+    """Content hash of in-memory SFT examples (their prompt, completion and segments, in order)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.completion, [list(s) for s in ex.segments]]).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """A stage's place in a workdir: `dir` is WORKDIR/{name}/{fingerprint[:12]}."""

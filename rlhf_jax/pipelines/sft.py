@@ -3,6 +3,7 @@
 
     results = sft.run(stage_config, workdir)                       # one stage, in `workdir`
     stage = sft.run_stage(stage_config, locate)                    # in WORKDIR/sft/{fingerprint}/
+    results = sft.run(stage_config, workdir, examples=records)     # on generated records (RFT rounds)
 
 Writes the stage's directory (`rlhf_jax.pipelines.workdir`) and its `fingerprint.json`
 (`rlhf_jax.pipelines.fingerprints`); a finished stage is not run again, and a directory holding a stage
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Sequence
 
 import jax
 
@@ -27,19 +29,34 @@ from rlhf_jax.pipelines.config import StageConfig, stage_config
 from rlhf_jax.train import ift, metrics, steps
 
 
-def spec(cfg: StageConfig) -> dict:
+def spec(cfg: StageConfig, examples: Sequence[rec.SFTExample] | None = None) -> dict:
     """What the SFT stage's output depends on (its fingerprint's input); the objective only when it is
-    not the default NLL, so stages fingerprinted before IFT existed still match."""
+    not the default NLL, so stages fingerprinted before IFT existed still match; with `examples`, their
+    contents (`fingerprints.examples_digest`) instead of the task's demonstrations."""
     out = fingerprints.trainer_spec(cfg, kind="sft", loss=False)
     if cfg.sft_objective.objective != "nll":
         out["sft_objective"] = dataclasses.asdict(cfg.sft_objective)
+    if examples is not None:
+        out["examples"] = fingerprints.examples_digest(examples)
     return out
 
 
-def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
-    """Trains (or resumes) the SFT policy in `workdir`; returns the evaluation results."""
+def run(
+    cfg: StageConfig, workdir: str, *, name: str = "sft", examples: Sequence[rec.SFTExample] | None = None
+) -> dict:
+    """Trains (or resumes) the SFT policy in `workdir`; returns the evaluation results.
+
+    Args:
+      cfg: the stage's config; its data section still gives the held-out examples and the tokenizer.
+      workdir: the stage's directory.
+      name: label for logs.
+      examples: train on these (e.g. an RFT round's kept samples, `pipelines.rft`) instead of the task's
+        demonstrations; they enter the fingerprint by content.
+    """
+    if examples is not None and not examples:
+        raise ValueError(f"{name}: no SFT examples to train on")
     os.makedirs(workdir, exist_ok=True)
-    fingerprints.claim(workdir, spec(cfg), name)
+    fingerprints.claim(workdir, spec(cfg, examples), name)
     if workdir_io.stage_done(workdir):
         return workdir_io.read_results(workdir)
 
@@ -50,7 +67,9 @@ def run(cfg: StageConfig, workdir: str, *, name: str = "sft") -> dict:
     task = tasks.load_task(cfg.data, cfg.seed, init_from=cfg.init_from, init_from_hf=cfg.init_from_hf)
     tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
-    train_data = pipeline.tokenize_sft(task.sft, tokenizer, tasks.layout(cfg.data), stats)
+    train_data = pipeline.tokenize_sft(
+        task.sft if examples is None else examples, tokenizer, tasks.layout(cfg.data), stats
+    )
     eval_data = pipeline.tokenize_sft(task.eval_prompts, tokenizer, tasks.layout(cfg.data))
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 
