@@ -1,6 +1,6 @@
 """One GRPO iteration, ours against TRL's `GRPOTrainer`: generation and training timed apart.
 
-    python -m bench.grpo_step --preset=small [--compare=trl,torch] [--iters=3] [--warmup=1] [--json=PATH]
+    python -m bench.grpo_step --preset=small [--compare=trl,torch] [--old_logps] [--iters=3] [--warmup=1] [--json=PATH]
 
 The workload (issue 16's): `--prompts` (8) prompts of the preset's prompt length (128 random tokens for
 `small`), `--group` (8) samples of each, `--new_tokens` (64) new tokens per sample at temperature 1 with
@@ -10,8 +10,9 @@ mini-batch. Rewards are random numbers (no reward model), so both sides time the
 
 Ours: exactly what `rlhf_jax.pipelines.grpo.run` does per iteration, with its own functions.
   generation = `sampling.sample` (KV cache, one key per (prompt, sample)), the samples to the host,
-               `scoring.completions_to_batch`, group advantages, and the old per-token log-probs
-               (`grpo.rows_logps`: one forward over the rows; our loop always computes them);
+               `scoring.completions_to_batch`, group advantages; no old log-probs forward: with one
+               optimizer step per iteration the loop lets the step use its own log-probs (the ratio
+               is 1), as TRL does at μ = 1 (`--old_logps` computes them as the loop does at μ > 1);
   training   = the mini-batch placed on device and one jitted step of `steps.policy_gradient_objective`
                (`training.setup`, as the loop builds it).
 TRL: `GRPOTrainer` with `per_device_train_batch_size` = P·G, `steps_per_generation` = 1 (one generation
@@ -91,7 +92,9 @@ def _row(name: str, w: Workload, gen: list[float], train: list[float]) -> dict:
 # Ours.
 
 
-def time_ours(p: common.BenchPreset, w: Workload, *, warmup: int, iters: int) -> dict:
+def time_ours(
+    p: common.BenchPreset, w: Workload, *, warmup: int, iters: int, old_logps: bool = False
+) -> dict:
     """Generation and training seconds of `warmup + iters` iterations of our loop's steps; the first
     `warmup` are dropped."""
     import jax
@@ -134,9 +137,10 @@ def time_ours(p: common.BenchPreset, w: Workload, *, warmup: int, iters: int) ->
         rows["advantages"] = np.asarray(losses.group_advantages(rewards_PG=rewards_PG), np.float32).reshape(
             -1
         )
-        rows["old_logps"] = grpo.rows_logps(
-            model, state.params, rows, temperature=g.temperature, mesh=mesh, batch_size=w.rows
-        )
+        if old_logps:
+            rows["old_logps"] = grpo.rows_logps(
+                model, state.params, rows, temperature=g.temperature, mesh=mesh, batch_size=w.rows
+            )
         t1 = time.perf_counter()
         batch = sharding.shard_batch(grpo.minibatch(rows, np.arange(w.rows)), mesh)
         state, metrics = step_fn(state, batch, None)
@@ -318,6 +322,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(common.PRESETS))
     ap.add_argument("--compare", default="", help="comma-separated: trl, torch")
+    ap.add_argument("--old_logps", action="store_true", help="also time the old-log-prob forward (μ > 1)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
@@ -336,7 +341,7 @@ def main(argv=None) -> dict:
         ap.error(
             f"prompt {w.prompt_len} + {w.new_tokens} new tokens exceed the preset's max_len {p.model.max_len}"
         )
-    rows = [time_ours(p, w, warmup=args.warmup, iters=args.iters)]
+    rows = [time_ours(p, w, warmup=args.warmup, iters=args.iters, old_logps=args.old_logps)]
     timers = {"trl": time_trl, "torch": time_torch}
     for name in compare:
         rows.append(timers[name](p, w, warmup=args.warmup, iters=args.iters))

@@ -342,3 +342,34 @@ def test_ppo_tldr_smoke_trains_a_critic_from_the_reward_model(tmp_path):
     assert len(records) >= 3
     for key in ("value_loss", "value_mean", "explained_variance", "kl_coef", "reward_mean"):
         assert all(np.isfinite(r[key]) for r in records), key
+
+
+@pytest.mark.parametrize("aggregation", ["dapo", "grpo"])
+def test_without_old_logps_the_step_uses_its_own_log_probs(aggregation):
+    """One optimizer step per rollout (`grpo.run` then skips the old-log-prob forward): without
+    `old_logps` the objective's loss and gradient equal those with `old_logps` = the policy's own
+    log-probs (up to float32 rounding; with a β > 0 KL term too), the ratio is exactly 1 (nothing
+    clipped); with old log-probs from another policy the loss differs, so the batch's key is read."""
+    cfg = models.preset("tiny", vocab_size=64, max_len=16)
+    model = models.Transformer(cfg)
+    params = models.init_params(model, jax.random.key(1))
+    rng = np.random.default_rng(4)
+    rows = _rows(rng)
+    rows["token_normalizer"] = np.full(4, rows["loss_mask"].sum(), np.float32)
+    rows["row_fraction"] = np.full(4, 0.25, np.float32)
+    rows["advantages"] = np.array([1.0, -0.5, 2.0, -1.5], np.float32)
+    own = np.asarray(steps.token_logps(model, params, rows, temperature=0.7), np.float32)
+    rows["reference_logps"] = (own + rng.normal(0, 0.3, own.shape)).astype(np.float32)
+    kw = dict(
+        model=model, temperature=0.7, aggregation=aggregation,
+        loss_kwargs=(("epsilon_low", 0.2), ("beta", 0.05)),
+    )  # fmt: skip
+    loss = lambda p, b: steps.policy_gradient_objective(p, b, None, **kw)  # noqa: E731
+    (l_in, m_in), g_in = jax.value_and_grad(loss, has_aux=True)(params, rows)
+    (l_own, m_own), g_own = jax.value_and_grad(loss, has_aux=True)(params, {**rows, "old_logps": own})
+    assert float(l_in) == pytest.approx(float(l_own), abs=1e-6)  # a sum of ±terms of size ~1e-2
+    for a, b in zip(jax.tree.leaves(g_in), jax.tree.leaves(g_own), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(m_in["clip_frac_low"]) == 0.0 and float(m_in["clip_frac_high"]) == 0.0
+    shifted = {**rows, "old_logps": (own + 0.5).astype(np.float32)}
+    assert abs(float(loss(params, shifted)[0]) - float(l_in)) > 1e-3

@@ -24,7 +24,11 @@ Per iteration i (Shao et al. 2024, DeepSeekMath, Algorithm 1; DAPO, Yu et al. 20
      dropped and further prompts drawn until P groups are kept or `max_draws` draws are spent (the
      count is logged; a short batch is filled with dropped groups, which carry zero advantage);
   4. the old per-token log-probs of every sample under the sampling policy (softmax(logits / T), as
-     TRL) and, when β > 0, the frozen reference's, computed once at sampling time;
+     TRL) and, when β > 0, the frozen reference's, computed once at sampling time; with one optimizer
+     step per iteration (μ = 1, `train.batch_size` = the iteration's rows; no critic, no GFlowNet) the
+     policy that sampled is the one being stepped, so the old log-probs are the step's own, under a
+     stop-gradient (`steps.policy_gradient_objective` without `old_logps`; TRL does the same at μ = 1),
+     and that forward pass is skipped: the same loss and gradient, the ratio exactly 1;
   5. μ = `num_iterations` passes over the P·G rows in shuffled mini-batches of `train.batch_size` rows,
      each an optimizer step of `losses.policy_gradient_loss` (`steps.policy_gradient_objective`, jitted
      once by `trainer.make_train_step`); at the first step of an iteration the ratio is 1.
@@ -310,7 +314,8 @@ def minibatch(rows: dict, idx: np.ndarray, keys: tuple[str, ...] | None = None) 
         keys = (*scoring.LOGP_KEYS, "old_logps", "advantages")
     if "old_logps" in keys and "reference_logps" in rows:
         keys += ("reference_logps",)
-    batch = {k: rows[k][idx] for k in keys}
+    # Without `old_logps` in the rows (one step per rollout, `run`) the step uses its own log-probs.
+    batch = {k: rows[k][idx] for k in keys if k != "old_logps" or k in rows}
     n = len(idx)
     batch["token_normalizer"] = np.full(n, np.float32(batch["loss_mask"].sum()), np.float32)
     batch["row_fraction"] = np.full(n, 1.0 / n, np.float32)
@@ -388,6 +393,8 @@ def run(
         )
     steps_per_iteration = grpo.num_iterations * rows_per_iteration // cfg.train.batch_size
     total_steps = grpo.iterations * steps_per_iteration
+    # One optimizer step per rollout: π_old is the stepped policy, its log-probs the step's own (step 4).
+    old_logps_in_step = steps_per_iteration == 1 and ppo is None and gflownet is None
 
     # Mesh, model, params, reference.
     mesh = sharding.make_mesh(cfg.mesh)
@@ -519,7 +526,7 @@ def run(
                 rows = {k: np.concatenate([rows[k], extra[k]]) for k in gfn_lib.TB_KEYS} | {
                     "truncated": np.concatenate([rows["truncated"], np.zeros(replay_rows, bool)])
                 }
-            else:
+            elif not old_logps_in_step:
                 rows["old_logps"] = rows_logps(model, policy(), rows, **kw)
             if reference is not None:
                 rows["reference_logps"] = rows_logps(model, reference, rows, **kw)

@@ -270,13 +270,14 @@ def policy_gradient_objective(
     sampled completions, exact under gradient accumulation.
 
     The batch holds the rows (`tokens`, `targets`, `loss_mask`, `segment_ids`), `old_logps` [B, T] (at
-    sampling time), `advantages` [B] (or [B, T] per token: PPO's GAE), optionally `reference_logps`
-    [B, T] (the KL term's), and two
-    normalisers written by the online loop for the whole mini-batch: `token_normalizer` [B] (its masked
-    token count, every row the same) and `row_fraction` [B] (1 / its row count). The returned loss is
-    that of the whole mini-batch restricted to these rows, so micro-batches sum to it exactly (the
-    trainer's `weight_fn` is then 1): "dapo" and "bnpo" divide the masked token sum by the global
-    count, "grpo" and "dr_grpo" scale their per-micro-batch value by its share of the rows.
+    sampling time; absent when the stepped policy is the one that sampled, one optimizer step per
+    rollout: then they are the step's own log-probs under a stop-gradient, the ratio exactly 1),
+    `advantages` [B] (or [B, T] per token: PPO's GAE), optionally `reference_logps` [B, T] (the KL
+    term's), and two normalisers written by the online loop for the whole mini-batch: `token_normalizer`
+    [B] (its masked token count, every row the same) and `row_fraction` [B] (1 / its row count). The
+    returned loss is that of the whole mini-batch restricted to these rows, so micro-batches sum to it
+    exactly (the trainer's `weight_fn` is then 1): "dapo" and "bnpo" divide the masked token sum by
+    the global count, "grpo" and "dr_grpo" scale their per-micro-batch value by its share of the rows.
     `reference_params` is unused (reference log-probs come precomputed).
     """
     del reference_params
@@ -297,8 +298,9 @@ def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwa
     share = jnp.sum(batch["row_fraction"])  # rows of this micro-batch / rows of the mini-batch
     token_normalizer = batch["token_normalizer"][0]
     kw = dict(loss_kwargs)
+    old_logps_BT = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps_BT)
     inputs = dict(
-        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], mask_BT=mask_BT,
+        logps_BT=logps_BT, old_logps_BT=old_logps_BT, mask_BT=mask_BT,
         reference_logps_BT=batch.get("reference_logps"), **{adv_key: batch["advantages"]},
     )  # fmt: skip
     if aggregation in ("dapo", "bnpo"):  # masked token sum over the mini-batch's token count
@@ -311,7 +313,7 @@ def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwa
         )
     metric_kw = {k: v for k, v in kw.items() if k in ("epsilon_low", "epsilon_high")}
     means = losses.policy_gradient_metrics(
-        logps_BT=logps_BT, old_logps_BT=batch["old_logps"], mask_BT=mask_BT,
+        logps_BT=logps_BT, old_logps_BT=old_logps_BT, mask_BT=mask_BT,
         reference_logps_BT=batch.get("reference_logps"), **{adv_key: batch["advantages"]}, **metric_kw,
     )  # fmt: skip
     token_share = jnp.sum(mask_BT) / jnp.maximum(token_normalizer, 1.0)
