@@ -1,6 +1,7 @@
 """One GRPO iteration, ours against TRL's `GRPOTrainer`: generation and training timed apart.
 
-    python -m bench.grpo_step --preset=small [--compare=trl,torch] [--old_logps] [--iters=3] [--warmup=1] [--json=PATH]
+    python -m bench.grpo_step --preset=small [--compare=trl,torch] [--old_logps] [--iters=3] [--warmup=1]
+        [--json=PATH]
 
 The workload (issue 16's): `--prompts` (8) prompts of the preset's prompt length (128 random tokens for
 `small`), `--group` (8) samples of each, `--new_tokens` (64) new tokens per sample at temperature 1 with

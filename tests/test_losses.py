@@ -665,7 +665,9 @@ class TestSequenceLogpsFromHidden:
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
         kw = dict(targets=targets, mask=mask, temperature=temperature, softcap=softcap, return_entropy=True)
-        _, entropy = losses.token_logps_from_hidden(hidden=hidden, kernel=kernel, **kw)
+        logps_e, entropy = losses.token_logps_from_hidden(hidden=hidden, kernel=kernel, **kw)
+        # Asking for the entropy computes the log-probs through the one-exponential path: same values.
+        np.testing.assert_allclose(logps_e, via_logits(hidden, kernel), rtol=1e-5, atol=1e-6)
         logq = jax.nn.log_softmax(logits_of(hidden, kernel), axis=-1)
         want_h = -jnp.sum(jnp.exp(logq) * logq, axis=-1) * mask
         np.testing.assert_allclose(entropy, want_h, rtol=1e-5, atol=1e-6)
