@@ -2,7 +2,7 @@
 
 (Over 400 lines: the runner, the paired statistics, the markdown table and the plot of one report.)
 
-    python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--reuse=DIR[,DIR]]
+    python -m launch.study --study=NAME [--seeds=N] [--workdir=DIR] [--reuse=DIR[,DIR]] [--archive=DIR]
         [--config.a.b=value ...]
 
 `experiments/NAME.py` defines `get_study(arg)` returning a `Study` (`experiments/_study.py`): methods
@@ -18,6 +18,14 @@ workdir) extends the search there; nothing is shared that a method's config chan
 `launch.train`'s persistent compilation cache, so the study compiles each program once. Writes
 WORKDIR/table.md, table.json (per method and metric: per-seed values, mean, marginal 95% interval, and
 the paired difference from the study's baseline row) and plot.png.
+
+Archive (`--archive=DIR`): a study longer than one sitting (a session, a preemptible machine) is split by
+its finished runs. After each run its small files (config.json, results.json, stages.json and the
+study's curve file; no checkpoints) are copied to DIR/seed_{s}/{method}/, and a run whose archived
+config.json equals the config it would run (every key but `progress`) is taken from there instead of
+being run: a later invocation with the same DIR (e.g. committed to the repository) runs only what is
+missing and tabulates all of it. An archived run whose config differs is not used (the log names the
+keys that differ) and is overwritten when the run finishes.
 
 Statistics. The marginal 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n;
 with one seed the run's own bootstrap interval over prompts when the metric has one), clipped to the
@@ -38,6 +46,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -426,6 +435,63 @@ def check_overrides(study: Study) -> None:
                 )
 
 
+# Keys of a run's config.json that do not change its results (ignored when matching an archived run).
+_NOT_RESULTS = ("progress",)
+
+
+def _archived_config(config: dict) -> dict:
+    """`config` as its JSON file reads back (tuples as lists), without the `_NOT_RESULTS` keys."""
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    return {k: v for k, v in config.items() if k not in _NOT_RESULTS}
+
+
+def _archive_files(run_dir: str, study: Study) -> list[str]:
+    """The run's files an archive keeps, relative to the run's workdir."""
+    names = ["config.json", "results.json", "stages.json"]
+    if study.curve:
+        path = run_file(run_dir, study.curve[0])
+        if path is not None:
+            names.append(os.path.relpath(path, run_dir))
+    return [n for n in names if os.path.exists(os.path.join(run_dir, n))]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": leaf} of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def archived_run(archive: str, seed: int, method: Method, config: dict) -> str | None:
+    """ARCHIVE/seed_{seed}/{method} if it holds a finished run of exactly `config` (the resolved config
+    the run would write, `launch.train`'s config.json), else None (printing why when one is there)."""
+    path = os.path.join(archive, f"seed_{seed}", method.name)
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            got = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if not os.path.exists(os.path.join(path, "results.json")):
+        return None
+    want, got = _archived_config(config), _archived_config(got)
+    if want != got:
+        want, got = _flatten(want), _flatten(got)
+        differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        print(f"[study] archive {path}: config differs in {differ}; running it", flush=True)
+        return None
+    return path
+
+
+def _copy_run_files(src: str, dst: str, names: list[str]) -> None:
+    for name in names:
+        os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
 def run_study(
     study: Study,
     *,
@@ -434,9 +500,11 @@ def run_study(
     overrides: list[str],
     command: str,
     reuse: list[str] | None = None,
+    archive: str | None = None,
 ) -> dict:
     """Runs every (seed, method), sharing stages by fingerprint within a seed (and, with `reuse`, with
-    other studies); writes the table and the plot."""
+    other studies), taking finished runs from `archive` and copying new ones there (module docstring);
+    writes the table and the plot."""
     from launch import train
 
     check_overrides(study)
@@ -453,8 +521,21 @@ def run_study(
             argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}", f"--reuse={search}",
                     *_run_overrides(method, seed, overrides)]  # fmt: skip
             print(f"[study {study.name}] seed {seed}: {method.name}", flush=True)
-            if train.main(argv) != 0:
-                raise SystemExit(f"study {study.name}: run {run_dir} failed")
+            config = None
+            if archive is not None:
+                run_args = _run_overrides(method, seed, overrides)
+                config = {"experiment": method.experiment,
+                          **train.resolve_config(method.experiment, run_args).to_dict()}  # fmt: skip
+                found = archived_run(archive, seed, method, config)
+                if found is not None:
+                    print(f"[study {study.name}] seed {seed}: {method.name} taken from {found}", flush=True)
+                    _copy_run_files(found, run_dir, _archive_files(found, study))
+            if config is None or found is None:
+                if train.main(argv) != 0:
+                    raise SystemExit(f"study {study.name}: run {run_dir} failed")
+                if archive is not None:
+                    dest = os.path.join(archive, f"seed_{seed}", method.name)
+                    _copy_run_files(run_dir, dest, _archive_files(run_dir, study))
             with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
                 results.setdefault(method.name, []).append({**json.load(f), **curve_metrics(run_dir, study)})
     table = summarize(study, results)
@@ -481,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated workdirs of other studies (or runs) whose finished stages are copied when "
         "their fingerprint equals this run's (e.g. the same SFT policy and reward model)",
+    )
+    parser.add_argument(
+        "--archive",
+        default=None,
+        help="directory of finished runs' small files: runs found there with the same config are not "
+        "rerun, new ones are copied there (to split a long study across sittings)",
     )
     args, overrides = parser.parse_known_args(argv)
     name, _, variant = args.study.partition(":")
@@ -518,9 +605,14 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(
         ["python -m launch.study", f"--study={args.study}", f"--seeds={args.seeds}"]
         + ([f"--reuse={args.reuse}"] if args.reuse else [])
+        + ([f"--archive={args.archive}"] if args.archive else [])
         + overrides
     )
-    run_study(study, seeds=args.seeds, workdir=workdir, overrides=overrides, command=command, reuse=reuse)
+    archive = os.path.abspath(args.archive) if args.archive else None
+    run_study(
+        study, seeds=args.seeds, workdir=workdir, overrides=overrides, command=command, reuse=reuse,
+        archive=archive,
+    )  # fmt: skip
     return 0
 
 

@@ -177,6 +177,67 @@ def test_an_unknown_or_mistyped_override_stops_the_study(tmp_path, monkeypatch, 
     assert not workdir.exists()
 
 
+def test_an_archive_splits_a_study_by_finished_runs(tmp_path, monkeypatch, capsys):
+    """`--archive`: the first sitting runs every (seed, method) and copies each run's small files (with
+    the curve file at its stage path) to the archive; a second sitting in a new workdir runs nothing
+    and tabulates the same values; a missing archived run is the only one rerun; a changed override
+    (another config) reruns every row, naming the key that differs. `train.main` is replaced by a fake
+    that writes what the launcher writes (config.json as resolved, results.json, stages.json, a curve)."""
+    calls = []
+
+    def fake_main(argv):
+        args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        run_dir, experiment = args["workdir"], args["experiment"]
+        config = train.resolve_config(experiment, [a for a in argv if a.startswith("--config.")])
+        seed, steps = config.seed, config.train.steps
+        calls.append((os.path.basename(run_dir), seed))
+        os.makedirs(os.path.join(run_dir, "policy", "abc"), exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"experiment": experiment, **config.to_dict()}, f, sort_keys=True)
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump({"m": seed + 0.1 * steps + (0.5 if "b" in run_dir else 0.0)}, f)
+        with open(os.path.join(run_dir, "stages.json"), "w") as f:
+            json.dump({"stages": {"policy": {"dir": "policy/abc"}}}, f)
+        with open(os.path.join(run_dir, "policy", "abc", "curve.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 2, "m": float(seed)}) + "\n")
+        return 0
+
+    monkeypatch.setattr(train, "main", fake_main)
+    methods = (
+        study.Method("a", "dpo_tldr:smoke", {}),
+        study.Method("b", "dpo_tldr:smoke", {"loss.beta": 0.2}),
+    )
+    s = study.Study("arch", methods, ("m", "m@2"), curve=("policy/curve.jsonl", "step", ("m",)),
+                    baseline={"b": "a"})  # fmt: skip
+    archive = str(tmp_path / "archive")
+    kw = dict(seeds=2, overrides=[], command="cmd", archive=archive)
+    first = study.run_study(s, workdir=str(tmp_path / "w1"), **kw)
+    assert sorted(calls) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    for seed in (0, 1):
+        for m in ("a", "b"):
+            kept = sorted(
+                os.path.relpath(os.path.join(d, f), tmp_path / "archive" / f"seed_{seed}" / m)
+                for d, _, fs in os.walk(tmp_path / "archive" / f"seed_{seed}" / m) for f in fs
+            )  # fmt: skip
+            assert kept == ["config.json", "policy/abc/curve.jsonl", "results.json", "stages.json"]
+    calls.clear()
+    second = study.run_study(s, workdir=str(tmp_path / "w2"), **kw)
+    assert calls == [] and second == first
+    assert "seed 1: b taken from" in capsys.readouterr().out
+    # One archived run gone: only it runs.
+    import shutil
+
+    shutil.rmtree(tmp_path / "archive" / "seed_1" / "a")
+    assert study.run_study(s, workdir=str(tmp_path / "w3"), **kw) == first and calls == [("a", 1)]
+    # Another config: nothing matches, every run is rerun and says why.
+    calls.clear()
+    changed = study.run_study(
+        s, workdir=str(tmp_path / "w4"), **{**kw, "overrides": ["--config.train.steps=9"]}
+    )
+    assert len(calls) == 4 and changed != first
+    assert "config differs in ['train.steps']; running it" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_smoke_study_runs_and_shares_stages(tmp_path, capsys):
     assert study.main(["--study=rpo_overopt:smoke", "--seeds=1", f"--workdir={tmp_path}",
