@@ -582,7 +582,7 @@ class TestRegistry:
         }  # fmt: skip
         policy_gradient = {"group_advantages", "policy_gradient_loss", "policy_gradient_metrics"}
         ppo = {"adaptive_kl_coef", "gae", "kl_penalized_rewards", "last_token_mask", "value_loss", "whiten"}
-        extra = {"chosen_nll", "token_logps_from_hidden", "ift_loss", "ift_weights"}
+        extra = {"chosen_nll", "token_logps_from_hidden", "ift_loss", "ift_sequence_losses", "ift_weights"}
         direct_advantage = {"critic_bce", "direct_advantage_po", "step_advantages"}
         trajectory = {"discounted_turn_returns", "epo", "positive_log_rewards", "trajectory_balance"}
         want = before | {"registry"} | policy_gradient | ppo | extra | direct_advantage | trajectory
