@@ -518,19 +518,23 @@ def run_study(
             # Stages with the same fingerprint are computed once: by the first method of the seed that
             # needs them (found under seed_dir), or in another study given with --reuse.
             search = ",".join([seed_dir, *(reuse or [])])
-            argv = [f"--experiment={method.experiment}", f"--workdir={run_dir}", f"--reuse={search}",
-                    *_run_overrides(method, seed, overrides)]  # fmt: skip
+            run_args = _run_overrides(method, seed, overrides)
+            argv = [
+                f"--experiment={method.experiment}",
+                f"--workdir={run_dir}",
+                f"--reuse={search}",
+                *run_args,
+            ]
             print(f"[study {study.name}] seed {seed}: {method.name}", flush=True)
-            config = None
+            found = None
             if archive is not None:
-                run_args = _run_overrides(method, seed, overrides)
                 config = {"experiment": method.experiment,
                           **train.resolve_config(method.experiment, run_args).to_dict()}  # fmt: skip
                 found = archived_run(archive, seed, method, config)
-                if found is not None:
-                    print(f"[study {study.name}] seed {seed}: {method.name} taken from {found}", flush=True)
-                    _copy_run_files(found, run_dir, _archive_files(found, study))
-            if config is None or found is None:
+            if found is not None:
+                print(f"[study {study.name}] seed {seed}: {method.name} taken from {found}", flush=True)
+                _copy_run_files(found, run_dir, _archive_files(found, study))
+            else:
                 if train.main(argv) != 0:
                     raise SystemExit(f"study {study.name}: run {run_dir} failed")
                 if archive is not None:
