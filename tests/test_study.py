@@ -35,40 +35,33 @@ def test_summarize_and_markdown():
     assert "| a | 0.600 [" in text and "| b | 0.600 [0.500, 0.700] | 1.000 |" in text and "n/a" in text
 
 
+_STUDIES = (
+    "direct_advantage_po_study",
+    "epo_study",
+    "gencls_study",
+    "gflownet_study",
+    "grpo_variants",
+    "ift_study",
+    "inpo_iters",
+    "rdpo_noise",
+    "rdpo_noise_long",
+    "rft_study",
+    "rpo_overopt",
+    "rso_table",
+    "rso_table_paper",
+)
+
+
 def test_unknown_study_lists_the_studies(capsys):
     assert study.main(["--study=nope"]) == 2
     err = capsys.readouterr().err
     listed = err.rpartition("studies: ")[2].strip().split(", ")
     # Not _study, __init__.
-    assert listed == [
-        "direct_advantage_po_study",
-        "gencls_study",
-        "gflownet_study",
-        "grpo_variants",
-        "ift_study",
-        "inpo_iters",
-        "rdpo_noise",
-        "rdpo_noise_long",
-        "rft_study",
-        "rpo_overopt",
-        "rso_table",
-        "rso_table_paper",
-    ]
+    assert listed == list(_STUDIES)
 
 
 def test_every_study_builds_valid_runs():
-    for name in (
-        "rso_table",
-        "rdpo_noise",
-        "rpo_overopt",
-        "inpo_iters",
-        "rdpo_noise_long",
-        "rso_table_paper",
-        "gflownet_study",
-        "rft_study",
-        "ift_study",
-        "direct_advantage_po_study",
-    ):
+    for name in _STUDIES:
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
             s = module.get_study(variant)
