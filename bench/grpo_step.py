@@ -10,12 +10,13 @@ of the GRPO loss (token-mean "dapo" aggregation, ε = 0.2, β = 0, μ = 1) over 
 mini-batch. Rewards are random numbers (no reward model), so both sides time the loop, not a reward.
 
 Ours: exactly what `rlhf_jax.pipelines.grpo.run` does per iteration, with its own functions.
-  generation = `sampling.sample` (KV cache, one key per (prompt, sample)), the samples to the host,
+  generation = `sampling.sample` (KV cache, one key per (prompt, sample), summing the logged entropy
+               as it samples: `GRPOConfig.sampling()`), the samples to the host,
                `scoring.completions_to_batch`, group advantages; no old log-probs forward: with one
                optimizer step per iteration the loop lets the step use its own log-probs (the ratio
                is 1), as TRL does at μ = 1 (`--old_logps` computes them as the loop does at μ > 1);
   training   = the mini-batch placed on device and one jitted step of `steps.policy_gradient_objective`
-               (`training.setup`, as the loop builds it).
+               (`training.setup`, as the loop builds it: `entropy=False`, the entropy is the sampler's).
 TRL: `GRPOTrainer` with `per_device_train_batch_size` = P·G, `steps_per_generation` = 1 (one generation
 of P·G completions and one optimizer step per iteration), `num_iterations` = 1, `beta` = 0,
 `loss_type="dapo"`, transformers generation (`use_vllm=False`, KV cache on, `min_new_tokens` =
@@ -113,7 +114,7 @@ def time_ours(
     )
     objective = functools.partial(
         steps.policy_gradient_objective, model=model, temperature=g.temperature, aggregation=g.aggregation,
-        loss_kwargs=g.loss_kwargs(), max_length=g.max_new_tokens,
+        loss_kwargs=g.loss_kwargs(), max_length=g.max_new_tokens, entropy=False,
     )  # fmt: skip
     train_cfg = pipeline_config.TrainConfig(steps=warmup + iters, batch_size=w.rows)
     step_fn, state = training.setup(

@@ -226,6 +226,7 @@ def decode_step(config, mesh) -> PlannedStep:
         batch_sh,
         batch_sh,
         batch_sh,
+        batch_sh,
         models.cache_shardings(mesh, model.rules, c),
     )
 

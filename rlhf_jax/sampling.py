@@ -20,7 +20,10 @@ Log-probs: `logps_PN` is log π(y | x) under the model's own distribution (untem
 summed over the completion tokens including EOS: the trainer's `steps.sequence_logps` of the rows that
 `scoring.completions_to_batch` builds, up to float32 reduction order (tests/test_sampling.py states the
 tolerance). `sampling_logps_PN` is the log-prob under the distribution actually sampled from (after
-temperature, top-k and top-p; 0 for greedy decoding).
+temperature, top-k and top-p; 0 for greedy decoding). With `SamplingConfig(entropy=True)`,
+`entropy_PN` sums each sampled position's entropy of softmax(logits / temperature) (untruncated), the
+trainer's `completion_logps(..., return_entropy=True)` of the same rows: an online loop that logs the
+policy's entropy can take it from here instead of from an extra reduction in its training forward.
 
 Samples become training rows, and get rewards, in `rlhf_jax.scoring`; its old names here
 (`completions_to_batch`, `score_pointwise`, `ranking_batch`, `score_pairwise`) are re-exports.
@@ -74,6 +77,9 @@ class SamplingConfig:
       top_p: sample from the smallest set of most likely tokens whose (tempered) mass reaches top_p;
         1.0 = no limit. Applied after top-k.
       greedy: take the most likely token (temperature, top_k and top_p are ignored).
+      entropy: also sum, per sample, the entropy −Σ_v p_v log p_v of p = softmax(logits / temperature)
+        (before top-k / top-p; temperature 1 when greedy) at each sampled position, EOS included
+        (`SampleOutput.entropy_PN`; zeros when False, which costs nothing).
     """
 
     max_new_tokens: int
@@ -81,6 +87,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
+    entropy: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -124,6 +131,17 @@ class SamplingConfig:
             sampling_logps_B = _take(jax.nn.log_softmax(cand_BA, axis=-1), choice_B)
             tokens_B = choice_B if index_BA is None else _take(index_BA, choice_B)
         return tokens_B, log_prob(logits_BV, tokens_B), sampling_logps_B
+
+    def entropy_of(self, logits_BV: jax.Array) -> jax.Array:
+        """float32 [B]: the entropy of softmax(logits / temperature) per row (temperature 1 when greedy),
+        as the trainer's fused head computes it: lse − Σ_v p_v · z_v with z = logits / temperature."""
+        z_BV = logits_BV.astype(jnp.float32)
+        if not self.greedy and self.temperature != 1.0:
+            z_BV = z_BV / self.temperature
+        max_B1 = jnp.max(z_BV, axis=-1, keepdims=True)
+        e_BV = jnp.exp(z_BV - max_B1)
+        sum_B = jnp.sum(e_BV, axis=-1)
+        return max_B1[:, 0] + jnp.log(sum_B) - jnp.sum(e_BV * z_BV, axis=-1) / sum_B
 
 
 def top_k(x_BV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -186,6 +204,7 @@ class SamplerState(NamedTuple):
       lengths_B: int32 tokens chosen per row, EOS included.
       logps_B: float32 summed log-probs under the model's distribution.
       sampling_logps_B: float32 summed log-probs under the sampling distribution.
+      entropy_B: float32 summed per-position entropies (`SamplingConfig.entropy`; else zeros).
       keys_B: per-row PRNG keys (step t draws with fold_in(key, t)).
       cache: the KV cache, holding prompt and chosen tokens up to `step - 1`.
     """
@@ -196,6 +215,7 @@ class SamplerState(NamedTuple):
     lengths_B: jax.Array  # noqa: N815
     logps_B: jax.Array  # noqa: N815
     sampling_logps_B: jax.Array  # noqa: N815
+    entropy_B: jax.Array  # noqa: N815
     keys_B: jax.Array  # noqa: N815
     cache: models.KVCache
 
@@ -211,6 +231,7 @@ def init_state(keys_B: jax.Array, cache: models.KVCache, max_new_tokens: int, pa
         lengths_B=jnp.zeros((B,), jnp.int32),
         logps_B=zeros_B,
         sampling_logps_B=zeros_B,
+        entropy_B=zeros_B,
         keys_B=keys_B,
         cache=cache,
     )
@@ -253,6 +274,11 @@ def choose(
         lengths_B=state.lengths_B + live_B,
         logps_B=state.logps_B + jnp.where(live_B, logps_B, 0.0),
         sampling_logps_B=state.sampling_logps_B + jnp.where(live_B, sampling_logps_B, 0.0),
+        entropy_B=(
+            state.entropy_B + jnp.where(live_B, config.entropy_of(logits_BV), 0.0)
+            if config.entropy
+            else state.entropy_B
+        ),
     )
 
 
@@ -299,6 +325,8 @@ class SampleOutput(NamedTuple):
       logps_PN: float32 log π(completion | prompt) under the model's untempered distribution.
       sampling_logps_PN: float32 log-prob under the sampling distribution (tempered, truncated).
       finished_PN: bool, the sample ended with EOS (else it was cut at max_new_tokens).
+      entropy_PN: float32 sum over the completion's positions (EOS included) of the entropy of
+        softmax(logits / temperature), untruncated (`SamplingConfig.entropy`; zeros without it).
     """
 
     tokens_PNT: np.ndarray  # noqa: N815
@@ -306,6 +334,7 @@ class SampleOutput(NamedTuple):
     logps_PN: np.ndarray  # noqa: N815
     sampling_logps_PN: np.ndarray  # noqa: N815
     finished_PN: np.ndarray  # noqa: N815
+    entropy_PN: np.ndarray  # noqa: N815
 
 
 def _generate(
@@ -349,7 +378,9 @@ def _generate(
     kwargs = dict(config=config, eos_id=eos_id, pad_id=pad_id)
     state = choose(state, jnp.repeat(logits_PV, N, axis=0), **kwargs)
     state = decode(model, params, state, **kwargs)
-    return state.tokens_BT, state.lengths_B, state.logps_B, state.sampling_logps_B, state.done_B
+    return (
+        state.tokens_BT, state.lengths_B, state.logps_B, state.sampling_logps_B, state.done_B, state.entropy_B
+    )  # fmt: skip
 
 
 def _unrolled(model: nn.Module, params) -> tuple[nn.Module, object]:
@@ -366,7 +397,7 @@ def jitted_generate(
     model: nn.Module, config: SamplingConfig, num_samples: int, pad_id: int, shared_prefix: bool = True
 ):
     """The jitted body of `sample`, `(params, prompt_tokens_PT, prompt_lengths_P, prompt_ids_P, rng,
-    eos_id) -> (tokens, lengths, logps, sampling_logps, done)` over P·N rows (eos_id -1: none), for
+    eos_id) -> (tokens, lengths, logps, sampling_logps, done, entropy)` over P·N rows (eos_id -1: none), for
     profiling and ahead-of-time compilation (`bench.sample`); cached per (model, config, N, pad,
     shared_prefix). `shared_prefix=False` repeats each prompt's cache N times instead of sharing it (the
     layout before the shared prefix, kept for comparisons)."""
@@ -447,8 +478,7 @@ def sample(
         lambda chunk: generate(params, *chunk, *scalars), inputs, batch_size=P, mesh=model.mesh,
         rules=model.rules,
     )  # fmt: skip
-    tokens, lengths, logps, sampling_logps, done = (x.reshape(P, num_samples, *x.shape[1:]) for x in outs)
-    return SampleOutput(tokens, lengths, logps, sampling_logps, done)
+    return SampleOutput(*(x.reshape(P, num_samples, *x.shape[1:]) for x in outs))
 
 
 def with_prefix(

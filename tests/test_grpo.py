@@ -19,6 +19,7 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.data import synthetic_arith
 from rlhf_jax.pipelines import grpo
+from rlhf_jax.train import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +73,29 @@ def test_dynamic_sampling_drops_equal_reward_groups_and_draws_more(tiny):
                                   seed=0, max_prompt_len=48)  # fmt: skip
     assert flat_all["draws"] == 6 and flat_all["groups_short"] == 4
     assert np.all(flat_all["advantages"] == 0.0)
+
+
+@pytest.mark.xdist_group("grpo_tiny")
+def test_the_logged_entropy_is_the_training_steps_entropy_of_the_same_samples(tiny):
+    """The loop logs `entropy` from the sampler's sums (`_entropy`); with one optimizer step per
+    iteration (the policy that sampled is the stepped one) it equals the step's own entropy at the loss
+    tokens, `policy_gradient_objective(entropy=True)` on the iteration's rows in one mini-batch. Fails if
+    the sampler used another temperature, counted positions after EOS, or the loop divided by another
+    count; the step without `entropy` has the same loss and no entropy."""
+    splits, tok, model, params = tiny
+    scrambled = lambda prompt, text: float(zlib.crc32(text.encode()) % 5)
+    config = grpo.GRPOConfig(num_prompts=4, group_size=4, max_new_tokens=12, temperature=0.8)
+    groups = grpo.sample_groups(model, params, tok, _task(splits, scrambled), config, iteration=0, seed=0,
+                                max_prompt_len=48)  # fmt: skip
+    assert groups["entropy"].shape == (4, 4) and (groups["entropy"] > 0).all()
+    rows = grpo.training_rows(groups, pad_id=tok.pad_id, mask_truncated=False)
+    batch = grpo.minibatch(rows, np.arange(16))
+    kw = dict(model=model, temperature=0.8, aggregation="dapo", loss_kwargs=config.loss_kwargs())
+    on = jax.jit(lambda p, b: steps.policy_gradient_objective(p, b, None, **kw, entropy=True))
+    off = jax.jit(lambda p, b: steps.policy_gradient_objective(p, b, None, **kw, entropy=False))
+    (loss, sums), (loss_off, sums_off) = on(params, batch), off(params, batch)
+    np.testing.assert_allclose(grpo._entropy(groups), float(sums["entropy"]), rtol=1e-5)
+    assert "entropy" not in sums_off and float(loss_off) == float(loss)
 
 
 def test_a_non_finite_reward_stops_with_the_reward_prompt_and_completion(tiny):

@@ -173,6 +173,38 @@ def test_sampling_logps_are_the_tempered_top_k_logps(lm, prompts, eos_run):
         np.testing.assert_allclose(out.sampling_logps_PN.reshape(-1), want_B, atol=LOGP_ATOL)
 
 
+def test_entropy_is_the_tempered_untruncated_entropy_and_leaves_samples_alone(lm, prompts, eos_run):
+    """`SamplingConfig(entropy=True)` sums, per sample, the entropy of softmax(logits / T) over the
+    whole vocabulary (not the top k sampled from) at every completion position, EOS included and nothing
+    after it: NumPy from the full forward's logits in float64. The samples are the same with it on, and
+    it is zeros with it off."""
+    model, params = lm
+    _, eos, reference = eos_run
+    assert not reference.entropy_PN.any()  # off by default
+    policy = sampling.SamplingConfig(max_new_tokens=NEW, temperature=0.7, top_k=40, entropy=True)
+    out = sampling.sample(
+        model, params, *prompts, config=policy, num_samples=N, rng=jax.random.key(1), pad_id=PAD, eos_id=eos
+    )
+    np.testing.assert_array_equal(out.tokens_PNT, reference.tokens_PNT)
+    np.testing.assert_array_equal(out.logps_PN, reference.logps_PN)
+    assert (out.lengths_PN < NEW).any() and (out.lengths_PN == NEW).any()  # EOS masks some rows
+    batch = scoring.completions_to_batch(*prompts, out.tokens_PNT, out.lengths_PN, pad_id=PAD)
+    logits_BTV = jax.jit(model.apply)(
+        {"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"]
+    )
+    z_BTV = np.asarray(logits_BTV, np.float64) / policy.temperature
+    log_p_BTV = z_BTV - z_BTV.max(-1, keepdims=True)
+    log_p_BTV -= np.log(np.exp(log_p_BTV).sum(-1, keepdims=True))
+    h_BT = -(np.exp(log_p_BTV) * log_p_BTV).sum(-1)
+    want_B = np.where(batch["loss_mask"] > 0, h_BT, 0.0).sum(-1)
+    np.testing.assert_allclose(out.entropy_PN.reshape(-1), want_B, rtol=1e-5, atol=LOGP_ATOL)
+    # The trainer's fused head computes the same per-token entropies.
+    _, h_train_BT = jax.jit(
+        lambda p, b: steps.completion_logps(model, p, b, temperature=0.7, return_entropy=True)
+    )(params, batch)
+    np.testing.assert_allclose(out.entropy_PN.reshape(-1), np.asarray(h_train_BT).sum(-1), atol=LOGP_ATOL)
+
+
 def test_samples_do_not_depend_on_batching_or_mesh(lm, prompts, eos_run):
     """A prompt's samples are the same in any batch, at any row, on any mesh."""
     model, params = lm

@@ -39,8 +39,14 @@ from GAE over a critic's values and KL-shaped rewards, and each mini-batch step 
 One record per iteration in `metrics.jsonl` (at the iteration's last optimizer step): `loss`,
 `reward_mean`, `reward_std`, `frac_zero_std_groups`, `groups_dropped`, `clip_frac_low`,
 `clip_frac_high`, `kl`, `entropy`, `response_length`, `truncated_frac`, `generation_s`, `train_s`, plus
-each reward's mean. Checkpoints at iteration ends hold the train state; with the prompt stream and the
-keys functions of (seed, i), rerunning resumes exactly.
+each reward's mean. `entropy` is the sampling policy's mean entropy of softmax(logits / temperature)
+(untruncated) over every sampled token of the iteration's P·G samples, EOS included: the sampler sums it
+while it draws (`SamplingConfig(entropy=True)`), so the training forward skips that reduction over the
+vocabulary. It is the entropy of the policy that sampled the iteration, before its updates; with one
+optimizer step per iteration it equals the step's own entropy at the loss tokens up to float32 rounding
+(tested; `steps.policy_gradient_objective(entropy=True)` computes that one). Checkpoints at iteration
+ends hold the train state; with the prompt stream and the keys functions of (seed, i), rerunning resumes
+exactly.
 """
 
 from __future__ import annotations
@@ -166,7 +172,10 @@ class GRPOConfig:
 
     def sampling(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            entropy=True,  # the logged `entropy`, summed while sampling
         )
 
 
@@ -218,7 +227,8 @@ def sample_groups(
 
     Returns:
       dict with `prompt_tokens` [P, Tp], `prompt_lengths` [P], `tokens` [P, G, Tc], `lengths` [P, G],
-      `finished` [P, G], `rewards` [P, G], `advantages` [P, G], per-reward means (`reward/<name>`), and
+      `finished` [P, G], `rewards` [P, G], `entropy` [P, G] (each sample's summed per-token entropy,
+      `sampling.SampleOutput.entropy_PN`), `advantages` [P, G], per-reward means (`reward/<name>`), and
       counts: `draws`, `groups_dropped`, `groups_short` (kept groups missing after `max_draws`).
     """
     P, G = grpo.num_prompts, grpo.group_size
@@ -260,7 +270,7 @@ def sample_groups(
             group = {
                 "prompt_tokens": pb["prompt_tokens"][p], "prompt_lengths": pb["prompt_lengths"][p],
                 "tokens": out.tokens_PNT[p], "lengths": out.lengths_PN[p], "finished": out.finished_PN[p],
-                "rewards": rewards_PG[p],
+                "rewards": rewards_PG[p], "entropy": out.entropy_PN[p],
             }  # fmt: skip
             varied = rewards_PG[p].max() > rewards_PG[p].min()
             (kept if varied or not grpo.dynamic_sampling else dropped).append(group)
@@ -300,6 +310,12 @@ def training_rows(groups: dict, *, pad_id: int, mask_truncated: bool) -> dict:
 
 def _mean_of(records: list[dict], key: str) -> float:
     return float(np.mean([float(r[key]) for r in records]))
+
+
+def _entropy(groups: dict) -> float:
+    """The iteration's logged `entropy` (module docstring): the sampled tokens' mean, from the sampler's
+    per-sample sums."""
+    return float(groups["entropy"].sum() / max(int(groups["lengths"].sum()), 1))
 
 
 CRITIC_KEYS = (*scoring.LOGP_KEYS, "old_values", "returns")  # `steps.value_objective`'s
@@ -422,11 +438,15 @@ def run(
         steps.policy_gradient_objective, model=model, temperature=grpo.temperature,
         aggregation=grpo.aggregation, loss_kwargs=grpo.loss_kwargs(),
         max_length=grpo.max_new_tokens,  # Dr. GRPO: the completion budget (TRL: max_completion_length)
+        entropy=False,  # logged from the sampler
     )  # fmt: skip
     train_cfg = dataclasses.replace(cfg.train, steps=total_steps)
     if gflownet is not None:  # one state {"policy", "log_z"}, the trajectory-balance loss
         objective = functools.partial(
-            steps.trajectory_balance_objective, model=model, temperature=grpo.temperature
+            steps.trajectory_balance_objective,
+            model=model,
+            temperature=grpo.temperature,
+            entropy=False,
         )
         step_fn, state = gfn_lib.setup(
             cfg, train_cfg, gflownet, model=model, params=params, mesh=mesh, objective=objective
@@ -587,7 +607,7 @@ def run(
                 "groups_dropped": groups["groups_dropped"], "groups_short": groups["groups_short"],
                 "draws": groups["draws"], "clip_frac_low": mean("clip_frac_low"),
                 "clip_frac_high": mean("clip_frac_high"), "kl": mean("kl") if grpo.beta > 0 else 0.0,
-                "entropy": mean("entropy"), "response_length": float(groups["lengths"].mean()),
+                "entropy": _entropy(groups), "response_length": float(groups["lengths"].mean()),
                 "truncated_frac": float(rows["truncated"].mean()), "generation_s": generation_s,
                 "train_s": train_s, "nonfinite_steps": skipped,
                 **{k: mean(k) for k in ("ratio_mean",) if k in step_metrics[0]},

@@ -265,6 +265,7 @@ def policy_gradient_objective(
     aggregation: str,
     loss_kwargs: tuple[tuple[str, object], ...] = (),
     max_length: int | None = None,
+    entropy: bool = True,
 ):
     """The GRPO family's clipped policy-gradient loss (`losses.policy_gradient_loss`) on a mini-batch of
     sampled completions, exact under gradient accumulation.
@@ -278,12 +279,13 @@ def policy_gradient_objective(
     returned loss is that of the whole mini-batch restricted to these rows, so micro-batches sum to it
     exactly (the trainer's `weight_fn` is then 1): "dapo" and "bnpo" divide the masked token sum by
     the global count, "grpo" and "dr_grpo" scale their per-micro-batch value by its share of the rows.
-    `reference_params` is unused (reference log-probs come precomputed).
+    `reference_params` is unused (reference log-probs come precomputed). With `entropy` the sums also
+    hold the policy's mean entropy at the loss tokens (an extra reduction over the vocabulary in the
+    head; the online loop takes it from the sampler instead, `GRPOConfig.entropy_source`).
     """
     del reference_params
-    logps_BT, entropy_BT = completion_logps(
-        model, params, batch, temperature=temperature, return_entropy=True
-    )
+    out = completion_logps(model, params, batch, temperature=temperature, return_entropy=entropy)
+    logps_BT, entropy_BT = out if entropy else (out, None)
     return _policy_gradient_terms(
         logps_BT, entropy_BT, batch, aggregation=aggregation, loss_kwargs=loss_kwargs, max_length=max_length
     )
@@ -291,7 +293,8 @@ def policy_gradient_objective(
 
 def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwargs, max_length):
     """`policy_gradient_objective`'s (loss, sums) from the completion tokens' tempered log-probs and
-    entropies (`completion_logps`; 0 off the loss mask, as the batch's `old_logps` are)."""
+    entropies (`completion_logps`; 0 off the loss mask, as the batch's `old_logps` are; None: no
+    `entropy` in the sums)."""
     mask_BT = batch["loss_mask"]
     # [B]: one advantage per sequence (the GRPO family); [B, T]: per token (PPO's GAE).
     adv_key = "advantages_BT" if batch["advantages"].ndim == 2 else "advantages_B"
@@ -318,14 +321,17 @@ def _policy_gradient_terms(logps_BT, entropy_BT, batch, *, aggregation, loss_kwa
     )  # fmt: skip
     token_share = jnp.sum(mask_BT) / jnp.maximum(token_normalizer, 1.0)
     # The policy's entropy at the sampled positions (logged only; DAPO's clip-higher claim is about it).
-    entropy = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(token_normalizer, 1.0)
-    sums = {"loss": loss, "weight": share, "entropy": entropy}
+    sums = {"loss": loss, "weight": share}
+    if entropy_BT is not None:
+        sums["entropy"] = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(token_normalizer, 1.0)
     sums.update({k: token_share * share_free for k, share_free in means.items()})
     # `weight` sums to 1 over the micro-batches, so `finalize` leaves these sums as they are.
     return loss, sums
 
 
-def trajectory_balance_objective(params, batch, reference_params, *, model: nn.Module, temperature: float):
+def trajectory_balance_objective(
+    params, batch, reference_params, *, model: nn.Module, temperature: float, entropy: bool = True
+):
     """GFlowNet trajectory balance (`losses.trajectory_balance`) on a mini-batch of sampled completions,
     exact under gradient accumulation.
 
@@ -333,13 +339,12 @@ def trajectory_balance_objective(params, batch, reference_params, *, model: nn.M
     the tempered token log-probs of each row; the batch holds the rows, `log_rewards` [B],
     `row_fraction` [B] (1 / the mini-batch's rows) and `token_normalizer` [B], so the loss is the
     mini-batch mean of the squared residuals. `clip_frac_low`/`clip_frac_high` are logged as 0 (no
-    ratio is clipped), `log_z` and `tb_residual` (mean of log Z + Σ log π − log R) beside them.
-    `reference_params` is unused.
+    ratio is clipped), `log_z` and `tb_residual` (mean of log Z + Σ log π − log R) beside them, and
+    with `entropy` the mean entropy at the loss tokens. `reference_params` is unused.
     """
     del reference_params
-    logps_BT, entropy_BT = completion_logps(
-        model, params["policy"], batch, temperature=temperature, return_entropy=True
-    )
+    out = completion_logps(model, params["policy"], batch, temperature=temperature, return_entropy=entropy)
+    logps_BT, entropy_BT = out if entropy else (out, None)
     mask_BT = batch["loss_mask"]
     logps_B = jnp.sum(jnp.where(mask_BT > 0, logps_BT, 0.0), axis=-1)
     log_z = params["log_z"]
@@ -347,13 +352,13 @@ def trajectory_balance_objective(params, batch, reference_params, *, model: nn.M
     fraction_B = batch["row_fraction"]
     share = jnp.sum(fraction_B)
     loss = jnp.sum(per_B * fraction_B)
-    entropy = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(batch["token_normalizer"][0], 1.0)
     residual_B = jax.lax.stop_gradient(log_z + logps_B - batch["log_rewards"])
     sums = {
         "loss": loss, "weight": share, "clip_frac_low": 0.0 * share, "clip_frac_high": 0.0 * share,
-        "entropy": entropy,
         "log_z": jax.lax.stop_gradient(log_z) * share, "tb_residual": jnp.sum(residual_B * fraction_B),
     }  # fmt: skip
+    if entropy:
+        sums["entropy"] = jnp.sum(entropy_BT * mask_BT) / jnp.maximum(batch["token_normalizer"][0], 1.0)
     return loss, sums
 
 
@@ -410,6 +415,7 @@ def shared_critic_objective(
     max_length: int | None = None,
     vf_coef: float = 0.1,
     clip: float | None = 0.2,
+    entropy: bool = True,
 ):
     """PPO with the value head on the policy's backbone: `policy_gradient_objective` + vf_coef ·
     `value_objective` from one forward (TRL's `PPOTrainer` loss pg_loss + vf_coef · vf_loss, OpenAI
@@ -420,12 +426,13 @@ def shared_critic_objective(
     the head on the final-normed hidden state at every position (float32), so the value loss's gradient
     reaches the backbone. The batch is `policy_gradient_objective`'s plus `old_values` and `returns`.
     The sums hold the policy's metrics, `value_loss` (unscaled) and the value metrics of
-    `value_objective`; `loss` is the total.
+    `value_objective`; `loss` is the total (`entropy` as in `policy_gradient_objective`).
     """
     del reference_params
-    logps_BT, entropy_BT, hidden_BTD = completion_logps(
-        model, params["policy"], batch, temperature=temperature, return_entropy=True, return_hidden=True
+    out = completion_logps(
+        model, params["policy"], batch, temperature=temperature, return_entropy=entropy, return_hidden=True
     )
+    logps_BT, entropy_BT, hidden_BTD = out if entropy else (out[0], None, out[1])
     pg_loss, sums = _policy_gradient_terms(
         logps_BT, entropy_BT, batch, aggregation=aggregation, loss_kwargs=loss_kwargs, max_length=max_length
     )
