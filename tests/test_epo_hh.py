@@ -114,24 +114,33 @@ def test_turn_prompts_are_the_training_rows_prefixes(tok, dialogues):
     assert (short["prompt_tokens"][:, 0] == tok.bos_id).all()
 
 
-def test_epo_objective_matches_a_numpy_reference(tok, dialogues):
+@pytest.mark.parametrize("shift", [0.0, 1.0])
+def test_epo_objective_matches_a_numpy_reference(tok, dialogues, shift):
+    """The objective against NumPy, with the rewards shifted by `EPOConfig.reward_shift` (1: the ±1
+    rewards become {0, 2}, every return ≥ 0); the logged turn reward stays the data's."""
     cfg = models.preset("tiny", vocab_size=tok.vocab_size, max_len=256)
     model = models.Transformer(cfg)
     params = models.init_params(model, jax.random.key(0))
     batch = turns.tokenize_dialogues(dialogues, tok, max_len=160, max_turns=5).batch(np.arange(6), 160)
     batch["weights"][2] = 0.0
-    total, sums = steps.epo_objective(params, batch, None, model=model, gamma=0.9, normalize=True)
+    total, sums = steps.epo_objective(
+        params, batch, None, model=model, gamma=0.9, normalize=True, reward_shift=shift
+    )
     logits = model.apply({"params": params}, batch["tokens"], segment_ids_BT=batch["segment_ids"])
     logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32)), np.float64)
     token_logp = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-    want = 0.0
+    want, mean_reward = 0.0, 0.0
     for b, d in enumerate(dialogues):
         r = np.array(d.turn_rewards, np.float64)
-        g = np.array([sum(0.9 ** (k - u) * r[k] for k in range(u, len(r))) for u in range(len(r))])
+        g = np.array([sum(0.9 ** (k - u) * (r[k] + shift) for k in range(u, len(r))) for u in range(len(r))])
+        assert shift == 0.0 or (g >= 0).all()
         g = g / max(np.abs(g).max(), 1e-8)
         means = [token_logp[b][batch["turn_ids"][b] == u].mean() for u in range(len(r))]
         want += batch["weights"][b] * -(g * means).sum() / len(r)
+        mean_reward += batch["weights"][b] * r.mean()
+    assert {-1.0, 1.0} <= {r for d in dialogues for r in d.turn_rewards}  # both signs: the shift matters
     np.testing.assert_allclose(float(total), want, rtol=2e-5)
+    np.testing.assert_allclose(float(sums["turn_reward"]), mean_reward, rtol=1e-6)
     assert float(sums["weight"]) == 5.0
 
 
@@ -144,6 +153,8 @@ def test_bad_dialogue_and_epo_settings_name_the_field():
         config.DataConfig(task="dialogue", dialogue_error_rate=1.5)
     with pytest.raises(ValueError, match="gamma must be in"):
         epo.EPOConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="reward_shift must be finite"):
+        epo.EPOConfig(reward_shift=float("nan"))
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -40,15 +41,21 @@ from rlhf_jax.train import metrics, steps
 
 @dataclasses.dataclass(frozen=True)
 class EPOConfig:
-    """Attributes: gamma (the turn discount, 0.99 as released) and normalize (divide the returns by
-    max |G| per dialogue, as released)."""
+    """Attributes: gamma (the turn discount, 0.99 as released), normalize (divide the returns by
+    max |G| per dialogue, as released) and reward_shift (added to every per-turn training reward before
+    the returns; 0 keeps the data's rewards. The dialogue task's ±1 rewards shifted by 1 are {0, 2}:
+    every return is then ≥ 0 and, after the max-|G| normalisation, which removes the scale, EPO is a
+    return-weighted SFT with no push-down on wrong turns. The evaluation's rewards are never shifted)."""
 
     gamma: float = 0.99
     normalize: bool = True
+    reward_shift: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
+        if not math.isfinite(self.reward_shift):
+            raise ValueError(f"reward_shift must be finite, got {self.reward_shift!r}")
 
 
 def spec(cfg: StageConfig, epo_config: EPOConfig, eval_config: evaluation.EvalConfig) -> dict:
@@ -90,7 +97,11 @@ def run(cfg: StageConfig, workdir: str, *, epo_config: EPOConfig, eval_config: e
     model = models.Transformer(model_cfg, mesh=mesh)
     params = training.init_lm_params(model, jax.random.key(cfg.seed), init_from=cfg.init_from)
     objective = functools.partial(
-        steps.epo_objective, model=model, gamma=epo_config.gamma, normalize=epo_config.normalize
+        steps.epo_objective,
+        model=model,
+        gamma=epo_config.gamma,
+        normalize=epo_config.normalize,
+        reward_shift=epo_config.reward_shift,
     )
     step_fn, state = training.setup(
         cfg.optim, cfg.train, seed=cfg.seed, mesh=mesh, model=model, params=params, objective=objective,

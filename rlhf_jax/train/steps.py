@@ -114,14 +114,26 @@ def sft_weight(batch) -> jax.Array:
     return jnp.sum(batch["loss_mask"] * batch["weights"][:, None])
 
 
-def epo_objective(params, batch, reference_params, *, model: nn.Module, gamma: float, normalize: bool):
+def epo_objective(
+    params,
+    batch,
+    reference_params,
+    *,
+    model: nn.Module,
+    gamma: float,
+    normalize: bool,
+    reward_shift: float = 0.0,
+):
     """EPO's offline turn-level REINFORCE (`losses.epo`, arXiv 2502.12486) on a batch of dialogues in
     the turn layout (`rlhf_jax.data.turns`: `turn_ids`, `turn_rewards`, `turn_mask`): the per-dialogue
-    losses summed with the row weights; the weight is the number of dialogues (`pair_weight`)."""
+    losses summed with the row weights; the weight is the number of dialogues (`pair_weight`). The loss
+    reads `turn_rewards + reward_shift` (`EPOConfig.reward_shift`); the logged `turn_reward` is the
+    data's, unshifted."""
     del reference_params
     logps_BT = completion_logps(model, params, batch)
     loss_B = losses.epo(
-        token_logps_BT=logps_BT, turn_ids_BT=batch["turn_ids"], turn_rewards_BU=batch["turn_rewards"],
+        token_logps_BT=logps_BT, turn_ids_BT=batch["turn_ids"],
+        turn_rewards_BU=batch["turn_rewards"] + reward_shift,
         turn_mask_BU=batch["turn_mask"], gamma=gamma, normalize=normalize,
     )  # fmt: skip
     w_B = batch["weights"]
