@@ -72,6 +72,8 @@ METRIC_RANGES = (
     ("*accuracy*_vs_*", (-1.0, 1.0)),
     ("*accuracy*gain*", (-1.0, 1.0)),
     ("*accuracy*", (0.0, 1.0)),
+    ("call_exact_match*", (0.0, 1.0)),  # shares of held-out tool calls (`pipelines.tool_sft`)
+    ("json_valid*", (0.0, 1.0)),
     ("kl*", (0.0, math.inf)),
     ("*length*", (0.0, math.inf)),
     ("entropy*", (0.0, math.inf)),

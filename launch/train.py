@@ -109,6 +109,7 @@ def _init_distributed(args) -> None:
 # reuse_from=)`.
 PIPELINES = (
     "sft", "reward", "preference", "rso", "inpo", "grpo", "gencls", "epo", "direct_advantage_po", "rft",
+    "tool_sft",
 )  # fmt: skip
 
 

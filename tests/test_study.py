@@ -49,6 +49,7 @@ _STUDIES = (
     "rpo_overopt",
     "rso_table",
     "rso_table_paper",
+    "tool_sft_study",
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from rlhf_jax import lora as lora_lib
 from rlhf_jax import losses, models, sharding
-from rlhf_jax.data import synthetic_dialogue
+from rlhf_jax.data import synthetic_dialogue, synthetic_tools
 from rlhf_jax.pipelines import fingerprints
 from rlhf_jax.train.ift import SFTObjectiveConfig
 from rlhf_jax.train.optim import OptimConfig
@@ -28,7 +28,9 @@ class DataConfig:
         math task, `data.synthetic_arith`), "math" (GSM8K / MATH-style problem files: `path` holds
         the training problems, `eval_path` the held-out ones; `rlhf_jax.data.load_math`) or "dialogue"
         (the embedded multi-turn running-total dialogues with per-turn rewards,
-        `data.synthetic_dialogue`: `num_sft` training and `num_eval` held-out dialogues).
+        `data.synthetic_dialogue`: `num_sft` training and `num_eval` held-out dialogues) or "tools" (the
+        embedded tool-calling task, `data.synthetic_tools`: `num_sft` training and `num_eval` held-out
+        requests).
       tokenizer: a sentencepiece .model; empty: train one on the training text (cached in the workdir).
       path: the user's preference file(s): shorthand for `preference_path` (SFT examples then come from
         the pairs' prompts and chosen responses unless `sft_path` is given).
@@ -56,6 +58,8 @@ class DataConfig:
         (`synthetic_arith`).
       dialogue_max_turns, dialogue_error_rate: the dialogue task's most assistant turns per dialogue
         (at least 2) and the per-turn slip probability of its training demonstrations.
+      tool_weights, tools_per_prompt: the tool task's SFT token weights, "uniform" (every token 1) or
+        "pkt" (TL-Training's key-token weights, `data.tool_weights`), and the tools offered per prompt.
       vary_with_seed: tie the data to the run's `seed`: the synthetic task is generated from
         (synthetic_seed, seed) instead of synthetic_seed alone (so its pairs and held-out evaluation
         prompts change with the seed), and the prompts of an `eval_path` are evaluated in a seeded
@@ -90,6 +94,8 @@ class DataConfig:
     arith_misread_rate: float = 0.0
     dialogue_max_turns: int = 4
     dialogue_error_rate: float = 0.3
+    tool_weights: str = "uniform"
+    tools_per_prompt: int = 5
 
     def __post_init__(self):
         if self.path:
@@ -99,10 +105,18 @@ class DataConfig:
                     f"{self.preference_path!r}: give one of them"
                 )
             object.__setattr__(self, "preference_path", self.path)
-        if self.task not in ("tldr", "hh", "arith", "math", "dialogue"):
+        if self.task not in ("tldr", "hh", "arith", "math", "dialogue", "tools"):
             raise ValueError(
-                f"data.task must be 'tldr', 'hh', 'arith', 'math' or 'dialogue', got {self.task!r}"
+                f"data.task must be 'tldr', 'hh', 'arith', 'math', 'dialogue' or 'tools', got {self.task!r}"
             )
+        if self.tool_weights not in ("uniform", "pkt"):
+            raise ValueError(f"data.tool_weights must be 'uniform' or 'pkt', got {self.tool_weights!r}")
+        if self.tool_weights == "pkt" and self.task != "tools":
+            raise ValueError(f"data.tool_weights='pkt' weighs the tool task's calls (data.task='tools'), "
+                             f"not data.task={self.task!r}")  # fmt: skip
+        n_tools = len(synthetic_tools.TOOLS)
+        if self.task == "tools" and not 2 <= self.tools_per_prompt <= n_tools:
+            raise ValueError(f"data.tools_per_prompt must be in [2, {n_tools}], got {self.tools_per_prompt}")
         if self.task == "dialogue":
             try:
                 synthetic_dialogue.DialogueConfig(

@@ -111,6 +111,9 @@ def data_spec(data) -> dict:
     if data.task != "dialogue":  # dialogue-only fields: the other tasks' fingerprints predate them
         for key in ("dialogue_max_turns", "dialogue_error_rate"):
             spec.pop(key, None)
+    if data.task != "tools":  # tool-task-only fields (the SFT weights enter the tool task's stages)
+        for key in ("tool_weights", "tools_per_prompt"):
+            spec.pop(key, None)
     # A template file enters by content; "auto" uses the tokenizer's template, which enters through the
     # tokenizer's source. "auto" is kept in the spec of runs on the user's files, whose conversational
     # records were rendered HH-style before templates were applied (so such a stage is recomputed, never

@@ -67,9 +67,8 @@ def run(
     task = tasks.load_task(cfg.data, cfg.seed, init_from=cfg.init_from, init_from_hf=cfg.init_from_hf)
     tokenizer = tasks.tokenizer_for(cfg.data, task, workdir, cfg.init_from, cfg.init_from_hf)
     stats = rec.LoadStats()
-    train_data = pipeline.tokenize_sft(
-        task.sft if examples is None else examples, tokenizer, tasks.layout(cfg.data), stats
-    )
+    train_examples = tasks.sft_examples(task, tokenizer, cfg.data) if examples is None else examples
+    train_data = pipeline.tokenize_sft(train_examples, tokenizer, tasks.layout(cfg.data), stats)
     eval_data = pipeline.tokenize_sft(task.eval_prompts, tokenizer, tasks.layout(cfg.data))
     data_iter = iter(pipeline.batches(train_data, global_batch_size=cfg.train.batch_size, seed=cfg.seed))
 

@@ -15,7 +15,14 @@ import os
 
 import numpy as np
 
-from rlhf_jax.data import loading, pipeline, synthetic_arith, synthetic_dialogue, synthetic_tldr
+from rlhf_jax.data import (
+    loading,
+    pipeline,
+    synthetic_arith,
+    synthetic_dialogue,
+    synthetic_tldr,
+    synthetic_tools,
+)
 from rlhf_jax.data import records as rec
 from rlhf_jax.data.chat_template import ChatTemplate
 from rlhf_jax.data.hf_tokenizer import TOKENIZER_JSON
@@ -74,6 +81,8 @@ def load_task(
         return _load_math_task(data, seed, None)
     if data.task == "dialogue":
         return _load_dialogue_task(data, seed)
+    if data.task == "tools":
+        return _load_tool_task(data, seed)
     files = bool(data.sft_path or data.preference_path or data.eval_path)
     if files and tokenizer is None and data.chat_template != "none":
         source = tokenizer_source(data, init_from, init_from_hf)
@@ -177,6 +186,38 @@ def _load_dialogue_task(data: DataConfig, seed: int) -> TaskData:
         dialogues=train,
         eval_dialogues=held,
     )
+
+
+def _load_tool_task(data: DataConfig, seed: int) -> TaskData:
+    """The embedded tool-calling task (`synthetic_tools`): `num_sft` training and `num_eval` held-out
+    requests, every prompt distinct; the weights of `data.tool_weights` are attached by `sft_examples`."""
+    task_seed = data.synthetic_seed
+    if data.vary_with_seed:
+        task_seed = int(np.random.SeedSequence([data.synthetic_seed, seed]).generate_state(1)[0])
+    splits = synthetic_tools.generate_splits(
+        seed=task_seed, num_sft=data.num_sft, num_eval=data.num_eval, tools_per_prompt=data.tools_per_prompt
+    )
+    return TaskData(
+        sft=splits.sft,
+        preference=[],
+        eval_preference=[],
+        eval_prompts=splits.eval,
+        synthetic=True,
+        stats={
+            "source": "synthetic_tools",
+            "sft": len(splits.sft),
+            "eval": len(splits.eval),
+            "tool_weights": data.tool_weights,
+        },
+    )
+
+
+def sft_examples(task: TaskData, tokenizer, data: DataConfig) -> list[rec.SFTExample]:
+    """The SFT stage's training examples: the task's demonstrations, with TL-Training's key-token weights
+    (`synthetic_tools.with_pkt_weights`) when `data.tool_weights` is "pkt" (they need the tokenizer)."""
+    if data.tool_weights == "pkt":
+        return synthetic_tools.with_pkt_weights(task.sft, tokenizer)
+    return task.sft
 
 
 def _load_math_task(data: DataConfig, seed: int, template: ChatTemplate | None) -> TaskData:
