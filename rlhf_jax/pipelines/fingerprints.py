@@ -165,6 +165,8 @@ _MODEL_FIELDS_SINCE = {
     "sliding_window": None,
     "layer_types": None,
     "local_rope_theta": None,
+    # The cached-attention kernel (None: full on the CPU, bounded on TPU/GPU): the same model.
+    "decode_attention": None,
 }
 
 
