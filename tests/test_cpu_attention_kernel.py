@@ -14,6 +14,7 @@ a wrong causal bound or a missing segment check moves some output by ~1e-1.
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +160,10 @@ def test_a_failed_build_names_every_compiler_tried(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_JAX_KERNELS_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "compilers", lambda: [("broken-cxx", ["/nonexistent/broken-cxx"])])
     with pytest.raises(RuntimeError, match=r"(?s)broken-cxx.*pip install -e '\.\[kernels\]'"):
+        build.build()
+    writes_junk = [sys.executable, "-c", "import sys; open(sys.argv[-1], 'w').write('not a library')"]
+    monkeypatch.setattr(build, "compilers", lambda: [("junk-cxx", writes_junk)])
+    with pytest.raises(RuntimeError, match=r"(?s)junk-cxx.*does not load"):
         build.build()
     monkeypatch.setattr(build, "compilers", lambda: [])
     with pytest.raises(RuntimeError, match="ziglang package is not installed"):

@@ -6,9 +6,11 @@ The library lands in `cache_dir()/<hash>/libcpu_attention.so`, where the hash co
 jaxlib version (whose FFI headers it is compiled against): a new source or jaxlib builds afresh, an
 unchanged one is reused. Compilers tried, in order: `$CXX`, then `g++`, `c++`, `clang++` on PATH, then
 the Zig toolchain from pip (`python -m ziglang c++`, `pip install -e '.[kernels]'`), so a machine
-without a system compiler can still build. Flags: `-O3 -std=c++17 -shared -fPIC -pthread`; set
-`RLHF_JAX_KERNELS_NATIVE=1` to add `-march=native` (faster, but the library then runs only on CPUs like
-this one). `RLHF_JAX_KERNELS_CACHE` overrides the cache directory.
+without a system compiler can still build; a library that compiles but does not load counts as a
+failure of that compiler. Flags: `-O3 -std=c++17 -shared -fPIC -pthread`; set
+`RLHF_JAX_KERNELS_NATIVE=1` to add `-march=native` (the library then runs only on CPUs like this one;
+without it GCC still builds AVX-512/AVX2 versions of the hot loops, chosen at load time, see the
+source). `RLHF_JAX_KERNELS_CACHE` overrides the cache directory.
 """
 
 import argparse
@@ -88,8 +90,15 @@ def build(force: bool = False, verbose: bool = False) -> str:
         except OSError as e:
             proc = subprocess.CompletedProcess(cmd, -1, "", str(e))
         if proc.returncode == 0:
-            os.replace(tmp, out)  # atomic: a concurrent loader sees the old file or the whole new one
-            return out
+            # Loaded in a subprocess: a library that compiles but does not load (an undefined symbol)
+            # fails here, not in the user's program, and the next compiler is tried.
+            load = subprocess.run(
+                [sys.executable, "-c", f"import ctypes; ctypes.CDLL({tmp!r})"], capture_output=True, text=True
+            )
+            if load.returncode == 0:
+                os.replace(tmp, out)  # atomic: a concurrent loader sees the old file or the whole new one
+                return out
+            proc = subprocess.CompletedProcess(cmd, load.returncode, "", f"does not load: {load.stderr}")
         os.unlink(tmp)
         tried.append(f"  {name}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     if not candidates:

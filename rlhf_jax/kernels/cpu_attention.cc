@@ -33,6 +33,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// With GCC on x86-64 Linux the per-item functions are compiled for AVX-512, AVX2 and baseline x86-64, one
+// picked at load time by the CPU (function multiversioning through glibc's ifunc), so a portable build
+// is still vectorised wide. Not with Clang (Zig's included): its clones left the inline library
+// functions they call undefined, and the library did not load (Zig 0.17). Elsewhere, or with
+// -DRLHF_JAX_NO_CLONES, one version for the flags given (-march=native: RLHF_JAX_KERNELS_NATIVE=1).
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(RLHF_JAX_NO_CLONES)
+#define RLHF_JAX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RLHF_JAX_CLONES
+#endif
+
 constexpr int64_t BQ = 32;  // query rows per tile
 constexpr int64_t BK = 64;  // keys per tile
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -71,7 +82,7 @@ inline void axpy(float* __restrict__ y, const float* __restrict__ x, float a, in
 }
 
 // tile_T[kk * BK + j] = x[row s0 + j][kk]: a [nk, K] slice of keys or values, transposed.
-void transpose_tile(const float* x, const Dims& d, int64_t b, int64_t g, int64_t s0, int64_t nk,
+inline void transpose_tile(const float* x, const Dims& d, int64_t b, int64_t g, int64_t s0, int64_t nk,
                     float* tile_T) {
   for (int64_t j = 0; j < nk; ++j) {
     const float* row = x + d.kv_at(b, s0 + j, g);
@@ -80,7 +91,7 @@ void transpose_tile(const float* x, const Dims& d, int64_t b, int64_t g, int64_t
 }
 
 // out[i * BK + j] = alpha * a_i . tile_T[:, j] for the nq rows a_i = a + q_at(b, t0 + i, h).
-void row_dots(const float* a, const Dims& d, int64_t b, int64_t t0, int64_t nq, int64_t h, const float* tile_T,
+inline void row_dots(const float* a, const Dims& d, int64_t b, int64_t t0, int64_t nq, int64_t h, const float* tile_T,
               int64_t nk, float alpha, float* out) {
   for (int64_t i = 0; i < nq; ++i) {
     const float* row = a + d.q_at(b, t0 + i, h);
@@ -111,59 +122,141 @@ ffi::Error check_dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
+struct FwdArgs {
+  Dims d;
+  const float *q_p, *k_p, *v_p;
+  const int32_t* seg_p;
+  float *out_p, *lse_p;
+  float scale;
+};
+
+// One forward item: query tile qb of head h of row b.
+RLHF_JAX_CLONES void fwd_item(const FwdArgs& a, int64_t item) {
+  const Dims& d = a.d;
+  const float *q_p = a.q_p, *k_p = a.k_p, *v_p = a.v_p;
+  const int32_t* seg_p = a.seg_p;
+  float *out_p = a.out_p, *lse_p = a.lse_p;
+  const float scale = a.scale;
+  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
+  // Longest blocks (the last ones) first: they see the most keys.
+  const int64_t qb = blocks - 1 - item % blocks, h = (item / blocks) % d.H, b = item / (blocks * d.H);
+  const int64_t g = h / d.Q(), t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
+  const int32_t* seg_T = seg_p + b * d.T;
+  std::vector<float> kT(K * BK), s(BQ * BK), acc(BQ * K, 0.0f), m(BQ, NEG_INF), l(BQ, 0.0f);
+  for (int64_t s0 = 0; s0 < t1; s0 += BK) {  // key blocks up to the causal bound
+    const int64_t nk = std::min(t1, s0 + BK) - s0;
+    transpose_tile(k_p, d, b, g, s0, nk, kT.data());
+    row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, s.data());
+    for (int64_t i = 0; i < nq; ++i) {
+      float* s_i = s.data() + i * BK;
+      float mx = m[i];
+      for (int64_t j = 0; j < nk; ++j) {
+        if (!allowed(seg_T, t0 + i, s0 + j)) s_i[j] = NEG_INF;
+        mx = std::max(mx, s_i[j]);
+      }
+      if (mx == NEG_INF) continue;  // nothing visible yet in this row
+      const float alpha = std::exp(m[i] - mx);  // rescales what the earlier blocks summed
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nk; ++j) {
+        s_i[j] = std::exp(s_i[j] - mx);
+        sum += s_i[j];
+      }
+      l[i] = l[i] * alpha + sum;
+      float* acc_i = acc.data() + i * K;
+      for (int64_t kk = 0; kk < K; ++kk) acc_i[kk] *= alpha;
+      for (int64_t j = 0; j < nk; ++j) {
+        const float p = s_i[j];
+        if (p == 0.0f) continue;
+        axpy(acc_i, v_p + d.kv_at(b, s0 + j, g), p, K);
+      }
+      m[i] = mx;
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i) {  // the diagonal is always visible, so l > 0
+    float* o = out_p + d.q_at(b, t0 + i, h);
+    const float inv = 1.0f / l[i];
+    for (int64_t kk = 0; kk < K; ++kk) o[kk] = acc[i * K + kk] * inv;
+    lse_p[(b * d.H + h) * d.T + t0 + i] = m[i] + std::log(l[i]);
+  }
+}
+
 ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::Buffer<ffi::S32> seg, float scale, int64_t num_threads,
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
   if (auto err = check_dims(q, k, v, seg, &d); err.failure()) return err;
-  const float *q_p = q.typed_data(), *k_p = k.typed_data(), *v_p = v.typed_data();
-  const int32_t* seg_p = seg.typed_data();
-  float *out_p = out->typed_data(), *lse_p = lse->typed_data();
-  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
-
-  parallel_for(d.B * d.H * blocks, num_threads, [&](int64_t item) {
-    // Longest blocks (the last ones) first: they see the most keys.
-    const int64_t qb = blocks - 1 - item % blocks, h = (item / blocks) % d.H, b = item / (blocks * d.H);
-    const int64_t g = h / d.Q(), t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
-    const int32_t* seg_T = seg_p + b * d.T;
-    std::vector<float> kT(K * BK), s(BQ * BK), acc(BQ * K, 0.0f), m(BQ, NEG_INF), l(BQ, 0.0f);
-    for (int64_t s0 = 0; s0 < t1; s0 += BK) {  // key blocks up to the causal bound
-      const int64_t nk = std::min(t1, s0 + BK) - s0;
-      transpose_tile(k_p, d, b, g, s0, nk, kT.data());
-      row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, s.data());
-      for (int64_t i = 0; i < nq; ++i) {
-        float* s_i = s.data() + i * BK;
-        float mx = m[i];
-        for (int64_t j = 0; j < nk; ++j) {
-          if (!allowed(seg_T, t0 + i, s0 + j)) s_i[j] = NEG_INF;
-          mx = std::max(mx, s_i[j]);
-        }
-        if (mx == NEG_INF) continue;  // nothing visible yet in this row
-        const float alpha = std::exp(m[i] - mx);  // rescales what the earlier blocks summed
-        float sum = 0.0f;
-        for (int64_t j = 0; j < nk; ++j) {
-          s_i[j] = std::exp(s_i[j] - mx);
-          sum += s_i[j];
-        }
-        l[i] = l[i] * alpha + sum;
-        float* acc_i = acc.data() + i * K;
-        for (int64_t kk = 0; kk < K; ++kk) acc_i[kk] *= alpha;
-        for (int64_t j = 0; j < nk; ++j) {
-          const float p = s_i[j];
-          if (p == 0.0f) continue;
-          axpy(acc_i, v_p + d.kv_at(b, s0 + j, g), p, K);
-        }
-        m[i] = mx;
-      }
-    }
-    for (int64_t i = 0; i < nq; ++i) {  // the diagonal is always visible, so l > 0
-      float* o = out_p + d.q_at(b, t0 + i, h);
-      const float inv = 1.0f / l[i];
-      for (int64_t kk = 0; kk < K; ++kk) o[kk] = acc[i * K + kk] * inv;
-      lse_p[(b * d.H + h) * d.T + t0 + i] = m[i] + std::log(l[i]);
-    }
-  });
+  const FwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
+                  out->typed_data(), lse->typed_data(), scale};
+  const int64_t blocks = (d.T + BQ - 1) / BQ;
+  parallel_for(d.B * d.H * blocks, num_threads, [&](int64_t item) { fwd_item(a, item); });
   return ffi::Error::Success();
+}
+
+struct BwdArgs {
+  Dims d;
+  const float *q_p, *k_p, *v_p;
+  const int32_t* seg_p;
+  const float *out_p, *lse_p, *do_p;
+  float *dq_p, *dk_p, *dv_p;
+  float scale;
+};
+
+// One backward item, (row b, kv head g): it alone writes dk and dv of that kv head, and dq of its query
+// heads.
+RLHF_JAX_CLONES void bwd_item(const BwdArgs& a, int64_t item) {
+  const Dims& d = a.d;
+  const float *q_p = a.q_p, *k_p = a.k_p, *v_p = a.v_p;
+  const float *out_p = a.out_p, *lse_p = a.lse_p, *do_p = a.do_p;
+  const int32_t* seg_p = a.seg_p;
+  float *dq_p = a.dq_p, *dk_p = a.dk_p, *dv_p = a.dv_p;
+  const float scale = a.scale;
+  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
+  const int64_t g = item % d.G, b = item / d.G;
+  const int32_t* seg_T = seg_p + b * d.T;
+  for (int64_t t = 0; t < d.T; ++t) {
+    std::fill_n(dk_p + d.kv_at(b, t, g), K, 0.0f);
+    std::fill_n(dv_p + d.kv_at(b, t, g), K, 0.0f);
+  }
+  std::vector<float> kT(K * BK), vT(K * BK), p(BQ * BK), dp(BQ * BK), dq_acc(BQ * K), delta(BQ);
+  for (int64_t h = g * d.Q(); h < (g + 1) * d.Q(); ++h) {
+    for (int64_t qb = 0; qb < blocks; ++qb) {
+      const int64_t t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
+      const float* lse_T = lse_p + (b * d.H + h) * d.T;
+      for (int64_t i = 0; i < nq; ++i) {  // delta = rowsum(dO * O)
+        const float *o = out_p + d.q_at(b, t0 + i, h), *g_o = do_p + d.q_at(b, t0 + i, h);
+        float acc = 0.0f;
+        for (int64_t kk = 0; kk < K; ++kk) acc += g_o[kk] * o[kk];
+        delta[i] = acc;
+      }
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      for (int64_t s0 = 0; s0 < t1; s0 += BK) {
+        const int64_t nk = std::min(t1, s0 + BK) - s0;
+        transpose_tile(k_p, d, b, g, s0, nk, kT.data());
+        transpose_tile(v_p, d, b, g, s0, nk, vT.data());
+        row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, p.data());
+        row_dots(do_p, d, b, t0, nq, h, vT.data(), nk, 1.0f, dp.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t t = t0 + i;
+          float *p_i = p.data() + i * BK, *ds_i = dp.data() + i * BK;
+          for (int64_t j = 0; j < nk; ++j) {
+            p_i[j] = allowed(seg_T, t, s0 + j) ? std::exp(p_i[j] - lse_T[t]) : 0.0f;
+            ds_i[j] = scale * p_i[j] * (ds_i[j] - delta[i]);  // dS, with the score scale folded in
+          }
+          const float *q_i = q_p + d.q_at(b, t, h), *do_i = do_p + d.q_at(b, t, h);
+          float* dq_i = dq_acc.data() + i * K;
+          for (int64_t j = 0; j < nk; ++j) {
+            if (p_i[j] == 0.0f && ds_i[j] == 0.0f) continue;
+            const int64_t at = d.kv_at(b, s0 + j, g);
+            axpy(dv_p + at, do_i, p_i[j], K);
+            axpy(dk_p + at, q_i, ds_i[j], K);
+            axpy(dq_i, k_p + at, ds_i[j], K);
+          }
+        }
+      }
+      for (int64_t i = 0; i < nq; ++i)
+        std::copy_n(dq_acc.data() + i * K, K, dq_p + d.q_at(b, t0 + i, h));
+    }
+  }
 }
 
 ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
@@ -173,61 +266,10 @@ ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
                             ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
   if (auto err = check_dims(q, k, v, seg, &d); err.failure()) return err;
-  const float *q_p = q.typed_data(), *k_p = k.typed_data(), *v_p = v.typed_data();
-  const float *out_p = out.typed_data(), *lse_p = lse.typed_data(), *do_p = d_out.typed_data();
-  const int32_t* seg_p = seg.typed_data();
-  float *dq_p = dq->typed_data(), *dk_p = dk->typed_data(), *dv_p = dv->typed_data();
-  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
-
-  // One item per (row, kv head): it alone writes dk and dv of that kv head, and dq of its query heads.
-  parallel_for(d.B * d.G, num_threads, [&](int64_t item) {
-    const int64_t g = item % d.G, b = item / d.G;
-    const int32_t* seg_T = seg_p + b * d.T;
-    for (int64_t t = 0; t < d.T; ++t) {
-      std::fill_n(dk_p + d.kv_at(b, t, g), K, 0.0f);
-      std::fill_n(dv_p + d.kv_at(b, t, g), K, 0.0f);
-    }
-    std::vector<float> kT(K * BK), vT(K * BK), p(BQ * BK), dp(BQ * BK), dq_acc(BQ * K), delta(BQ);
-    for (int64_t h = g * d.Q(); h < (g + 1) * d.Q(); ++h) {
-      for (int64_t qb = 0; qb < blocks; ++qb) {
-        const int64_t t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
-        const float* lse_T = lse_p + (b * d.H + h) * d.T;
-        for (int64_t i = 0; i < nq; ++i) {  // delta = rowsum(dO * O)
-          const float *o = out_p + d.q_at(b, t0 + i, h), *g_o = do_p + d.q_at(b, t0 + i, h);
-          float acc = 0.0f;
-          for (int64_t kk = 0; kk < K; ++kk) acc += g_o[kk] * o[kk];
-          delta[i] = acc;
-        }
-        std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-        for (int64_t s0 = 0; s0 < t1; s0 += BK) {
-          const int64_t nk = std::min(t1, s0 + BK) - s0;
-          transpose_tile(k_p, d, b, g, s0, nk, kT.data());
-          transpose_tile(v_p, d, b, g, s0, nk, vT.data());
-          row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, p.data());
-          row_dots(do_p, d, b, t0, nq, h, vT.data(), nk, 1.0f, dp.data());
-          for (int64_t i = 0; i < nq; ++i) {
-            const int64_t t = t0 + i;
-            float *p_i = p.data() + i * BK, *ds_i = dp.data() + i * BK;
-            for (int64_t j = 0; j < nk; ++j) {
-              p_i[j] = allowed(seg_T, t, s0 + j) ? std::exp(p_i[j] - lse_T[t]) : 0.0f;
-              ds_i[j] = scale * p_i[j] * (ds_i[j] - delta[i]);  // dS, with the score scale folded in
-            }
-            const float *q_i = q_p + d.q_at(b, t, h), *do_i = do_p + d.q_at(b, t, h);
-            float* dq_i = dq_acc.data() + i * K;
-            for (int64_t j = 0; j < nk; ++j) {
-              if (p_i[j] == 0.0f && ds_i[j] == 0.0f) continue;
-              const int64_t at = d.kv_at(b, s0 + j, g);
-              axpy(dv_p + at, do_i, p_i[j], K);
-              axpy(dk_p + at, q_i, ds_i[j], K);
-              axpy(dq_i, k_p + at, ds_i[j], K);
-            }
-          }
-        }
-        for (int64_t i = 0; i < nq; ++i)
-          std::copy_n(dq_acc.data() + i * K, K, dq_p + d.q_at(b, t0 + i, h));
-      }
-    }
-  });
+  const BwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
+                  lse.typed_data(), d_out.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                  scale};
+  parallel_for(d.B * d.G, num_threads, [&](int64_t item) { bwd_item(a, item); });
   return ffi::Error::Success();
 }
 
