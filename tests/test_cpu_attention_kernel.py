@@ -2,7 +2,8 @@
 per module into a temporary cache (the module's kernel tests skip when no compiler is found), its
 forward (output and log-sum-exp) against the pure-JAX `causal_attention`, `jax.nn.dot_product_attention`
 and a plain softmax written out; its gradients against `causal_attention`'s; under a mesh; the whole
-model's loss and gradients against the default path; and the errors without a library or a compiler.
+model's loss and gradients against the default path, on one device and sharded over 8; and the errors
+without a library or a compiler.
 
 Inputs: grouped-query heads (H=4, G=2), packed segments starting inside a tile, padding (id 0, which
 attends among itself), T=100 (not a multiple of the kernel's 32-query and 64-key tiles, more than one key
@@ -14,6 +15,7 @@ a wrong causal bound or a missing segment check moves some output by ~1e-1.
 
 import dataclasses
 import functools
+import re
 import sys
 
 import jax
@@ -142,6 +144,33 @@ def test_the_model_through_the_kernel_equals_the_default_path(kernel):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
     assert "rlhf_jax_cpu_attention_fwd" in jaxpr and "rlhf_jax_cpu_attention_bwd" in jaxpr
     ffi_loss, ffi_grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(ffi_loss, base_loss, rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(ffi_grads), jax.tree.leaves(base_grads),
+                            strict=True):  # fmt: skip
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_sharded_model_through_the_kernel_equals_the_default_path(kernel):
+    """The model on a data x fsdp x tensor mesh (the kernel per shard of rows and heads) gives the
+    single-device default path's loss and gradients."""
+    tokens = jnp.asarray(np.random.default_rng(3).integers(1, 64, (4, 100)), jnp.int32)
+    seg = jnp.concatenate([_case()[3], _case()[3][::-1]])
+    loss, params = _model_loss(_tiny(), tokens, seg)
+    base_loss, base_grads = jax.value_and_grad(loss)(params)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    model = models.Transformer(_tiny(attention_impl="cpu_ffi"), mesh=mesh)
+    p_shardings = models.param_shardings(model)
+    rows = sharding.logical_sharding(mesh, ("batch", None))
+
+    def sharded_loss(p, tokens, seg):
+        logits = model.apply({"params": p}, tokens, segment_ids_BT=seg)
+        return jnp.sum(jnp.where(seg[..., None] != 0, jax.nn.log_softmax(logits), 0.0)[..., :8])
+
+    step = jax.jit(jax.value_and_grad(sharded_loss), in_shardings=(p_shardings, rows, rows))
+    hlo = step.lower(params, tokens, seg).compile().as_text()
+    # Per shard: one of the 4 rows (data x fsdp) and 4 of the 8 heads (tensor), K = 16.
+    assert re.search(r"\(f32\[1,100,4,16\][^\n]*custom-call\([^\n]*rlhf_jax_cpu_attention_fwd", hlo)
+    ffi_loss, ffi_grads = step(jax.device_put(params, p_shardings), tokens, seg)
     np.testing.assert_allclose(ffi_loss, base_loss, rtol=1e-5)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(ffi_grads), jax.tree.leaves(base_grads),
                             strict=True):  # fmt: skip
