@@ -49,6 +49,9 @@ _TEST = [
 # `bench.tpu_plan` compiles for described TPU topologies on any Linux host (the wheel `jax[tpu]` installs).
 _TPU = ["libtpu"]
 
+# `python -m rlhf_jax.kernels.build` on a machine without a C++ compiler: the Zig toolchain from pip.
+_KERNELS = ["ziglang>=0.17.1"]
+
 _BENCH = [
     "torch==2.13.0",
     "transformers>=4.57",
@@ -64,7 +67,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*", "launch", "experiments", "bench"]),
+    package_data={"rlhf_jax.kernels": ["*.cc"]},  # the optional kernels' source, compiled on demand
     install_requires=_RUNTIME,
-    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST, "tpu": _TPU},
+    extras_require={"test": _TEST, "bench": _BENCH, "dev": _TEST, "tpu": _TPU, "kernels": _KERNELS},
     license="Apache-2.0",
 )

@@ -2,6 +2,7 @@
 
     python -m bench.train_step --preset=small [--compare=torch,trl] [--reference=online|precomputed]
         [--loss=dpo] [--dtype=float32|bfloat16] [--iters=5] [--profile] [--json=PATH]
+        [--attention_impl=xla|cpu_ffi|...]
 
 Ours is the library's step (`rlhf_jax.train.steps.train_step` with `preference_objective`, built by
 `bench.common.jax_dpo_step` with the trainer core, `rlhf_jax.train.trainer.make_train_step`, as the
@@ -24,6 +25,10 @@ Tokens/s counts every token through the policy (2 x pairs x (prompt + response))
 the same for every implementation, so their GFLOP/s compare like tokens/s. MFU divides by the dense
 matmul peak of `bench.peak`, measured in the same run. The last line is
 `tokens_per_s=<ours> mfu=<ours> ratio_vs_torch=<ours/torch or na>`.
+
+`--attention_impl` sets `ModelConfig.attention_impl` of our step only (the PyTorch and TRL steps keep
+SDPA): e.g. `cpu_ffi` times the optional native CPU attention kernel (build it first with
+`python -m rlhf_jax.kernels.build`), `xla` JAX's attention; default: the preset's (None).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import copy
 import sys
 
 from bench import common, peak
+from rlhf_jax.models.config import ATTENTION_IMPLS
 
 # ----------------------------------------------------------------------------------------------------
 # PyTorch.
@@ -220,11 +226,13 @@ def run(
     layers: int | None = None,
     profile: bool = False,
     peak_sizes: tuple[int, ...] = peak.DEFAULT_SIZES,
+    attention_impl: str | None = None,
 ) -> dict:
     """Runs the benchmark; returns the JSON record (rows, peak, machine, settings)."""
     import time
 
-    p = common.get_preset(preset, layers=layers, dtype=dtype)
+    overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
+    p = common.get_preset(preset, layers=layers, dtype=dtype, **overrides)
     flops = common.flops_per_step(p, reference_forward=reference == "online")
     peak_gflops = peak.measure("bfloat16" if dtype == "bfloat16" else "float32", peak_sizes)["peak_gflops"]
     if compare and (loss != "dpo" or dtype != "float32"):
@@ -261,6 +269,7 @@ def run(
         "loss": loss,
         "reference": reference,
         "dtype": dtype,
+        "attention_impl": p.model.attention_impl,
         "pairs": p.pairs,
         "seq_len": p.seq_len,
         "tokens_per_step": p.tokens_per_step,
@@ -293,6 +302,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="also print our step's top ops")
     ap.add_argument("--peak-sizes", default=",".join(map(str, peak.DEFAULT_SIZES)), help="see bench.peak")
     ap.add_argument(
+        "--attention_impl",
+        default=None,
+        choices=[i for i in ATTENTION_IMPLS if i is not None],
+        help="our step's ModelConfig.attention_impl (default: the preset's); cpu_ffi needs "
+        "`python -m rlhf_jax.kernels.build` first",
+    )
+    ap.add_argument(
         "--json", default=None, help="default bench_results/train_step_<preset>.json; '' for none"
     )
     args = ap.parse_args(argv)
@@ -302,10 +318,11 @@ def main(argv=None) -> dict:
     record = run(
         args.preset, loss=args.loss, reference=args.reference, dtype=args.dtype, compare=compare,
         warmup=args.warmup, iters=args.iters, layers=args.layers, profile=args.profile,
-        peak_sizes=tuple(int(n) for n in args.peak_sizes.split(",")),
+        peak_sizes=tuple(int(n) for n in args.peak_sizes.split(",")), attention_impl=args.attention_impl,
     )  # fmt: skip
     print(
         f"preset={args.preset} loss={args.loss} reference={args.reference} dtype={args.dtype} "
+        f"attention_impl={record['attention_impl']} "
         f"pairs={record['pairs']} T={record['seq_len']} N={record['matmul_params']:,} "
         f"FLOPs/step={record['flops_per_step']:.4g} ({record['flops_formula']}) "
         f"peak={record['peak_gflops'] or 0:.1f} GFLOP/s"

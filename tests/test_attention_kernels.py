@@ -44,6 +44,12 @@ def _config(**kw):
         ("auto", "tpu", "bfloat16", {"attn_softcap": 50.0}, 256, "splash"),  # capped in the kernel
         ("auto", "gpu", "bfloat16", {"attn_softcap": 50.0}, 256, "blockwise"),
         (None, "tpu", "bfloat16", {"attn_softcap": 50.0}, 256, "blockwise"),
+        ("cpu_ffi", "cpu", "float32", {}, 100, "cpu_ffi"),
+        ("cpu_ffi", "cpu", "bfloat16", {}, 128, "blockwise"),  # the native kernel is float32 only
+        ("cpu_ffi", "cpu", "float32", {"attn_softcap": 50.0}, 128, "blockwise"),
+        ("cpu_ffi", "cpu", "float32", {"sliding_window": 64}, 128, "blockwise"),  # its mask has no window
+        ("cpu_ffi", "gpu", "float32", {}, 128, "xla"),
+        ("cpu_ffi", "tpu", "bfloat16", {}, 256, "xla"),
     ],
 )
 def test_attention_kernel_per_platform(impl, platform, dtype, extra, seq_len, kernel):

@@ -74,6 +74,23 @@ def test_train_step_record_and_summary_line(capsys):
     assert re.fullmatch(r"tokens_per_s=[\d.]+ mfu=[\d.]+ ratio_vs_torch=na", last), last
 
 
+def test_train_step_gives_attention_impl_to_our_model_only(monkeypatch):
+    seen = {}
+
+    class StopError(Exception):
+        pass
+
+    def fake_step(p, **kw):
+        seen["impl"] = p.model.attention_impl
+        raise StopError
+
+    monkeypatch.setattr(common, "jax_dpo_step", fake_step)
+    monkeypatch.setattr(peak, "measure", lambda *a, **kw: {"peak_gflops": None})
+    with pytest.raises(StopError):
+        train_step.main(["--preset=tiny", "--attention_impl=cpu_ffi", "--json="])
+    assert seen["impl"] == "cpu_ffi"
+
+
 SAMPLE_ARGS = ["--preset=tiny", "--prompts=4", "--prompt_len=8", "--new_tokens=5", "--runs=1"]
 
 

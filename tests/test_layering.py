@@ -10,6 +10,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = (
     "losses", "models", "sharding", "sampling", "scoring", "train", "rejection", "data", "interop", "rewards",
+    "kernels",
 )  # fmt: skip
 UPPER = ("rlhf_jax.pipelines", "launch", "experiments", "bench")
 

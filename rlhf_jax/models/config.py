@@ -16,7 +16,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # The values of `ModelConfig.attention_impl` (see its docstring and `layers.attention_kernel`).
-ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "auto", "cpu_ffi")
 # The values of `ModelConfig.decode_attention` (see its docstring and `layers.decode_kernel`).
 DECODE_ATTENTIONS = (None, "full", "bounded")
 
@@ -64,8 +64,11 @@ class ModelConfig:
         `causal_attention` on the CPU, cuDNN flash attention on a GPU (bf16 compute; XLA for
         float32, which cuDNN does not take), and the Pallas splash-attention kernel on a TPU (packed
         sequences by segment ids, scores soft-capped in the kernel; XLA when the model has sliding
-        windows or the sequence is not a multiple of 128). With `attn_softcap` set the uncached forward
-        uses `layers.causal_attention` except under splash (JAX's attention has no soft-capping).
+        windows or the sequence is not a multiple of 128); "cpu_ffi" the optional native XLA:CPU kernel
+        (`layers.cpu_ffi_attention`; build it first with `python -m rlhf_jax.kernels.build`) on the CPU
+        with float32 compute and no soft-capping or sliding windows, else what None picks. With
+        `attn_softcap` set the uncached forward uses `layers.causal_attention` except under splash (JAX's
+        attention has no soft-capping).
       decode_attention: the attention over a KV cache (decoding, `extend`), chosen per platform by
         `layers.decode_kernel`: "full" reads every slot of the cache each step (one matmul per row and
         kv head over the whole buffer, masked: the fastest on the CPU, where the buffer is read at

@@ -486,16 +486,24 @@ def target_platform(mesh: Mesh | None) -> str:
 
 def attention_kernel(config: ModelConfig, platform: str, seq_len: int) -> str:
     """The kernel of the uncached attention forward: "blockwise" (`causal_attention`), "xla" or "cudnn"
-    (`jax.nn.dot_product_attention`) or "splash" (`splash_attention`), from `config.attention_impl`, the
-    target platform ("cpu", "gpu", "tpu") and the sequence length.
+    (`jax.nn.dot_product_attention`), "splash" (`splash_attention`) or "cpu_ffi" (`cpu_ffi_attention`),
+    from `config.attention_impl`, the target platform ("cpu", "gpu", "tpu") and the sequence length.
 
     None: blockwise on the CPU, XLA elsewhere. "xla", "cudnn": that implementation. "auto": blockwise on
     the CPU; cuDNN flash attention on a GPU when the compute dtype is bf16 (XLA for float32,
     which cuDNN does not take); splash on a TPU unless the model has sliding windows (the window is a
     per-layer traced value; splash takes a static one) or `seq_len` is not a multiple of 128 (its
-    smallest block), where it is XLA. Soft-capped scores (`attn_softcap`) need blockwise or splash.
+    smallest block), where it is XLA. "cpu_ffi": the optional native kernel on the CPU when the compute
+    dtype is float32 and the model has neither soft-capping nor sliding windows (the kernel's mask is
+    causal and by segment only); otherwise what None chooses. Soft-capped scores (`attn_softcap`) need
+    blockwise or splash.
     """
     impl, softcap = config.attention_impl, config.attn_softcap is not None
+    if impl == "cpu_ffi":
+        native = jnp.dtype(config.dtype) == jnp.float32 and config.sliding_window is None
+        if platform == "cpu" and native and not softcap:
+            return "cpu_ffi"
+        impl = None
     if impl == "auto":
         if platform == "tpu" and config.sliding_window is None and seq_len % 128 == 0:
             return "splash"
@@ -573,17 +581,60 @@ def splash_attention(
 
     if mesh is None:
         return local(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    return _per_shard(local, mesh, rules, "splash_attention")(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+
+
+def _per_shard(local, mesh: Mesh, rules, name: str):
+    """`local(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT) -> out_BTHK` run per shard of `mesh`
+    (`jax.shard_map`): rows split over the logical `batch` axes, heads and kv heads over `heads`/`kv_heads`,
+    which must map to the same mesh axes so that each shard holds whole groups of query heads."""
     q_spec = sharding.logical_to_spec(("batch", None, "heads", None), rules)
     kv_spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), rules)
     if q_spec[2] != kv_spec[2]:
         raise ValueError(
-            f"splash_attention: heads are split over {q_spec[2]} but kv heads over {kv_spec[2]}; they must "
+            f"{name}: heads are split over {q_spec[2]} but kv heads over {kv_spec[2]}; they must "
             "map to the same mesh axes"
         )
     seg_spec = sharding.logical_to_spec(("batch", None), rules)
     return jax.shard_map(
         local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
-    )(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    )
+
+
+def cpu_ffi_attention(
+    q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, *, scale: float, mesh=None, rules=sharding.LOGICAL_RULES
+):
+    """Causal grouped-query attention through the native XLA:CPU kernel (`rlhf_jax.kernels.cpu_attention`,
+    built by `python -m rlhf_jax.kernels.build`), forward and backward.
+
+    out[b, t, h] = Σ_s softmax_s(scale · q[b, t, h] · k[b, s, g(h)]) v[b, s, g(h)] over s ≤ t with
+    segment_ids[b, s] == segment_ids[b, t] (padding, id 0, attends among itself, as the mask
+    `causal_attention` gets from `transformer` does), g(h) = h // (H / G); float32, no soft-capping.
+    Under a mesh of more than one device the kernel runs per shard (`jax.shard_map`, split as for
+    `splash_attention`); the FFI call itself knows nothing of shardings.
+
+    Args:
+      q_BTHK, k_BTGK, v_BTGK: float32 queries, keys, values (tokens-major, as `Attention` computes them).
+      segment_ids_BT: int segment ids, or None for one sequence per row.
+      scale: the score scale.
+      mesh, rules: the mesh and logical rules the inputs are sharded by, or mesh None.
+
+    Returns:
+      float32 [B, T, H, K] outputs.
+
+    Raises:
+      ValueError: the kernel's library is not built (the message names the build command).
+    """
+    from rlhf_jax.kernels import cpu_attention  # optional: imported only by models that ask for it
+
+    B, T = q_BTHK.shape[:2]
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    local = functools.partial(cpu_attention.attention, scale=scale)
+    if mesh is None or mesh.size == 1:
+        return local(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
+    cpu_attention.require()  # fail here, at trace time, rather than inside the shard_map's trace
+    return _per_shard(local, mesh, rules, "cpu_ffi_attention")(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT)
 
 
 class Attention(nn.Module):
@@ -591,7 +642,8 @@ class Attention(nn.Module):
 
     Without a cache the mask is causal (`is_causal=True`) and-ed with `mask_B1TS` (same segment); when
     compiling for the CPU (`target_platform`) with `attention_impl=None` that is `causal_attention`,
-    faster there than JAX's. With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new
+    faster there than JAX's (`attention_kernel` chooses; "cpu_ffi" takes the optional native kernel,
+    `cpu_ffi_attention`). With a cache (`kv` = this layer's [B, G, S, K] key/value buffers) the new
     keys/values are written at `start_B` and the queries attend over the whole buffer under
     `mask_B1TS` (slot <= query position), through `_cached_attention` (`attention_impl` applies to the
     uncached forward only).
@@ -642,6 +694,15 @@ class Attention(nn.Module):
         if kernel == "blockwise":
             block = _attention_block(q_BTHK.shape[1])
             out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block, scale, c.attn_softcap)
+        elif kernel == "cpu_ffi":
+            if segment_ids_BT is None and mask_B1TS is not None:
+                raise ValueError(
+                    "attention_impl='cpu_ffi' takes segment ids, not a mask; this forward has a mask "
+                    "without them"
+                )
+            out_BTHK = cpu_ffi_attention(
+                q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, scale=scale, mesh=self.mesh, rules=self.rules
+            )
         elif kernel == "splash":
             out_BTHK = splash_attention(
                 q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, scale=scale, softcap=c.attn_softcap, mesh=self.mesh,
