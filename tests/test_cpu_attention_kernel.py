@@ -44,15 +44,20 @@ def kernel(tmp_path_factory):
         yield
 
 
-def _case(T=100, B=2, H=4, G=2, K=32, seed=0):
+def _case(T=100, B=2, H=4, G=2, K=32, seed=0, layout="packed"):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, T, G, K)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, T, G, K)), jnp.float32)
     seg = np.ones((B, T), np.int32)
-    seg[0, (3 * T) // 7 :] = 2  # row 0: two packed sequences, the second from inside a tile
-    seg[0, (5 * T) // 7 :] = 3
-    seg[1, (4 * T) // 5 :] = 0  # row 1: one sequence, then padding
+    if layout == "packed":
+        seg[0, (3 * T) // 7 :] = 2  # row 0: two packed sequences, the second from inside a tile
+        seg[0, (5 * T) // 7 :] = 3
+        seg[1, (4 * T) // 5 :] = 0  # row 1: one sequence, then padding
+    else:  # ids in several runs each (the kernel's key-by-key mask rather than its per-query range)
+        seg[0, T // 5 : (2 * T) // 5] = 2  # row 0: 1, 2, 1, 2
+        seg[0, (3 * T) // 5 :] = 2
+        seg[1, T // 3 : (2 * T) // 3] = 0  # row 1: 1, padding, 1
     return q, k, v, jnp.asarray(seg)
 
 
@@ -68,9 +73,14 @@ def _plain_lse(q, k, seg):
     return jax.nn.logsumexp(s, axis=-1)
 
 
-@pytest.mark.parametrize("T", [100, 7])
-def test_the_forward_equals_the_pure_jax_and_jax_attention(kernel, T):
-    q, k, v, seg = _case(T)
+# (T, K, layout): lengths off the tiles, one partial tile, a head size off the 16-float vectors with
+# ids in several runs, and several whole key tiles.
+CASES = [(100, 32, "packed"), (7, 32, "packed"), (150, 20, "interleaved"), (192, 64, "packed")]
+
+
+@pytest.mark.parametrize("T,K,layout", CASES)
+def test_the_forward_equals_the_pure_jax_and_jax_attention(kernel, T, K, layout):
+    q, k, v, seg = _case(T, K=K, layout=layout)
     out, lse = cpu_attention._forward_call(q, k, v, seg, SCALE)
     blockwise = layers.causal_attention(q, k, v, _mask(seg), layers._attention_block(T), SCALE)
     xla = jax.nn.dot_product_attention(q, k, v, mask=_mask(seg), scale=SCALE, is_causal=True)
@@ -84,9 +94,9 @@ def _loss(f, seg, w):
     return lambda q, k, v: jnp.sum(f(q, k, v, seg) * w)
 
 
-@pytest.mark.parametrize("T", [100, 7])
-def test_the_gradients_equal_the_pure_jax_path(kernel, T):
-    q, k, v, seg = _case(T)
+@pytest.mark.parametrize("T,K,layout", CASES)
+def test_the_gradients_equal_the_pure_jax_path(kernel, T, K, layout):
+    q, k, v, seg = _case(T, K=K, layout=layout)
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)  # a random projection
     ffi = functools.partial(cpu_attention.attention, scale=SCALE)
     blockwise = lambda q, k, v, seg: layers.causal_attention(  # noqa: E731

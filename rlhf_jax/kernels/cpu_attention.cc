@@ -10,11 +10,18 @@
 //   backward: delta_t = dO_t . out_t,  dp_ts = dO_t . v_s,  ds_ts = p_ts (dp_ts - delta_t),
 //             dq_t = scale sum_s ds_ts k_s,  dk_s = scale sum_t ds_ts q_t,  dv_s = sum_t p_ts dO_t
 //
+// Every product of tiles (S = Q K^T, dP = dO V^T, O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q) is
+// one register-blocked micro-kernel (`gemm`): 4 rows of the left operand against 64 columns of the right,
+// 16 vector accumulators kept in registers across the whole inner dimension (GCC/Clang vector extensions:
+// one AVX-512 register per 16 floats, two AVX2 or four SSE registers elsewhere). Tiles are copied into
+// contiguous buffers padded to whole vectors (the head size to a multiple of 16, zeros beyond), and exp is
+// a vectorised polynomial (Cephes' degree-6 expf, ~1 ulp). Masks are the visible key range of each
+// query, [first key of its segment, itself], when every segment id of the row is one contiguous run, and
+// are tested key by key otherwise; key tiles wholly before a query tile's segments are skipped.
+//
 // Work is split into items scheduled dynamically over std::threads: the forward's items are
-// (row, head, query block), the backward's (row, kv head), so every item owns the rows of dk and dv it
-// accumulates and no two threads write the same memory. Tiles are BQ queries x BK keys; the key and value
-// tiles are transposed to [K, BK] so the score and dP dot products become vectorisable axpy loops over
-// the tile's keys (no reassociated reductions: results do not depend on the vector width).
+// (row, head, query tile), the backward's (row, kv head), so every item owns the rows of dq, dk and dv it
+// accumulates and no two threads write the same memory.
 //
 // Built by `python -m rlhf_jax.kernels.build`; registered and called by `rlhf_jax.kernels.cpu_attention`.
 
@@ -22,9 +29,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -43,14 +52,129 @@ namespace {
 #else
 #define RLHF_JAX_CLONES
 #endif
+#define RLHF_JAX_INLINE inline __attribute__((always_inline))
 
+constexpr int64_t V = 16;   // floats per vector
 constexpr int64_t BQ = 32;  // query rows per tile
 constexpr int64_t BK = 64;  // keys per tile
+constexpr int64_t MR = 4;   // rows per micro-kernel call
+constexpr int64_t NR = 4;   // vectors (of V floats) per micro-kernel call: 64 columns
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
+
+RLHF_JAX_INLINE vf load(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+RLHF_JAX_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+RLHF_JAX_INLINE vf splat(float a) { return vf{} + a; }  // GCC 12 compiles this one to a broadcast
+
+// The vector with its upper half of lanes moved down by `half` (a step of a tree reduction).
+RLHF_JAX_INLINE vf fold(vf x, int half) {
+#if defined(__clang__)
+  switch (half) {
+    case 8: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  }
+#else
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return __builtin_shuffle(x, lane ^ half);
+#endif
+}
+
+// max and sum of a vector's lanes in four shuffle steps (a scalar loop is a 16-step dependency chain).
+RLHF_JAX_INLINE float reduce_max(vf x) {
+  for (int half = 8; half >= 1; half /= 2) {
+    const vf y = fold(x, half);
+    x = y > x ? y : x;
+  }
+  return x[0];
+}
+RLHF_JAX_INLINE float reduce_add(vf x) {
+  for (int half = 8; half >= 1; half /= 2) x += fold(x, half);
+  return x[0];
+}
+
+// exp(x) for x <= 0 (every argument here is a score minus its row's maximum or log-sum-exp): Cephes'
+// expf, x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 polynomial, 2^n from the exponent bits.
+// Arguments below -87 give 0 (the smallest normal float is exp(-87.3)); callers mask -inf themselves.
+RLHF_JAX_INLINE vf vexp(vf x) {
+  const vf lo = splat(-87.0f);
+  const vi tiny = x < lo;  // all-ones lanes where the result underflows
+  x = x < lo ? lo : x;
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const vf t = x * splat(1.44269504088896341f) + shifter;
+  const vf n = t - shifter;
+  vf r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  const vi bits = ((vi)t - (vi)shifter + 127) << 23;  // 2^n
+  const vf y = p * (vf)bits;
+  return (vf)((vi)y & ~tiny);
+}
+
+// C[r, 0:64*nr) (+)= sum_d A(r, d) B[d, 0:64*nr) for MR rows, A(r, d) = a[r * ars + d * acs], B rows
+// ldb apart, C rows ldc apart. R and N are the micro-tile's rows and vectors.
+template <int64_t R, int64_t N>
+RLHF_JAX_INLINE void micro(const float* a, int64_t ars, int64_t acs, int64_t depth, const float* b,
+                           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  vf acc[R][N];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) acc[r][n] = accumulate ? load(c + r * ldc + n * V) : vf{};
+  for (int64_t d = 0; d < depth; ++d) {
+    vf bv[N];
+    for (int64_t n = 0; n < N; ++n) bv[n] = load(b + d * ldb + n * V);
+    for (int64_t r = 0; r < R; ++r) {
+      const vf av = splat(a[r * ars + d * acs]);
+      for (int64_t n = 0; n < N; ++n) acc[r][n] += av * bv[n];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) store(c + r * ldc + n * V, acc[r][n]);
+}
+
+template <int64_t R>
+RLHF_JAX_INLINE void micro_cols(const float* a, int64_t ars, int64_t acs, int64_t depth, const float* b,
+                                int64_t ldb, float* c, int64_t ldc, int64_t vecs, bool accumulate) {
+  int64_t n0 = 0;
+  for (; n0 + NR <= vecs; n0 += NR) micro<R, NR>(a, ars, acs, depth, b + n0 * V, ldb, c + n0 * V, ldc, accumulate);
+  switch (vecs - n0) {
+    case 3: micro<R, 3>(a, ars, acs, depth, b + n0 * V, ldb, c + n0 * V, ldc, accumulate); break;
+    case 2: micro<R, 2>(a, ars, acs, depth, b + n0 * V, ldb, c + n0 * V, ldc, accumulate); break;
+    case 1: micro<R, 1>(a, ars, acs, depth, b + n0 * V, ldb, c + n0 * V, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C[rows, vecs * V] (+)= A[rows, depth] B[depth, vecs * V], A(r, d) = a[r * ars + d * acs].
+RLHF_JAX_INLINE void gemm(int64_t rows, int64_t vecs, int64_t depth, const float* a, int64_t ars, int64_t acs,
+                          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t r0 = 0;
+  for (; r0 + MR <= rows; r0 += MR)
+    micro_cols<MR>(a + r0 * ars, ars, acs, depth, b, ldb, c + r0 * ldc, ldc, vecs, accumulate);
+  switch (rows - r0) {
+    case 3: micro_cols<3>(a + r0 * ars, ars, acs, depth, b, ldb, c + r0 * ldc, ldc, vecs, accumulate); break;
+    case 2: micro_cols<2>(a + r0 * ars, ars, acs, depth, b, ldb, c + r0 * ldc, ldc, vecs, accumulate); break;
+    case 1: micro_cols<1>(a + r0 * ars, ars, acs, depth, b, ldb, c + r0 * ldc, ldc, vecs, accumulate); break;
+    default: break;
+  }
+}
 
 struct Dims {
   int64_t B, T, H, G, K;
   int64_t Q() const { return H / G; }
+  int64_t KP() const { return (K + V - 1) / V * V; }  // the head size padded to whole vectors
   // Offsets of row (b, t) of head h (queries) or kv head g (keys, values).
   int64_t q_at(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * K; }
   int64_t kv_at(int64_t b, int64_t t, int64_t g) const { return ((b * T + t) * G + g) * K; }
@@ -76,36 +200,67 @@ void parallel_for(int64_t n, int64_t threads, F fn) {
   for (auto& t : pool) t.join();
 }
 
-// y += a * x over n contiguous floats (restrict: the compiler vectorises it without a runtime alias check).
-inline void axpy(float* __restrict__ y, const float* __restrict__ x, float a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+// The visible keys of each query of one row. When each segment id of the row is one contiguous run,
+// query t sees exactly the keys [lo[t], t] (lo[t]: the first key of its run) and `contiguous` is set;
+// otherwise keys are tested one by one with `visible`.
+struct RowMask {
+  const int32_t* seg;
+  std::vector<int64_t> lo;
+  bool contiguous = true;
 
-// tile_T[kk * BK + j] = x[row s0 + j][kk]: a [nk, K] slice of keys or values, transposed.
-inline void transpose_tile(const float* x, const Dims& d, int64_t b, int64_t g, int64_t s0, int64_t nk,
-                    float* tile_T) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* row = x + d.kv_at(b, s0 + j, g);
-    for (int64_t kk = 0; kk < d.K; ++kk) tile_T[kk * BK + j] = row[kk];
-  }
-}
-
-// out[i * BK + j] = alpha * a_i . tile_T[:, j] for the nq rows a_i = a + q_at(b, t0 + i, h).
-inline void row_dots(const float* a, const Dims& d, int64_t b, int64_t t0, int64_t nq, int64_t h, const float* tile_T,
-              int64_t nk, float alpha, float* out) {
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* row = a + d.q_at(b, t0 + i, h);
-    float* o = out + i * BK;
-    for (int64_t j = 0; j < nk; ++j) o[j] = 0.0f;
-    for (int64_t kk = 0; kk < d.K; ++kk) {
-      const float x = alpha * row[kk];
-      axpy(o, tile_T + kk * BK, x, nk);
+  RowMask(const int32_t* seg_T, int64_t T) : seg(seg_T), lo(T) {
+    std::vector<int32_t> seen;  // ids whose run has ended
+    for (int64_t t = 0; t < T; ++t) {
+      if (t > 0 && seg[t] == seg[t - 1]) {
+        lo[t] = lo[t - 1];
+        continue;
+      }
+      lo[t] = t;
+      if (t > 0) seen.push_back(seg[t - 1]);
+      if (std::find(seen.begin(), seen.end(), seg[t]) != seen.end()) contiguous = false;
+    }
+    if (!contiguous) {  // a later run of an id also sees the earlier ones: start from the id's first key
+      std::unordered_map<int32_t, int64_t> first;
+      for (int64_t t = 0; t < T; ++t) lo[t] = first.emplace(seg[t], t).first->second;
     }
   }
+  bool visible(int64_t t, int64_t s) const { return s <= t && s >= lo[t] && seg[s] == seg[t]; }
+  // The first key any of the queries [t0, t1) sees.
+  int64_t first_key(int64_t t0, int64_t t1) const {
+    int64_t s = t0;
+    for (int64_t t = t0; t < t1; ++t) s = std::min(s, lo[t]);
+    return s;
+  }
+};
+
+// Sets s_i[j] (score of query t against key s0 + j, j < BK) to -inf where the key is not visible.
+RLHF_JAX_INLINE void mask_row(const RowMask& m, int64_t t, int64_t s0, int64_t nk, float* s_i) {
+  if (m.contiguous) {
+    const int64_t a = std::max<int64_t>(0, m.lo[t] - s0), e = std::min<int64_t>(nk, t - s0 + 1);
+    for (int64_t j = 0; j < std::min<int64_t>(a, BK); ++j) s_i[j] = NEG_INF;
+    for (int64_t j = std::max<int64_t>(e, 0); j < BK; ++j) s_i[j] = NEG_INF;
+  } else {
+    for (int64_t j = 0; j < BK; ++j)
+      if (j >= nk || !m.visible(t, s0 + j)) s_i[j] = NEG_INF;
+  }
 }
 
-// Whether key s0 + j is visible from query t0 + i: causal and the same segment.
-inline bool allowed(const int32_t* seg_T, int64_t t, int64_t s) { return s <= t && seg_T[s] == seg_T[t]; }
+// dst[t * KP + kk] = x[row t][kk] of kv head g of row b: [TP, KP], zeros beyond T rows and K columns.
+void copy_rows(const float* x, const Dims& d, int64_t b, int64_t g, int64_t TP, float* dst) {
+  const int64_t K = d.K, KP = d.KP();
+  std::fill(dst, dst + TP * KP, 0.0f);
+  for (int64_t t = 0; t < d.T; ++t) std::memcpy(dst + t * KP, x + d.kv_at(b, t, g), K * sizeof(float));
+}
+
+// dst[kk * TP + t] = x[row t][kk] of kv head g of row b: [KP, TP], the same rows transposed.
+void copy_transposed(const float* x, const Dims& d, int64_t b, int64_t g, int64_t TP, float* dst) {
+  std::fill(dst, dst + d.KP() * TP, 0.0f);
+  for (int64_t t0 = 0; t0 < d.T; t0 += V) {  // V rows at a time: each destination row written V floats on
+    const int64_t t1 = std::min(d.T, t0 + V);
+    for (int64_t kk = 0; kk < d.K; ++kk)
+      for (int64_t t = t0; t < t1; ++t) dst[kk * TP + t] = x[d.kv_at(b, t, g) + kk];
+  }
+}
 
 ffi::Error check_dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg, Dims* d) {
@@ -125,58 +280,67 @@ ffi::Error check_dims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32
 struct FwdArgs {
   Dims d;
   const float *q_p, *k_p, *v_p;
-  const int32_t* seg_p;
+  const std::vector<RowMask>* masks;
   float *out_p, *lse_p;
   float scale;
 };
 
-// One forward item: query tile qb of head h of row b.
+// One forward item: head h of row b, its query tiles from the last (they see the most keys).
 RLHF_JAX_CLONES void fwd_item(const FwdArgs& a, int64_t item) {
   const Dims& d = a.d;
-  const float *q_p = a.q_p, *k_p = a.k_p, *v_p = a.v_p;
-  const int32_t* seg_p = a.seg_p;
-  float *out_p = a.out_p, *lse_p = a.lse_p;
-  const float scale = a.scale;
-  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
-  // Longest blocks (the last ones) first: they see the most keys.
-  const int64_t qb = blocks - 1 - item % blocks, h = (item / blocks) % d.H, b = item / (blocks * d.H);
-  const int64_t g = h / d.Q(), t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
-  const int32_t* seg_T = seg_p + b * d.T;
-  std::vector<float> kT(K * BK), s(BQ * BK), acc(BQ * K, 0.0f), m(BQ, NEG_INF), l(BQ, 0.0f);
-  for (int64_t s0 = 0; s0 < t1; s0 += BK) {  // key blocks up to the causal bound
-    const int64_t nk = std::min(t1, s0 + BK) - s0;
-    transpose_tile(k_p, d, b, g, s0, nk, kT.data());
-    row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, s.data());
-    for (int64_t i = 0; i < nq; ++i) {
-      float* s_i = s.data() + i * BK;
-      float mx = m[i];
-      for (int64_t j = 0; j < nk; ++j) {
-        if (!allowed(seg_T, t0 + i, s0 + j)) s_i[j] = NEG_INF;
-        mx = std::max(mx, s_i[j]);
-      }
-      if (mx == NEG_INF) continue;  // nothing visible yet in this row
-      const float alpha = std::exp(m[i] - mx);  // rescales what the earlier blocks summed
-      float sum = 0.0f;
-      for (int64_t j = 0; j < nk; ++j) {
-        s_i[j] = std::exp(s_i[j] - mx);
-        sum += s_i[j];
-      }
-      l[i] = l[i] * alpha + sum;
-      float* acc_i = acc.data() + i * K;
-      for (int64_t kk = 0; kk < K; ++kk) acc_i[kk] *= alpha;
-      for (int64_t j = 0; j < nk; ++j) {
-        const float p = s_i[j];
-        if (p == 0.0f) continue;
-        axpy(acc_i, v_p + d.kv_at(b, s0 + j, g), p, K);
-      }
-      m[i] = mx;
+  const int64_t K = d.K, KP = d.KP(), T = d.T, TP = (T + BK - 1) / BK * BK;
+  const int64_t h = item % d.H, b = item / d.H, g = h / d.Q();
+  const RowMask& mask = (*a.masks)[b];
+  std::vector<float> q(BQ * KP, 0.0f), kT(KP * TP), vt(TP * KP), s(BQ * BK), acc(BQ * KP), m(BQ), l(BQ);
+  copy_transposed(a.k_p, d, b, g, TP, kT.data());
+  copy_rows(a.v_p, d, b, g, TP, vt.data());
+  for (int64_t t0 = (T - 1) / BQ * BQ; t0 >= 0; t0 -= BQ) {
+    const int64_t t1 = std::min(T, t0 + BQ), nq = t1 - t0;
+    for (int64_t i = 0; i < nq; ++i) {  // the query tile, the score scale folded in
+      const float* row = a.q_p + d.q_at(b, t0 + i, h);
+      for (int64_t kk = 0; kk < K; ++kk) q[i * KP + kk] = a.scale * row[kk];
     }
-  }
-  for (int64_t i = 0; i < nq; ++i) {  // the diagonal is always visible, so l > 0
-    float* o = out_p + d.q_at(b, t0 + i, h);
-    const float inv = 1.0f / l[i];
-    for (int64_t kk = 0; kk < K; ++kk) o[kk] = acc[i * K + kk] * inv;
-    lse_p[(b * d.H + h) * d.T + t0 + i] = m[i] + std::log(l[i]);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(m.begin(), m.end(), NEG_INF);
+    std::fill(l.begin(), l.end(), 0.0f);
+    for (int64_t s0 = mask.first_key(t0, t1) / BK * BK; s0 < t1; s0 += BK) {  // up to the causal bound
+      const int64_t nk = std::min(t1, s0 + BK) - s0;
+      gemm(nq, BK / V, KP, q.data(), KP, 1, kT.data() + s0, TP, s.data(), BK, false);  // S = (scale Q) K^T
+      for (int64_t i = 0; i < nq; ++i) {
+        float* s_i = s.data() + i * BK;
+        mask_row(mask, t0 + i, s0, nk, s_i);
+        vf mv = load(s_i);
+        for (int64_t j = V; j < BK; j += V) {
+          const vf x = load(s_i + j);
+          mv = x > mv ? x : mv;
+        }
+        const float mx = std::max(m[i], reduce_max(mv));
+        if (mx == NEG_INF) {  // nothing visible yet in this row
+          std::fill(s_i, s_i + BK, 0.0f);
+          continue;
+        }
+        const float alpha = m[i] == NEG_INF ? 0.0f : std::exp(m[i] - mx);  // rescales the earlier blocks
+        vf sum = vf{};
+        for (int64_t j = 0; j < BK; j += V) {
+          const vf x = load(s_i + j);
+          const vf e = vexp(x - splat(mx));
+          const vf p = (vf)((vi)e & (vi)(x != splat(NEG_INF)));  // masked keys exactly 0
+          store(s_i + j, p);
+          sum += p;
+        }
+        l[i] = l[i] * alpha + reduce_add(sum);
+        float* acc_i = acc.data() + i * KP;
+        for (int64_t kk = 0; kk < KP; kk += V) store(acc_i + kk, load(acc_i + kk) * splat(alpha));
+        m[i] = mx;
+      }
+      gemm(nq, KP / V, BK, s.data(), BK, 1, vt.data() + s0 * KP, KP, acc.data(), KP, true);  // O += P V
+    }
+    for (int64_t i = 0; i < nq; ++i) {  // the diagonal is always visible, so l > 0
+      float* o = a.out_p + d.q_at(b, t0 + i, h);
+      const float inv = 1.0f / l[i];
+      for (int64_t kk = 0; kk < K; ++kk) o[kk] = acc[i * KP + kk] * inv;
+      a.lse_p[(b * d.H + h) * T + t0 + i] = m[i] + std::log(l[i]);
+    }
   }
 }
 
@@ -185,77 +349,86 @@ ffi::Error AttentionFwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
                             ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Dims d;
   if (auto err = check_dims(q, k, v, seg, &d); err.failure()) return err;
-  const FwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
+  std::vector<RowMask> masks;
+  masks.reserve(d.B);
+  for (int64_t b = 0; b < d.B; ++b) masks.emplace_back(seg.typed_data() + b * d.T, d.T);
+  const FwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), &masks,
                   out->typed_data(), lse->typed_data(), scale};
-  const int64_t blocks = (d.T + BQ - 1) / BQ;
-  parallel_for(d.B * d.H * blocks, num_threads, [&](int64_t item) { fwd_item(a, item); });
+  parallel_for(d.B * d.H, num_threads, [&](int64_t item) { fwd_item(a, item); });
   return ffi::Error::Success();
 }
 
 struct BwdArgs {
   Dims d;
   const float *q_p, *k_p, *v_p;
-  const int32_t* seg_p;
+  const std::vector<RowMask>* masks;
   const float *out_p, *lse_p, *do_p;
   float *dq_p, *dk_p, *dv_p;
   float scale;
 };
 
 // One backward item, (row b, kv head g): it alone writes dk and dv of that kv head, and dq of its query
-// heads.
+// heads. Per query head: key tiles outer, query tiles from the key tile's diagonal on.
 RLHF_JAX_CLONES void bwd_item(const BwdArgs& a, int64_t item) {
   const Dims& d = a.d;
-  const float *q_p = a.q_p, *k_p = a.k_p, *v_p = a.v_p;
-  const float *out_p = a.out_p, *lse_p = a.lse_p, *do_p = a.do_p;
-  const int32_t* seg_p = a.seg_p;
-  float *dq_p = a.dq_p, *dk_p = a.dk_p, *dv_p = a.dv_p;
-  const float scale = a.scale;
-  const int64_t K = d.K, blocks = (d.T + BQ - 1) / BQ;
+  const int64_t K = d.K, KP = d.KP(), T = d.T;
   const int64_t g = item % d.G, b = item / d.G;
-  const int32_t* seg_T = seg_p + b * d.T;
-  for (int64_t t = 0; t < d.T; ++t) {
-    std::fill_n(dk_p + d.kv_at(b, t, g), K, 0.0f);
-    std::fill_n(dv_p + d.kv_at(b, t, g), K, 0.0f);
-  }
-  std::vector<float> kT(K * BK), vT(K * BK), p(BQ * BK), dp(BQ * BK), dq_acc(BQ * K), delta(BQ);
+  const RowMask& mask = (*a.masks)[b];
+  const int64_t TP = (T + BK - 1) / BK * BK;  // rows padded to whole key tiles
+  std::vector<float> q(TP * KP, 0.0f), dout(TP * KP, 0.0f), dq(TP * KP), dk(TP * KP, 0.0f), dv(TP * KP, 0.0f),
+      delta(T), kT(KP * TP), vT(KP * TP), kt(TP * KP), p(BQ * BK), ds(BQ * BK);
+  copy_transposed(a.k_p, d, b, g, TP, kT.data());
+  copy_transposed(a.v_p, d, b, g, TP, vT.data());
+  copy_rows(a.k_p, d, b, g, TP, kt.data());
   for (int64_t h = g * d.Q(); h < (g + 1) * d.Q(); ++h) {
-    for (int64_t qb = 0; qb < blocks; ++qb) {
-      const int64_t t0 = qb * BQ, t1 = std::min(d.T, t0 + BQ), nq = t1 - t0;
-      const float* lse_T = lse_p + (b * d.H + h) * d.T;
-      for (int64_t i = 0; i < nq; ++i) {  // delta = rowsum(dO * O)
-        const float *o = out_p + d.q_at(b, t0 + i, h), *g_o = do_p + d.q_at(b, t0 + i, h);
-        float acc = 0.0f;
-        for (int64_t kk = 0; kk < K; ++kk) acc += g_o[kk] * o[kk];
-        delta[i] = acc;
+    const float* lse_T = a.lse_p + (b * d.H + h) * T;
+    for (int64_t t = 0; t < T; ++t) {  // this head's queries and output gradients; delta = rowsum(dO * O)
+      const float *q_t = a.q_p + d.q_at(b, t, h), *do_t = a.do_p + d.q_at(b, t, h), *o_t = a.out_p + d.q_at(b, t, h);
+      float acc = 0.0f;
+      for (int64_t kk = 0; kk < K; ++kk) {
+        q[t * KP + kk] = q_t[kk];
+        dout[t * KP + kk] = do_t[kk];
+        acc += do_t[kk] * o_t[kk];
       }
-      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-      for (int64_t s0 = 0; s0 < t1; s0 += BK) {
-        const int64_t nk = std::min(t1, s0 + BK) - s0;
-        transpose_tile(k_p, d, b, g, s0, nk, kT.data());
-        transpose_tile(v_p, d, b, g, s0, nk, vT.data());
-        row_dots(q_p, d, b, t0, nq, h, kT.data(), nk, scale, p.data());
-        row_dots(do_p, d, b, t0, nq, h, vT.data(), nk, 1.0f, dp.data());
+      delta[t] = acc;
+    }
+    std::fill(dq.begin(), dq.end(), 0.0f);
+    for (int64_t s0 = 0; s0 < T; s0 += BK) {
+      const int64_t nk = std::min(T, s0 + BK) - s0;
+      for (int64_t t0 = s0 / BQ * BQ; t0 < T; t0 += BQ) {  // queries at or after the tile's first key
+        const int64_t t1 = std::min(T, t0 + BQ), nq = t1 - t0;
+        if (mask.first_key(t0, t1) >= s0 + nk) continue;  // no query here sees this key tile
+        gemm(nq, BK / V, KP, q.data() + t0 * KP, KP, 1, kT.data() + s0, TP, p.data(), BK, false);  // Q K^T
+        gemm(nq, BK / V, KP, dout.data() + t0 * KP, KP, 1, vT.data() + s0, TP, ds.data(), BK, false);  // dP
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t t = t0 + i;
-          float *p_i = p.data() + i * BK, *ds_i = dp.data() + i * BK;
-          for (int64_t j = 0; j < nk; ++j) {
-            p_i[j] = allowed(seg_T, t, s0 + j) ? std::exp(p_i[j] - lse_T[t]) : 0.0f;
-            ds_i[j] = scale * p_i[j] * (ds_i[j] - delta[i]);  // dS, with the score scale folded in
-          }
-          const float *q_i = q_p + d.q_at(b, t, h), *do_i = do_p + d.q_at(b, t, h);
-          float* dq_i = dq_acc.data() + i * K;
-          for (int64_t j = 0; j < nk; ++j) {
-            if (p_i[j] == 0.0f && ds_i[j] == 0.0f) continue;
-            const int64_t at = d.kv_at(b, s0 + j, g);
-            axpy(dv_p + at, do_i, p_i[j], K);
-            axpy(dk_p + at, q_i, ds_i[j], K);
-            axpy(dq_i, k_p + at, ds_i[j], K);
+          float *p_i = p.data() + i * BK, *ds_i = ds.data() + i * BK;
+          for (int64_t j = 0; j < BK; ++j) p_i[j] *= a.scale;
+          mask_row(mask, t, s0, nk, p_i);
+          for (int64_t j = 0; j < BK; j += V) {
+            const vf x = load(p_i + j);
+            const vf e = vexp(x - splat(lse_T[t]));
+            const vf pv = (vf)((vi)e & (vi)(x != splat(NEG_INF)));
+            store(p_i + j, pv);
+            // dS, with the score scale folded in
+            store(ds_i + j, splat(a.scale) * pv * (load(ds_i + j) - splat(delta[t])));
           }
         }
+        for (int64_t i = nq; i < BQ; ++i) {  // rows past T: zero, so the transposed products skip them
+          std::fill(p.data() + i * BK, p.data() + (i + 1) * BK, 0.0f);
+          std::fill(ds.data() + i * BK, ds.data() + (i + 1) * BK, 0.0f);
+        }
+        // dV[s0 + j] += sum_i P[i, j] dO[t0 + i]; dK[s0 + j] += sum_i dS[i, j] Q[t0 + i]
+        gemm(BK, KP / V, nq, p.data(), 1, BK, dout.data() + t0 * KP, KP, dv.data() + s0 * KP, KP, true);
+        gemm(BK, KP / V, nq, ds.data(), 1, BK, q.data() + t0 * KP, KP, dk.data() + s0 * KP, KP, true);
+        gemm(nq, KP / V, BK, ds.data(), BK, 1, kt.data() + s0 * KP, KP, dq.data() + t0 * KP, KP, true);  // dQ += dS K
       }
-      for (int64_t i = 0; i < nq; ++i)
-        std::copy_n(dq_acc.data() + i * K, K, dq_p + d.q_at(b, t0 + i, h));
     }
+    for (int64_t t = 0; t < T; ++t) std::memcpy(a.dq_p + d.q_at(b, t, h), dq.data() + t * KP, K * sizeof(float));
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(a.dk_p + d.kv_at(b, t, g), dk.data() + t * KP, K * sizeof(float));
+    std::memcpy(a.dv_p + d.kv_at(b, t, g), dv.data() + t * KP, K * sizeof(float));
   }
 }
 
@@ -266,7 +439,10 @@ ffi::Error AttentionBwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
                             ffi::ResultBuffer<ffi::F32> dv) {
   Dims d;
   if (auto err = check_dims(q, k, v, seg, &d); err.failure()) return err;
-  const BwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
+  std::vector<RowMask> masks;
+  masks.reserve(d.B);
+  for (int64_t b = 0; b < d.B; ++b) masks.emplace_back(seg.typed_data() + b * d.T, d.T);
+  const BwdArgs a{d, q.typed_data(), k.typed_data(), v.typed_data(), &masks, out.typed_data(),
                   lse.typed_data(), d_out.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
                   scale};
   parallel_for(d.B * d.G, num_threads, [&](int64_t item) { bwd_item(a, item); });
