@@ -2,7 +2,7 @@
 
     python -m bench.train_step --preset=small [--compare=torch,trl] [--reference=online|precomputed]
         [--loss=dpo] [--dtype=float32|bfloat16] [--iters=5] [--profile] [--json=PATH]
-        [--attention_impl=xla|cpu_ffi|...]
+        [--attention_impl=xla|cpu_ffi|...] [--no-isolate]
 
 Ours is the library's step (`rlhf_jax.train.steps.train_step` with `preference_objective`, built by
 `bench.common.jax_dpo_step` with the trainer core, `rlhf_jax.train.trainer.make_train_step`, as the
@@ -19,6 +19,13 @@ position and gathers the targets' log-probs from `log_softmax` (what a plain DPO
 those rows only, the trick our step uses. The ratio is against the faster of the two. `--compare=trl`
 times TRL's `DPOTrainer` on the same model, data and optimizer settings (float32, no gradient
 checkpointing), from the gaps between its `on_step_end` callbacks.
+
+With `--compare`, each implementation is timed in its own fresh process (`--only=NAME`, one after the
+other, each with its own warm-up), so no framework's idle worker threads or allocator state share the
+cores with another's step: on the 2-core AMD EPYC machine of 2026-12-04 the PyTorch steps in the same
+process slowed ours by a third (CPU seconds per step 15 → 23 for the same work) and PyTorch's by a
+fifth. `--no-isolate` times them in this process in turns instead, one step each (drift hits all alike,
+the interference too).
 
 Tokens/s counts every token through the policy (2 x pairs x (prompt + response)). FLOPs per step are
 `bench.common.flops_per_step` (2BT(8N + 16LAT) with the reference forward, 2BT(6N + 12LAT) without),
@@ -210,8 +217,69 @@ def _row(name, p, times, cpu_times, flops, peak_gflops):
     return {
         "impl": name, "s/step": med, "cpu s/step": common.median(cpu_times) if cpu_times else None,
         "tokens/s": p.tokens_per_step / med, "GFLOP/step": flops / 1e9, "GFLOP/s": gflops,
-        "MFU": gflops / peak_gflops if peak_gflops else None, "times": times,
+        "MFU": gflops / peak_gflops if peak_gflops else None, "times": times, "cpu_times": cpu_times,
     }  # fmt: skip
+
+
+# Implementations by their `--only` name, in the order of the table.
+IMPLS = {"ours": "ours (jax)", "torch": "torch", "torch-masked": "torch-masked", "trl": "trl DPOTrainer"}
+
+
+def _time_in_process(p, names, *, loss, reference, warmup, iters, profile):
+    """{name: step seconds}, {name: CPU seconds or None} and our step's profile (or None) for the
+    implementations `names` (IMPLS keys), all in this process: warmed up, then timed in turns, one step
+    each, so machine drift hits all alike; TRL after them (its trainer runs its own loop)."""
+    import time
+
+    runners = {}
+    if "ours" in names:
+        runners["ours"] = common.JaxRunner(common.jax_dpo_step(p, loss=loss, reference=reference))
+    for name, masked in (("torch", False), ("torch-masked", True)):
+        if name in names:
+            runners[name] = TorchDPO(p, reference=reference, masked_rows=masked).step
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}
+    for _ in range(iters):
+        for name, fn in runners.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    if "trl" in names:
+        times["trl"], cpu["trl"] = time_trl(p, reference=reference, warmup=warmup, iters=iters), None
+    return times, cpu, (runners["ours"].profile() if profile and "ours" in runners else None)
+
+
+def _time_isolated(names, child_args, *, profile):
+    """As `_time_in_process`, each implementation in its own fresh process (`--only=NAME`), one after
+    the other: no framework's idle worker threads or allocator state share the cores with another's
+    step. On the 2-core AMD EPYC machine of 2026-12-04, PyTorch's steps in the same process slowed our
+    step by a third (CPU seconds per step up from 15 to 23 at the same work)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    times, cpu, prof = {}, {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            path = os.path.join(tmp, f"{name}.json")
+            extra = ["--profile"] if profile and name == "ours" else []
+            cmd = [sys.executable, "-m", "bench.train_step", *child_args, f"--only={name}", f"--json={path}"]
+            cmd += extra
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = done.stdout[-2000:] + done.stderr[-4000:]
+                raise RuntimeError(f"bench.train_step --only={name} failed:\n{tail}")
+            with open(path, encoding="utf-8") as f:
+                child = json.load(f)
+            row = child["rows"][0]
+            times[name], cpu[name] = row["times"], row.get("cpu_times")
+            prof = child.get("profile", prof)
+    return times, cpu, prof
 
 
 def run(
@@ -227,38 +295,38 @@ def run(
     profile: bool = False,
     peak_sizes: tuple[int, ...] = peak.DEFAULT_SIZES,
     attention_impl: str | None = None,
+    isolate: bool = True,
+    only: str | None = None,
 ) -> dict:
-    """Runs the benchmark; returns the JSON record (rows, peak, machine, settings)."""
-    import time
+    """Runs the benchmark; returns the JSON record (rows, peak, machine, settings).
 
+    `isolate` (with `compare`): each implementation timed in its own process (`_time_isolated`);
+    otherwise all in this one, in turns. `only`: time just that implementation (an IMPLS key), here."""
     overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
     p = common.get_preset(preset, layers=layers, dtype=dtype, **overrides)
     flops = common.flops_per_step(p, reference_forward=reference == "online")
-    peak_gflops = peak.measure("bfloat16" if dtype == "bfloat16" else "float32", peak_sizes)["peak_gflops"]
-    if compare and (loss != "dpo" or dtype != "float32"):
+    if (compare or (only not in (None, "ours"))) and (loss != "dpo" or dtype != "float32"):
         raise ValueError("--compare runs DPO in float32 only (the PyTorch steps are written for that)")
-
-    ours = common.jax_dpo_step(p, loss=loss, reference=reference)
-    runners = {"ours (jax)": common.JaxRunner(ours)}
-    if "torch" in compare:
-        for name, masked in (("torch", False), ("torch-masked", True)):
-            runners[name] = TorchDPO(p, reference=reference, masked_rows=masked).step
-    # Warm up each, then time them in turns, one step each, so machine drift hits all alike.
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in runners}
-    cpu = {k: [] for k in runners}
-    for _ in range(iters):
-        for name, fn in runners.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    rows = [_row(n, p, times[n], cpu[n], flops, peak_gflops) for n in runners]
-    if "trl" in compare:
-        rows.append(_row("trl DPOTrainer", p, time_trl(p, reference=reference, warmup=warmup, iters=iters),
-                         None, flops, peak_gflops))  # fmt: skip
+    if only is not None and only not in IMPLS:
+        raise ValueError(f"--only={only}: choose from {sorted(IMPLS)}")
+    names = [only] if only else ["ours", *(("torch", "torch-masked") if "torch" in compare else ())]
+    names += ["trl"] if "trl" in compare and not only else []
+    if isolate and len(names) > 1:
+        child_args = [f"--preset={preset}", f"--loss={loss}", f"--reference={reference}", f"--dtype={dtype}",
+                      f"--warmup={warmup}", f"--iters={iters}", "--peak-sizes="]  # fmt: skip
+        child_args += [f"--layers={layers}"] if layers is not None else []
+        child_args += [f"--attention_impl={attention_impl}"] if attention_impl is not None else []
+        times, cpu, prof = _time_isolated(names, child_args, profile=profile)
+    else:
+        times, cpu, prof = _time_in_process(
+            p, names, loss=loss, reference=reference, warmup=warmup, iters=iters, profile=profile
+        )
+    # The peak after the steps, in this process: a child's matmuls do not overlap it.
+    peak_gflops = (
+        peak.measure("bfloat16" if dtype == "bfloat16" else "float32", peak_sizes)["peak_gflops"]
+        if peak_sizes else None
+    )  # fmt: skip
+    rows = [_row(IMPLS[n], p, times[n], cpu[n], flops, peak_gflops) for n in names]
     ours_tps = rows[0]["tokens/s"]
     for r in rows:
         r["ours/this"] = ours_tps / r["tokens/s"]
@@ -282,10 +350,11 @@ def run(
         "mfu": rows[0]["MFU"],
         "ratio_vs_torch": ours_tps / max(r["tokens/s"] for r in torch_rows) if torch_rows else None,
         "ratio_vs_trl": next((r["ours/this"] for r in rows if r["impl"].startswith("trl")), None),
+        "isolated": bool(isolate and len(names) > 1),
         "machine": common.machine(),
     }
-    if profile:
-        record["profile"] = runners["ours (jax)"].profile()
+    if prof is not None:
+        record["profile"] = prof
     return record
 
 
@@ -300,7 +369,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--profile", action="store_true", help="also print our step's top ops")
-    ap.add_argument("--peak-sizes", default=",".join(map(str, peak.DEFAULT_SIZES)), help="see bench.peak")
+    ap.add_argument(
+        "--peak-sizes", default=",".join(map(str, peak.DEFAULT_SIZES)), help="see bench.peak; '' for none"
+    )
+    ap.add_argument(
+        "--no-isolate", action="store_true",
+        help="with --compare, time every implementation in this one process, in turns (default: each in "
+        "its own process, one after the other)",
+    )  # fmt: skip
+    ap.add_argument("--only", default=None, choices=sorted(IMPLS), help=argparse.SUPPRESS)
     ap.add_argument(
         "--attention_impl",
         default=None,
@@ -318,7 +395,8 @@ def main(argv=None) -> dict:
     record = run(
         args.preset, loss=args.loss, reference=args.reference, dtype=args.dtype, compare=compare,
         warmup=args.warmup, iters=args.iters, layers=args.layers, profile=args.profile,
-        peak_sizes=tuple(int(n) for n in args.peak_sizes.split(",")), attention_impl=args.attention_impl,
+        peak_sizes=tuple(int(n) for n in args.peak_sizes.split(",") if n), attention_impl=args.attention_impl,
+        isolate=not args.no_isolate, only=args.only,
     )  # fmt: skip
     print(
         f"preset={args.preset} loss={args.loss} reference={args.reference} dtype={args.dtype} "

@@ -238,3 +238,39 @@ def test_grpo_step_compares_with_trl_grpo_trainer_and_a_torch_iteration(capsys):
     assert record["ratio_vs_torch"] == pytest.approx(torch_row["iter_s"] / record["iter_s"])
     with pytest.raises(SystemExit):
         grpo_step.main([*GRPO_ARGS, "--compare=vllm", "--json="])
+
+
+def test_attention_times_each_implementation_and_checks_its_output(tmp_path, capsys):
+    from bench import attention
+
+    path = tmp_path / "attention.json"
+    record = attention.main(
+        ["--shape=2,40,4,2,16", "--impls=blockwise,xla,torch", "--iters=1", f"--json={path}"]
+    )
+    rows = {r["impl"]: r for r in record["results"]}
+    assert set(rows) == {"blockwise", "xla", "torch"}
+    for r in rows.values():
+        assert r["fwd ms"] > 0 and r["fwd+bwd ms"] > 0
+        assert r["max |out - first|"] < 1e-5  # the three compute the same causal attention
+    assert record["shape"] == {"B": 2, "T": 40, "H": 4, "G": 2, "K": 16}
+    assert json.loads(path.read_text())["results"][0]["impl"] == "blockwise"
+    with pytest.raises(SystemExit, match="unknown"):
+        attention.main(["--impls=flash"])
+
+
+def test_train_step_compare_times_each_implementation_in_its_own_process(tmp_path):
+    """--compare runs ours, torch and torch-masked each in a fresh `--only=NAME` process and tabulates
+    them as before; --no-isolate keeps them in this process."""
+    pytest.importorskip("transformers")
+    args = ["--preset=tiny", "--warmup=1", "--iters=2", "--peak-sizes=128", "--compare=torch"]
+    record = train_step.main([*args, f"--json={tmp_path / 'isolated.json'}"])
+    assert record["isolated"] is True
+    assert [r["impl"] for r in record["rows"]] == ["ours (jax)", "torch", "torch-masked"]
+    for r in record["rows"]:
+        assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and len(r["cpu_times"]) == 2
+    best_torch = max(r["tokens/s"] for r in record["rows"][1:])
+    assert record["ratio_vs_torch"] == pytest.approx(record["tokens_per_s"] / best_torch)
+    together = train_step.main([*args, "--no-isolate", "--json="])
+    assert together["isolated"] is False and len(together["rows"]) == 3
+    with pytest.raises(SystemExit):
+        train_step.main(["--preset=tiny", "--only=jax"])

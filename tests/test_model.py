@@ -284,3 +284,22 @@ def test_blocked_causal_attention_equals_dot_product_attention(block):
         jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("Q,T", [(1, 1), (2, 1), (1, 3)])
+def test_weighted_values_equal_the_einsum(Q, T):
+    """`layers._weighted_values` (a multiply-and-sum when Q·T = 1, a decode step without grouped
+    heads) against the einsum it replaces and a NumPy loop."""
+    from rlhf_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    B, G, S, K = 3, 2, 7, 5
+    probs = rng.random((B, G, Q, T, S)).astype(np.float32)
+    v = rng.normal(size=(B, G, S, K)).astype(np.float32)
+    out = np.asarray(layers._weighted_values(jnp.asarray(probs), jnp.asarray(v)))
+    assert out.shape == (B, T, G, Q, K)
+    expect = np.zeros((B, T, G, Q, K), np.float64)
+    for b, t, g, q, s in np.ndindex(B, T, G, Q, S):
+        expect[b, t, g, q] += probs[b, g, q, t, s] * v[b, g, s]
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, jnp.einsum("BGQTS,BGSK->BTGQK", probs, v), rtol=1e-5, atol=1e-6)

@@ -112,6 +112,20 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def _weighted_values(probs_BGQTS: jax.Array, v_BGSK: jax.Array) -> jax.Array:
+    """out[b, t, g, q] = Σ_s probs[b, g, q, t, s] v[b, g, s] as [B, T, G, Q, K].
+
+    With one query per (row, kv head) (Q·T = 1: a decode step without grouped heads) this is a
+    vector-matrix product per (row, kv head), which XLA:CPU runs as a dot at ~3.5 GFLOP/s; written as a
+    broadcast multiply and a sum over s it is one fused loop, about 2x faster on a [64, 4, 192, 64]
+    cache (`bench.sample --profile`). Otherwise one einsum."""
+    B, G, Q, T, S = probs_BGQTS.shape
+    if Q * T == 1:
+        out_BGK = jnp.sum(probs_BGQTS[:, :, 0, 0, :, None] * v_BGSK, axis=2)
+        return out_BGK.reshape(B, 1, G, 1, v_BGSK.shape[-1])
+    return jnp.einsum("BGQTS,BGSK->BTGQK", probs_BGQTS, v_BGSK)
+
+
 def _cached_attention(
     q_BTHK: jax.Array,
     k_BGSK: jax.Array,
@@ -135,7 +149,7 @@ def _cached_attention(
     scores_BGQTS = _softcap(scores_BGQTS * (K**-0.5 if scale is None else scale), softcap)
     scores_BGQTS = jnp.where(mask_B1TS[:, :, None], scores_BGQTS, jnp.finfo(jnp.float32).min)
     probs_BGQTS = jax.nn.softmax(scores_BGQTS, axis=-1).astype(v_BGSK.dtype)
-    out_BTGQK = jnp.einsum("BGQTS,BGSK->BTGQK", probs_BGQTS, v_BGSK)
+    out_BTGQK = _weighted_values(probs_BGQTS, v_BGSK)
     return out_BTGQK.reshape(B, T, H, K)
 
 
@@ -172,7 +186,7 @@ def _shared_prefix_attention(
     probs_BGQTC = jax.nn.softmax(scores_BGQTC, axis=-1).astype(v_BGJK.dtype)
     pre_PNGQTS = probs_BGQTC[..., :S].reshape(P, N, G, Q, T, S)
     out_PNTGQK = jnp.einsum("PNGQTS,PGSK->PNTGQK", pre_PNGQTS, v_PGSK)
-    out_BTGQK = jnp.einsum("BGQTJ,BGJK->BTGQK", probs_BGQTC[..., S:], v_BGJK)
+    out_BTGQK = _weighted_values(probs_BGQTC[..., S:], v_BGJK)
     return (out_PNTGQK.reshape(B, T, G, Q, K) + out_BTGQK).reshape(B, T, H, K)
 
 

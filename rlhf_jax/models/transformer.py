@@ -106,8 +106,9 @@ class Decoder(nn.Module):
         return jnp.einsum("BTD,VD->BTV", h_BTD, emb_VD, preferred_element_type=jnp.float32)
 
     def __call__(
-        self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None, dist_B1TS=None, segment_ids_BT=None
-    ):
+        self, x_BTD, positions_BT, mask_B1TS, start_B=None, kv=None, dist_B1TS=None, segment_ids_BT=None,
+        last_B=None,
+    ):  # fmt: skip
         """Runs the layers and the final norm.
 
         Args:
@@ -120,6 +121,10 @@ class Decoder(nn.Module):
             has a `sliding_window`); default, without a cache, query index minus key index.
           segment_ids_BT: the segment ids `mask_B1TS` was built from, for kernels that take ids instead
             of a mask (splash attention on a TPU, `layers.attention_kernel`), or None.
+          last_B: if given, only position last_B[b] of each row is final-normed and returned (T = 1):
+            a prefill needs the last prompt token's state only, and XLA:CPU fused the norm of every
+            position with the last layer's output matmul into one slow loop (~70 ms of a 1.6 s
+            64-prompt sampling call, `bench.sample --profile`).
 
         Returns:
           (hidden_BTD, kv): final-normed hidden states and the updated buffers (None without a cache).
@@ -152,6 +157,8 @@ class Decoder(nn.Module):
                 new_kv.append(layer_kv)
             if kv is not None:
                 kv = tuple(tuple(layer_kv[j] for layer_kv in new_kv) for j in range(len(kv)))
+        if last_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         return self.final_norm(x_BTD), kv
 
 
@@ -327,9 +334,10 @@ class Transformer(nn.Module):
             mask_B1TS = (dist_B1TS >= 0) & filled_BC[:, None, None, :]
             kv = (cache.k, cache.v, cache.prefix_k, cache.prefix_v)
         x_BTD = self.decoder.embed(tokens_BT)
-        hidden_BTD, kv = self.decoder(x_BTD, positions_BT, mask_B1TS, start_B, kv, dist_B1TS)
-        last_BD = jnp.take_along_axis(hidden_BTD, (lengths_B - 1)[:, None, None], axis=1)
-        logits_BV = self.logits(last_BD)[:, 0]
+        last_B1D, kv = self.decoder(
+            x_BTD, positions_BT, mask_B1TS, start_B, kv, dist_B1TS, last_B=lengths_B - 1
+        )
+        logits_BV = self.logits(last_B1D)[:, 0]
         return logits_BV, cache._replace(k=kv[0], v=kv[1], lengths_B=start_B + lengths_B)
 
 
