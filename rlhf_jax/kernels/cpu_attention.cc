@@ -19,9 +19,9 @@
 // query, [first key of its segment, itself], when every segment id of the row is one contiguous run, and
 // are tested key by key otherwise; key tiles wholly before a query tile's segments are skipped.
 //
-// Work is split into items scheduled dynamically over std::threads: the forward's items are
-// (row, head, query tile), the backward's (row, kv head), so every item owns the rows of dq, dk and dv it
-// accumulates and no two threads write the same memory.
+// Work is split into items scheduled dynamically over std::threads: the forward's items are (row, head),
+// the backward's (row, kv head), so every item owns the rows of out, dq, dk and dv it writes and no two
+// threads write the same memory.
 //
 // Built by `python -m rlhf_jax.kernels.build`; registered and called by `rlhf_jax.kernels.cpu_attention`.
 
