@@ -42,7 +42,7 @@ def _jax_seconds(impl: str, q, k, v, w, iters: int) -> tuple[float, float, np.nd
     scale = q.shape[-1] ** -0.5
     seg_BT = jnp.ones((B, T), jnp.int32)
     mask = (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
-    block = layers._attention_block(T)
+    block = layers.attention_block(T)
     fns = {
         "blockwise": lambda q, k, v: layers.causal_attention(q, k, v, mask, block, scale),
         "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True),

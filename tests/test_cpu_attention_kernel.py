@@ -82,7 +82,7 @@ CASES = [(100, 32, "packed"), (7, 32, "packed"), (150, 20, "interleaved"), (192,
 def test_the_forward_equals_the_pure_jax_and_jax_attention(kernel, T, K, layout):
     q, k, v, seg = _case(T, K=K, layout=layout)
     out, lse = cpu_attention._forward_call(q, k, v, seg, SCALE)
-    blockwise = layers.causal_attention(q, k, v, _mask(seg), layers._attention_block(T), SCALE)
+    blockwise = layers.causal_attention(q, k, v, _mask(seg), layers.attention_block(T), SCALE)
     xla = jax.nn.dot_product_attention(q, k, v, mask=_mask(seg), scale=SCALE, is_causal=True)
     np.testing.assert_allclose(out, blockwise, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(out, xla, atol=1e-5, rtol=1e-5)
@@ -100,7 +100,7 @@ def test_the_gradients_equal_the_pure_jax_path(kernel, T, K, layout):
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)  # a random projection
     ffi = functools.partial(cpu_attention.attention, scale=SCALE)
     blockwise = lambda q, k, v, seg: layers.causal_attention(  # noqa: E731
-        q, k, v, _mask(seg), layers._attention_block(T), SCALE
+        q, k, v, _mask(seg), layers.attention_block(T), SCALE
     )
     grads = jax.grad(_loss(ffi, seg, w), argnums=(0, 1, 2))(q, k, v)
     grads_ref = jax.grad(_loss(blockwise, seg, w), argnums=(0, 1, 2))(q, k, v)

@@ -314,8 +314,9 @@ def bounded_cached_attention(
 _ATTENTION_BLOCK = 64
 
 
-def _attention_block(T: int) -> int:
-    """Largest divisor of T that is at most _ATTENTION_BLOCK (one block if there is none >= 16)."""
+def attention_block(T: int) -> int:
+    """The query rows per block of `causal_attention` at length T: the largest divisor of T that is at
+    most _ATTENTION_BLOCK (one block if there is none >= 16)."""
     for c in range(min(T, _ATTENTION_BLOCK), 15, -1):
         if T % c == 0:
             return c
@@ -706,7 +707,7 @@ class Attention(nn.Module):
         scale = K**-0.5 if c.query_pre_attn_scalar is None else float(c.query_pre_attn_scalar) ** -0.5
         kernel = None if kv is not None else attention_kernel(c, target_platform(self.mesh), T)
         if kernel == "blockwise":
-            block = _attention_block(q_BTHK.shape[1])
+            block = attention_block(q_BTHK.shape[1])
             out_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, mask_B1TS, block, scale, c.attn_softcap)
         elif kernel == "cpu_ffi":
             if segment_ids_BT is None and mask_B1TS is not None:
