@@ -23,9 +23,9 @@ checkpointing), from the gaps between its `on_step_end` callbacks.
 With `--compare`, each implementation is timed in its own fresh process (`--only=NAME`, one after the
 other, each with its own warm-up), so no framework's idle worker threads or allocator state share the
 cores with another's step: on the 2-core AMD EPYC machine of 2026-12-04 the PyTorch steps in the same
-process slowed ours by a third (CPU seconds per step 15 → 23 for the same work) and PyTorch's by a
-fifth. `--no-isolate` times them in this process in turns instead, one step each (drift hits all alike,
-the interference too).
+process slowed ours by a third (CPU seconds per step 15 → 23 for the same work) and plain PyTorch's by
+12-30% (`medium`: 407-508 tokens/s in one process, 581 alone). `--no-isolate` times them in this process
+in turns instead, one step each (drift hits all alike, the interference too).
 
 Tokens/s counts every token through the policy (2 x pairs x (prompt + response)). FLOPs per step are
 `bench.common.flops_per_step` (2BT(8N + 16LAT) with the reference forward, 2BT(6N + 12LAT) without),
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 
 from bench import common, peak
@@ -263,7 +264,7 @@ def _time_isolated(names, child_args, *, profile):
     import subprocess
     import tempfile
 
-    times, cpu, prof = {}, {}, None
+    times, cpu, prof, pids = {}, {}, None, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             path = os.path.join(tmp, f"{name}.json")
@@ -277,9 +278,9 @@ def _time_isolated(names, child_args, *, profile):
             with open(path, encoding="utf-8") as f:
                 child = json.load(f)
             row = child["rows"][0]
-            times[name], cpu[name] = row["times"], row.get("cpu_times")
+            times[name], cpu[name], pids[name] = row["times"], row.get("cpu_times"), child["pid"]
             prof = child.get("profile", prof)
-    return times, cpu, prof
+    return times, cpu, prof, pids
 
 
 def run(
@@ -316,8 +317,9 @@ def run(
                       f"--warmup={warmup}", f"--iters={iters}", "--peak-sizes="]  # fmt: skip
         child_args += [f"--layers={layers}"] if layers is not None else []
         child_args += [f"--attention_impl={attention_impl}"] if attention_impl is not None else []
-        times, cpu, prof = _time_isolated(names, child_args, profile=profile)
+        times, cpu, prof, pids = _time_isolated(names, child_args, profile=profile)
     else:
+        pids = dict.fromkeys(names, os.getpid())
         times, cpu, prof = _time_in_process(
             p, names, loss=loss, reference=reference, warmup=warmup, iters=iters, profile=profile
         )
@@ -351,6 +353,8 @@ def run(
         "ratio_vs_torch": ours_tps / max(r["tokens/s"] for r in torch_rows) if torch_rows else None,
         "ratio_vs_trl": next((r["ours/this"] for r in rows if r["impl"].startswith("trl")), None),
         "isolated": bool(isolate and len(names) > 1),
+        "pid": os.getpid(),
+        "pids": pids,  # the process that timed each implementation
         "machine": common.machine(),
     }
     if prof is not None:

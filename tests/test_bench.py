@@ -266,11 +266,15 @@ def test_train_step_compare_times_each_implementation_in_its_own_process(tmp_pat
     record = train_step.main([*args, f"--json={tmp_path / 'isolated.json'}"])
     assert record["isolated"] is True
     assert [r["impl"] for r in record["rows"]] == ["ours (jax)", "torch", "torch-masked"]
+    pids = record["pids"]  # three fresh processes, none of them this one
+    assert set(pids) == {"ours", "torch", "torch-masked"} and len(set(pids.values())) == 3
+    assert os.getpid() not in pids.values()
     for r in record["rows"]:
         assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and len(r["cpu_times"]) == 2
     best_torch = max(r["tokens/s"] for r in record["rows"][1:])
     assert record["ratio_vs_torch"] == pytest.approx(record["tokens_per_s"] / best_torch)
     together = train_step.main([*args, "--no-isolate", "--json="])
     assert together["isolated"] is False and len(together["rows"]) == 3
+    assert set(together["pids"].values()) == {os.getpid()}
     with pytest.raises(SystemExit):
         train_step.main(["--preset=tiny", "--only=jax"])
