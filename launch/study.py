@@ -293,15 +293,21 @@ def plot(study: Study, table: dict, workdir: str) -> str:
     if study.curve:
         filename, x_key, y_keys = study.curve
         fig, axes = plt.subplots(1, len(y_keys), figsize=(5 * len(y_keys), 3.5), squeeze=False)
+        # One colour per method in every panel (not the axes' colour cycle, which shifts in a panel
+        # where a method has no curve, e.g. train_flipped_fit at ε = 0), and one legend of them all.
+        cmap = plt.get_cmap("tab10" if len(study.methods) <= 10 else "tab20")
+        colors = {m.name: cmap(i % cmap.N) for i, m in enumerate(study.methods)}
+        handles = {}
         for method in study.methods:
             for ax, y in zip(axes[0], y_keys, strict=True):
                 xs, ys = _curve(workdir, method.name, filename, x_key, y)
                 if xs:
-                    ax.plot(xs, ys, marker="o", label=method.name)
+                    (line,) = ax.plot(xs, ys, marker="o", label=method.name, color=colors[method.name])
+                    handles.setdefault(method.name, line)
                 ax.set_title(y)
                 ax.set_xlabel(x_key)
                 ax.grid(alpha=0.3)
-        axes[0][0].legend()
+        axes[0][0].legend(handles=list(handles.values()), fontsize=8)
     else:
         metric = study.metrics[0]
         diffs = {n: row[metric]["diff_vs_baseline"] for n, row in table.items()

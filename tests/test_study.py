@@ -264,3 +264,31 @@ def test_smoke_study_runs_and_shares_stages(tmp_path, capsys):
     assert "computing" not in capsys.readouterr().out
     again = json.loads((tmp_path / "table.json").read_text())
     assert again["methods"]["rpo"]["win_rate_vs_sft_gold"] == table["methods"]["rpo"]["win_rate_vs_sft_gold"]
+
+
+def test_curve_plot_gives_each_method_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """A method without one of the curve keys (DPO at ε = 0 has no train_flipped_fit) must not shift the
+    others' colours in that panel, and the legend names every method with a curve (it once used the
+    axes' colour cycle, so the flipped-fit panel's colours did not match the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = tuple(study.Method(n, "x", {}) for n in ("a", "b", "c"))
+    s = study.Study("colours", methods, ("y1",), curve=("curve.jsonl", "step", ("y1", "y2")))
+    for name in ("a", "b", "c"):
+        run = tmp_path / "seed_0" / name
+        run.mkdir(parents=True)
+        points = [{"step": k, "y1": k * 0.1, **({} if name == "a" else {"y2": k * 0.2})} for k in (1, 2)]
+        (run / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    study.plot(s, {}, str(tmp_path))
+    ax1, ax2 = figs[0].axes
+    colour = {line.get_label(): line.get_color() for line in ax1.get_lines()}
+    assert set(colour) == {"a", "b", "c"} and len(set(map(str, colour.values()))) == 3
+    assert {line.get_label(): line.get_color() for line in ax2.get_lines()} == {
+        n: colour[n] for n in ("b", "c")
+    }
+    assert [t.get_text() for t in ax1.get_legend().get_texts()] == ["a", "b", "c"]
