@@ -20,7 +20,10 @@ collapsed at lr 3e-4 and there was no control. The controls:
 * `rpo_eta0.1`, `rpo_eta0.005` (the paper's default η; `rpo` is η = 1): how the gain scales with the
   regulariser's weight. Paired with `dpo`.
 
-Each seed draws its own synthetic data and evaluation prompts (`data.vary_with_seed`).
+Each seed draws its own synthetic data and evaluation prompts (`data.vary_with_seed`). Besides the final
+metrics, the table has the curve's values as `KEY@STEP` metrics, paired like the final ones: the win
+rates after the first evaluation (step 100), and the policy's mean gold and proxy reward at the first
+and the last (is the gold reward falling while the proxy reward rises?).
 """
 
 from experiments import Method, Study
@@ -40,17 +43,27 @@ _ROWS = (
 )
 
 
+_CURVE_KEYS = ("proxy_reward_policy", "gold_reward_policy")
+_FINAL = ("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft")
+
+
 def get_study(arg=None):
     smoke = arg == "smoke"
     experiment = "rso_tldr:smoke" if smoke else "rso_tldr"
     common = _SMOKE if smoke else _LONG
+    first, last = common["train.eval_every"], common["train.steps"]
+    per_step = (
+        *(f"{key}@{first}" for key in _FINAL[:2]),
+        *(f"{key}@{step}" for key in reversed(_CURVE_KEYS) for step in (first, last)),
+    )
     return Study(
         name="rpo_overopt",
         methods=tuple(Method(name, experiment, {**common, **overrides}) for name, overrides, _ in _ROWS),
-        metrics=("win_rate_vs_sft_gold", "win_rate_vs_sft_proxy", "kl_to_sft"),
-        curve=("policy/eval_curve.jsonl", "step", ("proxy_reward_policy", "gold_reward_policy")),
+        metrics=(*_FINAL, *per_step),
+        curve=("policy/eval_curve.jsonl", "step", _CURVE_KEYS),
         note="Over-optimisation: proxy vs gold reward over training steps (plot), final win rates (table) on "
         f"{8 if smoke else 64} held-out prompts × 2 samples per run; RPO at each η paired with DPO, the "
-        "controls (SFT on the chosen responses, DPO at lower learning rates) paired with RPO (η = 1).",
+        "controls (SFT on the chosen responses, DPO at lower learning rates) paired with RPO (η = 1). "
+        f"KEY@STEP is the value after STEP steps (the last, {last}, is the final evaluation).",
         baseline={name: base for name, _, base in _ROWS if base},
     )

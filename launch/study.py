@@ -25,7 +25,10 @@ study's curve file; no checkpoints) are copied to DIR/seed_{s}/{method}/, and a 
 config.json equals the config it would run (every key but `progress`) is taken from there instead of
 being run: a later invocation with the same DIR (e.g. committed to the repository) runs only what is
 missing and tabulates all of it. An archived run whose config differs is not used (the log names the
-keys that differ) and is overwritten when the run finishes.
+keys that differ) and is overwritten when the run finishes. A table's wall time is that of the command
+that wrote it (near 0 when every run came from the archive); beside it, table.md and table.json
+(`runs_wall_time_s`) give the sum of the runs' own wall times (each run's results.json `wall_time_s`,
+which for a resumed run covers its last sitting only), what the runs cost when they ran.
 
 Statistics. The marginal 95% interval is the t-interval over seeds (mean ± t_{0.975, n-1} · sd / √n;
 with one seed the run's own bootstrap interval over prompts when the metric has one), clipped to the
@@ -165,8 +168,8 @@ def summarize(study: Study, results: dict) -> dict:
       95% t-interval over seeds, clipped to the metric's range; with one seed the run's own bootstrap
       interval over prompts when it has one), `ci95_clipped`, `ci95_kind` ("seeds", "bootstrap" or None)
       and, for a method with a baseline, `diff_vs_baseline` (`paired_difference` plus `baseline`). Per
-      method also `wall_time_s` (summed) and `eval_prompts` / `samples_per_prompt` (the distinct values
-      the runs report).
+      method also `wall_time_s` (summed over its runs), `wall_time_runs` (how many runs record one),
+      `runs`, and `eval_prompts` / `samples_per_prompt` (the distinct values the runs report).
     """
     runs_of = {m.name: _by_seed(results.get(m.name, [])) for m in study.methods}
 
@@ -201,6 +204,8 @@ def summarize(study: Study, results: dict) -> dict:
                 }
             row[metric] = entry
         row["wall_time_s"] = float(sum(r.get("wall_time_s") or 0 for r in runs.values()))
+        row["wall_time_runs"] = sum(isinstance(r.get("wall_time_s"), (int, float)) for r in runs.values())
+        row["runs"] = len(runs)
         for key in ("eval_prompts", "samples_per_prompt"):
             row[key] = sorted({r[key] for r in runs.values() if isinstance(r.get(key), int)})
         table[method.name] = row
@@ -259,7 +264,16 @@ def markdown(study: Study, table: dict, seeds: int, wall: float, command: str) -
             for s in row.get("samples_per_prompt", ())
         }
     )
-    header = f"Seeds: {seeds}; wall time {wall / 60:.1f} min."
+    header = f"Seeds: {seeds}; wall time {wall / 60:.1f} min (this command)."
+    # Runs taken from an archive cost this command nothing; their own wall times (results.json) say
+    # what the study cost when they ran.
+    timed = sum(row.get("wall_time_runs", 0) for row in table.values())
+    if timed:
+        runs = sum(row.get("runs", 0) for row in table.values())
+        runs_wall = sum(row.get("wall_time_s") or 0.0 for row in table.values())
+        header += " The runs' own wall times (results.json: a resumed run's last sitting) sum to "
+        header += f"{runs_wall / 60:.1f} min"
+        header += f" ({timed} of {runs} runs record one)." if timed < runs else "."
     if sizes:
         header += " Evaluation per run: " + ", ".join(f"{p} prompts × {s} samples" for p, s in sizes) + "."
     lines = [f"### Study `{study.name}`", "", study.note, "", f"Command: `{command}`", "", header, ""]
@@ -553,8 +567,9 @@ def run_study(
     table = summarize(study, results)
     wall = time.perf_counter() - start
     with open(os.path.join(workdir, "table.json"), "w", encoding="utf-8") as f:
-        json.dump({"study": study.name, "seeds": seeds, "wall_time_s": wall, "command": command,
-                   "methods": table}, f, indent=2)  # fmt: skip
+        runs_wall = sum(row["wall_time_s"] for row in table.values())  # without archive reuse: ≈ wall
+        json.dump({"study": study.name, "seeds": seeds, "wall_time_s": wall, "runs_wall_time_s": runs_wall,
+                   "command": command, "methods": table}, f, indent=2)  # fmt: skip
     text = markdown(study, table, seeds, wall, command)
     with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
         f.write(text)

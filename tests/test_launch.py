@@ -200,6 +200,7 @@ def test_dpo_smoke_runs_from_the_command_line(dpo_smoke):
                 "win_rate_vs_reference_gold", "mean_response_length", "kl_to_sft"):  # fmt: skip
         assert key in results, key
     assert results["win_rate_vs_sft_proxy"] is None  # no reward model in a DPO run
+    assert results["wall_time_s"] > 0  # what `launch.study` sums as the runs' own time
     # DPO learns: the training batches' reward accuracy rises from chance (0.42 over the first 8 steps,
     # 0.84 over the last 8), and on held-out pairs the loss falls below its starting value ln 2 (0.53).
     accuracy = [r["reward_accuracy"] for r in rec]

@@ -24,15 +24,21 @@ def test_t_interval_matches_the_formula():
 def test_summarize_and_markdown():
     s = study.Study("s", (study.Method("a", "x"), study.Method("b", "x")), ("m", "n"))
     results = {
-        "a": [{"m": 0.5, "n": None, "wall_time_s": 1.0}, {"m": 0.7, "n": None, "wall_time_s": 2.0}],
-        "b": [{"m": 0.6, "m_ci95": [0.5, 0.7], "n": 1.0, "wall_time_s": 1.0}],
+        "a": [{"m": 0.5, "n": None, "wall_time_s": 60.0}, {"m": 0.7, "n": None, "wall_time_s": 120.0}],
+        "b": [{"m": 0.6, "m_ci95": [0.5, 0.7], "n": 1.0, "wall_time_s": 90.0}],
     }
     table = study.summarize(s, results)
     assert table["a"]["m"]["values"] == [0.5, 0.7] and table["a"]["m"]["mean"] == pytest.approx(0.6)
-    assert table["a"]["n"]["mean"] is None and table["a"]["wall_time_s"] == 3.0
+    assert table["a"]["n"]["mean"] is None and table["a"]["wall_time_s"] == 180.0
     assert table["b"]["m"]["ci95"] == [0.5, 0.7]  # one seed: the run's own bootstrap interval
-    text = study.markdown(s, table, 2, 60.0, "cmd")
+    text = study.markdown(s, table, 2, 6.0, "cmd")
     assert "| a | 0.600 [" in text and "| b | 0.600 [0.500, 0.700] | 1.000 |" in text and "n/a" in text
+    # The command's own time (6 s) and, beside it, what the runs cost: 60 + 120 + 90 s.
+    assert "wall time 0.1 min (this command)." in text and "sum to 4.5 min." in text
+    # A run without a recorded time is counted, not taken for 0 s.
+    del results["b"][0]["wall_time_s"]
+    text = study.markdown(s, study.summarize(s, results), 2, 6.0, "cmd")
+    assert "sum to 3.0 min (2 of 3 runs record one)." in text
 
 
 _STUDIES = (
@@ -62,6 +68,7 @@ def test_unknown_study_lists_the_studies(capsys):
 
 
 def test_every_study_builds_valid_runs():
+    checked = set()
     for name in _STUDIES:
         module = __import__(f"experiments.{name}", fromlist=["get_study"])
         for variant in (None, "smoke"):
@@ -71,6 +78,14 @@ def test_every_study_builds_valid_runs():
             for method in s.methods:
                 config = train.resolve_config(method.experiment, study.render_overrides(method.overrides))
                 train.build_plan(config)
+                # A `KEY@STEP` metric names a step the run evaluates at (else its column is empty).
+                if s.curve and s.curve[1] == "step" and config.train.get("eval_every"):
+                    for metric in (m for m in s.metrics if "@" in m):
+                        step = int(metric.rpartition("@")[2])
+                        assert step % config.train.eval_every == 0 and step <= config.train.steps, (
+                            name, variant, method.name, metric)  # fmt: skip
+                        checked.add(name)
+    assert {"rdpo_noise_long", "rpo_overopt"} <= checked
 
 
 def test_curve_metrics_read_each_point_as_key_at_x(tmp_path):
@@ -189,7 +204,7 @@ def test_an_archive_splits_a_study_by_finished_runs(tmp_path, monkeypatch, capsy
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"experiment": experiment, **config.to_dict()}, f, sort_keys=True)
         with open(os.path.join(run_dir, "results.json"), "w") as f:
-            json.dump({"m": seed + 0.1 * steps + (0.5 if "b" in run_dir else 0.0)}, f)
+            json.dump({"m": seed + 0.1 * steps + (0.5 if "b" in run_dir else 0.0), "wall_time_s": 5.0}, f)
         with open(os.path.join(run_dir, "stages.json"), "w") as f:
             json.dump({"stages": {"policy": {"dir": "policy/abc"}}}, f)
         with open(os.path.join(run_dir, "policy", "abc", "curve.jsonl"), "w") as f:
@@ -217,6 +232,8 @@ def test_an_archive_splits_a_study_by_finished_runs(tmp_path, monkeypatch, capsy
     calls.clear()
     second = study.run_study(s, workdir=str(tmp_path / "w2"), **kw)
     assert calls == [] and second == first
+    # Nothing ran, yet the table still says what the four runs cost when they ran.
+    assert json.loads((tmp_path / "w2" / "table.json").read_text())["runs_wall_time_s"] == 20.0
     assert "seed 1: b taken from" in capsys.readouterr().out
     # One archived run gone: only it runs.
     import shutil
@@ -243,6 +260,10 @@ def test_smoke_study_runs_and_shares_stages(tmp_path, capsys):
     assert set(table["methods"]) == {"dpo", "rpo", "rpo_eta0.1", "rpo_eta0.005", "sft_chosen", "dpo_lr1e-4",
                                      "dpo_lr3e-5"}  # fmt: skip
     assert table["methods"]["rpo"]["win_rate_vs_sft_gold"]["values"]
+    # The per-step metrics come from the curve, paired like the final ones.
+    for key in ("win_rate_vs_sft_gold@3", "gold_reward_policy@3", "proxy_reward_policy@6"):
+        assert table["methods"]["rpo"][key]["values"], key
+    assert table["methods"]["rpo"]["gold_reward_policy@6"]["diff_vs_baseline"]["baseline"] == "dpo"
     # The SFT and reward-model stages were computed once, by the first method, and copied to the second
     # (the fingerprints match): the second run says so and its stages are the first run's.
     seed = tmp_path / "seed_0"

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 
 import jax
@@ -406,7 +407,9 @@ def plan(config) -> Plan:
 
 
 def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) -> dict:
-    """Runs [SFT →] the policy, each in WORKDIR/{stage}/{fingerprint}/; writes results.json."""
+    """Runs [SFT →] the policy, each in WORKDIR/{stage}/{fingerprint}/; writes results.json (with
+    `wall_time_s`, this invocation's: a reused or finished stage counts ~0)."""
+    start = time.perf_counter()
     locate = functools.partial(fingerprints.locate, workdir, reuse_from=reuse_from)
     ran, main = [], plan.main
     if not main.init_from:
@@ -417,4 +420,5 @@ def run_pipeline(plan: Plan, workdir: str, *, reuse_from: tuple[str, ...] = ()) 
         main = dataclasses.replace(main, init_from=ran[-1].dir)
     ran.append(locate("policy", spec(main, eval_config=plan.eval), done=workdir_io.stage_done))
     results = run(main, ran[-1].dir, eval_config=plan.eval)
+    results = {**results, "wall_time_s": time.perf_counter() - start}
     return fingerprints.finish(workdir, results, ran, final="policy")
