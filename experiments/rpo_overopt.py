@@ -17,8 +17,8 @@ collapsed at lr 3e-4 and there was no control. The controls:
   is RPO just SFT on the chosen responses? Paired with `rpo`.
 * `dpo_lr1e-4`, `dpo_lr3e-5`: DPO at lower learning rates, bracketing the KL from the SFT policy that RPO
   ends at (~1 nat in the first run): is RPO's gain only a smaller step? Paired with `rpo`.
-* `rpo_eta0.1`, `rpo_eta0.005` (the paper's default η; `rpo` is η = 1): how the gain scales with the
-  regulariser's weight. Paired with `dpo`.
+* `rpo_eta0.1`, `rpo_eta0.005` (0.005 is the η of the authors' recipes; `rpo` is η = 1): how the gain
+  scales with the regulariser's weight. Paired with `dpo`.
 
 Each seed draws its own synthetic data and evaluation prompts (`data.vary_with_seed`). Besides the final
 metrics, the table has the curve's values as `KEY@STEP` metrics, paired like the final ones: the win
@@ -54,7 +54,7 @@ def get_study(arg=None):
     first, last = common["train.eval_every"], common["train.steps"]
     per_step = (
         *(f"{key}@{first}" for key in _FINAL[:2]),
-        *(f"{key}@{step}" for key in reversed(_CURVE_KEYS) for step in (first, last)),
+        *(f"{key}@{step}" for key in ("gold_reward_policy", "proxy_reward_policy") for step in (first, last)),
     )
     return Study(
         name="rpo_overopt",

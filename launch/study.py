@@ -233,6 +233,17 @@ _CLIPPED_NOTE = "\\* interval clipped to the metric's range (win rates and accur
 _BOOTSTRAP_NOTE = "With one seed a marginal interval is the run's bootstrap interval over evaluation prompts."
 
 
+def runs_wall_time(table: dict) -> tuple[float, int, int]:
+    """(the runs' own wall times summed in seconds, how many runs record one, how many runs) of a
+    `summarize` table."""
+    rows = table.values()
+    return (
+        sum(row.get("wall_time_s") or 0.0 for row in rows),
+        sum(row.get("wall_time_runs", 0) for row in rows),
+        sum(row.get("runs", 0) for row in rows),
+    )
+
+
 def markdown(study: Study, table: dict, seeds: int, wall: float, command: str) -> str:
     """The tables as markdown: per method and metric the mean [marginal 95% interval], then each
     method's paired difference from its baseline [95% interval over seeds] with the verdict."""
@@ -267,10 +278,8 @@ def markdown(study: Study, table: dict, seeds: int, wall: float, command: str) -
     header = f"Seeds: {seeds}; wall time {wall / 60:.1f} min (this command)."
     # Runs taken from an archive cost this command nothing; their own wall times (results.json) say
     # what the study cost when they ran.
-    timed = sum(row.get("wall_time_runs", 0) for row in table.values())
+    runs_wall, timed, runs = runs_wall_time(table)
     if timed:
-        runs = sum(row.get("runs", 0) for row in table.values())
-        runs_wall = sum(row.get("wall_time_s") or 0.0 for row in table.values())
         header += " The runs' own wall times (results.json: a resumed run's last sitting) sum to "
         header += f"{runs_wall / 60:.1f} min"
         header += f" ({timed} of {runs} runs record one)." if timed < runs else "."
@@ -567,7 +576,7 @@ def run_study(
     table = summarize(study, results)
     wall = time.perf_counter() - start
     with open(os.path.join(workdir, "table.json"), "w", encoding="utf-8") as f:
-        runs_wall = sum(row["wall_time_s"] for row in table.values())  # without archive reuse: ≈ wall
+        runs_wall = runs_wall_time(table)[0]  # without archive reuse: ≈ wall
         json.dump({"study": study.name, "seeds": seeds, "wall_time_s": wall, "runs_wall_time_s": runs_wall,
                    "command": command, "methods": table}, f, indent=2)  # fmt: skip
     text = markdown(study, table, seeds, wall, command)
